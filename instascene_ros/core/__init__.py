@@ -1,0 +1,1 @@
+"""ROS-free core library: numpy/torch in, numpy/torch out."""

@@ -1,0 +1,1 @@
+"""Thin rclpy layer: message conversion, nodes, launching. No algorithms live here."""

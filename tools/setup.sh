@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# One-command, idempotent set-up of everything the project needs (called by `make setup`,
+# and therefore by `make test` and `make demo`). Only registry packages are downloaded:
+#   1. Debian build tools when missing and running as root (cmake, g++, Python headers, venv);
+#   2. .venv with the pinned Python dependencies: the ROS 2 Kilted wheels from PyPI and the
+#      CPU torch 2.13.0 held by constraints.txt (a plain `torch` would pull a CUDA build);
+#   3. the rosidl build of our msg/srv/action (and of tf2_msgs when it is absent) installed
+#      into the venv, where `instascene_ros.msg` etc. join the source package;
+#   4. the project itself, editable, for the `instascene` command.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=${VENV:-$ROOT/.venv}
+PYTHON=${PYTHON:-python3}
+log() { printf '[setup] %s\n' "$*"; }
+
+# --- 1. system packages -------------------------------------------------------------------
+need_apt=()
+command -v cmake >/dev/null || need_apt+=(cmake)
+command -v g++ >/dev/null || need_apt+=(g++)
+command -v make >/dev/null || need_apt+=(make)
+"$PYTHON" -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+[ -f "$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] || need_apt+=(python3-dev)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    log "installing Debian packages: ${need_apt[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  else
+    log "missing system packages (${need_apt[*]}); install them with apt-get as root" >&2
+    exit 1
+  fi
+fi
+
+# --- 2. virtual environment ---------------------------------------------------------------
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+log "installing Python dependencies (torch pinned to the CPU build by constraints.txt)"
+"${PIP[@]}" install -c constraints.txt -r requirements.txt 2> >(grep -v "is ignored: it is neither" >&2)
+"${PIP[@]}" install --no-deps -c constraints.txt -r requirements-nodeps.txt 2> >(grep -v "is ignored: it is neither" >&2)
+"$VENV/bin/python" - <<'PY'
+import torch
+assert not torch.version.cuda, f"a CUDA torch {torch.__version__} was installed; constraints.txt must hold torch to the CPU build"
+PY
+
+# --- 3. the project, editable ----------------------------------------------------------------
+# compat mode puts the source root on sys.path (a .pth line), so the generated interfaces in
+# site-packages/instascene_ros join the source package through pkgutil.extend_path.
+"${PIP[@]}" install --no-deps --no-build-isolation -e . --config-settings editable_mode=compat 2> >(grep -v "is ignored: it is neither" >&2)
+
+# --- 4. ROS interfaces --------------------------------------------------------------------
+"$VENV/bin/python" tools/repoint_ros_wheel_cmake.py "$VENV"
+export AMENT_PREFIX_PATH="$VENV" PATH="$VENV/bin:$PATH"
+build_interfaces() {  # $1 = source dir, $2 = build dir, extra cmake args after
+  local src=$1 build=$2; shift 2
+  cmake -S "$src" -B "$build" -DCMAKE_INSTALL_PREFIX="$VENV" -DCMAKE_PREFIX_PATH="$VENV" \
+    -DPython3_EXECUTABLE="$VENV/bin/python" -DBUILD_TESTING=OFF -DCMAKE_BUILD_TYPE=Release "$@" >"$build.log" 2>&1 \
+    && cmake --build "$build" -j"$(nproc)" >>"$build.log" 2>&1 \
+    && cmake --install "$build" >>"$build.log" 2>&1 \
+    || { echo "[setup] interface build of $src failed; last lines of $build.log:" >&2; tail -n 30 "$build.log" >&2; exit 1; }
+}
+mkdir -p build
+if ! (cd /tmp && "$VENV/bin/python" -c 'import tf2_msgs.msg' 2>/dev/null); then
+  log "building tf2_msgs (absent from the PyPI wheels)"
+  build_interfaces interfaces/tf2_msgs build/tf2_msgs
+fi
+iface_hash=$(cat CMakeLists.txt package.xml msg/* srv/* action/* | sha256sum | cut -c1-16)
+if [ "$(cat "$VENV/.instascene_interfaces" 2>/dev/null)" != "$iface_hash" ] \
+   || ! (cd /tmp && "$VENV/bin/python" -c 'import instascene_ros.msg' 2>/dev/null); then
+  log "building instascene_ros interfaces with rosidl"
+  # The generated modules go to their own directory, placed on sys.path *after* the source
+  # tree (zz_ sorts after pip's __editable__ .pth): `import instascene_ros` then finds the
+  # source package first, and its extend_path adds the generated msg/srv/action. In
+  # site-packages, the generated (empty) __init__.py would shadow the source package.
+  rm -rf "$VENV/lib/instascene_interfaces"
+  build_interfaces . build/interfaces -DINSTASCENE_INTERFACES_ONLY=ON -DPYTHON_INSTALL_DIR=lib/instascene_interfaces
+  # rosidl also installs an egg-info named like our editable distribution; pip would take it
+  # for an old install of the project and delete the generated modules with it on the next run.
+  rm -rf "$VENV"/lib/instascene_interfaces/instascene_ros-*.egg-info
+  site_packages=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  echo "$VENV/lib/instascene_interfaces" >"$site_packages/zz_instascene_ros_interfaces.pth"
+  echo "$iface_hash" >"$VENV/.instascene_interfaces"
+fi
+
+(cd /tmp && "$VENV/bin/python" -c 'import instascene_ros.msg, instascene_ros.srv, instascene_ros.action, tf2_msgs.msg') \
+  || { echo "[setup] the built interfaces do not import" >&2; exit 1; }
+log "ready: $VENV"
