@@ -17,6 +17,7 @@ SUBCOMMANDS = [
     ("demo", "instascene_ros.commands.demo"),
     ("run", "instascene_ros.commands.run"),
     ("bench", "instascene_ros.commands.bench"),
+    ("launch", "instascene_ros.commands.launch"),
 ]
 
 
