@@ -1,0 +1,210 @@
+"""View consensus, iterative clustering (MaskClustering), and the clusters' 3D priors.
+
+Consensus of nodes A and B (a node = a set of masks; at first one mask): N_vis = frames observing
+both (each judged and contained by some kept mask there; a mask's own frame never observes it),
+N_contain = masks containing both, clamped to N_vis (a merged node can be contained by two masks
+of one over-segmented frame and must not vote twice there); C = N_contain / N_vis. One round per
+observer threshold of a decreasing schedule: link pairs with C >= consensus_threshold and
+N_vis >= threshold, merge connected components, recompute the node-level matrices (a node
+observes / is contained by the union of its members' frames / masks). Best-observed pairs merge
+first; later rounds see the merged nodes' pooled evidence.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import scipy.sparse as sparse
+from scipy.sparse.csgraph import connected_components
+from sklearn.cluster import DBSCAN
+
+from ._arrays import lookup, segment_sum, unique_sorted
+from .config import TrackerConfig
+from .statistics import Problem
+
+_BITS_SET = np.array([bin(value).count("1") for value in range(256)], dtype=np.int64)
+
+
+def _common_bits(packed: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Number of set bits shared by packed rows rows[i] and cols[i] (frames observing both)."""
+    result = np.zeros(rows.size, np.int64)
+    step = 1 << 16
+    for start in range(0, rows.size, step):
+        both = packed[rows[start:start + step]] & packed[cols[start:start + step]]
+        result[start:start + step] = _BITS_SET[both].sum(axis=1)
+    return result
+
+
+def observer_histogram(observed: sparse.csr_matrix) -> np.ndarray:
+    """Histogram of N_vis over ordered pairs of distinct trackers, in row blocks (no M x M)."""
+    n, n_frames = observed.shape
+    dense = observed.astype(np.float32).toarray()
+    histogram = np.zeros(n_frames + 1, np.int64)
+    step = max(1, (1 << 22) // max(n, 1))
+    for start in range(0, n, step):
+        block = np.rint(dense[start:start + step] @ dense.T).astype(np.int64)
+        histogram += np.bincount(block.ravel(), minlength=n_frames + 1)
+    histogram -= np.bincount(np.rint(dense.sum(axis=1)).astype(np.int64), minlength=n_frames + 1)
+    return histogram
+
+
+def observer_thresholds(histogram: np.ndarray, config: TrackerConfig) -> list[float]:
+    """MaskClustering's schedule: the configured percentiles (numpy's linear rule) of the positive
+    pairwise observer counts; a value <= 1 ends the schedule below the median and becomes 1 above
+    it. Every threshold is then raised to at least min_observers."""
+    counts = histogram.astype(np.int64).copy()
+    counts[0] = 0
+    total = int(counts.sum())
+    if total == 0:
+        return []
+    cumulative = np.cumsum(counts)
+
+    def order_statistic(rank: int) -> float:  # the rank-th smallest count (0-based)
+        return float(np.searchsorted(cumulative, rank + 1))
+
+    thresholds = []
+    for percentile in config.observer_percentiles:
+        position = percentile / 100.0 * (total - 1)
+        below = int(np.floor(position))
+        fraction = position - below
+        threshold = (order_statistic(below) * (1.0 - fraction)
+                     + order_statistic(min(below + 1, total - 1)) * fraction)
+        if threshold <= 1.0:
+            if percentile < 50.0:
+                break
+            threshold = 1.0
+        thresholds.append(max(threshold, float(config.min_observers)))
+    return thresholds
+
+
+def cluster_masks(valid: np.ndarray, observed: sparse.csr_matrix, contained: sparse.csr_matrix,
+                  config: TrackerConfig) -> tuple[np.ndarray, int]:
+    """Iterative view-consensus clustering of the trackers `valid`. Returns (cluster of each valid
+    tracker, labels 0..n-1; rounds run)."""
+    n_valid = valid.size
+    node_of = np.arange(n_valid)
+    if n_valid < 2:
+        return node_of, 0
+    observed = observed[valid].astype(np.float32).tocsr()
+    contained = contained[valid].astype(np.float32).tocsr()
+    rounds = 0
+    previous_threshold, changed = None, True
+    for threshold in observer_thresholds(observer_histogram(observed), config):
+        if threshold == previous_threshold and not changed:
+            continue  # same graph as the last round, which merged nothing
+        previous_threshold = threshold
+        n_nodes = int(node_of.max()) + 1
+        membership = sparse.csr_matrix((np.ones(n_valid, np.float32), (node_of, np.arange(n_valid))),
+                                       shape=(n_nodes, n_valid))
+        node_observed = np.packbits((membership @ observed).toarray() > 0, axis=1)
+        node_contained = (membership @ contained).tocsr()
+        node_contained.data[:] = 1.0
+        # Only pairs sharing a container can link (no supporter, no consensus).
+        supporters = sparse.triu(node_contained @ node_contained.T, k=1).tocoo()
+        rows, cols = supporters.row.astype(np.int64), supporters.col.astype(np.int64)
+        n_vis = _common_bits(node_observed, rows, cols)
+        n_contain = np.minimum(np.rint(supporters.data).astype(np.int64), n_vis)
+        link = (n_vis >= threshold) & (n_contain >= config.consensus_threshold * n_vis)
+        rounds += 1
+        changed = bool(link.any())
+        if not changed:
+            continue
+        graph = sparse.csr_matrix((np.ones(int(link.sum())), (rows[link], cols[link])), shape=(n_nodes, n_nodes))
+        _, component = connected_components(graph, directed=False)
+        node_of = component[node_of]
+    _, node_of = np.unique(node_of, return_inverse=True)
+    return node_of.reshape(-1), rounds
+
+
+def largest_dbscan_component(points: np.ndarray, config: TrackerConfig) -> np.ndarray:
+    """Boolean mask of the points in the largest DBSCAN component (all False when all are noise).
+
+    With dbscan_voxel_ratio > 0, DBSCAN runs on the centroids of occupied voxels of
+    dbscan_eps * ratio, weighted by their point counts: distances are then exact to within a voxel
+    diagonal, and the cost is bounded by the occupied voxels instead of the (possibly quadratic)
+    number of point pairs within eps.
+    """
+    if points.shape[0] == 0:
+        return np.zeros(0, dtype=bool)
+    dbscan = DBSCAN(eps=config.dbscan_eps, min_samples=config.dbscan_min_samples)
+    if config.dbscan_voxel_ratio > 0.0:
+        voxel = config.dbscan_eps * config.dbscan_voxel_ratio
+        cells = np.floor((points - points.min(axis=0)) / voxel).astype(np.int64)
+        extent = cells.max(axis=0) + 1
+        keys = (cells[:, 0] * extent[1] + cells[:, 1]) * extent[2] + cells[:, 2]
+        _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+        inverse = inverse.reshape(-1)
+        centroids = np.stack([np.bincount(inverse, weights=points[:, d]) for d in range(3)], axis=1)
+        centroids /= counts[:, None]
+        point_labels = dbscan.fit(centroids, sample_weight=counts).labels_[inverse]
+    else:
+        point_labels = dbscan.fit(points).labels_
+    core = point_labels >= 0
+    if not core.any():
+        return core
+    return point_labels == np.argmax(np.bincount(point_labels[core]))
+
+
+@dataclass
+class Cluster:
+    members: np.ndarray  # tracker indices of the kept member masks
+    columns: np.ndarray  # Gaussian columns of the 3D prior
+
+
+def cluster_priors(problem: Problem, valid: np.ndarray, cluster_of: np.ndarray, config: TrackerConfig,
+                   positions: Optional[tuple[np.ndarray, np.ndarray]]) -> tuple[list[Cluster], list[int]]:
+    """Member filtering, prior support and DBSCAN for each cluster of >= min_cluster_masks masks.
+
+    positions: (sorted persistent ids, (N, 3) positions) or None (no DBSCAN, no pruning).
+    Returns the surviving clusters and the tracker indices of masks dropped on the way.
+    """
+    incidence = problem.incidence
+    n_gaussians = incidence.shape[1]
+    where = table_positions = None
+    if positions is not None:
+        where = lookup(positions[0], problem.gaussian_ids)
+        table_positions = positions[1]
+    clusters: list[Cluster] = []
+    dropped: list[int] = []
+    order = np.argsort(cluster_of, kind="stable")
+    for group in np.split(order, np.flatnonzero(np.diff(cluster_of[order])) + 1):
+        members = valid[group]
+        if members.size < config.min_cluster_masks:
+            continue
+        # InstaScene supp. sec. 2: keep the masks whose Gaussians the other members also hold.
+        block = incidence[members]
+        holders = np.bincount(block.indices, minlength=n_gaussians)
+        shared = segment_sum(holders[block.indices] >= 2, block.indptr)
+        kept = shared >= config.member_overlap * np.diff(block.indptr)
+        dropped.extend(members[~kept].tolist())
+        members = members[kept]
+        if members.size < config.min_cluster_masks:
+            dropped.extend(members.tolist())
+            continue
+        # Detection ratio of each Gaussian over the cluster's frames: frames where a member mask
+        # holds it / frames that see it. A frame counts once even when two of its masks (an
+        # over-segmented view) are members.
+        block = incidence[members]
+        member_frames = problem.tracker_frame[members]
+        frames = unique_sorted(member_frames)
+        candidates = np.flatnonzero(np.bincount(block.indices, minlength=n_gaussians))
+        frame_of_member = sparse.csr_matrix(
+            (np.ones(members.size, np.float32), (np.searchsorted(frames, member_frames), np.arange(members.size))),
+            shape=(frames.size, members.size))
+        detected = np.bincount((frame_of_member @ block).indices, minlength=n_gaussians)[candidates]
+        in_cluster_frame = np.zeros(problem.n_frames, dtype=bool)
+        in_cluster_frame[frames] = True
+        seen = np.zeros(candidates.size, np.int64)
+        for by_gaussian in (problem.labelled_by_gaussian, problem.unlabelled_by_gaussian):
+            columns_of = by_gaussian[:, candidates]
+            seen += segment_sum(in_cluster_frame[columns_of.indices], columns_of.indptr)
+        columns = candidates[detected > config.prior_support * np.maximum(seen, 1)]
+        if where is not None:
+            columns = columns[where[columns] >= 0]  # pruned from the map since
+            columns = columns[largest_dbscan_component(table_positions[where[columns]], config)]
+        if columns.size == 0:
+            dropped.extend(members.tolist())
+            continue
+        clusters.append(Cluster(members=members, columns=columns))
+    return clusters, dropped

@@ -1,0 +1,212 @@
+"""SpatialTracker: keeps every frame's trackers; `solve` associates masks across views."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Union
+
+import numpy as np
+
+from ._arrays import unique_sorted
+from .clustering import cluster_masks, cluster_priors
+from .config import TrackerConfig
+from .identity import InstanceIds, TrackerEvent
+from .statistics import FrameRecord, Problem, judge
+
+STATE_DICT_VERSION = 1
+
+PositionsById = Union[Mapping[int, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class Instance:
+    """A 3D instance prior: its stable id, its Gaussians and the per-view masks supporting it."""
+
+    instance_id: int
+    gaussian_ids: np.ndarray  # (n,) int64 persistent ids, sorted
+    masks: list[tuple[int, int]]  # (frame_index, mask_id) of the kept member masks
+
+
+@dataclass
+class TrackerResult:
+    instances: dict[int, Instance]
+    # frame_index -> {mask_id: instance_id, 0 when the mask belongs to no instance}, every mask
+    # id of every tracked frame
+    labels: dict[int, dict[int, int]]
+    events: list[TrackerEvent]
+    undersegmented: set[tuple[int, int]] = field(default_factory=set)  # (frame, mask) dropped by the filter
+    filtered: set[tuple[int, int]] = field(default_factory=set)  # dropped inside their cluster
+    stats: dict[str, float] = field(default_factory=dict)  # sizes and per-stage seconds
+
+    @property
+    def priors(self) -> dict[int, np.ndarray]:
+        """instance id -> persistent Gaussian ids (the feature field's 3D priors)."""
+        return {i: instance.gaussian_ids for i, instance in self.instances.items()}
+
+    def label_image(self, frame_index: int, mask: np.ndarray) -> np.ndarray:
+        """The view's mask with its per-view ids replaced by instance ids (int32, 0 = none)."""
+        mapping = self.labels.get(int(frame_index), {})
+        ids, inverse = np.unique(np.asarray(mask), return_inverse=True)
+        table = np.array([mapping.get(int(i), 0) for i in ids.tolist()], dtype=np.int32)
+        return table[inverse].reshape(np.shape(mask))
+
+
+def _as_ids(ids) -> np.ndarray:
+    return unique_sorted(np.asarray(ids, dtype=np.int64))
+
+
+def _positions_table(positions_by_id: Optional[PositionsById]) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(sorted ids, positions in that order) from either accepted form."""
+    if positions_by_id is None:
+        return None
+    if isinstance(positions_by_id, tuple):
+        ids = np.asarray(positions_by_id[0], dtype=np.int64).reshape(-1)
+        positions = np.asarray(positions_by_id[1], dtype=np.float64).reshape(-1, 3)
+    else:
+        ids = np.fromiter(positions_by_id.keys(), dtype=np.int64, count=len(positions_by_id))
+        positions = np.asarray([positions_by_id[i] for i in ids.tolist()], dtype=np.float64).reshape(-1, 3)
+    if ids.size != positions.shape[0]:
+        raise ValueError(f"positions: {ids.size} ids but {positions.shape[0]} positions")
+    order = np.argsort(ids, kind="stable")
+    return ids[order], positions[order]
+
+
+class SpatialTracker:
+    """Cross-view mask association by view consensus over persistent Gaussian ids.
+
+    Frames are keyed by the caller's frame index (keyframe id). Trackers traced at different
+    times stay comparable through persistent ids; when the map changes, `retrace` a frame.
+    `solve` recomputes every decision from all frames (the under-segmentation ratio of a mask
+    changes as frames arrive) and keeps instance ids stable across solves.
+    """
+
+    def __init__(self, config: Optional[TrackerConfig] = None):
+        self.config = config or TrackerConfig()
+        self._frames: dict[int, FrameRecord] = {}
+        self._ids = InstanceIds(self.config.match_min_share)
+
+    # -- frames ---------------------------------------------------------------------------------
+    @property
+    def frame_indices(self) -> list[int]:
+        return sorted(self._frames)
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def add_frame(self, frame_index: int, mask: Optional[np.ndarray], trackers: Mapping[int, np.ndarray],
+                  visible_set: np.ndarray) -> None:
+        """Record a new frame: its (H, W) mask (only its ids are kept; None = the trackers' ids),
+        its trackers {mask_id: persistent Gaussian ids} and its visible set (persistent ids)."""
+        frame_index = int(frame_index)
+        if frame_index in self._frames:
+            raise ValueError(f"frame {frame_index} is already tracked; retrace() updates it")
+        if mask is not None:
+            mask_ids = unique_sorted(np.asarray(mask)).astype(np.int64)
+            mask_ids = mask_ids[mask_ids != 0]
+        else:
+            mask_ids = np.array(sorted(int(m) for m in trackers), dtype=np.int64)
+        self._frames[frame_index] = self._record(frame_index, mask_ids, trackers, visible_set)
+
+    def retrace(self, frame_index: int, trackers: Mapping[int, np.ndarray], visible_set: np.ndarray) -> None:
+        """Replace a frame's trackers and visible set after the map changed (same mask)."""
+        frame_index = int(frame_index)
+        if frame_index not in self._frames:
+            raise KeyError(f"frame {frame_index} is not tracked")
+        self._frames[frame_index] = self._record(frame_index, self._frames[frame_index].mask_ids, trackers,
+                                                 visible_set)
+
+    def remove_frame(self, frame_index: int) -> None:
+        del self._frames[int(frame_index)]
+
+    def _record(self, frame_index: int, mask_ids: np.ndarray, trackers: Mapping[int, np.ndarray],
+                visible_set: np.ndarray) -> FrameRecord:
+        known = set(mask_ids.tolist())
+        cleaned: dict[int, np.ndarray] = {}
+        for mask_id, ids in trackers.items():
+            mask_id = int(mask_id)
+            if mask_id == 0:
+                raise ValueError(f"frame {frame_index}: mask id 0 means 'no mask' and has no tracker")
+            if mask_id not in known:
+                raise ValueError(f"frame {frame_index}: a tracker for mask {mask_id}, which the mask does not hold")
+            ids = _as_ids(ids)
+            if ids.size:
+                cleaned[mask_id] = ids
+        # A tracker's Gaussians render the frame, whatever the caller's visible set says.
+        visible = _as_ids(np.concatenate([np.asarray(visible_set, dtype=np.int64).reshape(-1), *cleaned.values()]))
+        return FrameRecord(mask_ids=mask_ids, trackers=cleaned, visible=visible)
+
+    # -- persistence ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to resume (frames, last instances, next id), as plain arrays."""
+        return {
+            "version": STATE_DICT_VERSION,
+            "frames": {index: {"mask_ids": record.mask_ids, "trackers": dict(record.trackers),
+                               "visible": record.visible} for index, record in self._frames.items()},
+            "instances": dict(self._ids.previous),
+            "next_id": self._ids.next_id,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_DICT_VERSION:
+            raise ValueError(f"tracker state version {state.get('version')}, expected {STATE_DICT_VERSION}")
+        self._frames = {int(index): FrameRecord(mask_ids=np.asarray(frame["mask_ids"], dtype=np.int64),
+                                                trackers={int(m): _as_ids(t) for m, t in frame["trackers"].items()},
+                                                visible=_as_ids(frame["visible"]))
+                        for index, frame in state["frames"].items()}
+        self._ids.previous = {int(i): _as_ids(g) for i, g in state["instances"].items()}
+        self._ids.next_id = int(state["next_id"])
+
+    # -- solving --------------------------------------------------------------------------------
+    def solve(self, positions_by_id: Optional[PositionsById] = None) -> TrackerResult:
+        """Recompute every association decision over all frames and update the stable ids.
+
+        positions_by_id: current Gaussian positions, {persistent id: (3,)} or (ids (N,),
+        positions (N, 3)). Gaussians without a position (pruned from the map) leave the priors,
+        and each prior keeps its largest DBSCAN component. None: no pruning, no DBSCAN.
+        """
+        config = self.config
+        start = time.perf_counter()
+        positions = _positions_table(positions_by_id)
+        problem = Problem.build(self._frames)
+        stats = {"frames": float(problem.n_frames), "trackers": float(problem.n_trackers),
+                 "gaussians": float(problem.gaussian_ids.size), "time_build_s": time.perf_counter() - start}
+        clusters, undersegmented, dropped = [], np.zeros(0, np.int64), []
+        if problem.n_trackers:
+            tic = time.perf_counter()
+            observations = judge(problem, config)
+            undersegmented = np.flatnonzero(observations.undersegmented)
+            stats["time_statistics_s"] = time.perf_counter() - tic
+            tic = time.perf_counter()
+            valid = np.flatnonzero(~observations.undersegmented)
+            cluster_of, rounds = cluster_masks(valid, observations.observed, observations.contained, config)
+            stats["rounds"] = float(rounds)
+            stats["time_clustering_s"] = time.perf_counter() - tic
+            tic = time.perf_counter()
+            clusters, dropped = cluster_priors(problem, valid, cluster_of, config, positions)
+            stats["time_priors_s"] = time.perf_counter() - tic
+        priors = [problem.gaussian_ids[c.columns] for c in clusters]
+        ids, events = self._ids.assign(priors, None if positions is None else positions[0])
+
+        labels = {int(f): dict.fromkeys(self._frames[int(f)].mask_ids.tolist(), 0) for f in problem.frame_indices}
+        instances: dict[int, Instance] = {}
+        for instance_id, cluster, gaussians in zip(ids, clusters, priors):
+            masks = [problem.key(t) for t in cluster.members.tolist()]
+            instances[instance_id] = Instance(instance_id=instance_id, gaussian_ids=gaussians, masks=masks)
+            for frame_index, mask_id in masks:
+                labels[frame_index][mask_id] = instance_id
+        stats["instances"] = float(len(instances))
+        stats["time_total_s"] = time.perf_counter() - start
+        return TrackerResult(instances=instances, labels=labels, events=events,
+                             undersegmented={problem.key(t) for t in undersegmented.tolist()},
+                             filtered={problem.key(t) for t in dropped}, stats=stats)
+
+    def pair_consensus(self, first: tuple[int, int], second: tuple[int, int]) -> tuple[int, int]:
+        """(N_contain, N_vis) of two masks, each (frame_index, mask_id), as the first clustering
+        round sees them. For diagnostics: `solve` computes all pairs at once."""
+        problem = Problem.build(self._frames)
+        index = {problem.key(t): t for t in range(problem.n_trackers)}
+        a, b = index[(int(first[0]), int(first[1]))], index[(int(second[0]), int(second[1]))]
+        observations = judge(problem, self.config)
+        n_vis = int(observations.observed[a].multiply(observations.observed[b]).sum())
+        n_contain = int(observations.contained[a].multiply(observations.contained[b]).sum())
+        return min(n_contain, n_vis), n_vis
