@@ -1,0 +1,537 @@
+"""The instance feature field: a 16-D identity feature per Gaussian, trained beside mapping.
+
+Storage. The field keeps its own (N, 16) feature table keyed by the scene's persistent
+Gaussian ids, with its own Adam, rather than the scene's optional `features` slot: that slot
+sits in the scene's optimiser, whose every mapping step would keep moving the features with
+stale Adam momentum (a zero gradient still steps), at the one lr the scene knows (the codebook
+and classifier options train features at 2.5e-3, not 2.5e-2). `sync(scene)` re-aligns the
+table after insertion / densify / prune from `scene.ids` and `scene.parent_ids`: a surviving
+Gaussian keeps its row (and Adam moments); a clone or split child inherits its parent's
+feature (as the scene's own slot would); a Gaussian with no known parent starts from the
+feature of its nearest existing Gaussian (or at random, `new_feature_init`).
+
+Training. `train_step` renders the features through `splat.render` (the one way to render)
+with every geometric parameter detached, so only the features (and the codebook / classifier)
+learn and the map is untouched. Features are rendered L2-normalised per Gaussian: the
+rendered feature is a blend of unit vectors, so no Gaussian can dominate a blend by growing
+its norm, and the 3D level (on raw Gaussian features) and the 2D levels see one geometry.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.spatial import cKDTree
+
+from instascene_ros.core.camera import Camera
+from instascene_ros.core.splat import Gaussians, RenderOutput, render
+from instascene_ros.core.splat.types import RasterConfig
+
+from .baseline import IdentityClassifier
+from .codebook import ObjectCodebook
+from .config import FeatureConfig
+from .gradiseg import igd_select, la_knn_neighbours, neighbour_kl_loss
+from .losses import proto_nce_loss, sample_clusters, sample_groups
+
+logger = logging.getLogger(__name__)
+
+# Per-Gaussian statistics kept row-aligned with the features (re-aligned on every sync).
+_ROW_STATISTICS = ("position_gradient", "position_gradient_step", "igd_gradient_sum", "igd_position_sum", "igd_views")
+
+Priors = Mapping[int, np.ndarray]  # instance id -> persistent Gaussian ids (the tracker's 3D priors)
+
+
+@dataclass
+class KeyframeLabels:
+    """The tracker's output for one keyframe (plain arrays, same size as the keyframe's image)."""
+
+    consistent: Optional[np.ndarray] = None  # (H, W) int32 cross-view cluster ids; 0 = none / dropped
+    masks: Optional[np.ndarray] = None  # (H, W) int32 raw per-view masks; ids meaningful in this view only
+
+
+def _camera_of(keyframe) -> Camera:
+    return keyframe if isinstance(keyframe, Camera) else keyframe.camera
+
+
+def _as_labels(item) -> KeyframeLabels:
+    if isinstance(item, KeyframeLabels):
+        return item
+    if isinstance(item, Mapping):
+        return KeyframeLabels(consistent=item.get("consistent"), masks=item.get("masks"))
+    consistent, masks = item
+    return KeyframeLabels(consistent=consistent, masks=masks)
+
+
+def scene_gaussians(scene, features: Optional[torch.Tensor] = None, means: Optional[torch.Tensor] = None) -> Gaussians:
+    """Detached geometry of a GaussianScene (or a `Gaussians`) with `features` as extra channels.
+
+    Only the DC colour is passed: the field never looks at colour, so higher SH bands would be
+    evaluated for nothing.
+    """
+    if isinstance(scene, Gaussians):
+        sh = scene.sh[:, :1]
+    else:
+        sh = scene.sh_dc if hasattr(scene, "sh_dc") else scene.sh[:, :1]
+    return Gaussians(means=(scene.means.detach() if means is None else means), quats=scene.quats.detach(),
+                     log_scales=scene.log_scales.detach(), opacity_logits=scene.opacity_logits.detach(),
+                     sh=sh.detach(), features=features)
+
+
+@torch.no_grad()
+def render_features(scene, features: torch.Tensor, cameras: Union[Camera, Sequence[Camera]],
+                    raster: RasterConfig = RasterConfig(), backend: str = "auto") -> RenderOutput:
+    """Render per-Gaussian unit features (rows aligned with the scene) without gradient.
+
+    Returns the RenderOutput; `features` (C, H, W, F) is a blend of unit vectors (divide by
+    alpha, or normalise, before comparing directions) and `alpha` (C, H, W).
+    """
+    features = torch.as_tensor(features, dtype=torch.float32, device=scene.means.device)
+    unit = F.normalize(features.detach(), dim=-1)
+    return render(scene_gaussians(scene, unit), cameras, backend=backend, config=raster)
+
+
+class FeatureField:
+    """Per-Gaussian instance features + the options (codebook, GradiSeg, classifier baseline)."""
+
+    def __init__(self, config: Optional[FeatureConfig] = None):
+        self.config = config or FeatureConfig()
+        c = self.config
+        if c.objective not in ("contrastive", "classifier"):
+            raise ValueError(f"unknown objective {c.objective!r}; choose 'contrastive' or 'classifier'")
+        self.generator = torch.Generator().manual_seed(c.seed)
+        self.rng = np.random.default_rng(c.seed)
+        # The table lives on the scene's device (set at the first sync); ids stay on the CPU,
+        # they are bookkeeping for numpy.
+        self.device = torch.device("cpu")
+        self.ids = torch.zeros(0, dtype=torch.int64)
+        self.features = torch.nn.Parameter(torch.zeros(0, c.dim))
+        self.optimizer = torch.optim.Adam([self.features], lr=c.feature_lr, eps=c.adam_eps)
+        # Per-row statistics, re-aligned with the features on every sync.
+        self.position_gradient = torch.zeros(0, 3)  # running mean of d(identity loss)/d(position)
+        self.position_gradient_step = torch.zeros(0)  # last step with a position gradient (0 = never)
+        self.igd_gradient_sum = torch.zeros(0)  # sum over steps of |d loss / d feature|
+        self.igd_position_sum = torch.zeros(0, 3)  # sum of position gradients (split direction)
+        self.igd_views = torch.zeros(0)  # steps in which the Gaussian was drawn
+        self.step_count = 0
+        self.codebook = ObjectCodebook(c.dim, c.codebook, self.generator) if c.codebook.enabled else None
+        self.classifier: Optional[IdentityClassifier] = None
+        self.classifier_optimizer: Optional[torch.optim.Adam] = None
+        if c.objective == "classifier":
+            self.classifier = IdentityClassifier(c.dim, c.classifier.classes, self.generator)
+            self.classifier_optimizer = torch.optim.Adam(self.classifier.parameters(), lr=c.classifier.lr)
+
+    # ------------------------------------------------------------------ id alignment
+    @property
+    def n(self) -> int:
+        return int(self.ids.shape[0])
+
+    def rows_of(self, ids: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
+        """Row of each persistent id in the feature table (-1 when absent)."""
+        return _rows_of(self.ids.numpy(), np.asarray(ids, dtype=np.int64))
+
+    def sync(self, scene) -> bool:
+        """Re-align the feature table with `scene.ids`; returns True when anything changed."""
+        new_ids = scene.ids.detach().cpu().to(torch.int64)
+        device = scene.means.device
+        if new_ids.shape == self.ids.shape and torch.equal(new_ids, self.ids) and device == self.device:
+            return False
+        if device != self.device:
+            self._move_to(device)
+        old_ids = self.ids.numpy()
+        src = _rows_of(old_ids, new_ids.numpy())
+        parents = getattr(scene, "parent_ids", None)
+        missing = src < 0
+        if parents is not None and missing.any():
+            src[missing] = _rows_of(old_ids, parents.detach().cpu().numpy()[missing])
+        has = src >= 0
+        n_new, dim = int(new_ids.shape[0]), self.config.dim
+        old = self.features.detach()
+        values = torch.zeros(n_new, dim, device=self.device)
+        values[self._index(has)] = old[self._index(src[has])]
+        fresh = np.flatnonzero(~has)
+        if fresh.size:
+            if self.config.new_feature_init == "nearest" and has.any():
+                means = scene.means.detach().cpu().numpy()
+                known = np.flatnonzero(has)
+                _, nearest = cKDTree(means[known]).query(means[fresh], k=1)
+                values[self._index(fresh)] = values[self._index(known[np.asarray(nearest)])]
+            else:
+                random = F.normalize(torch.randn(fresh.size, dim, generator=self.generator), dim=-1)
+                values[self._index(fresh)] = random.to(self.device)
+        rows = self._index(np.where(has, src, 0))
+        keep = self._index(has)[:, None]
+
+        def remap(t: torch.Tensor) -> torch.Tensor:
+            if t.shape[0] == 0:
+                return torch.zeros((n_new,) + tuple(t.shape[1:]), dtype=t.dtype, device=self.device)
+            picked = t[rows]
+            return torch.where(keep.reshape((-1,) + (1,) * (t.dim() - 1)), picked, torch.zeros_like(picked))
+
+        new_param = torch.nn.Parameter(values)
+        state = self.optimizer.state.pop(self.features, None)
+        if state:
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = remap(state[key]).contiguous()
+            self.optimizer.state[new_param] = state
+        self.optimizer.param_groups[0]["params"][0] = new_param
+        self.features = new_param
+        for name in _ROW_STATISTICS:
+            setattr(self, name, remap(getattr(self, name)))
+        self.ids = new_ids.clone()
+        return True
+
+    def _index(self, array) -> torch.Tensor:
+        """A numpy index array as a tensor on the table's device."""
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    def _move_to(self, device: torch.device) -> None:
+        """Move the table, its Adam state, statistics, codebook and classifier to `device`."""
+        state = self.optimizer.state.pop(self.features, None)
+        self.features = torch.nn.Parameter(self.features.detach().to(device))
+        if state:
+            self.optimizer.state[self.features] = {k: v.to(device) if k != "step" else v for k, v in state.items()}
+        self.optimizer.param_groups[0]["params"][0] = self.features
+        for name in _ROW_STATISTICS:
+            setattr(self, name, getattr(self, name).to(device))
+        if self.codebook is not None:
+            self.codebook.to(device)
+        if self.classifier is not None:
+            self.classifier.to(device)  # in place: the optimiser keeps its parameters
+            for per_param in self.classifier_optimizer.state.values():
+                for key, value in per_param.items():
+                    if key != "step":
+                        per_param[key] = value.to(device)
+        self.device = torch.device(device)
+
+    def unit_features(self) -> torch.Tensor:
+        """(N, dim) detached unit features, rows aligned with `ids`."""
+        return F.normalize(self.features.detach(), dim=-1)
+
+    def features_of(self, ids: np.ndarray) -> np.ndarray:
+        """Unit features of the given persistent ids (zeros for unknown ids)."""
+        rows = self.rows_of(ids)
+        out = np.zeros((rows.size, self.config.dim), np.float32)
+        ok = rows >= 0
+        out[ok] = self.unit_features().cpu().numpy()[rows[ok]]
+        return out
+
+    def render(self, scene, cameras: Union[Camera, Sequence[Camera]]) -> RenderOutput:
+        """No-gradient render of the field (after syncing with the scene)."""
+        self.sync(scene)
+        return render_features(scene, self.features.detach(), cameras, self.config.raster, self.config.backend)
+
+    # ------------------------------------------------------------------ prototypes
+    def prior_rows(self, priors: Priors) -> tuple[list[int], list[np.ndarray]]:
+        """Rows of each prior's Gaussians that still exist (priors left with none are skipped)."""
+        labels, groups = [], []
+        for prior_id, gaussian_ids in priors.items():
+            rows = self.rows_of(gaussian_ids)
+            rows = rows[rows >= 0]
+            if rows.size:
+                labels.append(int(prior_id))
+                groups.append(rows)
+        return labels, groups
+
+    def prototypes(self, priors: Priors, features: Optional[torch.Tensor] = None) -> tuple[list[int], torch.Tensor]:
+        """Instance prototypes: the normalised mean unit feature of each prior's Gaussians."""
+        features = self.unit_features() if features is None else features
+        labels, groups = self.prior_rows(priors)
+        if not labels:
+            return [], torch.zeros(0, self.config.dim, device=self.device)
+        protos = torch.stack([features[self._index(rows)].mean(dim=0) for rows in groups])
+        return labels, F.normalize(protos, dim=-1)
+
+    def identity_probabilities(self, unit_features: torch.Tensor, prototypes: Optional[torch.Tensor]) -> torch.Tensor:
+        """Per-Gaussian identity distribution: the classifier's softmax (classifier objective) or
+        the softmax over instance prototypes (contrastive field), as LA-KNN / IGD need."""
+        if self.classifier is not None:
+            return torch.softmax(self.classifier(unit_features), dim=-1)
+        logits = unit_features @ prototypes.detach().T / self.config.gradiseg.prototype_temperature
+        return torch.softmax(logits, dim=-1)
+
+    # ------------------------------------------------------------------ training
+    def train(self, keyframes: Sequence, labels: Sequence, priors: Priors, scene, steps: int) -> list[dict]:
+        return [self.train_step(keyframes, labels, priors, scene) for _ in range(steps)]
+
+    def train_step(self, keyframes: Sequence, labels: Sequence, priors: Priors, scene,
+                   view_index: Optional[int] = None) -> dict:
+        """One optimisation step of the field on one keyframe (plus its neighbours every
+        `cross_interval` steps); cheap enough to interleave a few after each mapping step.
+
+        keyframes: Cameras (or objects with `.camera`) in time order; labels: one
+        `KeyframeLabels` (or (consistent, masks) pair) per keyframe; priors: instance id ->
+        persistent Gaussian ids; scene: a GaussianScene (read only). Returns the losses.
+        """
+        started = time.perf_counter()
+        c = self.config
+        self.sync(scene)
+        labels = [_as_labels(item) for item in labels]
+        if len(labels) != len(keyframes):
+            raise ValueError(f"{len(keyframes)} keyframes but {len(labels)} label sets")
+        usable = [i for i, item in enumerate(labels) if item.consistent is not None or item.masks is not None]
+        result = {"view": -1, "intra": 0.0, "cross": 0.0, "prior3d": 0.0, "codebook": 0.0, "classifier": 0.0,
+                  "laknn": 0.0, "total": 0.0, "masks_kept": 0, "masks_dropped": 0}
+        if self.n == 0 or not usable:
+            return result
+        view = int(view_index) if view_index is not None else int(usable[self.rng.integers(len(usable))])
+        result["view"] = view
+        self.step_count += 1
+        gradiseg = c.gradiseg
+        want_position_grad = gradiseg.laknn or gradiseg.igd
+        means = scene.means.detach().clone().requires_grad_(want_position_grad)
+        unit = F.normalize(self.features, dim=-1)
+        gaussians = scene_gaussians(scene, unit, means)
+        camera = _camera_of(keyframes[view])
+        out = render(gaussians, [camera], backend=c.backend, config=c.raster)
+        visible = (out.radii[0] > 0).all(dim=-1)
+        image = out.features[0]  # (H, W, D)
+        alpha = out.alpha[0].detach().cpu().numpy()
+        covered = alpha >= c.min_pixel_alpha
+        w_intra, w_cross, w_3d = c.level_weights
+        total = unit.sum() * 0.0
+
+        if c.objective == "classifier":
+            loss = self._classifier_loss(image, labels[view].consistent, covered)
+            result["classifier"] = float(loss.detach())
+            total = total + loss
+        else:
+            if labels[view].masks is not None:
+                sample = sample_clusters(labels[view].masks, covered, c.intra_masks, c.intra_pixels,
+                                         c.min_mask_pixels, self.rng)
+                samples = F.normalize(image.reshape(-1, c.dim)[self._index(sample.indices)], dim=-1)
+                sizes = self._index(sample.sizes)
+                loss = proto_nce_loss(samples, sizes, c.temperature_offset, c.temperature_min,
+                                      c.temperature_max, c.temperature_mean)
+                result["intra"] = float(loss.detach())
+                total = total + w_intra * loss
+                if self.codebook is not None and sample.k:
+                    mapping = self.codebook.map_masks(samples.detach(), sizes)
+                    association = self.codebook.association_loss(samples, mapping)
+                    self.codebook.step(association)
+                    self.codebook.record(mapping)
+                    result["codebook"] = float(association.detach())
+                    result["masks_kept"] = int(mapping.kept.sum())
+                    result["masks_dropped"] = int((~mapping.kept).sum())
+            if self.step_count % max(c.cross_interval, 1) == 0:
+                loss = self._cross_view_loss(keyframes, labels, view, gaussians, image, covered)
+                if loss is not None:
+                    result["cross"] = float(loss.detach())
+                    total = total + w_cross * loss
+            loss = self._prior_loss(priors, unit, visible)
+            if loss is not None:
+                result["prior3d"] = float(loss.detach())
+                total = total + w_3d * loss
+
+        regularise = self.step_count >= gradiseg.start_step and self.step_count % max(gradiseg.interval, 1) == 0
+        if gradiseg.laknn and regularise:
+            loss = self._laknn_loss(scene, unit, priors)
+            if loss is not None:
+                result["laknn"] = float(loss.detach())
+                total = total + gradiseg.beta * loss
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.classifier_optimizer is not None:
+            self.classifier_optimizer.zero_grad(set_to_none=True)
+        if total.requires_grad:
+            total.backward()
+            self._accumulate_gradients(means, visible)
+            self.optimizer.step()
+            if self.classifier_optimizer is not None:
+                self.classifier_optimizer.step()
+        result["total"] = float(total.detach())
+        result["seconds"] = time.perf_counter() - started
+        return result
+
+    def _classifier_loss(self, image: torch.Tensor, consistent: Optional[np.ndarray], covered: np.ndarray):
+        c = self.config.classifier
+        if consistent is None:
+            return image.sum() * 0.0
+        target = np.asarray(consistent).ravel()
+        usable = np.flatnonzero(covered.ravel() & (target != c.ignore_label) & (target >= 0) & (target < c.classes))
+        if (np.asarray(consistent) >= c.classes).any():
+            logger.warning("classifier baseline: ids >= %d are ignored (raise classifier.classes)", c.classes)
+        if usable.size == 0:
+            return image.sum() * 0.0
+        pick = usable[self.rng.integers(0, usable.size, min(c.pixels, usable.size))]
+        logits = self.classifier(image.reshape(-1, image.shape[-1])[self._index(pick)])
+        return F.cross_entropy(logits, self._index(target[pick].astype(np.int64)))
+
+    def _cross_view_loss(self, keyframes, labels, view, gaussians, image, covered):
+        """InfoNCE over the tracker's consistent labels pooled over keyframes view-k..view+k."""
+        c = self.config
+        window = [j for j in range(view - c.cross_window, view + c.cross_window + 1)
+                  if 0 <= j < len(keyframes) and labels[j].consistent is not None]
+        if not window:
+            return None
+        others = [j for j in window if j != view]
+        images, valid, label_images = [], [], []
+        if others:
+            cams = [_camera_of(keyframes[j]) for j in others]
+            same_size = all((cam.width, cam.height) == (cams[0].width, cams[0].height) for cam in cams)
+            outs = [render(gaussians, cams, backend=c.backend, config=c.raster)] if same_size else \
+                [render(gaussians, [cam], backend=c.backend, config=c.raster) for cam in cams]
+            rendered = [(o.features[i], o.alpha[i]) for o in outs for i in range(o.features.shape[0])]
+        else:
+            rendered = []
+        by_view = dict(zip(others, rendered))
+        for j in window:
+            if j == view:
+                images.append(image.reshape(-1, c.dim))
+                valid.append(covered.ravel())
+            else:
+                feats, alpha = by_view[j]
+                images.append(feats.reshape(-1, c.dim))
+                valid.append(alpha.detach().cpu().numpy().ravel() >= c.min_pixel_alpha)
+            label_images.append(np.asarray(labels[j].consistent).ravel())
+        pool = torch.cat(images)
+        sample = sample_clusters(np.concatenate(label_images), np.concatenate(valid), c.cross_masks,
+                                 c.cross_pixels, c.min_mask_pixels, self.rng)
+        if sample.k < 2:
+            return None
+        samples = F.normalize(pool[self._index(sample.indices)], dim=-1)
+        return proto_nce_loss(samples, self._index(sample.sizes), c.temperature_offset, c.temperature_min,
+                              c.temperature_max, c.temperature_mean)
+
+    def _prior_loss(self, priors: Priors, unit: torch.Tensor, visible: torch.Tensor):
+        """InfoNCE on the Gaussian features of the 3D priors visible in the view (no render)."""
+        c = self.config
+        if not priors:
+            return None
+        labels, groups = self.prior_rows(priors)
+        visible_np = visible.cpu().numpy()
+        shown = [i for i, rows in enumerate(groups) if int(visible_np[rows].sum()) >= c.prior_min_visible]
+        sample = sample_groups([groups[i] for i in shown], [labels[i] for i in shown], c.prior_clusters,
+                               c.prior_points, 1, self.rng)
+        if sample.k < 2:
+            return None
+        samples = unit[self._index(sample.indices)]
+        return proto_nce_loss(samples, self._index(sample.sizes), c.temperature_offset, c.temperature_min,
+                              c.temperature_max, c.temperature_mean)
+
+    def _laknn_loss(self, scene, unit: torch.Tensor, priors: Priors):
+        g = self.config.gradiseg
+        prototypes = None
+        if self.classifier is None:
+            _, prototypes = self.prototypes(priors, unit.detach())
+            if prototypes.shape[0] < 2:
+                return None
+        samples = self.rng.choice(self.n, size=min(g.samples, self.n), replace=False)
+        positions = scene.means.detach().cpu().numpy()
+        # u = minus the running position gradient; rows without one in the last
+        # `gradient_recent_steps` steps get u = 0, i.e. the global KNN.
+        directions = -self.position_gradient.cpu().numpy()
+        last = self.position_gradient_step.cpu().numpy()
+        directions[(last <= 0) | (self.step_count - last > g.gradient_recent_steps)] = 0.0
+        neighbours, valid, _ = la_knn_neighbours(positions, directions, samples, g.k, g.candidates,
+                                                 g.min_gradient_norm)
+        if not valid.any():
+            return None
+        sample_probs = self.identity_probabilities(unit[self._index(samples)], prototypes)
+        neighbour_probs = self.identity_probabilities(unit[self._index(np.maximum(neighbours, 0))], prototypes)
+        return neighbour_kl_loss(sample_probs, neighbour_probs, self._index(valid))
+
+    @torch.no_grad()
+    def _accumulate_gradients(self, means: torch.Tensor, visible: torch.Tensor) -> None:
+        g = self.config.gradiseg
+        if means.grad is not None:
+            grad = means.grad.detach()
+            self.position_gradient.mul_(g.gradient_decay).add_((1.0 - g.gradient_decay) * grad)
+            self.position_gradient_step[(grad != 0).any(dim=1)] = float(self.step_count)
+            if g.igd:
+                self.igd_position_sum.add_(grad)
+        if g.igd and self.features.grad is not None:
+            self.igd_gradient_sum.add_(self.features.grad.detach().norm(dim=-1))
+            self.igd_views.add_(visible.to(self.igd_views.dtype))
+
+    # ------------------------------------------------------------------ GradiSeg IGD
+    def igd_candidates(self, percentile: Optional[float] = None, reset: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Gaussians to split (identity-gradient-guided densification) and the split directions.
+
+        Returns persistent ids (M,) int64 of the Gaussians whose mean accumulated feature-
+        gradient norm (per step in which they were drawn) is above the `percentile` (default
+        config.gradiseg.igd_percentile) and unit directions (M, 3) along their accumulated
+        position gradient (zero when they had none: split along the largest axis then). The
+        scene's split applies them. `reset` clears the accumulators of the returned Gaussians.
+        Empty before `igd_start_step` or when IGD is off.
+        """
+        g = self.config.gradiseg
+        empty = np.zeros(0, np.int64), np.zeros((0, 3), np.float32)
+        if not g.igd or self.step_count < g.igd_start_step or self.n == 0:
+            return empty
+        views = self.igd_views.cpu().numpy()
+        mean_norm = self.igd_gradient_sum.cpu().numpy() / np.maximum(views, 1.0)
+        rows = igd_select(mean_norm, views, g.igd_percentile if percentile is None else percentile, g.igd_min_views)
+        direction = self.igd_position_sum.cpu().numpy()[rows]
+        norm = np.linalg.norm(direction, axis=1, keepdims=True)
+        direction = np.where(norm > 0, direction / np.maximum(norm, 1e-30), 0.0).astype(np.float32)
+        ids = self.ids.numpy()[rows].copy()
+        if reset and rows.size:
+            index = self._index(rows)
+            self.igd_gradient_sum[index] = 0.0
+            self.igd_views[index] = 0.0
+            self.igd_position_sum[index] = 0.0
+        return ids, direction
+
+    # ------------------------------------------------------------------ reading (codebook / classifier)
+    @torch.no_grad()
+    def gaussian_labels(self) -> tuple[np.ndarray, np.ndarray]:
+        """Instance label per Gaussian read from the codebook slots or the classifier (no
+        clustering): (N,) int64 (0 = none) and (N,) probability. The contrastive field without
+        codebook has no labels of its own: use instances.extract_instances with the priors."""
+        unit = self.unit_features()
+        if self.codebook is not None:
+            return self.codebook.read(unit)
+        if self.classifier is not None:
+            probs = torch.softmax(self.classifier(unit), dim=-1)
+            best, arg = probs.max(dim=-1)
+            labels, best = arg.cpu().numpy().astype(np.int64), best.cpu().numpy()
+            labels[(best < self.config.classifier.read_min_probability)
+                   | (labels == self.config.classifier.ignore_label)] = 0
+            return labels, best.astype(np.float32)
+        raise RuntimeError("gaussian_labels() needs the codebook option or the classifier objective")
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        state = {"ids": self.ids.clone(), "features": self.features.detach().clone(),
+                 "optimizer": self.optimizer.state_dict(), "step_count": self.step_count,
+                 **{name: getattr(self, name).clone() for name in _ROW_STATISTICS}}
+        if self.codebook is not None:
+            state["codebook"] = self.codebook.state_dict()
+        if self.classifier is not None:
+            state["classifier"] = self.classifier.state_dict()
+            state["classifier_optimizer"] = self.classifier_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ids = state["ids"].clone()
+        self.features = torch.nn.Parameter(state["features"].clone())
+        self.device = self.features.device
+        self.optimizer = torch.optim.Adam([self.features], lr=self.config.feature_lr, eps=self.config.adam_eps)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count = int(state["step_count"])
+        for name in _ROW_STATISTICS:
+            setattr(self, name, state[name].clone())
+        if self.codebook is not None and "codebook" in state:
+            self.codebook.load_state_dict(state["codebook"])
+        if self.classifier is not None and "classifier" in state:
+            self.classifier.load_state_dict(state["classifier"])
+            self.classifier_optimizer.load_state_dict(state["classifier_optimizer"])
+
+
+def _rows_of(table_ids: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Row of each query id in `table_ids` (-1 when absent)."""
+    query = np.asarray(query, dtype=np.int64)
+    rows = np.full(query.shape, -1, dtype=np.int64)
+    if table_ids.size == 0 or query.size == 0:
+        return rows
+    order = np.argsort(table_ids, kind="stable")
+    sorted_ids = table_ids[order]
+    pos = np.clip(np.searchsorted(sorted_ids, query), 0, sorted_ids.size - 1)
+    found = sorted_ids[pos] == query
+    rows[found] = order[pos[found]]
+    return rows

@@ -1,0 +1,384 @@
+"""Instances from the feature field (DESIGN.md step 4): extraction, masks, interactive query.
+
+- `extract_instances`: a 3D prior's instance = the Gaussians whose feature has cosine > 0.9 to
+  the prior's mean feature (a Gaussian claimed by several goes to the most similar), cleaned
+  by DBSCAN on the Gaussian centres. `instances_from_labels` does the same from per-Gaussian
+  labels read straight from the codebook or the classifier (no priors, no clustering of
+  features).
+- `render_instance_masks`: per-view instance masks by rendering the features.
+- `segment_at_pixel`: pixel -> rendered feature -> most similar instance, and the mask of
+  pixels whose feature resembles that pixel's.
+- Object extraction / removal: row masks `gaussians_of` / `gaussians_without`, `.ply` export
+  of one object's Gaussians, `forget`.
+
+Instances store persistent Gaussian ids, so they stay meaningful after the map densifies or
+prunes; the row masks take the scene's current `ids` to be applied to it.
+"""
+from __future__ import annotations
+
+import colorsys
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+from sklearn.cluster import DBSCAN
+
+from instascene_ros.core.camera import Camera
+from instascene_ros.core.features.field import render_features
+from instascene_ros.core.splat.types import RasterConfig
+
+_GOLDEN_RATIO_CONJUGATE = 0.6180339887498949
+
+
+@dataclass
+class InstanceConfig:
+    """Instance extraction and query thresholds (InstaScene's 0.9 cosine as the default)."""
+
+    similarity_threshold: float = 0.9  # Gaussian -> prior: cosine to the prior's mean feature
+    # DBSCAN clean-up of each instance's centres. eps in metres; None = adaptive, eps =
+    # dbscan_eps_factor x the median nearest-neighbour spacing of the instance's centres (a map's
+    # Gaussian density varies with distance and budget; a fixed eps that is right for one map
+    # shatters a sparser one into noise).
+    dbscan_eps: Optional[float] = None
+    dbscan_eps_factor: float = 3.0
+    dbscan_min_samples: int = 5
+    min_gaussians: int = 10  # smaller instances (after clean-up) are dropped
+    # Rendered masks: a pixel is drawn by the map when alpha > this, and joins the most similar
+    # prototype when the cosine of its (blended) feature exceeds `mask_similarity_threshold`.
+    # Blends at object borders mix two features, so this is looser than the per-Gaussian 0.9.
+    mask_alpha_threshold: float = 0.5
+    mask_similarity_threshold: float = 0.75
+    # Interactive query: the mask is the pixels whose feature has cosine > this to the clicked
+    # pixel's feature; the clicked pixel names an instance when its best cosine exceeds
+    # `query_instance_threshold`.
+    query_similarity: float = 0.9
+    query_instance_threshold: float = 0.75
+    backend: str = "auto"
+    raster: RasterConfig = field(default_factory=RasterConfig)
+
+
+def instance_color(instance_id: int) -> tuple[int, int, int]:
+    """Deterministic display colour of an id: hues spaced by the golden ratio (adjacent ids far apart)."""
+    hue = (int(instance_id) * _GOLDEN_RATIO_CONJUGATE) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.65, 0.95)
+    return int(round(r * 255)), int(round(g * 255)), int(round(b * 255))
+
+
+@dataclass
+class Instance:
+    """One object: its Gaussians (persistent ids), point cloud and summary."""
+
+    id: int
+    gaussian_ids: np.ndarray  # (M,) int64 persistent Gaussian ids
+    prototype: np.ndarray  # (F,) unit mean feature
+    points: np.ndarray  # (M, 3) float32 Gaussian centres, world frame
+    colors: np.ndarray  # (M, 3) the Gaussians' colours, as given to the extractor
+    confidence: float  # in [0, 1]; see the extractor that made it
+    color: tuple[int, int, int] = (0, 0, 0)  # display colour (palette by id)
+
+    @property
+    def n_gaussians(self) -> int:
+        return int(self.gaussian_ids.shape[0])
+
+    @property
+    def bbox(self) -> np.ndarray:
+        """(2, 3) axis-aligned box [min, max] of the centres."""
+        if self.points.shape[0] == 0:
+            return np.zeros((2, 3), np.float32)
+        return np.stack([self.points.min(axis=0), self.points.max(axis=0)])
+
+
+@dataclass
+class Instances:
+    """The instances of one extraction, and the Gaussian rows they were extracted from."""
+
+    items: dict[int, Instance]
+    ids: np.ndarray  # (N,) persistent ids of the rows at extraction time
+    labels: np.ndarray  # (N,) instance id per row after clean-up (0 = none)
+    forgotten: set[int] = field(default_factory=set)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[Instance]:
+        return iter(self.items[k] for k in sorted(self.items))
+
+    def __getitem__(self, instance_id: int) -> Instance:
+        return self.items[int(instance_id)]
+
+    def __contains__(self, instance_id: int) -> bool:
+        return int(instance_id) in self.items
+
+    @property
+    def instance_ids(self) -> list[int]:
+        return sorted(self.items)
+
+    def prototypes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(K,) instance ids and (K, F) unit prototypes, in id order."""
+        keys = self.instance_ids
+        if not keys:
+            return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+        return np.asarray(keys, np.int64), np.stack([self.items[k].prototype for k in keys]).astype(np.float32)
+
+    def gaussians_of(self, instance_id: int, ids: Optional[np.ndarray] = None) -> np.ndarray:
+        """(N,) bool row mask of the instance's Gaussians over `ids` (default: extraction rows)."""
+        ids = self.ids if ids is None else np.asarray(ids)
+        if int(instance_id) not in self.items:
+            return np.zeros(ids.shape[0], dtype=bool)
+        return np.isin(ids, self.items[int(instance_id)].gaussian_ids)
+
+    def gaussians_without(self, instance_ids: Union[int, Iterable[int]],
+                          ids: Optional[np.ndarray] = None) -> np.ndarray:
+        """(N,) bool row mask of every Gaussian *not* in the given instances (object removal)."""
+        ids = self.ids if ids is None else np.asarray(ids)
+        if np.isscalar(instance_ids):
+            instance_ids = [instance_ids]
+        removed = [self.items[int(k)].gaussian_ids for k in instance_ids if int(k) in self.items]
+        if not removed:
+            return np.ones(ids.shape[0], dtype=bool)
+        return ~np.isin(ids, np.concatenate(removed))
+
+    def forget(self, instance_id: int) -> bool:
+        """Drop an instance; its id is remembered so later extractions can `exclude` it."""
+        instance_id = int(instance_id)
+        self.forgotten.add(instance_id)
+        if instance_id not in self.items:
+            return False
+        del self.items[instance_id]
+        self.labels[self.labels == instance_id] = 0
+        return True
+
+
+# ---------------------------------------------------------------------------------------- extraction
+def _unit(features) -> np.ndarray:
+    features = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
+    features = features.astype(np.float32, copy=False)
+    norm = np.linalg.norm(features, axis=-1, keepdims=True)
+    return features / np.maximum(norm, 1e-12)
+
+
+def _numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _rows_of(ids: np.ndarray, query: np.ndarray) -> np.ndarray:
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    query = np.asarray(query, dtype=np.int64)
+    if sorted_ids.size == 0 or query.size == 0:
+        return np.zeros(0, np.int64)
+    pos = np.clip(np.searchsorted(sorted_ids, query), 0, sorted_ids.size - 1)
+    found = sorted_ids[pos] == query
+    return order[pos[found]]
+
+
+def _dbscan_keep(points: np.ndarray, anchors: Optional[np.ndarray], config: InstanceConfig) -> np.ndarray:
+    """Bool mask of the points DBSCAN keeps: not noise, and in a cluster that holds an anchor
+    (a prior Gaussian) — or, without anchors or when no cluster holds one, in the largest."""
+    if points.shape[0] == 0:
+        return np.zeros(0, dtype=bool)
+    eps = config.dbscan_eps
+    if eps is None:
+        if points.shape[0] < 2:
+            return np.zeros(points.shape[0], dtype=bool)
+        spacing, _ = cKDTree(points).query(points, k=2)
+        eps = max(config.dbscan_eps_factor * float(np.median(spacing[:, 1])), 1e-9)
+    cluster = DBSCAN(eps=eps, min_samples=config.dbscan_min_samples).fit_predict(points)
+    if anchors is not None and anchors.any():
+        anchored = np.unique(cluster[anchors & (cluster >= 0)])
+        if anchored.size:
+            return np.isin(cluster, anchored)
+    labelled = cluster[cluster >= 0]
+    if labelled.size == 0:
+        return np.zeros(points.shape[0], dtype=bool)
+    return cluster == np.bincount(labelled).argmax()
+
+
+def _make_instance(instance_id: int, rows: np.ndarray, unit: np.ndarray, ids: np.ndarray, positions: np.ndarray,
+                   colors: np.ndarray, prototype: Optional[np.ndarray], confidence: float) -> Instance:
+    if prototype is None:
+        prototype = unit[rows].mean(axis=0)
+    prototype = (prototype / max(float(np.linalg.norm(prototype)), 1e-12)).astype(np.float32)
+    return Instance(id=int(instance_id), gaussian_ids=ids[rows].astype(np.int64), prototype=prototype,
+                    points=positions[rows].astype(np.float32), colors=colors[rows], confidence=float(confidence),
+                    color=instance_color(instance_id))
+
+
+def extract_instances(features, ids, priors: Mapping[int, np.ndarray], positions, colors,
+                      config: InstanceConfig = InstanceConfig(), exclude: Iterable[int] = ()) -> Instances:
+    """Instances of the 3D priors from the feature field.
+
+    features (N, F) per Gaussian (any norm); ids (N,) persistent ids; priors: instance id ->
+    persistent Gaussian ids (the tracker's); positions (N, 3); colors (N, 3). A Gaussian joins
+    the prior whose mean unit feature is the most similar, if that cosine > similarity_threshold.
+    Each instance is then cleaned with DBSCAN (eps, min_samples), keeping the clusters that hold
+    a prior Gaussian. Confidence = mean member cosine x the share of the prior's (surviving)
+    Gaussians that ended in the instance: high when the field agrees with the tracker.
+    Priors in `exclude` (forgotten instances) are skipped.
+    """
+    unit, ids = _unit(features), _numpy(ids).astype(np.int64)
+    positions, colors = _numpy(positions).astype(np.float32), _numpy(colors)
+    n = ids.shape[0]
+    excluded = {int(k) for k in exclude}
+    keys, prototypes, prior_rows = [], [], []
+    for prior_id, gaussian_ids in priors.items():
+        if int(prior_id) in excluded:
+            continue
+        rows = _rows_of(ids, gaussian_ids)
+        if rows.size == 0:
+            continue
+        mean = unit[rows].mean(axis=0)
+        keys.append(int(prior_id))
+        prototypes.append(mean / max(float(np.linalg.norm(mean)), 1e-12))
+        prior_rows.append(rows)
+    labels = np.zeros(n, np.int64)
+    items: dict[int, Instance] = {}
+    if not keys or n == 0:
+        return Instances(items=items, ids=ids, labels=labels, forgotten=excluded)
+    prototypes = np.stack(prototypes).astype(np.float32)
+    similarity = unit @ prototypes.T  # (N, K)
+    best = similarity.argmax(axis=1)
+    best_similarity = similarity[np.arange(n), best]
+    claimed = best_similarity > config.similarity_threshold
+    for k, instance_id in enumerate(keys):
+        rows = np.flatnonzero(claimed & (best == k))
+        if rows.size == 0:
+            continue
+        in_prior = np.zeros(n, dtype=bool)
+        in_prior[prior_rows[k]] = True
+        rows = rows[_dbscan_keep(positions[rows], in_prior[rows], config)]
+        if rows.size < config.min_gaussians:
+            continue
+        recall = float(in_prior[rows].sum()) / float(prior_rows[k].size)
+        confidence = float(best_similarity[rows].mean()) * recall
+        items[instance_id] = _make_instance(instance_id, rows, unit, ids, positions, colors, prototypes[k], confidence)
+        labels[rows] = instance_id
+    return Instances(items=items, ids=ids, labels=labels, forgotten=excluded)
+
+
+def instances_from_labels(labels, features, ids, positions, colors, probabilities=None,
+                          config: InstanceConfig = InstanceConfig(), exclude: Iterable[int] = ()) -> Instances:
+    """Instances from per-Gaussian labels read directly from the codebook slots or the
+    classifier (0 = none): no feature clustering, only the DBSCAN clean-up (largest cluster).
+    Confidence = mean read probability of the members (1 without probabilities)."""
+    labels_in = _numpy(labels).astype(np.int64)
+    unit, ids = _unit(features), _numpy(ids).astype(np.int64)
+    positions, colors = _numpy(positions).astype(np.float32), _numpy(colors)
+    probabilities = np.ones(labels_in.shape[0], np.float32) if probabilities is None else _numpy(probabilities)
+    excluded = {int(k) for k in exclude}
+    out = np.zeros_like(labels_in)
+    items: dict[int, Instance] = {}
+    for instance_id in np.unique(labels_in[labels_in > 0]):
+        if int(instance_id) in excluded:
+            continue
+        rows = np.flatnonzero(labels_in == instance_id)
+        rows = rows[_dbscan_keep(positions[rows], None, config)]
+        if rows.size < config.min_gaussians:
+            continue
+        items[int(instance_id)] = _make_instance(int(instance_id), rows, unit, ids, positions, colors, None,
+                                                 float(probabilities[rows].mean()))
+        out[rows] = instance_id
+    return Instances(items=items, ids=ids, labels=out, forgotten=excluded)
+
+
+# ---------------------------------------------------------------------------------------- masks and query
+def masks_from_feature_image(feature_image, alpha, instances: Instances,
+                             config: InstanceConfig = InstanceConfig()) -> np.ndarray:
+    """(H, W) int32 instance ids from a rendered (H, W, F) feature image and (H, W) alpha."""
+    feature_image = _numpy(feature_image)
+    alpha = _numpy(alpha)
+    out = np.zeros(feature_image.shape[:2], dtype=np.int32)
+    keys, prototypes = instances.prototypes()
+    if keys.size == 0:
+        return out
+    similarity = _unit(feature_image) @ prototypes.T  # (H, W, K)
+    best = similarity.argmax(axis=-1)
+    best_similarity = np.take_along_axis(similarity, best[..., None], axis=-1)[..., 0]
+    drawn = (alpha > config.mask_alpha_threshold) & (best_similarity > config.mask_similarity_threshold)
+    out[drawn] = keys[best[drawn]]
+    return out
+
+
+def render_instance_masks(scene_gaussians, features, instances: Instances, camera: Camera,
+                          config: InstanceConfig = InstanceConfig()) -> np.ndarray:
+    """Render the features from `camera` and label each pixel (alpha > 0.5) with the instance
+    whose prototype is the most similar, when that cosine exceeds the threshold; 0 otherwise.
+
+    scene_gaussians: a GaussianScene or a splat `Gaussians`; features (N, F) aligned with its
+    rows (e.g. FeatureField.features after `sync`). Returns (H, W) int32.
+    """
+    if not isinstance(features, torch.Tensor):
+        features = torch.from_numpy(np.asarray(features, dtype=np.float32))
+    out = render_features(scene_gaussians, features.detach(), [camera], config.raster, config.backend)
+    return masks_from_feature_image(out.features[0], out.alpha[0], instances, config)
+
+
+FeatureSource = Union[np.ndarray, torch.Tensor, Callable[[], object]]
+
+
+def segment_at_pixel(rendered_features: FeatureSource, u: float, v: float, instances: Instances,
+                     alpha=None, config: InstanceConfig = InstanceConfig()) -> tuple[int, float, np.ndarray]:
+    """Interactive query: the instance under pixel (u, v) = (column, row), and its mask.
+
+    rendered_features: a cached (H, W, F) rendered feature image, or a callback returning one
+    (or a (features, alpha) pair). The pixel's feature is compared with every instance
+    prototype: instance_id is the most similar one (0 when its cosine is below
+    query_instance_threshold or the pixel is empty); the mask holds the pixels whose feature has
+    cosine > query_similarity to the clicked pixel's feature (and alpha > mask_alpha_threshold
+    when alpha is known). Returns (instance_id, similarity, (H, W) bool mask).
+    """
+    source = rendered_features() if callable(rendered_features) else rendered_features
+    if isinstance(source, tuple):
+        source, alpha = source
+    image = _numpy(source).astype(np.float32, copy=False)
+    height, width = image.shape[:2]
+    col, row = int(np.floor(u)), int(np.floor(v))
+    if not (0 <= col < width and 0 <= row < height):
+        raise ValueError(f"pixel ({u}, {v}) is outside the {width}x{height} image")
+    flat = image.reshape(-1, image.shape[-1])
+    pixel = flat[row * width + col]
+    pixel_norm = float(np.linalg.norm(pixel))
+    empty = pixel_norm < 1e-6 or (alpha is not None and float(_numpy(alpha)[row, col]) <= config.mask_alpha_threshold)
+    if empty:
+        return 0, 0.0, np.zeros((height, width), dtype=bool)
+    pixel = pixel / pixel_norm
+    # cos(f, pixel) > t  <=>  f . pixel > t |f|: no need to normalise the whole image.
+    dots = flat @ pixel
+    norms = np.sqrt(np.einsum("ij,ij->i", flat, flat))
+    mask = (dots > config.query_similarity * norms).reshape(height, width)
+    if alpha is not None:
+        mask &= _numpy(alpha) > config.mask_alpha_threshold
+    keys, prototypes = instances.prototypes()
+    if keys.size == 0:
+        return 0, 0.0, mask
+    similarity = prototypes @ pixel
+    best = int(similarity.argmax())
+    if similarity[best] <= config.query_instance_threshold:
+        return 0, float(similarity[best]), mask
+    return int(keys[best]), float(similarity[best]), mask
+
+
+# ---------------------------------------------------------------------------------------- export
+def export_instance_ply(scene, instance: Union[Instance, np.ndarray], path: Union[str, Path],
+                        extras: bool = False) -> int:
+    """Write one object's Gaussians as a standard 3DGS .ply (GaussianScene's writer, on a copy
+    holding only those Gaussians; ids kept). Returns the number of Gaussians written."""
+    from instascene_ros.core.scene import GaussianScene  # the scene module pulls the optimiser stack
+
+    gaussian_ids = instance.gaussian_ids if isinstance(instance, Instance) else np.asarray(instance, np.int64)
+    rows = torch.from_numpy(np.sort(_rows_of(scene.ids.detach().cpu().numpy(), gaussian_ids)))
+    config = dataclasses.replace(scene.config, feature_dim=0, max_gaussians=max(int(rows.numel()), 1))
+    subset = GaussianScene(config)
+    with torch.no_grad():
+        subset.add(scene.means.detach()[rows].cpu(), sh=scene.sh.detach()[rows].cpu(),
+                   log_scales=scene.log_scales.detach()[rows].cpu(), quats=scene.quats.detach()[rows].cpu(),
+                   opacities=torch.sigmoid(scene.opacity_logits.detach()[rows]).cpu())
+        subset.opacity_logits.data.copy_(scene.opacity_logits.detach()[rows].cpu())  # exact raw values
+    subset.ids = scene.ids.detach()[rows].cpu().clone()
+    subset.next_id = int(scene.next_id)
+    subset.save_ply(path, extras=extras)
+    return int(rows.numel())

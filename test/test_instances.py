@@ -1,0 +1,163 @@
+"""Instance extraction, rendered masks, the interactive query and object export, on a feature
+field trained on the tiny synthetic scene (and on hand data)."""
+import time
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import distance_transform_edt
+
+from instascene_ros.core.features import FeatureConfig, FeatureField, KeyframeLabels
+from instascene_ros.core.features.synthetic import make_blob_scene
+from instascene_ros.core.instances import (InstanceConfig, Instances, export_instance_ply, extract_instances,
+                                           instance_color, render_instance_masks, segment_at_pixel)
+from instascene_ros.core.scene import GaussianScene
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def world():
+    blobs = make_blob_scene()
+    field = FeatureField(FeatureConfig())
+    labels = [KeyframeLabels(consistent=c, masks=m) for c, m in zip(blobs.labels, blobs.masks)]
+    field.train(blobs.cameras, labels, blobs.priors, blobs.scene, 150)
+    scene = blobs.scene
+    instances = extract_instances(field.features.detach(), scene.ids, blobs.priors, scene.means, blobs.colors)
+    return blobs, field, instances
+
+
+def _truth_of(instances, blobs):
+    rows = {k: instances.gaussians_of(k, blobs.scene.ids.numpy()) for k in instances.instance_ids}
+    return {k: blobs.gaussian_labels[r] for k, r in rows.items()}
+
+
+def test_extraction_recovers_the_objects(world):
+    blobs, _, instances = world
+    assert instances.instance_ids == [1, 2, 3, 4]
+    for instance_id, truth in _truth_of(instances, blobs).items():
+        assert (truth == instance_id).mean() >= 0.95, instance_id  # purity
+        assert (truth == instance_id).sum() >= 0.8 * (blobs.gaussian_labels == instance_id).sum()  # recall
+    for instance in instances:
+        assert instance.n_gaussians == instance.points.shape[0] == instance.colors.shape[0]
+        assert 0.5 < instance.confidence <= 1.0
+        assert np.all(instance.bbox[0] <= instance.bbox[1])
+        assert instance.color == instance_color(instance.id)
+
+
+def test_touching_identical_pair_stays_two_instances(world):
+    blobs, _, instances = world
+    # Objects 3 and 4 are identical blue spheres that touch at x = 0.
+    a, b = instances[3], instances[4]
+    assert a.bbox[1][0] <= 0.02 and b.bbox[0][0] >= -0.02
+    assert not np.isin(a.gaussian_ids, b.gaussian_ids).any()
+    assert float(a.prototype @ b.prototype) < 0.5
+
+
+def test_rendered_masks_match_ground_truth_on_a_held_out_view(world):
+    blobs, field, instances = world
+    masks = render_instance_masks(blobs.scene, field.features.detach(), instances, blobs.heldout)
+    assert masks.dtype == np.int32 and masks.shape == blobs.heldout_labels.shape
+    for instance_id in instances.instance_ids:
+        predicted, truth = masks == instance_id, blobs.heldout_labels == instance_id
+        iou = (predicted & truth).sum() / (predicted | truth).sum()
+        assert iou >= 0.8, (instance_id, iou)
+
+
+def test_segment_at_pixel_names_the_object_under_the_cursor(world):
+    blobs, field, instances = world
+    out = field.render(blobs.scene, [blobs.heldout])
+    features, alpha = out.features[0].numpy(), out.alpha[0].numpy()
+    for instance_id in instances.instance_ids:
+        inside = blobs.heldout_labels == instance_id
+        depth_inside = distance_transform_edt(inside)
+        row, col = np.unravel_index(depth_inside.argmax(), inside.shape)  # the object's innermost pixel
+        found, similarity, mask = segment_at_pixel(features, col + 0.5, row + 0.5, instances, alpha=alpha)
+        assert found == instance_id and similarity > 0.9
+        iou = (mask & inside).sum() / (mask | inside).sum()
+        assert iou > 0.7, (instance_id, iou)
+    # Background: nothing there.
+    found, _, mask = segment_at_pixel(features, 0.5, 0.5, instances, alpha=alpha)
+    assert found == 0 and not mask.any()
+    # A render callback works like a cached image.
+    found, _, _ = segment_at_pixel(lambda: (features, alpha), col + 0.5, row + 0.5, instances)
+    assert found == instances.instance_ids[-1]
+
+
+def test_segment_at_pixel_is_fast_on_a_cached_256_image(world):
+    _, _, instances = world
+    rng = np.random.default_rng(0)
+    cached = rng.standard_normal((256, 256, 16)).astype(np.float32)
+    alpha = np.ones((256, 256), np.float32)
+    segment_at_pixel(cached, 100, 120, instances, alpha=alpha)
+    times = []
+    for _ in range(10):
+        started = time.perf_counter()
+        segment_at_pixel(cached, 100, 120, instances, alpha=alpha)
+        times.append(time.perf_counter() - started)
+    assert np.median(times) < 0.05, times
+
+
+def test_most_similar_instance_claims_a_shared_gaussian():
+    # Rows 0-2: instance 1's direction; rows 3-5: instance 2's; row 6 is > 0.9 to both
+    # prototypes but closer to instance 2.
+    e1, e2 = np.array([1.0, 0.0, 0.0]), np.array([0.9, 0.436, 0.0])
+    shared = np.array([0.96, 0.27, 0.0])
+    features = np.stack([e1, e1, e1, e2, e2, e2, shared])
+    positions = np.array([[0, 0, 0], [0.01, 0, 0], [0, 0.01, 0], [1, 0, 0], [1.01, 0, 0], [1, 0.01, 0], [0.5, 0, 0]])
+    ids = np.arange(100, 107)
+    priors = {1: ids[:3], 2: ids[3:6]}
+    config = InstanceConfig(dbscan_eps=10.0, dbscan_min_samples=1, min_gaussians=1)
+    instances = extract_instances(features, ids, priors, positions, np.zeros((7, 3)), config)
+    assert 106 in instances[2].gaussian_ids and 106 not in instances[1].gaussian_ids
+
+
+def test_dbscan_drops_far_away_look_alikes():
+    grid = np.arange(5) * 0.01
+    blob = np.stack(np.meshgrid(grid, grid, np.arange(3) * 0.01), axis=-1).reshape(-1, 3)[:60]  # 1 cm spacing
+    stray = np.array([[2.0, 2.0, 2.0], [2.01, 2.0, 2.0]])  # same feature, elsewhere in the room
+    positions = np.concatenate([blob, stray])
+    features = np.tile([0.0, 1.0], (62, 1))
+    ids = np.arange(62)
+    instances = extract_instances(features, ids, {7: ids[:40]}, positions, np.zeros((62, 3)))
+    assert instances[7].n_gaussians == 60 and not np.isin([60, 61], instances[7].gaussian_ids).any()
+
+
+def test_row_masks_forget_and_exclude(world):
+    blobs, field, instances = world
+    ids = blobs.scene.ids.numpy()
+    of = instances.gaussians_of(2, ids)
+    without = instances.gaussians_without([2], ids)
+    assert of.sum() == instances[2].n_gaussians and np.array_equal(without, ~of)
+    both = instances.gaussians_without([1, 2], ids)
+    assert both.sum() == len(ids) - instances[1].n_gaussians - instances[2].n_gaussians
+    copy = Instances(items=dict(instances.items), ids=instances.ids, labels=instances.labels.copy())
+    assert copy.forget(2) and 2 not in copy and 2 in copy.forgotten
+    assert not (copy.labels == 2).any()
+    again = extract_instances(field.features.detach(), ids, blobs.priors, blobs.scene.means, blobs.colors,
+                              exclude=copy.forgotten)
+    assert again.instance_ids == [1, 3, 4]
+
+
+def test_export_one_object_as_ply(world, tmp_path):
+    blobs, _, instances = world
+    path = tmp_path / "object.ply"
+    written = export_instance_ply(blobs.scene, instances[1], path, extras=True)
+    assert written == instances[1].n_gaussians
+    loaded = GaussianScene.load_ply(path)
+    assert sorted(loaded.ids.tolist()) == sorted(instances[1].gaussian_ids.tolist())
+    rows = blobs.scene.index_of(loaded.ids)
+    assert torch.allclose(loaded.means, blobs.scene.means.detach()[rows])
+    assert torch.equal(loaded.opacity_logits, blobs.scene.opacity_logits.detach()[rows])
+
+
+def test_palette_is_deterministic_and_distinct():
+    colours = [instance_color(k) for k in range(1, 9)]
+    assert colours == [instance_color(k) for k in range(1, 9)]
+    assert len(set(colours)) == 8
