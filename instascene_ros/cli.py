@@ -18,6 +18,7 @@ SUBCOMMANDS = [
     ("run", "instascene_ros.commands.run"),
     ("bench", "instascene_ros.commands.bench"),
     ("launch", "instascene_ros.commands.launch"),
+    ("publish-dataset", "instascene_ros.commands.publish_dataset"),
 ]
 
 

@@ -1,0 +1,159 @@
+"""Scoring a finished pipeline against a dataset's held-out views and ground truth.
+
+The only module besides `metrics` that reads `gt_*`. Protocols (notes/data-and-metrics.md):
+- rendering: PSNR / SSIM over the held-out views, PSNR also on object pixels only (the
+  background must not carry the number), median depth error on object pixels;
+- instances: ONE predicted id per ground-truth object for all test views, chosen from
+  *training* views only: the instance that `segment_at_pixel` returns at the object's most
+  interior pixel in the training view where it is largest, then frozen. mIoU / boundary IoU
+  per object (LERF-Mask style), PQ^scene over all test pixels;
+- 3D: each matched instance cloud against its ground-truth mesh (precision within 5 mm, surface
+  recall, contamination by other objects).
+"""
+from __future__ import annotations
+
+import logging
+import pathlib
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from instascene_ros.core import metrics
+from instascene_ros.core.instances import segment_at_pixel
+from instascene_ros.core.viz import colorize_ids, contact_sheet, overlay
+
+log = logging.getLogger(__name__)
+
+
+def _interior_pixel(mask: np.ndarray) -> tuple[float, float]:
+    """(u, v) of the pixel farthest from the mask's border (the 'centroid' a user would click)."""
+    distance = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    row, col = np.unravel_index(int(np.argmax(distance)), mask.shape)
+    return col + 0.5, row + 0.5
+
+
+def choose_instance_ids(pipeline, dataset) -> dict[int, int]:
+    """gt id -> predicted instance id, from training views only (then frozen for every view)."""
+    gt_masks = dataset.ground_truth_masks()
+    best: dict[int, tuple[int, int]] = {}  # gt id -> (area, frame index)
+    for index, frame in enumerate(dataset.frames):
+        if frame.meta.get("split") == "test" or gt_masks[index] is None:
+            continue
+        ids, counts = np.unique(gt_masks[index], return_counts=True)
+        for gt_id, count in zip(ids.tolist(), counts.tolist()):
+            if gt_id > 0 and count > best.get(gt_id, (0, -1))[0]:
+                best[gt_id] = (count, index)
+    extraction = pipeline.snapshot.extraction
+    mapping: dict[int, int] = {}
+    feature_images: dict[int, tuple] = {}
+    for gt_id, (_, index) in sorted(best.items()):
+        if extraction is None or len(extraction) == 0:
+            mapping[gt_id] = 0
+            continue
+        if index not in feature_images:
+            feature_images[index] = pipeline._feature_image(dataset.frames[index].camera)
+        features, alpha = feature_images[index]
+        u, v = _interior_pixel(gt_masks[index] == gt_id)
+        instance_id, _, _ = segment_at_pixel(features, u, v, extraction, alpha=alpha, config=pipeline.config.instances)
+        mapping[gt_id] = int(instance_id)
+    return mapping
+
+
+def evaluate_run(pipeline, dataset, out: pathlib.Path, progress: bool = True) -> dict:
+    """Render and score every held-out frame; write renders, instance masks, clouds and a sheet."""
+    from tqdm.auto import tqdm
+
+    out = pathlib.Path(out)
+    (out / "renders").mkdir(exist_ok=True)
+    (out / "instance_masks").mkdir(exist_ok=True)
+    gt_masks = dataset.ground_truth_masks()
+    test = [i for i, frame in enumerate(dataset.frames) if frame.meta.get("split") == "test"]
+    psnrs, object_psnrs, ssims, depth_errors = [], [], [], []
+    predicted, ground_truth, sheet_rows, names = [], [], [], []
+    for index in tqdm(test, desc="evaluating", unit="view", disable=not progress):
+        frame = dataset.frames[index]
+        rendered = pipeline.mapper.render_view(frame.camera)
+        color = (rendered.color[0].clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        depth = rendered.normalised_depth()[0].cpu().numpy()
+        psnrs.append(metrics.psnr(color, frame.rgb))
+        ssims.append(metrics.ssim(color, frame.rgb))
+        gt = gt_masks[index]
+        objects = gt > 0 if gt is not None else None
+        if objects is not None and objects.any():
+            object_psnrs.append(metrics.psnr(color, frame.rgb, mask=objects))
+            if frame.depth is not None:
+                valid = objects & (frame.depth > 0) & np.isfinite(frame.depth) & (depth > 0)
+                if valid.any():
+                    depth_errors.append(float(np.median(np.abs(depth[valid] - frame.depth[valid]))) * 1000.0)
+        instance_ids = pipeline.instance_mask(frame.camera)
+        stem = pathlib.Path(frame.meta.get("file_path", frame.name)).stem
+        Image.fromarray(instance_ids.astype(np.uint16)).save(out / "instance_masks" / f"{stem}.png")
+        Image.fromarray(np.concatenate([frame.rgb, color], axis=1)).save(out / "renders" / f"{stem}.png")
+        predicted.append(instance_ids)
+        ground_truth.append(gt)
+        names.append(stem)
+        sheet_rows.append([frame.rgb, color, overlay(color, instance_ids),
+                           colorize_ids(gt) if gt is not None else None])
+    result: dict = {"held_out": [dataset.frames[i].meta.get("file_path", dataset.frames[i].name) for i in test],
+                    "psnr": float(np.mean(psnrs)) if psnrs else None,
+                    "ssim": float(np.mean(ssims)) if ssims else None,
+                    "psnr_object": float(np.mean(object_psnrs)) if object_psnrs else None,
+                    "depth_error_mm": float(np.median(depth_errors)) if depth_errors else None,
+                    "n_instances": len(pipeline.snapshot.instances)}
+    if sheet_rows:
+        contact_sheet(sheet_rows[:8], row_titles=names[:8],
+                      col_titles=["ground truth", "render", "instances (render)", "ground-truth instances"],
+                      out_path=out / "overlays.png")
+    _write_instance_clouds(pipeline, out / "instances")
+    if ground_truth and all(g is not None for g in ground_truth):
+        result.update(score_instances(pipeline, dataset, predicted, ground_truth))
+    return result
+
+
+def score_instances(pipeline, dataset, predicted, ground_truth) -> dict:
+    mapping = choose_instance_ids(pipeline, dataset)
+    scores = metrics.object_mask_scores(ground_truth, predicted, mapping)
+    pq = metrics.instance_panoptic_quality_scene(predicted, ground_truth)
+    result = {"miou": 100.0 * scores.miou_zero, "biou": 100.0 * scores.mbiou_zero,
+              "miou_skip_missing": 100.0 * scores.miou_skip, "pq_scene": float(pq.pq), "pq_things": float(pq.things_pq),
+              "id_mapping": {str(k): v for k, v in mapping.items()},
+              "per_object_iou": {str(k): float(v.iou_zero) for k, v in scores.categories.items()}}
+    result.update(score_clouds(pipeline, dataset, mapping))
+    return result
+
+
+def score_clouds(pipeline, dataset, mapping: dict[int, int]) -> dict:
+    import trimesh
+
+    paths = dataset.ground_truth_mesh_paths()
+    if not paths:
+        return {}
+    meshes = {gt_id: trimesh.load(path, force="mesh") for gt_id, path in paths.items()}
+    extraction = pipeline.snapshot.extraction
+    per_object = {}
+    for gt_id, instance_id in mapping.items():
+        if gt_id not in meshes or not instance_id or extraction is None or instance_id not in extraction:
+            continue
+        cloud = metrics.instance_cloud_metrics(extraction[instance_id].points, meshes, gt_id)
+        per_object[str(gt_id)] = {"precision": cloud.precision, "recall": cloud.recall,
+                                  "contamination": cloud.contamination, "n_points": cloud.n_points}
+    if not per_object:
+        return {"cloud_precision": None}
+    values = list(per_object.values())
+    return {"cloud_precision": float(np.mean([v["precision"] for v in values])),
+            "cloud_recall": float(np.mean([v["recall"] for v in values])),
+            "cloud_contamination": float(np.mean([v["contamination"] for v in values])),
+            "clouds": per_object}
+
+
+def _write_instance_clouds(pipeline, folder: pathlib.Path) -> None:
+    import trimesh
+
+    folder.mkdir(exist_ok=True)
+    extraction = pipeline.snapshot.extraction
+    if extraction is None:
+        return
+    for instance in extraction:
+        colors = np.concatenate([np.asarray(instance.colors, np.uint8).reshape(-1, 3),
+                                 np.full((len(instance.points), 1), 255, np.uint8)], axis=1)
+        trimesh.PointCloud(np.asarray(instance.points, np.float64), colors=colors).export(folder / f"{instance.id}.ply")

@@ -1,0 +1,455 @@
+"""The online pipeline: mapper + spatial tracker + feature field + instances, one facade.
+
+Both front ends use it: `instascene run` (a dataset folder, offline) and instascene_node (ROS
+topics, online). Per accepted keyframe: the mapper integrates it; if it came with a 2D mask,
+its trackers are traced through `contributors(t_min=0.5)` and handed to the tracker. Every
+`solve_every_keyframes` keyframes the tracker re-associates all masks (decisions are revisited
+as frames arrive), a few of the oldest traced keyframes are re-traced against the changed map,
+the feature field trains a few steps, and instances are re-extracted into a new immutable
+`MapSnapshot` with a higher `map_version`.
+
+Queries never wait for mapping: they read `snapshot` (replaced atomically). Map-changing calls
+(forget, clear, load, reset) and mapping take `lock`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from instascene_ros.core.camera import Camera, Frame
+from instascene_ros.core.features import FeatureConfig, FeatureField, KeyframeLabels
+from instascene_ros.core.instances import (InstanceConfig, Instances, extract_instances, masks_from_feature_image,
+                                           segment_at_pixel)
+from instascene_ros.core.mapping import PRESETS, Mapper, MapperConfig
+from instascene_ros.core.scene import sh_dc_to_rgb
+from instascene_ros.core.tracker import SpatialTracker, TrackerConfig, trackers_from_contributors
+
+log = logging.getLogger(__name__)
+MAP_MAGIC = "instascene-map"
+MAP_FORMAT = 1
+
+
+@dataclass
+class CadenceConfig:
+    """How the instance layer is interleaved with mapping (online budget on 2 CPU cores)."""
+
+    solve_every_keyframes: int = 3  # tracker solve + instance extraction every n masked keyframes
+    retrace_per_solve: int = 2  # oldest-traced keyframes re-traced against the current map per solve
+    feature_steps_per_keyframe: int = 4  # feature-field steps interleaved after each keyframe
+    finish_feature_steps: int = 300  # extra steps in `finish` (offline run / end of stream)
+    trace_t_min: float = 0.5  # InstaScene: contributors while transmittance > 0.5
+
+
+@dataclass
+class PipelineConfig:
+    mapper: MapperConfig = field(default_factory=MapperConfig.cpu)
+    # MaskClustering's DBSCAN eps (0.1 m) is for rooms; table-top objects are a few cm apart.
+    tracker: TrackerConfig = field(default_factory=lambda: TrackerConfig(dbscan_eps=0.02))
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    instances: InstanceConfig = field(default_factory=InstanceConfig)
+    cadence: CadenceConfig = field(default_factory=CadenceConfig)
+    workspace_min: tuple = (-np.inf, -np.inf, -np.inf)
+    workspace_max: tuple = (np.inf, np.inf, np.inf)
+
+    @classmethod
+    def from_preset(cls, preset: str = "cpu", device: str = "cpu") -> "PipelineConfig":
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset '{preset}' (choose from {sorted(PRESETS)})")
+        mapper = PRESETS[preset]()
+        mapper.device = device
+        return cls(mapper=mapper)
+
+    @classmethod
+    def from_node_parameters(cls, params) -> "PipelineConfig":
+        config = cls.from_preset(params.preset, params.device)
+        config.workspace_min, config.workspace_max = tuple(params.workspace_min), tuple(params.workspace_max)
+        return config
+
+
+@dataclass(frozen=True)
+class InstanceSummary:
+    id: int
+    label: str
+    color: tuple
+    bbox_min: np.ndarray
+    bbox_max: np.ndarray
+    n_gaussians: int
+    observed_fraction: float
+    confidence: float
+
+
+@dataclass(frozen=True)
+class MapSnapshot:
+    """What queries see: immutable, replaced as a whole when the map changes."""
+
+    map_version: int
+    n_gaussians: int
+    instances: tuple = ()
+    cloud_points: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.float32))
+    cloud_colors: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.uint8))
+    cloud_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    extraction: Optional[Instances] = None
+
+
+@dataclass(frozen=True)
+class InstanceEventInfo:
+    kind: str  # created / merged / forgotten
+    instance_id: int
+    merged_ids: tuple
+    map_version: int
+
+
+KNOWN_GENERATORS = {"geometric", "diffusion"}
+MIN_POINTS_TO_MESH = 10
+
+
+@dataclass
+class CompletionResult:
+    instance_id: int
+    vertices_object: np.ndarray  # (V, 3) in the object frame
+    faces: np.ndarray  # (F, 3)
+    T_world_object: np.ndarray  # (4, 4) places the object frame in the global frame
+    bbox_size: np.ndarray
+    confidence: float
+    vertex_generated: np.ndarray  # (V,) 1 = generated surface
+    generated_views: list
+    n_views: int
+    generator: str
+    map_version: int
+
+
+@dataclass
+class CompletionOutcome:
+    success: bool
+    message: str
+    result: Optional[CompletionResult] = None
+
+
+@dataclass
+class FrameReport:
+    accepted: bool
+    keyframe: bool
+    reason: str
+    detail: str
+    timings: dict
+
+
+class Pipeline:
+    def __init__(self, config: Optional[PipelineConfig] = None, progress_bar: bool = False):
+        self.config = config or PipelineConfig()
+        self.lock = threading.RLock()
+        self.progress_bar = progress_bar
+        self._events: deque = deque(maxlen=1000)
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.mapper = Mapper(self.config.mapper, progress_bar=self.progress_bar)
+        self.tracker = SpatialTracker(self.config.tracker)
+        self.field = FeatureField(self.config.features)
+        self.masks: dict[int, np.ndarray] = {}  # keyframe index -> its raw 2D mask
+        self.traced_at: dict[int, int] = {}  # keyframe index -> mapper iteration of its last trace
+        self.priors: dict[int, np.ndarray] = {}
+        self.consistent_labels: dict[int, dict[int, int]] = {}
+        self.forgotten: set[int] = set()
+        self.keyframes_since_solve = 0
+        self._feature_cache: dict[int, tuple] = {}  # keyframe index -> (map_version, features, alpha)
+        version = getattr(self, "snapshot", None)
+        self.snapshot = MapSnapshot(map_version=(version.map_version + 1) if version else 0, n_gaussians=0)
+
+    # ------------------------------------------------------------------ mapping
+    def add_frame(self, frame: Frame) -> FrameReport:
+        timings: dict[str, float] = {}
+        with self.lock:
+            start = time.perf_counter()
+            result = self.mapper.add_frame(frame)
+            timings["mapping"] = time.perf_counter() - start
+            if not result.accepted or not result.keyframe:
+                return FrameReport(result.accepted, False, result.reason, result.detail, timings)
+            keyframe = self.mapper.keyframes[-1]
+            if frame.mask is not None:
+                tic = time.perf_counter()
+                self.masks[keyframe.index] = np.asarray(frame.mask, np.int32)
+                trackers, visible = self._trace(keyframe.camera, self.masks[keyframe.index])
+                self.tracker.add_frame(keyframe.index, self.masks[keyframe.index], trackers, visible)
+                self.traced_at[keyframe.index] = self.mapper.iteration
+                self.keyframes_since_solve += 1
+                timings["trace"] = time.perf_counter() - tic
+            if self.keyframes_since_solve >= self.config.cadence.solve_every_keyframes:
+                timings.update(self.update_instances(self.config.cadence.feature_steps_per_keyframe *
+                                                     self.keyframes_since_solve))
+            return FrameReport(True, True, result.reason, result.detail, timings)
+
+    def _trace(self, camera: Camera, mask: np.ndarray) -> tuple[dict, np.ndarray]:
+        from instascene_ros.core.splat import contributors
+
+        gaussians = self.mapper.scene.to_gaussians(with_features=False)
+        offsets, rows, weights = contributors(gaussians, camera, t_min=self.config.cadence.trace_t_min,
+                                              primitive=self.config.mapper.primitive, config=self.config.mapper.raster)
+        return trackers_from_contributors(mask, offsets, rows, weights, self.mapper.scene.ids.cpu().numpy(),
+                                          min_pixel_share=self.config.tracker.min_pixel_share)
+
+    def update_instances(self, feature_steps: int, retrace: Optional[int] = None) -> dict:
+        """Re-trace, solve the tracker, train the field, extract instances, publish a snapshot."""
+        timings = {}
+        with self.lock:
+            tic = time.perf_counter()
+            stale = sorted(self.traced_at, key=self.traced_at.get)[: self.config.cadence.retrace_per_solve
+                                                                      if retrace is None else retrace]
+            cameras = {kf.index: kf.camera for kf in self.mapper.keyframes}
+            for index in stale:
+                if index in cameras:
+                    trackers, visible = self._trace(cameras[index], self.masks[index])
+                    self.tracker.retrace(index, trackers, visible)
+                    self.traced_at[index] = self.mapper.iteration
+            timings["retrace"] = time.perf_counter() - tic
+            tic = time.perf_counter()
+            scene = self.mapper.scene
+            ids = scene.ids.cpu().numpy()
+            positions = scene.means.detach().cpu().numpy()
+            result = self.tracker.solve((ids, positions))
+            self.priors = {k: v for k, v in ((i, inst.gaussian_ids) for i, inst in result.instances.items())
+                           if k not in self.forgotten}
+            self.consistent_labels = result.labels
+            timings["tracker"] = time.perf_counter() - tic
+            tic = time.perf_counter()
+            masked = [kf for kf in self.mapper.keyframes if kf.index in self.masks]
+            if masked and self.priors and feature_steps > 0:
+                labels = [KeyframeLabels(consistent=result.label_image(kf.index, self.masks[kf.index]),
+                                         masks=self.masks[kf.index]) for kf in masked]
+                self.field.train(masked, labels, self.priors, scene, feature_steps)
+            timings["features"] = time.perf_counter() - tic
+            tic = time.perf_counter()
+            self._publish_snapshot(result.events)
+            timings["instances"] = time.perf_counter() - tic
+            self.keyframes_since_solve = 0
+        return timings
+
+    def _publish_snapshot(self, tracker_events=()) -> None:
+        scene = self.mapper.scene
+        self.field.sync(scene)
+        ids = scene.ids.cpu().numpy()
+        positions = scene.means.detach().cpu().numpy()
+        colors = (sh_dc_to_rgb(scene.sh[:, 0]).clamp(0, 1).detach().cpu().numpy() * 255).astype(np.uint8)
+        features = self.field.features.detach().cpu().numpy()[self.field.rows_of(ids)]
+        extraction = extract_instances(features, ids, self.priors, positions, colors, self.config.instances,
+                                       exclude=self.forgotten)
+        lo, hi = np.asarray(self.config.workspace_min, float), np.asarray(self.config.workspace_max, float)
+        summaries, points, point_colors, point_ids = [], [], [], []
+        for instance in extraction:
+            inside = np.all((instance.points >= lo) & (instance.points <= hi), axis=1)
+            if not inside.any():
+                continue
+            box = instance.bbox
+            summaries.append(InstanceSummary(id=instance.id, label="", color=instance.color, bbox_min=box[0],
+                                             bbox_max=box[1], n_gaussians=instance.n_gaussians,
+                                             observed_fraction=0.0, confidence=instance.confidence))
+            points.append(instance.points[inside])
+            point_colors.append(np.asarray(instance.colors[inside], np.uint8))
+            point_ids.append(np.full(int(inside.sum()), instance.id, np.int64))
+        version = self.snapshot.map_version + 1
+        self.snapshot = MapSnapshot(
+            map_version=version, n_gaussians=scene.n, instances=tuple(summaries),
+            cloud_points=np.concatenate(points) if points else np.zeros((0, 3), np.float32),
+            cloud_colors=np.concatenate(point_colors) if point_colors else np.zeros((0, 3), np.uint8),
+            cloud_ids=np.concatenate(point_ids) if point_ids else np.zeros(0, np.int64), extraction=extraction)
+        for event in tracker_events:
+            kind = {"created": "created", "merged": "merged", "removed": "forgotten"}[event.kind]
+            self._events.append(InstanceEventInfo(kind, int(event.instance_id), tuple(event.sources), version))
+
+    def finish(self, extra_iterations: Optional[int] = None, time_budget_s: Optional[float] = None) -> dict:
+        """End of stream: global refinement, full re-trace, and a longer feature-field fit."""
+        with self.lock:
+            stats = self.mapper.finish(extra_iterations=extra_iterations, time_budget_s=time_budget_s)
+            stats.update(self.update_instances(self.config.cadence.finish_feature_steps, retrace=len(self.traced_at)))
+            return stats
+
+    def drain_events(self) -> list[InstanceEventInfo]:
+        events = []
+        while self._events:
+            events.append(self._events.popleft())
+        return events
+
+    # ------------------------------------------------------------------ queries
+    def _feature_image(self, camera: Camera) -> tuple[np.ndarray, np.ndarray]:
+        out = self.field.render(self.mapper.scene, [camera])
+        return out.features[0].cpu().numpy(), out.alpha[0].cpu().numpy()
+
+    def instance_mask(self, camera: Camera) -> np.ndarray:
+        """(H, W) int32 instance ids rendered from `camera` (0 = none)."""
+        snapshot = self.snapshot
+        if snapshot.extraction is None or len(snapshot.extraction) == 0:
+            return np.zeros((camera.height, camera.width), np.int32)
+        with self.lock:
+            features, alpha = self._feature_image(camera)
+        return masks_from_feature_image(features, alpha, snapshot.extraction, self.config.instances)
+
+    def segment_at_pixel(self, stamp: float, u: float, v: float, return_mask: bool):
+        """Instance under pixel (u, v) of the keyframe nearest in time to `stamp` (0 = latest)."""
+        keyframes = self.mapper.keyframes
+        if not keyframes:
+            raise LookupError("no keyframe yet")
+        keyframe = keyframes[-1] if stamp == 0 else min(
+            keyframes, key=lambda kf: abs(float(kf.name or 0.0) - stamp) if _is_number(kf.name) else np.inf)
+        camera = keyframe.camera
+        if not (0 <= u < camera.width and 0 <= v < camera.height):
+            raise ValueError(f"pixel ({u}, {v}) outside the {camera.width}x{camera.height} keyframe image")
+        snapshot = self.snapshot
+        cached = self._feature_cache.get(keyframe.index)
+        if cached is None or cached[0] != snapshot.map_version:
+            with self.lock:
+                features, alpha = self._feature_image(camera)
+            cached = (snapshot.map_version, features, alpha)
+            self._feature_cache = {keyframe.index: cached}
+        extraction = snapshot.extraction or Instances(items={}, ids=np.zeros(0, np.int64), labels=np.zeros(0, np.int64))
+        instance_id, similarity, mask = segment_at_pixel(cached[1], u, v, extraction, alpha=cached[2],
+                                                         config=self.config.instances)
+        return instance_id, similarity, (mask if return_mask else None), keyframe.name
+
+    def scene_cloud(self, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+        scene = self.mapper.scene
+        with torch.no_grad():
+            points = scene.means.detach().cpu().numpy()
+            colors = (sh_dc_to_rgb(scene.sh[:, 0]).clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)
+        if len(points) > max_points:
+            keep = np.random.default_rng(0).choice(len(points), max_points, replace=False)
+            points, colors = points[keep], colors[keep]
+        return points.astype(np.float32), colors
+
+    # ------------------------------------------------------------------ completion
+    def complete(self, instance_id: int, max_faces: int, generator: str,
+                 on_progress: Optional[Callable[[str, float], None]] = None,
+                 should_stop: Callable[[], bool] = lambda: False) -> "CompletionOutcome":
+        """A closed mesh of an instance, vertices in the object frame + the object's pose.
+
+        Until in-situ completion lands this returns the *observed* surface closed by its convex
+        hull, flagged as such in the message; it never edits the map.
+        """
+        snapshot = self.snapshot
+        if generator not in KNOWN_GENERATORS:
+            return CompletionOutcome(False, f"generator '{generator}' is not installed (available: "
+                                            f"{', '.join(sorted(KNOWN_GENERATORS))})")
+        extraction = snapshot.extraction
+        if extraction is None or instance_id not in extraction:
+            known = ", ".join(str(s.id) for s in snapshot.instances) or "none"
+            return CompletionOutcome(False, f"unknown instance {instance_id} (known: {known}); "
+                                            f"call list_instances for the current ids")
+        points = np.asarray(extraction[instance_id].points, float)
+        if len(points) < MIN_POINTS_TO_MESH:
+            return CompletionOutcome(False, f"instance {instance_id} has only {len(points)} Gaussians "
+                                            f"(need {MIN_POINTS_TO_MESH}); map it from more views first")
+        if on_progress:
+            on_progress("mesh", 0.0)
+        if should_stop():
+            return CompletionOutcome(False, "cancelled or timed out before meshing; the map is unchanged")
+        import trimesh
+
+        hull = trimesh.PointCloud(points).convex_hull
+        if max_faces and len(hull.faces) > max_faces:
+            hull = hull.simplify_quadric_decimation(face_count=max_faces) if hasattr(hull, "simplify_quadric_decimation") else hull
+        centre = 0.5 * (hull.bounds[0] + hull.bounds[1])
+        T_world_object = np.eye(4)
+        T_world_object[:3, 3] = centre
+        vertices = np.asarray(hull.vertices) - centre
+        if on_progress:
+            on_progress("mesh", 1.0)
+        result = CompletionResult(
+            instance_id=instance_id, vertices_object=vertices, faces=np.asarray(hull.faces),
+            T_world_object=T_world_object, bbox_size=hull.bounds[1] - hull.bounds[0],
+            confidence=float(extraction[instance_id].confidence), vertex_generated=np.zeros(len(vertices), np.uint8),
+            generated_views=[], n_views=0, generator="observed-hull", map_version=snapshot.map_version)
+        return CompletionOutcome(True, "not completed: convex hull of the observed Gaussians "
+                                       "(in-situ completion is not available yet)", result)
+
+    # ------------------------------------------------------------------ map edits
+    def forget_instance(self, instance_id: int) -> Optional[str]:
+        """Remove an instance and its Gaussians; returns an error message or None."""
+        with self.lock:
+            extraction = self.snapshot.extraction
+            if extraction is None or instance_id not in extraction:
+                known = ", ".join(str(s.id) for s in self.snapshot.instances) or "none"
+                return f"unknown instance {instance_id} (known: {known})"
+            gaussian_ids = extraction[instance_id].gaussian_ids
+            self.mapper.scene.remove_ids(torch.as_tensor(gaussian_ids, device=self.mapper.scene.ids.device))
+            self.forgotten.add(int(instance_id))
+            self.priors.pop(int(instance_id), None)
+            self._publish_snapshot()
+            self._events.append(InstanceEventInfo("forgotten", int(instance_id), (), self.snapshot.map_version))
+            return None
+
+    def clear_region(self, lo: np.ndarray, hi: np.ndarray) -> tuple[int, list[int]]:
+        with self.lock:
+            scene = self.mapper.scene
+            means = scene.means.detach()
+            inside = torch.all((means >= torch.as_tensor(lo, dtype=means.dtype, device=means.device)) &
+                               (means <= torch.as_tensor(hi, dtype=means.dtype, device=means.device)), dim=1)
+            removed = scene.remove(inside) if bool(inside.any()) else 0
+            before = {s.id for s in self.snapshot.instances}
+            self._publish_snapshot()
+            forgotten = sorted(before - {s.id for s in self.snapshot.instances})
+            for instance_id in forgotten:
+                self.forgotten.add(instance_id)
+                self._events.append(InstanceEventInfo("forgotten", instance_id, (), self.snapshot.map_version))
+            return int(removed), forgotten
+
+    def reset(self) -> None:
+        with self.lock:
+            self._reset_state()
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str) -> tuple[int, int, int]:
+        """Write the whole map atomically (temp file in the same folder + rename)."""
+        path = pathlib.Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self.lock:
+            state = {"magic": MAP_MAGIC, "format": MAP_FORMAT, "map_version": self.snapshot.map_version,
+                     "mapper": self.mapper, "tracker": self.tracker, "field": self.field, "masks": self.masks,
+                     "traced_at": self.traced_at, "priors": self.priors, "forgotten": self.forgotten}
+            descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(descriptor)
+            try:
+                torch.save(state, temporary)
+                os.replace(temporary, path)
+            finally:
+                if os.path.exists(temporary):
+                    os.unlink(temporary)
+            return self.snapshot.map_version, self.mapper.scene.n, len(self.snapshot.instances)
+
+    def load(self, path: str) -> tuple[int, int, int]:
+        """Replace the map by a saved one; a corrupt or foreign file raises and changes nothing."""
+        try:
+            state = torch.load(path, map_location=self.config.mapper.device, weights_only=False)
+        except FileNotFoundError:
+            raise
+        except Exception as error:  # torch/pickle raise many types for a corrupt file
+            raise ValueError(f"not a readable map file ({type(error).__name__}: {error})") from error
+        if not isinstance(state, dict) or state.get("magic") != MAP_MAGIC:
+            raise ValueError("not an instascene map (no instascene header)")
+        if state.get("format") != MAP_FORMAT:
+            raise ValueError(f"map format {state.get('format')} is not supported (expected {MAP_FORMAT})")
+        with self.lock:
+            version = self.snapshot.map_version
+            self.mapper, self.tracker, self.field = state["mapper"], state["tracker"], state["field"]
+            self.masks, self.traced_at = state["masks"], state["traced_at"]
+            self.priors, self.forgotten = state["priors"], state["forgotten"]
+            self.snapshot = MapSnapshot(map_version=max(version, state["map_version"]), n_gaussians=self.mapper.scene.n)
+            self._feature_cache = {}
+            self._publish_snapshot()
+            return self.snapshot.map_version, self.mapper.scene.n, len(self.snapshot.instances)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,242 @@
+"""instascene_node: posed RGB(-D) [+ masks] in; instances, masks, clouds, services out.
+
+Thin plumbing over `core.pipeline.Pipeline`. Threads: subscription callbacks only decode
+stamps and enqueue (they never block); one worker thread owns the mapping work (numba kernels
+release the GIL, so the executor keeps serving); services and the action run in their own
+callback groups on a multi-threaded executor and read the pipeline's latest immutable snapshot,
+so a slow mapping step never stalls a query.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import defaultdict
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from geometry_msgs.msg import PoseStamped
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from std_msgs.msg import Header
+from visualization_msgs.msg import MarkerArray
+
+from instascene_ros.msg import InstanceArray, InstanceEvent
+from instascene_ros.ros import mapper_services
+from instascene_ros.ros.frame_input import (DropReason, FrameAssembler, InputLimits, PoseTopicLookup,
+                                            pose_lookup_from_tf, stamp_seconds)
+from instascene_ros.ros.messages import diagnostics, instance_markers, make_cloud
+from instascene_ros.ros.conversions import numpy_to_image
+from instascene_ros.ros.parameters import declare_and_read
+from instascene_ros.ros.sync import ApproximateSync, SyncConfig
+from instascene_ros.ros.tf_buffer import TfListener, TransformBuffer, TransformError
+
+LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+
+
+class InstaSceneNode(Node):
+    def __init__(self, **kwargs):
+        super().__init__("instascene_node", **kwargs)
+        self.params = declare_and_read(self)
+        from instascene_ros.core.pipeline import Pipeline, PipelineConfig  # heavy: torch, numba
+
+        self.pipeline = Pipeline(PipelineConfig.from_node_parameters(self.params))
+        self.drops: dict[str, int] = defaultdict(int)
+        self.stage_seconds: dict[str, float] = {}
+        self.frames_in = self.frames_mapped = self.keyframes = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=self.params.queue_size)
+        self._stop = threading.Event()
+
+        input_group = MutuallyExclusiveCallbackGroup()
+        self.service_group = ReentrantCallbackGroup()
+        timer_group = MutuallyExclusiveCallbackGroup()
+
+        if self.params.pose_source == "tf":
+            self.tf_buffer = TransformBuffer()
+            self.tf_listener = TfListener(self, self.tf_buffer, callback_group=input_group)
+            lookup = pose_lookup_from_tf(self.tf_buffer, self.params.global_frame)
+        else:
+            lookup = self.pose_topic = PoseTopicLookup(self.params.global_frame, self.params.pose_max_gap_s)
+            self.create_subscription(PoseStamped, "~/pose", self._on_pose, RELIABLE, callback_group=input_group)
+        self.assembler = FrameAssembler(lookup, InputLimits(max_image_pixels=self.params.max_image_pixels))
+
+        required = ["camera_info"] + (["depth"] if self.params.use_depth else [])
+        optional = ["mask"] if self.params.use_masks else []
+        self.sync = ApproximateSync(required, optional, self._on_synced, self._count_drop,
+                                    SyncConfig(slop_s=self.params.sync_slop_s, max_wait_s=self.params.mask_wait_s))
+        sensor = qos_profile_sensor_data
+        self.create_subscription(Image, "image", self._on_image, sensor, callback_group=input_group)
+        self.create_subscription(CompressedImage, "image/compressed", self._on_image, sensor, callback_group=input_group)
+        self.create_subscription(CameraInfo, "camera_info", lambda m: self._on_stream("camera_info", m), sensor,
+                                 callback_group=input_group)
+        if self.params.use_depth:
+            self.create_subscription(Image, "depth", lambda m: self._on_stream("depth", m), sensor,
+                                     callback_group=input_group)
+        if self.params.use_masks:
+            # masks come from a segmenter a second late: reliable, so none is lost to a burst
+            self.create_subscription(Image, "mask", lambda m: self._on_stream("mask", m), RELIABLE,
+                                     callback_group=input_group)
+
+        self.pub_instance_cloud = self.create_publisher(PointCloud2, "~/instances/cloud", LATCHED)
+        self.pub_instances = self.create_publisher(InstanceArray, "~/instances", LATCHED)
+        self.pub_events = self.create_publisher(InstanceEvent, "~/instances/events", QoSProfile(
+            depth=100, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+        self.pub_markers = self.create_publisher(MarkerArray, "~/instances/markers", LATCHED)
+        self.pub_mask = self.create_publisher(Image, "~/instance_mask", RELIABLE)
+        self.pub_overlay = self.create_publisher(Image, "~/instance_overlay", RELIABLE)
+        self.pub_scene_cloud = self.create_publisher(PointCloud2, "~/scene/cloud", LATCHED)
+        self.pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", RELIABLE)
+
+        mapper_services.register(self)
+        self._published_version = -1
+        self._period_timer(self.params.instances_rate_hz, self.publish_instances, timer_group)
+        self._period_timer(self.params.scene_cloud_rate_hz, self.publish_scene_cloud, timer_group)
+        self._period_timer(self.params.diagnostics_rate_hz, self.publish_diagnostics, timer_group)
+        self._worker = threading.Thread(target=self._work, name="instascene-mapper", daemon=True)
+        self._worker.start()
+        self.get_logger().info(f"ready: preset={self.params.preset} device={self.params.device} "
+                               f"pose_source={self.params.pose_source} global_frame={self.params.global_frame}")
+
+    def _period_timer(self, rate_hz: float, callback, group) -> None:
+        if rate_hz > 0:
+            self.create_timer(1.0 / rate_hz, callback, callback_group=group)
+
+    # ------------------------------------------------------------------ input (never blocks)
+    def _count_drop(self, reason: str) -> None:
+        self.drops[reason] += 1
+        self.get_logger().warn(f"dropped frame: {reason}", throttle_duration_sec=5.0)
+
+    def _on_pose(self, msg: PoseStamped) -> None:
+        try:
+            self.pose_topic.add(msg)
+        except TransformError as error:
+            self._count_drop(f"bad pose: {error}")
+
+    def _on_stream(self, name: str, msg) -> None:
+        self.sync.add(name, stamp_seconds(msg.header.stamp), msg)
+
+    def _on_image(self, msg) -> None:
+        self.frames_in += 1
+        self.sync.add_image(stamp_seconds(msg.header.stamp), msg)
+
+    def _on_synced(self, synced) -> None:
+        try:
+            self._queue.put_nowait(synced)
+        except queue.Full:
+            self._count_drop("mapper busy: queue full")
+
+    # ------------------------------------------------------------------ worker
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                synced = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                self._map_one(synced)
+            except Exception as error:  # the node must outlive any single frame
+                self.drops[f"internal error: {type(error).__name__}"] += 1
+                self.get_logger().error(f"frame at {synced.stamp:.3f} failed: {error!r}")
+
+    def _map_one(self, synced) -> None:
+        start = time.perf_counter()
+        try:
+            frame = self.assembler.assemble(synced.image, synced.others["camera_info"], synced.others.get("depth"),
+                                            synced.others.get("mask"))
+        except DropReason as drop:
+            self.drops[drop.key] += 1
+            self.get_logger().warn(f"frame {synced.stamp:.3f} dropped ({drop.key}): {drop.detail}",
+                                   throttle_duration_sec=5.0)
+            return
+        self.stage_seconds["decode"] = time.perf_counter() - start
+        report = self.pipeline.add_frame(frame)
+        self.stage_seconds.update(report.timings)
+        if not report.accepted:
+            self.drops[f"rejected_{report.reason}"] += 1
+            self.get_logger().warn(f"frame {synced.stamp:.3f} rejected: {report.detail}", throttle_duration_sec=5.0)
+            return
+        self.frames_mapped += 1
+        if report.keyframe:
+            self.keyframes += 1
+            if self.keyframes % max(1, self.params.overlay_every_n_keyframes) == 0:
+                self._publish_frame_masks(frame, synced.image.header)
+        for event in self.pipeline.drain_events():
+            self.pub_events.publish(mapper_services.event_msg(self, event))
+
+    # ------------------------------------------------------------------ output
+    def header(self, stamp=None) -> Header:
+        return Header(stamp=stamp or self.get_clock().now().to_msg(), frame_id=self.params.global_frame)
+
+    def _publish_frame_masks(self, frame, image_header) -> None:
+        from instascene_ros.core.viz import overlay
+
+        ids = self.pipeline.instance_mask(frame.camera)
+        self.pub_mask.publish(numpy_to_image(ids.astype(np.int32), "32SC1", header=image_header))
+        self.pub_overlay.publish(numpy_to_image(overlay(frame.rgb, ids)[..., ::-1], "bgr8", header=image_header))
+
+    def publish_instances(self) -> None:
+        snapshot = self.pipeline.snapshot
+        if snapshot.map_version == self._published_version:
+            return
+        header = self.header()
+        self.pub_instances.publish(mapper_services.instance_array(self, snapshot, header))
+        self.pub_instance_cloud.publish(make_cloud(header, snapshot.cloud_points, snapshot.cloud_colors,
+                                                   snapshot.cloud_ids.astype(np.uint32)))
+        self.pub_markers.publish(instance_markers(header, snapshot.instances))
+        self._published_version = snapshot.map_version
+
+    def publish_scene_cloud(self) -> None:
+        points, colors = self.pipeline.scene_cloud(self.params.max_scene_cloud_points)
+        self.pub_scene_cloud.publish(make_cloud(self.header(), points, colors, np.zeros(len(points), np.uint32)))
+
+    def publish_diagnostics(self) -> None:
+        import resource
+
+        snapshot = self.pipeline.snapshot
+        values = {"frames_in": self.frames_in, "frames_mapped": self.frames_mapped, "keyframes": self.keyframes,
+                  "queue_depth": self._queue.qsize(), "queue_size": self.params.queue_size,
+                  "drops_total": sum(self.drops.values()), "n_gaussians": snapshot.n_gaussians,
+                  "n_instances": len(snapshot.instances), "map_version": snapshot.map_version,
+                  "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+        values.update({f"drops/{reason}": count for reason, count in self.drops.items()})
+        values.update({f"seconds/{stage}": seconds for stage, seconds in self.stage_seconds.items()})
+        healthy = self._queue.qsize() < self.params.queue_size
+        self.pub_diagnostics.publish(diagnostics(self.header(), self.get_fully_qualified_name(), healthy,
+                                                 "mapping" if healthy else "queue full: frames are being dropped",
+                                                 values))
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._worker.join(timeout=10.0)
+
+
+def main(args=None) -> int:
+    rclpy.init(args=args)
+    try:
+        node = InstaSceneNode()
+    except ValueError as error:  # a parameter that cannot work: one line, no traceback
+        rclpy.logging.get_logger("instascene_node").fatal(f"bad parameter: {error}")
+        rclpy.try_shutdown()
+        return 2
+    executor = MultiThreadedExecutor(num_threads=4)
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.shutdown()
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The mapper node's ROS parameters: declared with descriptors, read into a typed dataclass.
+
+config/instascene.yaml lists every one of them with a comment; `test_node_parameters` checks
+that the YAML and these declarations agree one-to-one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from rcl_interfaces.msg import ParameterDescriptor, ParameterType
+
+
+@dataclass
+class NodeParameters:
+    global_frame: str = "world"
+    pose_source: str = "tf"  # "tf" (camera frame from the image header) or "pose_topic"
+    use_depth: bool = True
+    use_masks: bool = True
+    preset: str = "cpu"  # mapper preset: "cpu" (2 cores) or "paper" (GPU, published schedule)
+    device: str = "cpu"  # "cpu" (numba kernels) or "cuda" (gsplat)
+    numba_threads: int = 1
+    sync_slop_s: float = 0.02
+    mask_wait_s: float = 1.5
+    pose_max_gap_s: float = 0.05
+    queue_size: int = 4
+    max_image_pixels: int = 1920 * 1080
+    workspace_min: list = field(default_factory=lambda: [-10.0, -10.0, -10.0])
+    workspace_max: list = field(default_factory=lambda: [10.0, 10.0, 10.0])
+    self_filter_mask: str = ""  # PNG of camera pixels showing the robot itself (non-zero = ignore)
+    scene_cloud_rate_hz: float = 0.5
+    instances_rate_hz: float = 1.0
+    diagnostics_rate_hz: float = 1.0
+    overlay_every_n_keyframes: int = 1
+    max_scene_cloud_points: int = 50000
+    completion_generator: str = "geometric"
+    completion_max_faces: int = 5000
+    completion_timeout_s: float = 120.0
+    map_directory: str = "~/.ros/instascene"
+
+
+DESCRIPTIONS = {
+    "global_frame": "fixed frame of the map; poses, clouds and meshes are expressed in it",
+    "pose_source": "'tf': camera pose from TF (global_frame <- image header frame); 'pose_topic': from ~/pose (PoseStamped)",
+    "use_depth": "pair each image with a depth image (32FC1 metres or 16UC1 mm, registered to colour)",
+    "use_masks": "wait for 2D instance masks on 'mask' (optional per frame: frames without one are still mapped)",
+    "preset": "mapper budgets: 'cpu' (2 cores) or 'paper' (GPU, published iteration counts)",
+    "device": "'cpu' (numba kernels) or 'cuda' (gsplat)",
+    "numba_threads": "threads for the CPU splatting kernels (leave one core to the executor)",
+    "sync_slop_s": "max stamp difference between an image and its camera_info / depth / mask",
+    "mask_wait_s": "how long an image waits for a late mask from a slow segmenter",
+    "pose_max_gap_s": "pose_topic: max stamp difference between an image and the nearest pose",
+    "queue_size": "frames waiting for the mapper; when full, new frames are dropped and counted",
+    "max_image_pixels": "images with more pixels are dropped (memory guard)",
+    "workspace_min": "workspace crop box minimum corner [x, y, z] in global_frame; Gaussians outside are not kept",
+    "workspace_max": "workspace crop box maximum corner [x, y, z] in global_frame",
+    "self_filter_mask": "PNG marking image pixels that show the robot itself (non-zero = ignored); '' = none",
+    "scene_cloud_rate_hz": "rate of ~/scene/cloud (Gaussian centres and colours)",
+    "instances_rate_hz": "rate of ~/instances, ~/instances/cloud and ~/instances/markers",
+    "diagnostics_rate_hz": "rate of /diagnostics",
+    "overlay_every_n_keyframes": "publish ~/instance_mask and ~/instance_overlay for every n-th keyframe",
+    "max_scene_cloud_points": "~/scene/cloud is subsampled to at most this many points",
+    "completion_generator": "default generator for completion: 'geometric' (no weights) or 'diffusion' (local weights)",
+    "completion_max_faces": "default face budget of completed meshes",
+    "completion_timeout_s": "completion requests running longer are aborted",
+    "map_directory": "where save_map / load_map resolve relative paths",
+}
+
+_TYPES = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
+          float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING,
+          list: ParameterType.PARAMETER_DOUBLE_ARRAY}
+
+
+def declare_and_read(node) -> NodeParameters:
+    """Declare every parameter on `node` (with its description and type) and return their values."""
+    defaults = NodeParameters()
+    values = {}
+    for spec in fields(NodeParameters):
+        default = getattr(defaults, spec.name)
+        descriptor = ParameterDescriptor(description=DESCRIPTIONS[spec.name], type=_TYPES[type(default)],
+                                         read_only=True)
+        values[spec.name] = node.declare_parameter(spec.name, default, descriptor).value
+    parameters = NodeParameters(**values)
+    validate(parameters)
+    return parameters
+
+
+def validate(parameters: NodeParameters) -> None:
+    """Raise ValueError naming the first parameter that cannot work."""
+    if parameters.pose_source not in ("tf", "pose_topic"):
+        raise ValueError(f"pose_source must be 'tf' or 'pose_topic', not '{parameters.pose_source}'")
+    if parameters.preset not in ("cpu", "paper"):
+        raise ValueError(f"preset must be 'cpu' or 'paper', not '{parameters.preset}'")
+    if parameters.device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', not '{parameters.device}'")
+    if parameters.queue_size < 1:
+        raise ValueError("queue_size must be >= 1")
+    if len(parameters.workspace_min) != 3 or len(parameters.workspace_max) != 3:
+        raise ValueError("workspace_min / workspace_max must have 3 values")
+    if any(lo >= hi for lo, hi in zip(parameters.workspace_min, parameters.workspace_max)):
+        raise ValueError("workspace_min must be below workspace_max on every axis")

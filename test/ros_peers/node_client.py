@@ -1,0 +1,124 @@
+"""Test peer: exercises instascene_node's topics, services and action; prints one JSON line.
+
+usage: node_client.py NODE_NAMESPACE MIN_INSTANCES TIMEOUT_S [SAVE_PATH]
+"""
+import json
+import sys
+import time
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.action import ActionClient
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import PointCloud2
+
+from instascene_ros.action import CompleteObject
+from instascene_ros.msg import InstanceArray
+from instascene_ros.ros.conversions import mesh_from_msg
+from instascene_ros.ros.messages import read_cloud
+from instascene_ros.srv import ForgetInstance, GetCompletedObject, ListInstances, LoadMap, SaveMap, SegmentAtPixel
+
+LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+def call(node, client, request, timeout=60.0):
+    if not client.wait_for_service(timeout_sec=timeout):
+        raise RuntimeError(f"service {client.srv_name} not available")
+    start = time.perf_counter()
+    future = client.call_async(request)
+    rclpy.spin_until_future_complete(node, future, timeout_sec=timeout)
+    if not future.done():
+        raise RuntimeError(f"service {client.srv_name} timed out")
+    return future.result(), time.perf_counter() - start
+
+
+def main():
+    prefix, min_instances, timeout = sys.argv[1].rstrip("/"), int(sys.argv[2]), float(sys.argv[3])
+    save_path = sys.argv[4] if len(sys.argv) > 4 else ""
+    rclpy.init()
+    node = Node("instascene_test_client")
+    state = {"arrays": [], "cloud": None, "diagnostics": []}
+    node.create_subscription(InstanceArray, f"{prefix}/instances", state["arrays"].append, LATCHED)
+    node.create_subscription(PointCloud2, f"{prefix}/instances/cloud", lambda m: state.__setitem__("cloud", m), LATCHED)
+    node.create_subscription(DiagnosticArray, "/diagnostics", state["diagnostics"].append, 10)
+    clients = {name: node.create_client(kind, f"{prefix}/{name}") for name, kind in [
+        ("list_instances", ListInstances), ("segment_at_pixel", SegmentAtPixel),
+        ("get_completed_object", GetCompletedObject), ("forget_instance", ForgetInstance),
+        ("save_map", SaveMap), ("load_map", LoadMap)]}
+    result = {}
+    deadline = time.monotonic() + timeout
+    latencies = []
+    while time.monotonic() < deadline:
+        rclpy.spin_once(node, timeout_sec=0.5)
+        response, seconds = call(node, clients["list_instances"], ListInstances.Request())
+        latencies.append(seconds)
+        if len(response.instances.instances) >= min_instances:
+            break
+    result["list_latency_p95_s"] = float(np.percentile(latencies, 95)) if latencies else None
+    listing = response.instances
+    result["instances"] = [{"id": i.id, "n_gaussians": i.n_gaussians, "map_version": i.map_version,
+                            "bbox_min": [i.bbox_min.x, i.bbox_min.y, i.bbox_min.z],
+                            "bbox_max": [i.bbox_max.x, i.bbox_max.y, i.bbox_max.z]} for i in listing.instances]
+    result["map_version"] = listing.map_version
+    end = time.monotonic() + 5.0
+    while time.monotonic() < end and (state["cloud"] is None or not state["arrays"]):
+        rclpy.spin_once(node, timeout_sec=0.2)
+    if state["cloud"] is not None:
+        cloud = read_cloud(state["cloud"])
+        result["cloud"] = {"points": np.stack([cloud["x"], cloud["y"], cloud["z"]], 1).tolist(),
+                           "instance": cloud["instance"].tolist(), "frame_id": state["cloud"].header.frame_id}
+    result["diagnostics"] = {kv.key: kv.value for kv in state["diagnostics"][-1].status[0].values} \
+        if state["diagnostics"] else {}
+    if listing.instances:
+        first = listing.instances[0].id
+        seg, seconds = call(node, clients["segment_at_pixel"], SegmentAtPixel.Request(u=10.0, v=10.0, return_mask=True))
+        result["segment"] = {"success": seg.success, "message": seg.message, "seconds": seconds,
+                             "mask_size": [seg.mask.width, seg.mask.height]}
+        completed, seconds = call(node, clients["get_completed_object"], GetCompletedObject.Request(instance_id=first))
+        vertices, faces = mesh_from_msg(completed.object.mesh)
+        p = completed.object.pose.position
+        result["completed"] = {"success": completed.success, "message": completed.message, "n_vertices": len(vertices),
+                               "n_faces": len(faces), "position": [p.x, p.y, p.z], "seconds": seconds,
+                               "vertices": vertices.tolist(), "faces": faces.tolist(),
+                               "frame_id": completed.object.header.frame_id}
+        unknown, _ = call(node, clients["get_completed_object"], GetCompletedObject.Request(instance_id=99999))
+        result["completed_unknown"] = {"success": unknown.success, "message": unknown.message}
+        action = ActionClient(node, CompleteObject, f"{prefix}/complete_object")
+        feedback = []
+        if action.wait_for_server(timeout_sec=10.0):
+            goal_future = action.send_goal_async(CompleteObject.Goal(instance_id=first),
+                                                 feedback_callback=lambda m: feedback.append(m.feedback.progress))
+            rclpy.spin_until_future_complete(node, goal_future, timeout_sec=30.0)
+            result_future = goal_future.result().get_result_async()
+            rclpy.spin_until_future_complete(node, result_future, timeout_sec=60.0)
+            action_result = result_future.result().result
+            result["action"] = {"success": action_result.success, "message": action_result.message,
+                                "feedback": feedback, "n_vertices": len(action_result.object.mesh.vertices)}
+        if save_path:
+            saved, _ = call(node, clients["save_map"], SaveMap.Request(path=save_path))
+            result["save"] = {"success": saved.success, "message": saved.message, "n_instances": saved.n_instances}
+            corrupt = save_path + ".corrupt"
+            with open(corrupt, "wb") as stream:
+                stream.write(b"definitely not a map")
+            refused, _ = call(node, clients["load_map"], LoadMap.Request(path=corrupt))
+            result["load_corrupt"] = {"success": refused.success, "message": refused.message}
+            after, _ = call(node, clients["list_instances"], ListInstances.Request())
+            result["instances_after_corrupt_load"] = len(after.instances.instances)
+        forgot, _ = call(node, clients["forget_instance"], ForgetInstance.Request(instance_id=first))
+        after, _ = call(node, clients["list_instances"], ListInstances.Request())
+        result["forget"] = {"success": forgot.success, "message": forgot.message,
+                            "ids_after": [i.id for i in after.instances.instances], "forgotten": first}
+        if save_path:
+            loaded, _ = call(node, clients["load_map"], LoadMap.Request(path=save_path))
+            after, _ = call(node, clients["list_instances"], ListInstances.Request())
+            result["load"] = {"success": loaded.success, "message": loaded.message,
+                              "ids_after": [i.id for i in after.instances.instances]}
+    print(json.dumps(result), flush=True)
+    node.destroy_node()
+    rclpy.try_shutdown()
+
+
+if __name__ == "__main__":
+    main()
