@@ -15,10 +15,14 @@ Rules, fixed here (tests hold them):
 - Prune / budget eviction: the removed ids disappear for good.
 - `config.max_gaussians` is never exceeded once a public method returns. When an insertion or a
   densification step would exceed it, the Gaussians with the lowest *importance* are evicted.
-  Importance is the accumulated blend weight sum_pixels w_i over recent views when the caller
-  measures it (the mapper does, see `mapping.Mapper.measure_blend_weight`); without a
-  measurement the proxy sigmoid(opacity) * max_scale^2 (opacity times the area of the largest
-  cross-section, i.e. how much it can cover) is used.
+  Importance is the per-Gaussian blend weight sum_pixels w_i (T_i alpha_i summed over a view's
+  pixels), kept in `importance` as a decaying max over the views it was measured in
+  (`record_importance`; the mapper measures every keyframe, see
+  `mapping.Mapper.measure_blend_weight`). A Gaussian never measured has importance +inf (it was
+  just inserted where the map was empty); clones copy and split children share their parent's
+  value. Ties, and scenes never measured at all, fall back to the proxy
+  sigmoid(opacity) * max_scale^2 (opacity times the area of the largest cross-section, i.e.
+  how much of a view it can cover).
 
 Parameters follow 3DGS (Kerbl et al., SIGGRAPH 2023, graphdeco-inria/gaussian-splatting):
 log-scales, pre-sigmoid opacities, (w, x, y, z) quaternions, SH colour split into a DC part and
@@ -104,6 +108,12 @@ class SceneConfig:
 
     # Hard budget: the number of Gaussians never exceeds this.
     max_gaussians: int = 3_000_000
+    # A new blend-weight measurement replaces max(measured, decay x previous): a Gaussian that
+    # mattered in some view keeps its rank, but one that stopped mattering fades.
+    importance_decay: float = 0.8
+    # Share of the budget a densification step at full budget may evict (least important first)
+    # to make room, so capacity keeps moving to where the images still disagree.
+    densify_turnover: float = 0.02
     seed: int = 0  # split sampling
 
 
@@ -161,6 +171,7 @@ class GaussianScene:
             self._params["features"] = torch.nn.Parameter(empty(0, self.config.feature_dim))
         self.ids = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.parent_ids = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self.importance = torch.zeros(0, dtype=torch.float32, device=self.device)  # see module docstring
         self._reset_stats(0)
         self.optimizer = self._make_optimizer()
 
@@ -304,45 +315,57 @@ class GaussianScene:
         self.grad_accum, self.grad_denom, self.max_radii2d = (
             pad(self.grad_accum), pad(self.grad_denom), pad(self.max_radii2d))
 
-    def project(self, camera: Camera) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, camera: Camera, sigmas: float = 3.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-Gaussian screen geometry for `camera`, no gradient: pixel centres (N,2), depth (N,)
-        and an approximate projected radius in pixels (3 sigma of the largest axis)."""
+        and an approximate projected radius in pixels (`sigmas` x the largest axis, an upper
+        bound of the true footprint away from the image border)."""
         with torch.no_grad():
             view = torch.as_tensor(camera.world_to_cam, dtype=torch.float32, device=self.device)
             p = self.means.detach() @ view[:3, :3].T + view[:3, 3]
             z = p[:, 2]
             zs = z.clamp_min(1e-6)
             uv = torch.stack([camera.fx * p[:, 0] / zs + camera.cx, camera.fy * p[:, 1] / zs + camera.cy], -1)
-            radius = 3.0 * self.scales.detach().max(dim=1).values * max(camera.fx, camera.fy) / zs
+            radius = sigmas * self.scales.detach().max(dim=1).values * max(camera.fx, camera.fy) / zs
         return uv, z, radius
 
-    def add_densification_stats(self, camera: Camera, ndc_size: Optional[tuple[int, int]] = None,
-                                grad_scale: float = 1.0, radius_scale: float = 1.0,
-                                near: float = 0.01) -> None:
+    def add_densification_stats(self, camera: Camera, means2d_grad: Optional[torch.Tensor] = None,
+                                radii: Optional[torch.Tensor] = None, ndc_size: Optional[tuple[int, int]] = None,
+                                grad_scale: float = 1.0, radius_scale: float = 1.0, near: float = 0.01) -> None:
         """Accumulate the view-space positional gradient of the last backward pass for one view.
 
-        Call after `loss.backward()` on a single-camera render. The renderer does not expose
-        the gradient of the 2D means, so it is recovered from the 3D one: moving a Gaussian by
-        z/fx along the camera's right axis moves its projection one pixel at fixed depth, so
-        dL/du = <dL/dmean, right> z / fx (the component along the viewing ray, which a pure
-        depth gradient produces, drops out). 3DGS thresholds the NDC-space gradient, i.e. the
-        pixel gradient times W/2 (H/2); `ndc_size` = the full image (W, H) when `camera` is a
-        crop (at render resolution), `grad_scale` rescales a loss averaged over a crop to the
-        full-image mean, and `radius_scale` converts render-resolution radii to full resolution
-        for the screen-size prune.
+        Call after `loss.backward()` on a single-camera render. `means2d_grad` (N, 2) is the
+        gradient of the screen-space means (pixels) and `radii` (N, 2) the footprints, as
+        `render()` returns them; a Gaussian counts as seen when its radii are positive (3DGS's
+        visibility filter). Without them (a renderer that hides its 2D means) the gradient is
+        recovered from the 3D one: moving a Gaussian by z/fx along the camera's right axis moves
+        its projection one pixel at fixed depth, so dL/du ~= <dL/dmean, right> z / fx (exact for
+        the projection path; the covariance path is neglected, and a pure depth gradient, along
+        the ray, drops out). 3DGS thresholds the NDC-space gradient, i.e. the pixel gradient
+        times W/2 (H/2): `ndc_size` = the full image (W, H) when `camera` is a crop (at render
+        resolution), `grad_scale` rescales a loss averaged over a crop to the full-image mean,
+        and `radius_scale` converts render-resolution radii to full resolution for the
+        screen-size prune.
         """
-        if self.means.grad is None or self.n == 0:
+        if self.n == 0:
             return
         width, height = ndc_size if ndc_size is not None else (camera.width, camera.height)
         with torch.no_grad():
-            uv, z, radius = self.project(camera)
-            pose = torch.as_tensor(camera.T_world_cam, dtype=torch.float32, device=self.device)
-            grad = self.means.grad
-            zs = z.clamp_min(1e-6)
-            grad_u = (grad @ pose[:3, 0]) * zs / camera.fx * (0.5 * width) * grad_scale
-            grad_v = (grad @ pose[:3, 1]) * zs / camera.fy * (0.5 * height) * grad_scale
-            visible = (z > near) & (uv[:, 0] + radius > 0) & (uv[:, 0] - radius < camera.width) \
-                & (uv[:, 1] + radius > 0) & (uv[:, 1] - radius < camera.height)
+            if means2d_grad is not None and radii is not None:
+                grad_u, grad_v = means2d_grad[:, 0], means2d_grad[:, 1]
+                visible = (radii > 0).all(dim=-1)
+                radius = radii.max(dim=-1).values.to(torch.float32)
+            else:
+                if self.means.grad is None:
+                    return
+                uv, z, radius = self.project(camera)
+                pose = torch.as_tensor(camera.T_world_cam, dtype=torch.float32, device=self.device)
+                zs = z.clamp_min(1e-6)
+                grad_u = (self.means.grad @ pose[:3, 0]) * zs / camera.fx
+                grad_v = (self.means.grad @ pose[:3, 1]) * zs / camera.fy
+                visible = (z > near) & (uv[:, 0] + radius > 0) & (uv[:, 0] - radius < camera.width) \
+                    & (uv[:, 1] + radius > 0) & (uv[:, 1] - radius < camera.height)
+            grad_u = grad_u * (0.5 * width) * grad_scale
+            grad_v = grad_v * (0.5 * height) * grad_scale
             norm = torch.sqrt(grad_u ** 2 + grad_v ** 2)
             self.grad_accum += torch.where(visible, norm, torch.zeros_like(norm))
             self.grad_denom += visible.float()
@@ -354,7 +377,8 @@ class GaussianScene:
             log_scales: torch.Tensor, quats: Optional[torch.Tensor] = None,
             opacities: Optional[torch.Tensor] = None, sh: Optional[torch.Tensor] = None,
             features: Optional[torch.Tensor] = None, importance: Optional[torch.Tensor] = None,
-            parent_ids: Optional[torch.Tensor] = None, enforce_budget: bool = True) -> torch.Tensor:
+            parent_ids: Optional[torch.Tensor] = None, enforce_budget: bool = True,
+            new_importance: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Insert M Gaussians; returns the ids of those that were kept.
 
         means (M,3); rgb (M,3) in [0,1] or sh (M,K',3) (K' <= K, zero-padded); log_scales (M,3);
@@ -363,7 +387,8 @@ class GaussianScene:
         make room (`importance` (N,) for the existing ones, else the proxy); new Gaussians fill
         regions the map does not cover yet, so they take precedence. If M alone exceeds the
         budget, a random subset of M is kept. `enforce_budget=False` is for densification, which
-        enforces the budget itself once all clones and splits exist.
+        enforces the budget itself once all clones and splits exist; `new_importance` (M,) seeds
+        the importance of the new rows (default +inf: not measured yet).
         """
         m = int(means.shape[0])
         if m == 0:
@@ -372,8 +397,8 @@ class GaussianScene:
         if m > budget:
             keep = torch.randperm(m, generator=self.generator)[:budget].sort().values.to(self.device)
             pick = lambda t: None if t is None else t[keep.to(t.device)]  # noqa: E731
-            means, rgb, log_scales, quats, opacities, sh, features, parent_ids = map(
-                pick, (means, rgb, log_scales, quats, opacities, sh, features, parent_ids))
+            means, rgb, log_scales, quats, opacities, sh, features, parent_ids, new_importance = map(
+                pick, (means, rgb, log_scales, quats, opacities, sh, features, parent_ids, new_importance))
             m = budget
         if self.n + m > budget:
             self.enforce_budget(importance, target=int(budget) - m)
@@ -409,6 +434,9 @@ class GaussianScene:
         self.ids = torch.cat([self.ids, new_ids])
         parents = parent_ids.to(self.ids) if parent_ids is not None else torch.full_like(new_ids, -1)
         self.parent_ids = torch.cat([self.parent_ids, parents])
+        seeded = new_importance.to(self.importance) if new_importance is not None else \
+            torch.full((m,), math.inf, dtype=torch.float32, device=self.device)
+        self.importance = torch.cat([self.importance, seeded])
         self._select_stats(lambda t: t, m)
         return new_ids
 
@@ -420,7 +448,7 @@ class GaussianScene:
             return 0
         select = lambda t: t[keep]  # noqa: E731
         self._replace_rows(select)
-        self.ids, self.parent_ids = self.ids[keep], self.parent_ids[keep]
+        self.ids, self.parent_ids, self.importance = self.ids[keep], self.parent_ids[keep], self.importance[keep]
         self._select_stats(select, 0)
         return removed
 
@@ -446,25 +474,51 @@ class GaussianScene:
         with torch.no_grad():
             return self.opacities * torch.exp(2.0 * self.log_scales.max(dim=1).values)
 
+    def record_importance(self, rows: torch.Tensor, blend_weight: torch.Tensor) -> None:
+        """Fold one view's measured blend weight (for the Gaussians at `rows`, those the view could
+        see) into `importance`: max(measured, importance_decay x previous); unmeasured -> measured."""
+        with torch.no_grad():
+            rows = rows.to(self.device)
+            previous = self.importance[rows]
+            decayed = torch.where(torch.isfinite(previous), previous * self.config.importance_decay,
+                                  torch.zeros_like(previous))
+            self.importance[rows] = torch.maximum(blend_weight.to(previous), decayed)
+
+    def eviction_order(self, importance: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Row indices from least to most important: by `importance` (default the recorded one),
+        ties (e.g. all unmeasured) broken by the proxy."""
+        importance = self.importance if importance is None or importance.shape[0] != self.n else importance
+        by_proxy = torch.argsort(self.importance_proxy(), stable=True)
+        return by_proxy[torch.argsort(importance.to(self.device)[by_proxy], stable=True)]
+
     def enforce_budget(self, importance: Optional[torch.Tensor] = None, target: Optional[int] = None) -> int:
-        """Evict the lowest-importance Gaussians until n <= target (default: max_gaussians)."""
+        """Evict the least important Gaussians until n <= target (default: max_gaussians)."""
         target = self.config.max_gaussians if target is None else max(int(target), 0)
         excess = self.n - target
         if excess <= 0:
             return 0
-        if importance is None or importance.shape[0] != self.n:
-            importance = self.importance_proxy()
         evict = torch.zeros(self.n, dtype=torch.bool, device=self.device)
-        evict[torch.argsort(importance.to(self.device), stable=True)[:excess]] = True
+        evict[self.eviction_order(importance)[:excess]] = True
         return self.remove(evict)
 
     # ------------------------------------------------------------------ densify / prune
     def densify_and_prune(self, max_screen_radius: Optional[float] = None,
                           importance_fn: Optional[Callable[["GaussianScene"], torch.Tensor]] = None
                           ) -> dict[str, int]:
-        """3DGS densification step: clone small / split large Gaussians whose mean NDC gradient
-        reaches `densify_grad_threshold`, prune transparent and oversized ones, then enforce
-        the budget (importance from `importance_fn(self)` if given, else the proxy).
+        """3DGS densification step under the budget.
+
+        1. Prune: opacity below `min_opacity`; with `max_screen_radius`, also Gaussians whose
+           projected radius exceeded it or whose largest scale exceeds
+           `max_world_scale_fraction` x extent (3DGS prunes after densifying; pruning first
+           frees budget for this step's densification, and nothing it removes could densify).
+        2. Candidates: mean NDC gradient >= `densify_grad_threshold`; clone if the largest scale
+           is <= `percent_dense` x extent, else split into `split_children`.
+        3. Budget: a clone costs one Gaussian, a split `split_children - 1`. If they do not fit,
+           up to `densify_turnover` x budget of the least important non-candidates are evicted
+           (importance from `importance_fn(self)` if given, else the recorded `importance`), and
+           if that is still not enough, the candidates with the largest gradients are taken
+           until the budget is full. Evicting the children a densification has just made would
+           tear holes, so the budget is never met by evicting after the fact.
 
         Returns counts {"cloned", "split", "pruned", "evicted"}. Resets the gradient statistics.
         """
@@ -473,24 +527,53 @@ class GaussianScene:
         if self.n == 0:
             return counts
         with torch.no_grad():
+            prune = self.opacities < c.min_opacity
+            if max_screen_radius is not None:
+                prune |= self.max_radii2d > max_screen_radius
+                prune |= self.scales.max(dim=1).values > c.max_world_scale_fraction * self.extent
+            counts["pruned"] = self.remove(prune)
+
             grads = torch.nan_to_num(self.grad_accum / self.grad_denom, nan=0.0, posinf=0.0)
-            high = grads >= c.densify_grad_threshold
-            max_scale = self.scales.max(dim=1).values
-            small = max_scale <= c.percent_dense * self.extent
-            clone_mask, split_mask = high & small, high & ~small
+            candidates = grads >= c.densify_grad_threshold
+            small = self.scales.max(dim=1).values <= c.percent_dense * self.extent
+            cost = torch.where(small, 1, c.split_children - 1)
+            wanted = int(cost[candidates].sum())
+            room = c.max_gaussians - self.n
+            if wanted > room and c.densify_turnover > 0:
+                importance = importance_fn(self) if importance_fn is not None else None
+                order = self.eviction_order(importance)
+                order = order[~candidates[order]]
+                n_evict = min(int(c.densify_turnover * c.max_gaussians), wanted - room, len(order))
+                if n_evict > 0:
+                    evict = torch.zeros(self.n, dtype=torch.bool, device=self.device)
+                    evict[order[:n_evict]] = True
+                    keep = ~evict
+                    grads, candidates, small, cost = grads[keep], candidates[keep], small[keep], cost[keep]
+                    counts["evicted"] = self.remove(evict)
+                    room = c.max_gaussians - self.n
+            if wanted > room:
+                by_gradient = torch.argsort(torch.where(candidates, grads, torch.full_like(grads, -1.0)),
+                                            descending=True, stable=True)
+                fits = torch.cumsum(cost[by_gradient], 0) <= room
+                chosen = torch.zeros_like(candidates)
+                chosen[by_gradient[fits & candidates[by_gradient]]] = True
+                candidates = chosen
+            clone_mask, split_mask = candidates & small, candidates & ~small
 
             # Clone: copy as is; the optimiser moves the copy apart along its gradient.
             clone_idx = torch.nonzero(clone_mask).squeeze(1)
+            split_idx = torch.nonzero(split_mask).squeeze(1)
+            split_parent_ids = self.ids[split_idx]
             if len(clone_idx):
                 self.add(self.means[clone_idx], sh=self.sh[clone_idx].detach(),
                          log_scales=self.log_scales[clone_idx], quats=self.quats[clone_idx],
                          opacities=self.opacities[clone_idx],
                          features=None if self.features is None else self.features[clone_idx],
-                         parent_ids=self.ids[clone_idx], enforce_budget=False)
+                         parent_ids=self.ids[clone_idx], enforce_budget=False,
+                         new_importance=self.importance[clone_idx])
                 counts["cloned"] = len(clone_idx)
 
             # Split: N children sampled from the parent's Gaussian, scale / (0.8 N); parent removed.
-            split_idx = torch.nonzero(split_mask).squeeze(1)
             if len(split_idx):
                 k = c.split_children
                 idx = split_idx.repeat(k)
@@ -498,23 +581,15 @@ class GaussianScene:
                 samples = torch.randn(stds.shape, generator=self.generator).to(stds) * stds
                 rotations = quaternion_to_matrix(self.quats[idx])
                 children_means = torch.bmm(rotations, samples.unsqueeze(-1)).squeeze(-1) + self.means[idx]
-                parent_id_of_split = self.ids[split_idx]
                 self.add(children_means, sh=self.sh[idx].detach(),
                          log_scales=self.log_scales[idx] - math.log(c.split_scale_divisor),
                          quats=self.quats[idx], opacities=self.opacities[idx],
                          features=None if self.features is None else self.features[idx],
-                         parent_ids=self.ids[idx], enforce_budget=False)
-                self.remove(torch.isin(self.ids, parent_id_of_split))
+                         parent_ids=self.ids[idx], enforce_budget=False,
+                         new_importance=self.importance[idx] / k)
+                self.remove(torch.isin(self.ids, split_parent_ids))
                 counts["split"] = len(split_idx)
-
-            prune = self.opacities < c.min_opacity
-            if max_screen_radius is not None:
-                prune |= self.max_radii2d > max_screen_radius
-                prune |= self.scales.max(dim=1).values > c.max_world_scale_fraction * self.extent
-            counts["pruned"] = self.remove(prune)
-            if self.n > c.max_gaussians:
-                importance = importance_fn(self) if importance_fn is not None else None
-                counts["evicted"] = self.enforce_budget(importance)
+            counts["evicted"] += self.enforce_budget()  # a no-op unless the config changed under us
             self._reset_stats(self.n)
         return counts
 
@@ -544,6 +619,7 @@ class GaussianScene:
             "params": {name: p.detach().clone() for name, p in self._params.items()},
             "ids": self.ids.clone(),
             "parent_ids": self.parent_ids.clone(),
+            "importance": self.importance.clone(),
             "next_id": self.next_id,
             "extent": self.extent,
             "active_sh_degree": self.active_sh_degree,
@@ -561,6 +637,7 @@ class GaussianScene:
                         for name, t in state["params"].items()}
         self.ids = state["ids"].clone().to(self.device)
         self.parent_ids = state["parent_ids"].clone().to(self.device)
+        self.importance = state["importance"].clone().to(self.device)
         self.next_id = int(state["next_id"])
         self.extent = float(state["extent"])
         self.active_sh_degree = int(state["active_sh_degree"])

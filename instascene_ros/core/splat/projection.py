@@ -37,6 +37,8 @@ SH_C3 = (-0.5900435899266435, 2.890611442640554, -0.4570457994644658, 0.37317633
 SH_COLOR_OFFSET = 0.5
 # gsplat's Jacobian guard: the mean is clamped to this many half-fields-of-view off-axis.
 JACOBIAN_FOV_MARGIN = 0.3
+# gsplat's 2DGS low-pass filter (FILTER_INV_SQUARE_2DGS): sigma_2d = 0.5 * this * |d|^2.
+SURFEL_FILTER_INV_SQUARE = 2.0
 
 
 @dataclass
@@ -95,16 +97,13 @@ def world_to_camera(means: torch.Tensor, covars: torch.Tensor, viewmats: torch.T
     return means_c, covars_c
 
 
-def perspective_projection(means_c: torch.Tensor, covars_c: torch.Tensor, Ks: torch.Tensor,
-                           width: int, height: int, safe_z: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """EWA pinhole projection: camera-frame (C, N, 3)/(C, N, 3, 3) -> means2d (C, N, 2), cov2d (C, N, 2, 2).
+def _jacobian(means_c: torch.Tensor, Ks: torch.Tensor, width: int, height: int, safe_z: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Non-zero entries of the EWA Jacobian J = [[j00, 0, j02], [0, j11, j12]], each (C, N).
 
-    `safe_z` replaces z where the Gaussian is culled (behind the near plane), so that divisions
-    stay finite and culled rows get exact zero gradients instead of NaN.
+    It is evaluated at the mean clamped to 1.3x the half field of view (gsplat's guard).
     """
-    x, y = means_c[..., 0], means_c[..., 1]
-    z = safe_z
+    x, y, z = means_c[..., 0], means_c[..., 1], safe_z
     fx, fy = Ks[:, 0, 0, None], Ks[:, 1, 1, None]
     cx, cy = Ks[:, 0, 2, None], Ks[:, 1, 2, None]
     tan_fovx = 0.5 * width / fx
@@ -113,34 +112,66 @@ def perspective_projection(means_c: torch.Tensor, covars_c: torch.Tensor, Ks: to
     lim_x_neg = cx / fx + JACOBIAN_FOV_MARGIN * tan_fovx
     lim_y_pos = (height - cy) / fy + JACOBIAN_FOV_MARGIN * tan_fovy
     lim_y_neg = cy / fy + JACOBIAN_FOV_MARGIN * tan_fovy
-    tx = z * torch.clamp(x / z, min=-lim_x_neg, max=lim_x_pos)
-    ty = z * torch.clamp(y / z, min=-lim_y_neg, max=lim_y_pos)
-    zero = torch.zeros_like(z)
-    J = torch.stack([fx / z, zero, -fx * tx / (z * z), zero, fy / z, -fy * ty / (z * z)], dim=-1)
-    J = J.reshape(z.shape + (2, 3))
+    x_over_z = torch.clamp(x / z, min=-lim_x_neg, max=lim_x_pos)
+    y_over_z = torch.clamp(y / z, min=-lim_y_neg, max=lim_y_pos)
+    inv_z = 1.0 / z
+    return fx * inv_z, -fx * x_over_z * inv_z, fy * inv_z, -fy * y_over_z * inv_z
+
+
+def _pixel_means(means_c: torch.Tensor, Ks: torch.Tensor, safe_z: torch.Tensor) -> torch.Tensor:
+    fx, fy = Ks[:, 0, 0, None], Ks[:, 1, 1, None]
+    cx, cy = Ks[:, 0, 2, None], Ks[:, 1, 2, None]
+    return torch.stack([fx * means_c[..., 0] / safe_z + cx, fy * means_c[..., 1] / safe_z + cy], dim=-1)
+
+
+def perspective_projection(means_c: torch.Tensor, covars_c: torch.Tensor, Ks: torch.Tensor,
+                           width: int, height: int, safe_z: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """EWA pinhole projection: camera-frame (C, N, 3)/(C, N, 3, 3) -> means2d (C, N, 2), cov2d (C, N, 2, 2).
+
+    `safe_z` replaces z where the Gaussian is culled (behind the near plane), so that divisions
+    stay finite and culled rows get exact zero gradients instead of NaN. (The building block
+    that gsplat's `_persp_proj` is tested against; `project_gaussians` fuses the same maths.)
+    """
+    j00, j02, j11, j12 = _jacobian(means_c, Ks, width, height, safe_z)
+    zero = torch.zeros_like(j00)
+    J = torch.stack([j00, zero, j02, zero, j11, j12], dim=-1).reshape(j00.shape + (2, 3))
     cov2d = J @ covars_c @ J.transpose(-1, -2)
-    means2d = torch.stack([fx * x / z + cx, fy * y / z + cy], dim=-1)
-    return means2d, cov2d
+    return _pixel_means(means_c, Ks, safe_z), cov2d
 
 
 def project_gaussians(means: torch.Tensor, quats: torch.Tensor, log_scales: torch.Tensor,
                       opacity_logits: torch.Tensor, viewmats: torch.Tensor, Ks: torch.Tensor,
                       width: int, height: int, config: RasterConfig = RasterConfig()) -> Projected:
-    """Project N Gaussians into C cameras; differentiable in every input but the cameras."""
-    covars = covariance_3d(quats, torch.exp(log_scales))
-    means_c, covars_c = world_to_camera(means, covars, viewmats)
+    """Project N Gaussians into C cameras; differentiable in every input but the cameras.
+
+    The 2D covariance is J R_v R S (J R_v R S)^T + eps2d I, computed as the 2x3 factor
+    A = J (R_v R) S: elementwise torch and one GEMM per camera, no batched 3x3 products (which
+    cost more than the whole compositing kernel at 100k Gaussians on a CPU).
+    """
+    n = means.shape[0]
+    view_R = viewmats[:, :3, :3]
+    means_c = torch.einsum("cij,nj->cni", view_R, means) + viewmats[:, None, :3, 3]
     depths = means_c[..., 2]
     in_depth = (depths >= config.near_plane) & (depths <= config.far_plane)
     safe_z = torch.where(in_depth, depths, torch.ones_like(depths))
-    means2d, cov2d = perspective_projection(means_c, covars_c, Ks, width, height, safe_z)
-    eye = torch.eye(2, dtype=cov2d.dtype, device=cov2d.device)
-    cov2d = cov2d + config.eps2d * eye
-    a, b, c = cov2d[..., 0, 0], 0.5 * (cov2d[..., 0, 1] + cov2d[..., 1, 0]), cov2d[..., 1, 1]
+    j00, j02, j11, j12 = _jacobian(means_c, Ks, width, height, safe_z)
+    # R_c = R_v R for every Gaussian, as one (3, 3) x (3, N * 3) product per camera
+    R = quat_to_rotmat(quats)  # (N, 3, 3)
+    R_c = torch.matmul(view_R, R.permute(1, 0, 2).reshape(3, n * 3)).reshape(view_R.shape[0], 3, n, 3)
+    M = R_c * torch.exp(log_scales)[None, None, :, :]  # (C, 3 rows, N, 3): R_v R S
+    A0 = j00[..., None] * M[:, 0] + j02[..., None] * M[:, 2]  # (C, N, 3)
+    A1 = j11[..., None] * M[:, 1] + j12[..., None] * M[:, 2]
+    a = (A0 * A0).sum(-1) + config.eps2d
+    b = (A0 * A1).sum(-1)
+    c = (A1 * A1).sum(-1) + config.eps2d
     det = a * c - b * b
     det_ok = det > 0
     safe_det = torch.where(det_ok, det, torch.ones_like(det))
     conics = torch.stack([c / safe_det, -b / safe_det, a / safe_det], dim=-1)
+    means2d = _pixel_means(means_c, Ks, safe_z)
     opacities = torch.sigmoid(opacity_logits)
+    cov2d = torch.stack([a, b, b, c], dim=-1).reshape(a.shape + (2, 2))
     radii = footprint_radii(means2d.detach(), cov2d.detach(), opacities.detach(), width, height, config,
                             in_depth & det_ok)
     return Projected(means2d=means2d, conics=conics, depths=depths, radii=radii, opacities=opacities,
@@ -164,6 +195,90 @@ def footprint_radii(means2d: torch.Tensor, cov2d: torch.Tensor, opacities: torch
     radii = torch.stack([radius_x, radius_y], dim=-1)
     radii = torch.where(keep[..., None], radii, torch.zeros_like(radii))
     return radii.to(torch.int32)
+
+
+@dataclass
+class ProjectedSurfels:
+    """Screen-space 2D Gaussian surfels for C cameras (rows = all N; culled ones have radii 0)."""
+
+    means2d: torch.Tensor  # (C, N, 2) centre of the footprint box, pixels
+    ray_transforms: torch.Tensor  # (C, N, 9) K W H row-major: rows u_M, v_M, w_M (gsplat's layout)
+    normals: torch.Tensor  # (C, N, 3) unit normals in the camera frame, facing the camera
+    depths: torch.Tensor  # (C, N) camera-frame z of the centre
+    radii: torch.Tensor  # (C, N, 2) int32 footprint half-extent; 0 = culled
+    opacities: torch.Tensor  # (N,)
+
+    @property
+    def visible(self) -> torch.Tensor:
+        return (self.radii > 0).all(dim=-1)
+
+
+# A surfel whose projected footprint is degenerate (edge-on) has this AABB denominator.
+SURFEL_AABB_TEST = (1.0, 1.0, -1.0)
+
+
+def project_surfels(means: torch.Tensor, quats: torch.Tensor, log_scales: torch.Tensor,
+                    opacity_logits: torch.Tensor, viewmats: torch.Tensor, Ks: torch.Tensor,
+                    width: int, height: int, config: RasterConfig = RasterConfig()) -> ProjectedSurfels:
+    """2D Gaussian surfels (2DGS) as gsplat's fully_fused_projection_2dgs builds them.
+
+    A surfel spans the first two axes of its rotation, scaled by the first two scales (the third
+    is ignored); its normal is the third axis (unit, as in gsplat's CUDA kernel), flipped to
+    face the camera. The ray transform K [R_c s_u t_u, R_c s_v t_v, mean_c] maps surfel (u, v, 1)
+    to homogeneous pixels. Footprint: gsplat's exact box of the projected 1-sigma ellipse, scaled
+    by the opacity-aware extend (<= radius_sigmas) and never smaller than the reach of the 2D
+    low-pass filter, so that the box holds every pixel with alpha >= min_alpha.
+    """
+    n = means.shape[0]
+    view_R = viewmats[:, :3, :3]
+    means_c = torch.einsum("cij,nj->cni", view_R, means) + viewmats[:, None, :3, 3]
+    depths = means_c[..., 2]
+    in_depth = (depths > config.near_plane) & (depths < config.far_plane)
+    R = quat_to_rotmat(quats)
+    R_c = torch.matmul(view_R, R.permute(1, 0, 2).reshape(3, n * 3)).reshape(view_R.shape[0], 3, n, 3)
+    R_c = R_c.permute(0, 2, 1, 3)  # (C, N, 3, 3): camera-frame axes as columns
+    scales = torch.exp(log_scales[:, :2])
+    tangent_u = R_c[..., 0] * scales[None, :, 0:1]
+    tangent_v = R_c[..., 1] * scales[None, :, 1:2]
+    WH = torch.stack([tangent_u, tangent_v, means_c], dim=-1)  # (C, N, 3, 3), columns
+    KWH = torch.einsum("cij,cnjk->cnik", Ks, WH)
+    u_M, v_M, w_M = KWH[..., 0, :], KWH[..., 1, :], KWH[..., 2, :]
+    test = torch.tensor(SURFEL_AABB_TEST, dtype=means.dtype, device=means.device)
+    distance = (test * w_M * w_M).sum(-1)
+    proper = distance != 0
+    f = test / torch.where(proper, distance, torch.ones_like(distance))[..., None]
+    means2d = torch.stack([(f * u_M * w_M).sum(-1), (f * v_M * w_M).sum(-1)], dim=-1)
+    half_extent = means2d * means2d - torch.stack([(f * u_M * u_M).sum(-1), (f * v_M * v_M).sum(-1)], dim=-1)
+    normal = R_c[..., 2]
+    facing = torch.where((-normal * means_c).sum(-1, keepdim=True) > 0, 1.0, -1.0).to(normal.dtype)
+    normals = normal * facing
+    opacities = torch.sigmoid(opacity_logits)
+    with torch.no_grad():
+        opac = opacities[None, :].expand(depths.shape)
+        log_ratio = torch.log(torch.clamp(opac / config.min_alpha, min=1.0))
+        extend = torch.clamp(torch.sqrt(2.0 * log_ratio), max=config.radius_sigmas)
+        filter_reach = torch.sqrt(log_ratio / (0.5 * SURFEL_FILTER_INV_SQUARE))  # sigma_2d <= log_ratio
+        # exact box of the projected circle of radius `extend` (gsplat's AABB formula applied to the
+        # surfel with its tangents scaled by extend), re-centred on means2d
+        grow = torch.stack([extend, extend, torch.ones_like(extend)], dim=-1)
+        u_e, v_e, w_e = u_M.detach() * grow, v_M.detach() * grow, w_M.detach() * grow
+        distance_e = (test * w_e * w_e).sum(-1)
+        ellipse = distance_e < 0  # the grown circle stays in front of the camera
+        f_e = test / torch.where(ellipse, distance_e, -torch.ones_like(distance_e))[..., None]
+        centre_e = torch.stack([(f_e * u_e * w_e).sum(-1), (f_e * v_e * w_e).sum(-1)], dim=-1)
+        half_e = centre_e * centre_e - torch.stack([(f_e * u_e * u_e).sum(-1), (f_e * v_e * v_e).sum(-1)], dim=-1)
+        exact = (centre_e - means2d.detach()).abs() + torch.sqrt(torch.clamp(half_e, min=0.0))
+        # otherwise gsplat's box: the unit-circle box scaled by extend
+        scaled = extend[..., None] * torch.sqrt(torch.clamp(half_extent.detach(), min=1e-4))
+        reach = torch.where(ellipse[..., None], torch.maximum(exact, scaled), scaled)
+        radii = torch.ceil(torch.maximum(reach, filter_reach[..., None]))
+        on_screen = ((means2d[..., 0] + radii[..., 0] > 0) & (means2d[..., 0] - radii[..., 0] < width)
+                     & (means2d[..., 1] + radii[..., 1] > 0) & (means2d[..., 1] - radii[..., 1] < height))
+        keep = (in_depth & proper & on_screen & (opac >= config.min_alpha)
+                & torch.isfinite(means2d).all(-1) & (radii > 0).all(-1))
+        radii = torch.where(keep[..., None], radii, torch.zeros_like(radii)).to(torch.int32)
+    return ProjectedSurfels(means2d=means2d, ray_transforms=KWH.reshape(KWH.shape[:-2] + (9,)), normals=normals,
+                            depths=depths, radii=radii, opacities=opacities)
 
 
 def sh_basis(degree: int, dirs: torch.Tensor) -> torch.Tensor:

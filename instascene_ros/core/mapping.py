@@ -1,0 +1,903 @@
+"""Incremental Gaussian-splatting mapper: keyframes, insertion, windowed optimisation.
+
+Frames arrive one at a time (`Mapper.add_frame`). A frame that cannot be used is rejected with
+a reason and leaves the map untouched. A frame that moved far enough from the last keyframe
+becomes a keyframe: Gaussians are inserted where the current map is still transparent (from
+depth when the frame has it, else from feature matches triangulated with the known poses), then
+a window of recent plus random older keyframes is optimised with the 3DGS photometric loss
+(L1 + 0.2 D-SSIM, plus an optional depth L1), densifying and pruning on a global-iteration
+schedule under the scene's hard budget. `Mapper.finish` runs a final global refinement.
+
+Two presets (`MapperConfig.paper()`, `MapperConfig.cpu()`): the published 3DGS iteration
+counts for a GPU, and budgets for 2 CPU cores (random crops instead of full frames, a time cap
+per keyframe, no opacity reset); see each factory for the reasoning behind its numbers.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from instascene_ros.core.camera import Camera, Frame, InvalidFrameError
+from instascene_ros.core.scene import GaussianScene, SceneConfig
+from instascene_ros.core.splat.types import Gaussians, RasterConfig, RenderOutput
+
+logger = logging.getLogger(__name__)
+
+RenderFn = Callable[..., RenderOutput]
+
+
+# ---------------------------------------------------------------------------------------- configs
+@dataclass
+class KeyframeConfig:
+    """A frame becomes a keyframe when it moved this far from the last keyframe (either test)."""
+
+    min_translation_m: float = 0.05
+    min_rotation_deg: float = 5.0
+    max_keyframes: int = 0  # 0 = unbounded; else older keyframes are thinned out at random
+
+
+@dataclass
+class InsertionConfig:
+    """Where and how a new keyframe adds Gaussians."""
+
+    # A pixel is "not yet mapped" when the rendered alpha is below this (SplaTAM's silhouette test).
+    alpha_threshold: float = 0.5
+    # From depth: one Gaussian per `pixel_stride` x `pixel_stride` block of unmapped pixels.
+    pixel_stride: int = 2
+    # Standard deviation = this x the world footprint of one stride block at that depth; 0.5
+    # makes neighbouring Gaussians overlap at about one sigma, so the surface starts closed.
+    footprint_scale: float = 0.5
+    # Thickness along the depth-map normal relative to the in-surface sigma: flat Gaussians sit
+    # on the measured surface and give sharp depth from the start (1.0 = isotropic).
+    flatten_ratio: float = 0.2
+    init_opacity: float = 0.5  # higher than 3DGS's 0.1: depth-seeded Gaussians are trustworthy
+    min_depth_m: float = 0.05  # depth readings outside this range are treated as invalid
+    max_depth_m: float = 20.0
+    # RGB only: SIFT matches triangulated against earlier keyframes (offsets back in the list).
+    partner_offsets: tuple[int, ...] = (1, 2, 4)
+    match_max_ratio: float = 0.8  # Lowe's ratio test
+    max_reprojection_error_px: float = 1.5
+    min_parallax_deg: float = 1.0  # smaller triangulation angles give unreliable depth
+    knn_neighbours: int = 3  # 3DGS: initial scale = mean distance to the 3 nearest points
+    max_scale_fraction_of_depth: float = 0.05  # caps the kNN scale of isolated points
+    triangulated_opacity: float = 0.1  # 3DGS init opacity for SfM-like points
+
+
+@dataclass
+class OptimisationConfig:
+    """Windowed optimisation and the 3DGS training schedule (global iteration counter)."""
+
+    iterations_per_keyframe: int = 100
+    keyframe_time_budget_s: Optional[float] = None  # stop a keyframe's iterations after this
+    window_recent: int = 4  # the newest keyframes in every window
+    window_random: int = 4  # plus this many random older ones (against forgetting)
+    ssim_weight: float = 0.2  # 3DGS lambda_dssim
+    ssim_window: int = 11  # Gaussian window size and sigma of the SSIM of Wang et al. / 3DGS
+    ssim_sigma: float = 1.5
+    # Depth L1 on valid pixels, in units of the keyframe's median depth (scale free).
+    depth_weight: float = 0.0
+    # Mean alpha on pixels without valid depth (sensor says "nothing there"); 0 disables.
+    empty_alpha_weight: float = 0.0
+    crop_size: Optional[int] = None  # random square crop per iteration; None = full image
+    total_iterations: int = 30_000  # horizon of the position lr decay; finish() fills up to it
+    finish_time_budget_s: Optional[float] = None
+    densify_from: int = 500
+    densify_until: int = 15_000
+    densify_interval: int = 100
+    opacity_reset_interval: int = 3000  # 0 disables
+    # After an opacity reset the map is nearly transparent: keyframes arriving within this many
+    # iterations insert nothing (they would duplicate the whole map).
+    insertion_pause_after_reset: int = 500
+    cull_margin_px: float = 2.0  # covers the eps2d dilation the cheap footprint bound leaves out
+    importance_scale: float = 0.5  # resolution of the per-keyframe blend-weight measurement
+    importance_views_per_densify: int = 2  # random keyframes re-measured before each densify
+    learn_background: bool = True
+    background_lr: float = 1e-2
+    log_interval_s: float = 10.0
+    seed: int = 0
+
+
+@dataclass
+class MapperConfig:
+    """A complete description of a mapping run."""
+
+    scene: SceneConfig = field(default_factory=SceneConfig)
+    keyframes: KeyframeConfig = field(default_factory=KeyframeConfig)
+    insertion: InsertionConfig = field(default_factory=InsertionConfig)
+    optimisation: OptimisationConfig = field(default_factory=OptimisationConfig)
+    primitive: str = "3dgs"
+    backend: str = "auto"
+    raster: RasterConfig = field(default_factory=RasterConfig)
+    device: str = "cpu"
+    preset: str = "paper"
+    min_valid_depth_fraction: float = 0.001  # a depth map with fewer valid pixels is rejected
+    # torch intra-op threads while the mapper computes (restored afterwards); None = leave as is.
+    # Its tensors are small (one crop, tens of thousands of Gaussians), and with any other load
+    # on 2 cores OpenMP's spinning makes 2 threads 10-30x slower than 1 on them (measured here).
+    torch_threads: Optional[int] = None
+
+    @classmethod
+    def paper(cls) -> "MapperConfig":
+        """3DGS published schedule for a GPU: 30k iterations, densify 500..15k every 100, opacity
+        reset every 3k, SH degree 3, no practical budget."""
+        return cls(preset="paper")
+
+    @classmethod
+    def cpu(cls) -> "MapperConfig":
+        """Budgets for 2 CPU cores, sized for a ~60-view 256x256 RGB-D scene in ~6 minutes.
+
+        One forward+backward of ~20k Gaussians at 256x256 costs ~0.4 s on CPU, so training runs
+        on random 128x128 crops (~1/4 of the pixels, every pixel still seen at full resolution)
+        and each keyframe is capped at ~1.5 s of optimisation so a keyframe is integrated within
+        2 s. The densification schedule is the 3DGS one compressed to the ~3-4k iterations that
+        fit: start after the first few keyframes settled, stop at ~60%. Opacity reset is off:
+        an incremental map cannot go transparent every few minutes (insertion relies on alpha),
+        and depth supervision plus opacity pruning already removes floaters. SH degree 0: view
+        dependence is not worth its 16x colour cost at this iteration count.
+        """
+        scene = SceneConfig(sh_degree=0, max_gaussians=40_000, position_lr_max_steps=4000)
+        optimisation = OptimisationConfig(
+            iterations_per_keyframe=30, keyframe_time_budget_s=1.5, crop_size=128,
+            total_iterations=4000, finish_time_budget_s=200.0, depth_weight=0.5,
+            empty_alpha_weight=0.05, densify_from=200, densify_until=2500, densify_interval=100,
+            opacity_reset_interval=0)
+        return cls(scene=scene, optimisation=optimisation, preset="cpu", torch_threads=1)
+
+
+PRESETS: dict[str, Callable[[], MapperConfig]] = {"paper": MapperConfig.paper, "cpu": MapperConfig.cpu}
+
+
+# ---------------------------------------------------------------------------------------- results
+class RejectReason:
+    """Machine-readable reasons a frame was not used."""
+
+    INVALID_POSE = "invalid_pose"
+    INVALID_INTRINSICS = "invalid_intrinsics"
+    SIZE_MISMATCH = "size_mismatch"
+    INVALID_IMAGE = "invalid_image"
+    INVALID_DEPTH = "invalid_depth"
+    INVALID_FRAME = "invalid_frame"  # Frame.validate() objected to something not listed above
+
+
+@dataclass
+class FrameResult:
+    accepted: bool
+    keyframe: bool = False
+    reason: str = "ok"  # "ok", "not_keyframe" or a RejectReason value
+    detail: str = ""
+    added: int = 0  # Gaussians inserted
+    n_gaussians: int = 0
+    iterations: int = 0
+    seconds: float = 0.0
+    psnr: Optional[float] = None  # mean training PSNR of this keyframe's iterations
+
+
+@dataclass
+class Keyframe:
+    index: int
+    name: str
+    camera: Camera
+    rgb: torch.Tensor  # (H, W, 3) uint8
+    depth: Optional[torch.Tensor]  # (H, W) float32 metres, 0 where invalid
+    median_depth: Optional[float]
+    keypoints: Optional[np.ndarray] = None  # (M, 2) (u, v) pixels, continuous frame (RGB only)
+    descriptors: Optional[np.ndarray] = None
+    keypoint_sigmas: Optional[np.ndarray] = None
+
+
+# ---------------------------------------------------------------------------------------- losses
+def gaussian_window(size: int, sigma: float) -> torch.Tensor:
+    coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2.0
+    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def ssim(image: torch.Tensor, target: torch.Tensor, window_size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Mean structural similarity of (H, W, C) images in [0, 1], differentiable (see ssim_map)."""
+    return ssim_map(image, target, window_size, sigma).mean()
+
+
+def ssim_map(image: torch.Tensor, target: torch.Tensor, window_size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Per-pixel, per-channel structural similarity (H, W, C) of (H, W, C) images in [0, 1].
+
+    Gaussian-weighted local statistics (window 11, sigma 1.5, zero padding to keep the size, so
+    the outer window_size // 2 pixels see a darkened neighbourhood, as in the 3DGS loss),
+    C1 = 0.01^2, C2 = 0.03^2 (Wang et al. 2004). The window is separable: two 1D convolutions.
+    """
+    channels = image.shape[-1]
+    x = image.permute(2, 0, 1).unsqueeze(0)
+    y = target.permute(2, 0, 1).unsqueeze(0)
+    g = gaussian_window(window_size, sigma).to(x)
+    pad = window_size // 2
+    kernel_h = g.view(1, 1, 1, -1).expand(channels, 1, 1, window_size)
+    kernel_v = g.view(1, 1, -1, 1).expand(channels, 1, window_size, 1)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        t = F.conv2d(t, kernel_h, padding=(0, pad), groups=channels)
+        return F.conv2d(t, kernel_v, padding=(pad, 0), groups=channels)
+
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    mu_x, mu_y = blur(x), blur(y)
+    sigma_x = blur(x * x) - mu_x ** 2
+    sigma_y = blur(y * y) - mu_y ** 2
+    sigma_xy = blur(x * y) - mu_x * mu_y
+    value = ((2 * mu_x * mu_y + c1) * (2 * sigma_xy + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (sigma_x + sigma_y + c2))
+    return value[0].permute(1, 2, 0)
+
+
+def psnr(image: torch.Tensor, target: torch.Tensor) -> float:
+    mse = float(torch.mean((image.detach() - target) ** 2))
+    return 10.0 * math.log10(1.0 / max(mse, 1e-12))
+
+
+# ---------------------------------------------------------------------------------------- geometry
+def rotation_angle_deg(R_a: np.ndarray, R_b: np.ndarray) -> float:
+    cos = (np.trace(R_a.T @ R_b) - 1.0) / 2.0
+    return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
+
+
+def matrix_to_quaternion(R: np.ndarray) -> np.ndarray:
+    """(N, 3, 3) rotation matrices -> (N, 4) unit quaternions (w, x, y, z), branch-free enough
+    for batches (Shepperd's method, choosing the largest diagonal term per row)."""
+    m = R
+    trace = m[:, 0, 0] + m[:, 1, 1] + m[:, 2, 2]
+    candidates = np.stack([
+        np.stack([1 + trace, m[:, 2, 1] - m[:, 1, 2], m[:, 0, 2] - m[:, 2, 0], m[:, 1, 0] - m[:, 0, 1]], -1),
+        np.stack([m[:, 2, 1] - m[:, 1, 2], 1 + m[:, 0, 0] - m[:, 1, 1] - m[:, 2, 2], m[:, 0, 1] + m[:, 1, 0],
+                  m[:, 0, 2] + m[:, 2, 0]], -1),
+        np.stack([m[:, 0, 2] - m[:, 2, 0], m[:, 0, 1] + m[:, 1, 0], 1 - m[:, 0, 0] + m[:, 1, 1] - m[:, 2, 2],
+                  m[:, 1, 2] + m[:, 2, 1]], -1),
+        np.stack([m[:, 1, 0] - m[:, 0, 1], m[:, 0, 2] + m[:, 2, 0], m[:, 1, 2] + m[:, 2, 1],
+                  1 - m[:, 0, 0] - m[:, 1, 1] + m[:, 2, 2]], -1),
+    ], axis=1)  # (N, 4 choices, 4)
+    diag = np.stack([trace, m[:, 0, 0], m[:, 1, 1], m[:, 2, 2]], -1)
+    q = candidates[np.arange(len(R)), np.argmax(diag, axis=1)]
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    return q * np.where(q[:, :1] < 0, -1.0, 1.0)
+
+
+def frames_from_normals(normals: np.ndarray) -> np.ndarray:
+    """(N, 3) unit normals -> (N, 3, 3) rotations whose third column is the normal."""
+    helper = np.where(np.abs(normals[:, :1]) < 0.9, np.array([[1.0, 0.0, 0.0]]), np.array([[0.0, 1.0, 0.0]]))
+    x_axis = np.cross(helper, normals)
+    x_axis /= np.linalg.norm(x_axis, axis=1, keepdims=True)
+    y_axis = np.cross(normals, x_axis)
+    return np.stack([x_axis, y_axis, normals], axis=-1)
+
+
+def depth_normals(points_cam: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Camera-frame normals (H, W, 3) of a back-projected depth map by central differences, and
+    where they are defined (all four neighbours valid)."""
+    p = points_cam
+    du = np.zeros_like(p)
+    dv = np.zeros_like(p)
+    du[:, 1:-1] = p[:, 2:] - p[:, :-2]
+    dv[1:-1] = p[2:] - p[:-2]
+    ok = np.zeros_like(valid)
+    ok[1:-1, 1:-1] = valid[1:-1, 2:] & valid[1:-1, :-2] & valid[2:, 1:-1] & valid[:-2, 1:-1] & valid[1:-1, 1:-1]
+    n = np.cross(dv, du)
+    norm = np.linalg.norm(n, axis=-1, keepdims=True)
+    ok &= norm[..., 0] > 1e-12
+    n = n / np.maximum(norm, 1e-12)
+    # Face the camera (a Gaussian does not care about the sign, but debugging output does).
+    flip = np.sum(n * p, axis=-1, keepdims=True) > 0
+    return np.where(flip, -n, n), ok
+
+
+def triangulate_dlt(P1: np.ndarray, P2: np.ndarray, uv1: np.ndarray, uv2: np.ndarray) -> np.ndarray:
+    """Linear (DLT) triangulation of M correspondences: (3, 4) projection matrices and (M, 2)
+    pixel coordinates -> (M, 3) points (Hartley & Zisserman 12.2)."""
+    A = np.stack([
+        uv1[:, 0:1] * P1[2] - P1[0], uv1[:, 1:2] * P1[2] - P1[1],
+        uv2[:, 0:1] * P2[2] - P2[0], uv2[:, 1:2] * P2[2] - P2[1],
+    ], axis=1)  # (M, 4, 4)
+    A /= np.linalg.norm(A, axis=2, keepdims=True)  # row equilibration for conditioning
+    _, _, vt = np.linalg.svd(A)
+    X = vt[:, -1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return X[:, :3] / X[:, 3:4]
+
+
+def crop_camera(camera: Camera, x0: int, y0: int, width: int, height: int) -> Camera:
+    """The camera that sees exactly pixels [x0, x0+width) x [y0, y0+height) of `camera`."""
+    K = camera.K.copy()
+    K[0, 2] -= x0
+    K[1, 2] -= y0
+    return Camera(K=K, width=width, height=height, T_world_cam=camera.T_world_cam)
+
+
+# ---------------------------------------------------------------------------------------- mapper
+class Mapper:
+    """Builds a GaussianScene incrementally from posed frames (see the module docstring).
+
+    `render_fn` defaults to `instascene_ros.core.splat.render`; it is injectable for tests.
+    `progress_bar=True` shows a tqdm bar during `finish`; `on_progress(stats)` receives the
+    same dict the periodic log line is built from.
+    """
+
+    def __init__(self, config: Optional[MapperConfig] = None, scene: Optional[GaussianScene] = None,
+                 render_fn: Optional[RenderFn] = None, progress_bar: bool = False,
+                 on_progress: Optional[Callable[[dict], None]] = None):
+        self.config = config or MapperConfig.cpu()
+        self.device = torch.device(self.config.device)
+        self.scene = scene if scene is not None else GaussianScene(self.config.scene, device=self.device)
+        self._render_fn = render_fn
+        self.progress_bar = progress_bar
+        self.on_progress = on_progress
+        self.keyframes: list[Keyframe] = []
+        self.iteration = 0
+        self.frames_seen = 0
+        self.last_opacity_reset = -10 ** 9
+        self.rng = np.random.default_rng(self.config.optimisation.seed)
+        self.torch_rng = torch.Generator().manual_seed(self.config.optimisation.seed)
+        self.background = torch.nn.Parameter(torch.zeros(3, device=self.device))
+        self._background_initialised = False
+        self._background_optimizer = torch.optim.Adam([self.background], lr=self.config.optimisation.background_lr)
+        self._extent_floor: Optional[float] = None
+        self._log_clock = time.perf_counter()
+        self._log_iteration = 0
+        self._recent_psnr: list[float] = []
+
+    # ------------------------------------------------------------------ rendering
+    @property
+    def render_fn(self) -> RenderFn:
+        if self._render_fn is None:
+            from instascene_ros.core.splat import render  # deferred: heavy numba import
+            self._render_fn = render
+        return self._render_fn
+
+    def _render(self, cameras: Sequence[Camera], gaussians: Optional[Gaussians] = None,
+                with_background: bool = True) -> RenderOutput:
+        """Render over a black background, then composite the (learned) background in torch so
+        its gradient does not depend on the backend."""
+        gaussians = gaussians if gaussians is not None else self.scene.to_gaussians(with_features=False)
+        out = self.render_fn(gaussians, list(cameras), primitive=self.config.primitive,
+                             backend=self.config.backend,
+                             background=torch.zeros(3, dtype=torch.float32, device=self.device),
+                             sh_degree=self.scene.active_sh_degree, config=self.config.raster)
+        if with_background:
+            out.color = out.color + (1.0 - out.alpha).unsqueeze(-1) * self.background.clamp(0.0, 1.0)
+        return out
+
+    def _in_view(self, camera: Camera) -> torch.Tensor:
+        """Rows of the Gaussians whose footprint can touch `camera`'s image. Projection cost in
+        the renderer grows with every Gaussian handed to it, so a crop that sees a quarter of
+        the map should only pay for that quarter."""
+        raster = self.config.raster
+        uv, z, radius = self.scene.project(camera, sigmas=raster.radius_sigmas)
+        radius = radius + self.config.optimisation.cull_margin_px
+        inside = (z > raster.near_plane) & (z < raster.far_plane) \
+            & (uv[:, 0] + radius > 0) & (uv[:, 0] - radius < camera.width) \
+            & (uv[:, 1] + radius > 0) & (uv[:, 1] - radius < camera.height)
+        return torch.nonzero(inside).squeeze(1)
+
+    def _render_culled(self, camera: Camera, with_background: bool = True
+                       ) -> tuple[RenderOutput, torch.Tensor]:
+        """Render only the Gaussians in view (gradients still reach the full parameter tensors
+        through the index); returns the output and the rows it rendered."""
+        rows = self._in_view(camera)
+        scene = self.scene
+        subset = Gaussians(means=scene.means[rows], quats=scene.quats[rows], log_scales=scene.log_scales[rows],
+                           opacity_logits=scene.opacity_logits[rows], sh=scene.sh[rows])
+        return self._render([camera], subset, with_background=with_background), rows
+
+    def render_view(self, camera: Camera) -> RenderOutput:
+        """Render the current map from `camera` (no gradient), over the map's background."""
+        with torch.no_grad(), self._threads():
+            if self.scene.n == 0:
+                h, w = camera.height, camera.width
+                zeros = torch.zeros(1, h, w, device=self.device)
+                return RenderOutput(color=self.background.detach().clamp(0, 1).expand(1, h, w, 3).clone(),
+                                    depth=zeros, alpha=zeros.clone())
+            return self._render([camera])
+
+    def measure_blend_weight(self, cameras: Sequence[Camera]) -> torch.Tensor:
+        """(N,) accumulated blend weight sum_pixels w_i of each Gaussian over `cameras`."""
+        total = torch.zeros(self.scene.n, device=self.device)
+        for camera in cameras:
+            rows, weight = self._blend_weight_in_view(camera)
+            total[rows] += weight
+        return total
+
+    def _blend_weight_in_view(self, camera: Camera) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blend weight sum_p w_ip of the Gaussians that can touch `camera`'s image (their rows).
+
+        Rendered as one extra feature channel holding a leaf tensor of ones: the gradient of the
+        summed feature image with respect to that leaf is exactly sum_p w_ip (T_i alpha_i at
+        every pixel p), whatever the backend, at the cost of one forward+backward.
+        """
+        rows = self._in_view(camera)
+        if len(rows) == 0:
+            return rows, torch.zeros(0, device=self.device)
+        scene = self.scene
+        with torch.no_grad():
+            subset = Gaussians(means=scene.means[rows], quats=scene.quats[rows], log_scales=scene.log_scales[rows],
+                               opacity_logits=scene.opacity_logits[rows], sh=scene.sh[rows])
+        with torch.enable_grad():  # callers (densification) may run under no_grad
+            probe = torch.ones(len(rows), 1, device=self.device, requires_grad=True)
+            subset.features = probe
+            out = self._render([camera], subset, with_background=False)
+            (grad,) = torch.autograd.grad(out.features.sum(), probe)
+        return rows, grad[:, 0]
+
+    def _record_importance(self, kf: Keyframe) -> None:
+        """Measure the new keyframe's blend weights (the budget's eviction ranking)."""
+        if self.scene.n == 0:
+            return
+        camera = kf.camera.scaled(self.config.optimisation.importance_scale)
+        rows, weight = self._blend_weight_in_view(camera)
+        self.scene.record_importance(rows, weight)
+
+    # ------------------------------------------------------------------ frame intake
+    def check_frame(self, frame: Frame) -> Optional[tuple[str, str]]:
+        """(reason, detail) if `frame` cannot be used, else None. Looks at nothing else."""
+        camera = frame.camera
+        K = np.asarray(camera.K)
+        if K.shape != (3, 3) or not np.all(np.isfinite(K)):
+            return RejectReason.INVALID_INTRINSICS, "intrinsics K are not a finite 3x3 matrix"
+        if K[0, 0] <= 0 or K[1, 1] <= 0:
+            return RejectReason.INVALID_INTRINSICS, f"focal lengths fx={K[0, 0]}, fy={K[1, 1]} must be positive"
+        if not np.allclose(K[2], [0.0, 0.0, 1.0]) or K[1, 0] != 0.0:
+            return RejectReason.INVALID_INTRINSICS, "intrinsics are not of the form [[fx s cx] [0 fy cy] [0 0 1]]"
+        T = np.asarray(camera.T_world_cam)
+        if T.shape != (4, 4) or not np.all(np.isfinite(T)):
+            return RejectReason.INVALID_POSE, "pose is not a finite 4x4 matrix"
+        try:
+            camera.validate()
+        except InvalidFrameError as error:
+            message = str(error)
+            reason = RejectReason.INVALID_POSE if "pose" in message else RejectReason.INVALID_INTRINSICS
+            return reason, message
+        rgb = frame.rgb
+        if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            return RejectReason.INVALID_IMAGE, f"rgb must be HxWx3 uint8, got {getattr(rgb, 'shape', None)}"
+        expected = (camera.height, camera.width)
+        if rgb.shape[:2] != expected:
+            return RejectReason.SIZE_MISMATCH, (f"rgb is {rgb.shape[1]}x{rgb.shape[0]} but the camera is "
+                                                f"{camera.width}x{camera.height}")
+        # Intrinsics calibrated for another resolution put the principal point off the image.
+        if not (0.0 < camera.cx < camera.width and 0.0 < camera.cy < camera.height):
+            return RejectReason.SIZE_MISMATCH, (f"principal point ({camera.cx}, {camera.cy}) lies outside the "
+                                                f"{camera.width}x{camera.height} image")
+        if frame.depth is not None:
+            depth = frame.depth
+            if not isinstance(depth, np.ndarray) or depth.size == 0:
+                return RejectReason.INVALID_DEPTH, "depth map is empty"
+            if not np.issubdtype(depth.dtype, np.floating):
+                return RejectReason.INVALID_DEPTH, f"depth must be float metres, got {depth.dtype}"
+            if depth.shape != expected:
+                return RejectReason.SIZE_MISMATCH, f"depth shape {depth.shape} differs from image {expected}"
+            valid = self._valid_depth(depth)
+            if not valid.any():
+                return RejectReason.INVALID_DEPTH, "depth map has no valid pixel"
+            if valid.mean() < self.config.min_valid_depth_fraction:
+                return RejectReason.INVALID_DEPTH, (f"only {valid.mean():.2%} of depth pixels are valid "
+                                                    f"(< {self.config.min_valid_depth_fraction:.2%})")
+        if frame.mask is not None and np.shape(frame.mask) != expected:
+            return RejectReason.SIZE_MISMATCH, f"mask shape {np.shape(frame.mask)} differs from image {expected}"
+        try:
+            frame.validate()
+        except InvalidFrameError as error:
+            return RejectReason.INVALID_FRAME, str(error)
+        return None
+
+    def _valid_depth(self, depth: np.ndarray) -> np.ndarray:
+        ins = self.config.insertion
+        with np.errstate(invalid="ignore"):
+            return np.isfinite(depth) & (depth >= ins.min_depth_m) & (depth <= ins.max_depth_m)
+
+    def is_keyframe(self, camera: Camera) -> tuple[bool, str]:
+        if not self.keyframes:
+            return True, "first frame"
+        last = self.keyframes[-1].camera.T_world_cam
+        moved = float(np.linalg.norm(camera.T_world_cam[:3, 3] - last[:3, 3]))
+        turned = rotation_angle_deg(last[:3, :3], camera.T_world_cam[:3, :3])
+        cfg = self.config.keyframes
+        summary = f"moved {moved:.3f} m, turned {turned:.1f} deg since the last keyframe"
+        return (moved >= cfg.min_translation_m or turned >= cfg.min_rotation_deg), summary
+
+    @contextlib.contextmanager
+    def _threads(self):
+        wanted = self.config.torch_threads
+        previous = torch.get_num_threads()
+        if wanted is not None and wanted != previous:
+            torch.set_num_threads(wanted)
+        try:
+            yield
+        finally:
+            if wanted is not None and wanted != previous:
+                torch.set_num_threads(previous)
+
+    def add_frame(self, frame: Frame) -> FrameResult:
+        """Take one frame: reject it, skip it (not a keyframe) or integrate it as a keyframe."""
+        with self._threads():
+            return self._add_frame(frame)
+
+    def _add_frame(self, frame: Frame) -> FrameResult:
+        start = time.perf_counter()
+        self.frames_seen += 1
+        problem = self.check_frame(frame)
+        if problem is not None:
+            reason, detail = problem
+            logger.warning("frame %s rejected (%s): %s", frame.name or self.frames_seen, reason, detail)
+            return FrameResult(accepted=False, reason=reason, detail=detail, n_gaussians=self.scene.n,
+                               seconds=time.perf_counter() - start)
+        keyframe, summary = self.is_keyframe(frame.camera)
+        if not keyframe:
+            return FrameResult(accepted=True, keyframe=False, reason="not_keyframe", detail=summary,
+                               n_gaussians=self.scene.n, seconds=time.perf_counter() - start)
+        kf = self._make_keyframe(frame)
+        self.keyframes.append(kf)
+        self._thin_keyframes()
+        self._update_extent(kf)
+        self._update_background(kf)
+        added = self._insert(kf)
+        self._record_importance(kf)
+        opt = self.config.optimisation
+        deadline = None if opt.keyframe_time_budget_s is None else start + opt.keyframe_time_budget_s
+        window = self._window()
+        iterations, psnrs = self._optimise(opt.iterations_per_keyframe, lambda i: window[i % len(window)],
+                                           deadline=deadline, shuffle_views=window)
+        seconds = time.perf_counter() - start
+        mean_psnr = float(np.mean(psnrs)) if psnrs else None
+        logger.debug("keyframe %d (%s): +%d Gaussians, %d iterations in %.2f s", kf.index, summary, added,
+                     iterations, seconds)
+        return FrameResult(accepted=True, keyframe=True, reason="ok", detail=summary, added=added,
+                           n_gaussians=self.scene.n, iterations=iterations, seconds=seconds, psnr=mean_psnr)
+
+    def _make_keyframe(self, frame: Frame) -> Keyframe:
+        depth = None
+        median = None
+        if frame.depth is not None:
+            valid = self._valid_depth(frame.depth)
+            depth_np = np.where(valid, frame.depth, 0.0).astype(np.float32)
+            depth = torch.from_numpy(depth_np).to(self.device)
+            median = float(np.median(frame.depth[valid]))
+        kf = Keyframe(index=len(self.keyframes), name=frame.name, camera=frame.camera,
+                      rgb=torch.from_numpy(np.ascontiguousarray(frame.rgb)).to(self.device),
+                      depth=depth, median_depth=median)
+        if depth is None:
+            self._detect_features(kf)
+        return kf
+
+    def _thin_keyframes(self) -> None:
+        limit = self.config.keyframes.max_keyframes
+        protected = self.config.optimisation.window_recent
+        while limit > 0 and len(self.keyframes) > limit:
+            # Keep the first keyframe (it anchors the map) and the recent window.
+            candidates = range(1, len(self.keyframes) - protected)
+            if not candidates:
+                break
+            del self.keyframes[int(self.rng.choice(list(candidates)))]
+
+    def _update_extent(self, kf: Keyframe) -> None:
+        """3DGS scene extent: 1.1 x the largest camera distance from the camera centroid, floored
+        by the first depth keyframe's median depth (a handful of nearby cameras would otherwise
+        give a tiny extent and freeze positions)."""
+        if self._extent_floor is None:
+            self._extent_floor = kf.median_depth if kf.median_depth is not None else 1.0
+        centres = np.stack([k.camera.position for k in self.keyframes])
+        radius = float(np.max(np.linalg.norm(centres - centres.mean(axis=0), axis=1)))
+        self.scene.extent = max(1.1 * radius, self._extent_floor)
+
+    def _update_background(self, kf: Keyframe) -> None:
+        """Initialise the background colour once: the median colour of pixels without valid depth
+        (they see nothing within range), or of the image border for RGB-only frames."""
+        if self._background_initialised:
+            return
+        rgb = kf.rgb.float() / 255.0
+        if kf.depth is not None:
+            empty = kf.depth <= 0
+            if int(empty.sum()) < 16:
+                return
+            samples = rgb[empty]
+        else:
+            samples = torch.cat([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+        with torch.no_grad():
+            self.background.copy_(samples.median(dim=0).values)
+        self._background_initialised = True
+
+    # ------------------------------------------------------------------ insertion
+    def _insert(self, kf: Keyframe) -> int:
+        opt = self.config.optimisation
+        if self.iteration - self.last_opacity_reset < opt.insertion_pause_after_reset:
+            return 0
+        alpha = self._alpha(kf.camera)
+        if kf.depth is not None:
+            new = self._seeds_from_depth(kf, alpha)
+        else:
+            new = self._seeds_from_triangulation(kf, alpha)
+        if new is None:
+            return 0
+        ids = self.scene.add(new["means"], new["rgb"], log_scales=new["log_scales"], quats=new["quats"],
+                             opacities=new["opacities"])
+        return int(ids.numel())
+
+    def _alpha(self, camera: Camera) -> np.ndarray:
+        if self.scene.n == 0:
+            return np.zeros((camera.height, camera.width), np.float32)
+        with torch.no_grad():
+            out, rows = self._render_culled(camera, with_background=False)
+            return out.alpha[0].cpu().numpy()
+
+    def _seeds_from_depth(self, kf: Keyframe, alpha: np.ndarray) -> Optional[dict]:
+        ins = self.config.insertion
+        cam = kf.camera
+        depth = kf.depth.cpu().numpy()
+        valid = depth > 0
+        h, w = depth.shape
+        rows, cols = np.mgrid[0:h, 0:w]
+        # A fresh random grid offset per keyframe, so successive keyframes sample different pixels.
+        oy, ox = self.rng.integers(0, ins.pixel_stride, size=2)
+        grid = (rows % ins.pixel_stride == oy) & (cols % ins.pixel_stride == ox)
+        pick = grid & valid & (alpha < ins.alpha_threshold)
+        if not pick.any():
+            return None
+        x_cam = ((cols + 0.5 - cam.cx) / cam.fx) * depth
+        y_cam = ((rows + 0.5 - cam.cy) / cam.fy) * depth
+        points_cam = np.stack([x_cam, y_cam, depth], axis=-1)
+        normals, normal_ok = depth_normals(points_cam, valid)
+        # Where the surface normal is unknown (edges, holes) face the camera instead.
+        view_dirs = points_cam / np.maximum(np.linalg.norm(points_cam, axis=-1, keepdims=True), 1e-9)
+        normals = np.where(normal_ok[..., None], normals, -view_dirs)
+        R_wc = cam.T_world_cam[:3, :3]
+        p_cam = points_cam[pick]
+        means = p_cam @ R_wc.T + cam.T_world_cam[:3, 3]
+        normals_world = normals[pick] @ R_wc.T
+        sigma = ins.footprint_scale * ins.pixel_stride * p_cam[:, 2] / (0.5 * (cam.fx + cam.fy))
+        log_sigma = np.log(np.maximum(sigma, 1e-8))
+        log_scales = np.stack([log_sigma, log_sigma, log_sigma + math.log(ins.flatten_ratio)], axis=1)
+        quats = matrix_to_quaternion(frames_from_normals(normals_world))
+        rgb = kf.rgb.cpu().numpy()[pick].astype(np.float32) / 255.0
+        f32 = lambda a: torch.as_tensor(np.asarray(a, np.float32), device=self.device)  # noqa: E731
+        return {"means": f32(means), "rgb": f32(rgb), "log_scales": f32(log_scales), "quats": f32(quats),
+                "opacities": torch.full((len(means),), ins.init_opacity, device=self.device)}
+
+    def _detect_features(self, kf: Keyframe) -> None:
+        from skimage.feature import SIFT  # deferred: only RGB-only mapping needs it
+        gray = kf.rgb.cpu().numpy().astype(np.float32).mean(axis=2) / 255.0
+        sift = SIFT()
+        try:
+            sift.detect_and_extract(gray)
+        except RuntimeError:  # skimage raises when an image has no keypoint at all
+            kf.keypoints, kf.descriptors, kf.keypoint_sigmas = np.zeros((0, 2)), np.zeros((0, 128), np.uint8), \
+                np.zeros(0)
+            return
+        positions = np.asarray(sift.positions, np.float64)  # (row, col), pixel centres at integers
+        kf.keypoints = np.stack([positions[:, 1] + 0.5, positions[:, 0] + 0.5], axis=1)
+        kf.descriptors = sift.descriptors
+        kf.keypoint_sigmas = np.asarray(sift.sigmas, np.float64)
+
+    def _seeds_from_triangulation(self, kf: Keyframe, alpha: np.ndarray) -> Optional[dict]:
+        """Triangulate SIFT matches between `kf` and earlier keyframes with the known poses."""
+        from scipy.spatial import cKDTree
+        from skimage.feature import match_descriptors
+
+        ins = self.config.insertion
+        if kf.keypoints is None or len(kf.keypoints) == 0:
+            return None
+        points, colours = [], []
+        rgb = kf.rgb.cpu().numpy().astype(np.float32) / 255.0
+        for offset in ins.partner_offsets:
+            if kf.index - offset < 0 or offset > len(self.keyframes) - 1:
+                continue
+            partner = self.keyframes[-1 - offset]
+            if partner.keypoints is None or len(partner.keypoints) == 0:
+                continue
+            matches = match_descriptors(kf.descriptors, partner.descriptors, max_ratio=ins.match_max_ratio,
+                                        cross_check=True)
+            if len(matches) == 0:
+                continue
+            uv_new, uv_old = kf.keypoints[matches[:, 0]], partner.keypoints[matches[:, 1]]
+            ok, X = self._triangulate_checked(kf.camera, partner.camera, uv_new, uv_old)
+            if not ok.any():
+                continue
+            uv = uv_new[ok]
+            cols = np.clip(uv[:, 0].astype(int), 0, kf.camera.width - 1)
+            rows = np.clip(uv[:, 1].astype(int), 0, kf.camera.height - 1)
+            transparent = alpha[rows, cols] < ins.alpha_threshold
+            points.append(X[ok][transparent])
+            colours.append(rgb[rows, cols][transparent])
+        if not points or sum(len(p) for p in points) == 0:
+            return None
+        means = np.concatenate(points)
+        rgb_new = np.concatenate(colours)
+        # 3DGS initial scale: mean distance to the nearest neighbours, among new and old points.
+        cloud = np.concatenate([means, self.scene.means.detach().cpu().numpy()]) if self.scene.n else means
+        k = min(ins.knn_neighbours + 1, len(cloud))
+        if k > 1:
+            distances, _ = cKDTree(cloud).query(means, k=k)
+            sigma = np.mean(distances[:, 1:], axis=1)
+        else:
+            sigma = np.full(len(means), 1e-2 * self.scene.extent)
+        depth = (means - kf.camera.position) @ kf.camera.T_world_cam[:3, 2]
+        floor = 0.5 * depth / (0.5 * (kf.camera.fx + kf.camera.fy))  # never below half a pixel
+        sigma = np.clip(sigma, floor, ins.max_scale_fraction_of_depth * depth)
+        log_scales = np.repeat(np.log(sigma)[:, None], 3, axis=1)
+        f32 = lambda a: torch.as_tensor(np.asarray(a, np.float32), device=self.device)  # noqa: E731
+        return {"means": f32(means), "rgb": f32(rgb_new), "log_scales": f32(log_scales), "quats": None,
+                "opacities": torch.full((len(means),), ins.triangulated_opacity, device=self.device)}
+
+    def _triangulate_checked(self, cam_a: Camera, cam_b: Camera, uv_a: np.ndarray, uv_b: np.ndarray
+                             ) -> tuple[np.ndarray, np.ndarray]:
+        ins = self.config.insertion
+        P_a = cam_a.K @ cam_a.world_to_cam[:3]
+        P_b = cam_b.K @ cam_b.world_to_cam[:3]
+        X = triangulate_dlt(P_a, P_b, uv_a, uv_b)
+        ok = np.all(np.isfinite(X), axis=1)
+        X = np.where(ok[:, None], X, 0.0)
+        for cam, uv in ((cam_a, uv_a), (cam_b, uv_b)):
+            projected, z = cam.project(X)
+            error = np.linalg.norm(projected - uv, axis=1)
+            ok &= (z > self.config.insertion.min_depth_m) & (z < ins.max_depth_m)
+            ok &= np.nan_to_num(error, nan=np.inf) < ins.max_reprojection_error_px
+        ray_a = X - cam_a.position
+        ray_b = X - cam_b.position
+        cos = np.sum(ray_a * ray_b, axis=1) / np.maximum(
+            np.linalg.norm(ray_a, axis=1) * np.linalg.norm(ray_b, axis=1), 1e-12)
+        ok &= np.degrees(np.arccos(np.clip(cos, -1, 1))) >= ins.min_parallax_deg
+        return ok, X
+
+    # ------------------------------------------------------------------ optimisation
+    def _window(self) -> list[Keyframe]:
+        opt = self.config.optimisation
+        recent = self.keyframes[-opt.window_recent:]
+        older = self.keyframes[:-opt.window_recent] if len(self.keyframes) > opt.window_recent else []
+        if older and opt.window_random > 0:
+            picks = self.rng.choice(len(older), size=min(opt.window_random, len(older)), replace=False)
+            recent = recent + [older[i] for i in picks]
+        return recent
+
+    def _training_view(self, kf: Keyframe) -> tuple[Camera, torch.Tensor, Optional[torch.Tensor], float]:
+        """The camera, target colour, target depth of one training iteration (a random crop when
+        configured) and the fraction of the full image it covers."""
+        crop = self.config.optimisation.crop_size
+        cam = kf.camera
+        rgb = kf.rgb
+        depth = kf.depth
+        if crop is not None and (crop < cam.width or crop < cam.height):
+            cw, ch = min(crop, cam.width), min(crop, cam.height)
+            x0 = int(self.rng.integers(0, cam.width - cw + 1))
+            y0 = int(self.rng.integers(0, cam.height - ch + 1))
+            cam = crop_camera(cam, x0, y0, cw, ch)
+            rgb = rgb[y0:y0 + ch, x0:x0 + cw]
+            depth = depth[y0:y0 + ch, x0:x0 + cw] if depth is not None else None
+        fraction = (cam.width * cam.height) / (kf.camera.width * kf.camera.height)
+        return cam, rgb.float() / 255.0, depth, fraction
+
+    def _train_step(self, kf: Keyframe) -> float:
+        opt = self.config.optimisation
+        scene = self.scene
+        scene.update_learning_rate(self.iteration)
+        scene.update_sh_degree(self.iteration)
+        camera, target, target_depth, fraction = self._training_view(kf)
+        out, rows = self._render_culled(camera)
+        image = out.color[0]
+        loss = (1.0 - opt.ssim_weight) * torch.abs(image - target).mean()
+        if opt.ssim_weight > 0:
+            loss = loss + opt.ssim_weight * (1.0 - ssim(image, target, opt.ssim_window, opt.ssim_sigma))
+        if target_depth is not None:
+            valid = target_depth > 0
+            if opt.depth_weight > 0 and bool(valid.any()):
+                error = torch.abs(out.depth[0] - target_depth)[valid].mean()
+                loss = loss + opt.depth_weight * error / kf.median_depth
+            if opt.empty_alpha_weight > 0 and bool((~valid).any()):
+                loss = loss + opt.empty_alpha_weight * out.alpha[0][~valid].mean()
+        loss.backward()
+        means2d_grad, radii = None, None
+        if out.means2d is not None and out.means2d.grad is not None and out.radii is not None:
+            means2d_grad = torch.zeros(scene.n, 2, device=self.device)
+            means2d_grad[rows] = out.means2d.grad[0]
+            radii = torch.zeros(scene.n, 2, dtype=out.radii.dtype, device=self.device)
+            radii[rows] = out.radii[0]
+        scene.add_densification_stats(camera, means2d_grad, radii, ndc_size=(kf.camera.width, kf.camera.height),
+                                      grad_scale=fraction, near=self.config.raster.near_plane)
+        scene.step()
+        if opt.learn_background:
+            self._background_optimizer.step()
+        self._background_optimizer.zero_grad(set_to_none=True)
+        self.iteration += 1
+        self._schedule()
+        return psnr(image, target)
+
+    def _schedule(self) -> None:
+        """3DGS densify / prune / opacity-reset schedule on the global iteration counter."""
+        opt = self.config.optimisation
+        it = self.iteration
+        if opt.densify_from <= it < opt.densify_until and it % opt.densify_interval == 0:
+            # 3DGS only prunes by screen size once the first opacity reset has happened.
+            screen = self.scene.config.max_screen_radius \
+                if opt.opacity_reset_interval and it > opt.opacity_reset_interval else None
+            # Refresh the eviction ranking on a few keyframes first (during the final refinement
+            # no new keyframe measures anything).
+            if self.keyframes and opt.importance_views_per_densify > 0:
+                picks = self.rng.choice(len(self.keyframes), size=min(opt.importance_views_per_densify,
+                                                                      len(self.keyframes)), replace=False)
+                for i in picks:
+                    self._record_importance(self.keyframes[int(i)])
+            counts = self.scene.densify_and_prune(max_screen_radius=screen)
+            logger.debug("iteration %d densify: %s -> %d Gaussians", it, counts, self.scene.n)
+        if opt.opacity_reset_interval and it < opt.densify_until and it % opt.opacity_reset_interval == 0:
+            self.scene.reset_opacity()
+            self.last_opacity_reset = it
+
+    def _optimise(self, iterations: int, view_for: Callable[[int], Keyframe], deadline: Optional[float] = None,
+                  shuffle_views: Optional[list] = None, bar=None) -> tuple[int, list[float]]:
+        if self.scene.n == 0 or not self.keyframes:
+            return 0, []
+        if shuffle_views is not None:
+            self.rng.shuffle(shuffle_views)
+        psnrs = []
+        done = 0
+        for i in range(iterations):
+            if deadline is not None and done > 0 and time.perf_counter() >= deadline:
+                break
+            psnrs.append(self._train_step(view_for(i)))
+            done += 1
+            if bar is not None:
+                bar.update(1)
+            self._maybe_log(psnrs[-1], bar)
+            if self.scene.n == 0:
+                break
+        return done, psnrs
+
+    def _maybe_log(self, latest_psnr: float, bar=None) -> None:
+        self._recent_psnr.append(latest_psnr)
+        now = time.perf_counter()
+        if now - self._log_clock < self.config.optimisation.log_interval_s:
+            return
+        rate = (self.iteration - self._log_iteration) / max(now - self._log_clock, 1e-9)
+        stats = {"iteration": self.iteration, "psnr": float(np.mean(self._recent_psnr)),
+                 "gaussians": self.scene.n, "iterations_per_s": rate, "keyframes": len(self.keyframes)}
+        logger.info("iteration %d: train PSNR %.2f dB, %d Gaussians, %.1f it/s, %d keyframes",
+                    stats["iteration"], stats["psnr"], stats["gaussians"], rate, stats["keyframes"])
+        if bar is not None:
+            bar.set_postfix(psnr=f"{stats['psnr']:.2f}", gaussians=stats["gaussians"])
+        if self.on_progress is not None:
+            self.on_progress(stats)
+        self._log_clock, self._log_iteration, self._recent_psnr = now, self.iteration, []
+
+    def finish(self, extra_iterations: Optional[int] = None, time_budget_s: Optional[float] = None) -> dict:
+        """Global refinement over all keyframes (random order, each epoch a permutation, as 3DGS
+        does). Default length: up to `total_iterations`; default time cap: `finish_time_budget_s`.
+        Returns {"iterations", "seconds", "psnr", "gaussians"}."""
+        with self._threads():
+            return self._finish(extra_iterations, time_budget_s)
+
+    def _finish(self, extra_iterations: Optional[int], time_budget_s: Optional[float]) -> dict:
+        opt = self.config.optimisation
+        start = time.perf_counter()
+        if extra_iterations is None:
+            extra_iterations = max(opt.total_iterations - self.iteration, 0)
+        if time_budget_s is None:
+            time_budget_s = opt.finish_time_budget_s
+        deadline = None if time_budget_s is None else start + time_budget_s
+        order: list[Keyframe] = []
+
+        def view_for(_: int) -> Keyframe:
+            if not order:
+                order.extend(self.keyframes[i] for i in self.rng.permutation(len(self.keyframes)))
+            return order.pop()
+
+        bar = None
+        if self.progress_bar:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=extra_iterations, desc="refine", unit="it")
+        try:
+            done, psnrs = self._optimise(extra_iterations, view_for, deadline=deadline, bar=bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        result = {"iterations": done, "seconds": time.perf_counter() - start,
+                  "psnr": float(np.mean(psnrs[-50:])) if psnrs else None, "gaussians": self.scene.n}
+        logger.info("refinement: %d iterations in %.1f s, train PSNR %s, %d Gaussians", done, result["seconds"],
+                    f"{result['psnr']:.2f} dB" if result["psnr"] is not None else "n/a", self.scene.n)
+        return result

@@ -1,0 +1,8 @@
+"""Gaussian splatting: one `render()` for every backend (gsplat on CUDA, numba on the CPU).
+
+See render.py for the conventions; types.py for the data contract.
+"""
+from .render import contributors, render
+from .types import Backend, Gaussians, Primitive, RasterConfig, RenderOutput
+
+__all__ = ["render", "contributors", "Gaussians", "RenderOutput", "RasterConfig", "Primitive", "Backend"]

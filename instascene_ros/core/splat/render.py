@@ -1,0 +1,166 @@
+"""The one public way to render Gaussians: `render()`, and `contributors()` for the tracker.
+
+Backends (`backend=`):
+- "gsplat": CUDA tensors, gsplat 1.5.3 (gsplat_backend.py);
+- "numba": CPU, our tile kernels with a hand-written backward (numba_kernels.py);
+- "torch-reference": pure torch on any device, tile-chunked and checkpointed (torch_reference.py);
+- "auto": gsplat when the Gaussians live on CUDA, numba otherwise;
+- "torch-dense": every pixel against every Gaussian in pure torch; the tests' reference, tiny
+  scenes only.
+
+Conventions (DESIGN.md, identical on every backend): world-to-camera view matrices from
+Camera.world_to_cam, K in pixels, pixel centres at +0.5, alpha >= min_alpha kept, alpha capped
+at max_alpha, a pixel stops before the splat that would take T to <= min_transmittance, eps2d
+dilation, colour = max(SH(dir) + 0.5, 0) with dir = mean - camera centre (gsplat / 3DGS).
+Colour, the F feature channels and depth are composited in one pass as channels of one image;
+features see a zero background, depth is sum_i w_i z_i (not divided by alpha).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..camera import Camera
+from . import gsplat_backend, numba_kernels, torch_reference
+from .projection import (camera_positions, intrinsics, project_gaussians, project_surfels, sh_to_color,
+                         view_matrices)
+from .types import Backend, Gaussians, Primitive, RasterConfig, RenderOutput
+
+_BACKENDS = ("auto", "numba", "gsplat", "torch-reference", "torch-dense")
+
+
+def _check_cameras(cameras: Sequence[Camera]) -> list[Camera]:
+    if isinstance(cameras, Camera):
+        cameras = [cameras]
+    cameras = list(cameras)
+    if not cameras:
+        raise ValueError("render() needs at least one camera")
+    size = (cameras[0].width, cameras[0].height)
+    for cam in cameras:
+        if (cam.width, cam.height) != size:
+            raise ValueError(f"all cameras of one render() call share one image size: {size} vs "
+                             f"{(cam.width, cam.height)}")
+    return cameras
+
+
+def _resolve_backend(backend: str, gaussians: Gaussians) -> str:
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {_BACKENDS}")
+    if backend == "auto":
+        return "gsplat" if gaussians.means.is_cuda else "numba"
+    if backend == "numba" and gaussians.means.is_cuda:
+        raise ValueError("the numba backend renders CPU tensors; move the Gaussians to the CPU or use 'gsplat'")
+    return backend
+
+
+def _check_primitive(primitive: str) -> bool:
+    """True for 2D Gaussian surfels."""
+    if primitive not in ("3dgs", "2dgs"):
+        raise ValueError(f"unknown primitive {primitive!r}; choose '3dgs' or '2dgs'")
+    return primitive == "2dgs"
+
+
+def _project(gaussians: Gaussians, cameras: Sequence[Camera], surfel: bool, config: RasterConfig, detach: bool = False):
+    """Screen-space splats: (means2d, geometry (C, N, G), depths, radii, opacities, normals or None)."""
+    g = gaussians
+    tensors = [g.means, g.quats, g.log_scales, g.opacity_logits]
+    if detach:
+        tensors = [t.detach().cpu() for t in tensors]
+    means = tensors[0]
+    viewmats = view_matrices(cameras, means.dtype, means.device)
+    Ks = intrinsics(cameras, means.dtype, means.device)
+    width, height = int(cameras[0].width), int(cameras[0].height)
+    if surfel:
+        proj = project_surfels(*tensors, viewmats, Ks, width, height, config)
+        return proj.means2d, proj.ray_transforms, proj.depths, proj.radii, proj.opacities, proj.normals, viewmats
+    proj = project_gaussians(*tensors, viewmats, Ks, width, height, config)
+    return proj.means2d, proj.conics, proj.depths, proj.radii, proj.opacities, None, viewmats
+
+
+def render(gaussians: Gaussians, cameras: Sequence[Camera], *, primitive: Primitive = "3dgs",
+           backend: Backend = "auto", background: Optional[torch.Tensor] = None, sh_degree: Optional[int] = None,
+           config: RasterConfig = RasterConfig()) -> RenderOutput:
+    """Render C cameras (one image size) of the Gaussians; differentiable in every Gaussian parameter.
+
+    primitive: "3dgs" (3D Gaussians, EWA splatting) or "2dgs" (2D Gaussian surfels: ray-splat
+    intersection; also returns median_depth and camera-frame normals).
+    background: (3,) or (C, 3) colour behind the splats (default black).
+    sh_degree: SH bands to use (default: all the coefficients hold).
+    Returns RenderOutput with color (C, H, W, 3), depth (C, H, W), alpha (C, H, W), features
+    (C, H, W, F) when the Gaussians have features, means2d (C, N, 2) (gradient retained for
+    densification) and radii (C, N, 2); with 2DGS also median_depth (C, H, W) and normals
+    (C, H, W, 3, composited, not normalised).
+    """
+    cameras = _check_cameras(cameras)
+    surfel = _check_primitive(primitive)
+    backend = _resolve_backend(backend, gaussians)
+    if backend == "gsplat":
+        return gsplat_backend.render_gsplat(gaussians, cameras, background, sh_degree, config, primitive)
+
+    means = gaussians.means
+    dtype, device = means.dtype, means.device
+    width, height = int(cameras[0].width), int(cameras[0].height)
+    means2d, geometry, depths, radii, opacities, normals, viewmats = _project(gaussians, cameras, surfel, config)
+    if means2d.requires_grad:
+        means2d.retain_grad()
+    rgb = sh_to_color(gaussians.sh, means, camera_positions(viewmats), sh_degree)  # (C, N, 3)
+    n_features = 0 if gaussians.features is None else int(gaussians.features.shape[1])
+    backgrounds = gsplat_backend.background_channels(background, len(cameras), n_features, dtype, device)
+    extra = 1 + (3 if surfel else 0)  # depth (+ normals), composited over 0
+    backgrounds = torch.cat([backgrounds, torch.zeros_like(backgrounds[:, :1]).expand(-1, extra)], dim=-1)
+    depth_channel = 3 + n_features
+
+    images, alphas, medians = [], [], []
+    for c in range(len(cameras)):
+        parts = [rgb[c]]
+        if n_features:
+            parts.append(gaussians.features)
+        parts.append(depths[c][:, None])
+        if surfel:
+            parts.append(normals[c])
+        channels = torch.cat(parts, dim=-1)
+        median_channel = depth_channel if surfel else -1
+        if backend == "numba":
+            image, alpha, median = numba_kernels.NumbaRasterize.apply(
+                means2d[c], geometry[c], opacities, channels, backgrounds[c], radii[c], depths[c], width, height,
+                config, config.num_threads, surfel, median_channel)
+        else:
+            composite = torch_reference.composite_dense if backend == "torch-dense" else \
+                torch_reference.composite_chunked
+            image, alpha, median = composite(means2d[c], geometry[c], opacities, channels, depths[c], radii[c],
+                                             backgrounds[c], width, height, config, surfel, median_channel)
+        images.append(image)
+        alphas.append(alpha)
+        medians.append(median)
+    image = torch.stack(images)
+    return RenderOutput(
+        color=image[..., :3],
+        depth=image[..., depth_channel],
+        alpha=torch.stack(alphas),
+        features=image[..., 3:3 + n_features] if n_features else None,
+        median_depth=torch.stack(medians) if surfel else None,
+        normals=image[..., depth_channel + 1:depth_channel + 4] if surfel else None,
+        means2d=means2d,
+        radii=radii,
+    )
+
+
+@torch.no_grad()
+def contributors(gaussians: Gaussians, camera: Camera, *, t_min: float = 0.5, primitive: Primitive = "3dgs",
+                 config: RasterConfig = RasterConfig()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per pixel, the Gaussians composited while the transmittance in front of them is > t_min.
+
+    Returns a CSR over pixels in row-major order (index = row * width + col):
+    pixel_offsets (H*W + 1,) int64, gaussian_ids (M,) int64 (rows of `gaussians`), weights (M,)
+    float32 (blend weight alpha * T). Pixel p's contributors are ids[offsets[p]:offsets[p+1]],
+    front to back. Runs on the CPU kernel whatever the device of the Gaussians.
+    """
+    surfel = _check_primitive(primitive)
+    camera = _check_cameras([camera])[0]
+    means2d, geometry, depths, radii, opacities, _, _ = _project(gaussians, [camera], surfel, config, detach=True)
+    splats = numba_kernels.Splats(means2d[0].numpy(), geometry[0].numpy(), opacities.numpy(), radii[0].numpy(),
+                                  depths[0].numpy(), np.zeros((means2d.shape[1], 0), np.float32), surfel)
+    return numba_kernels.list_contributors(splats, int(camera.width), int(camera.height), config, float(t_min),
+                                           config.num_threads)
