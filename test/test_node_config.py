@@ -1,0 +1,69 @@
+"""The parameter YAML, the node declarations and the launch manifest agree (no ROS graph needed)."""
+import ast
+import dataclasses
+import importlib
+import pathlib
+
+import yaml
+
+from instascene_ros.ros.launcher import MANIFEST, load_manifest, node_command, selected_nodes
+from instascene_ros.ros.parameters import DESCRIPTIONS, NodeParameters, validate
+from instascene_ros.ros.segmenter_node import PARAMETERS as SEGMENTER_PARAMETERS
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = yaml.safe_load((ROOT / "config" / "instascene.yaml").read_text())
+
+
+def test_yaml_lists_every_mapper_parameter_with_its_default():
+    yaml_params = CONFIG["/**/instascene_node"]["ros__parameters"]
+    defaults = NodeParameters()
+    names = {field.name for field in dataclasses.fields(NodeParameters)}
+    assert set(yaml_params) == names
+    assert set(DESCRIPTIONS) == names
+    for name in names:
+        value = getattr(defaults, name)
+        assert yaml_params[name] == value or (isinstance(value, float) and float(yaml_params[name]) == value), name
+    validate(NodeParameters(**yaml_params))
+
+
+def test_yaml_lists_every_segmenter_parameter_with_its_default():
+    yaml_params = CONFIG["/**/instascene_segmenter"]["ros__parameters"]
+    assert set(yaml_params) == set(SEGMENTER_PARAMETERS)
+    for name, (default, _) in SEGMENTER_PARAMETERS.items():
+        assert yaml_params[name] == default, name
+
+
+def test_manifest_nodes_exist_and_commands_apply_launch_arguments():
+    arguments, nodes = load_manifest()
+    assert {n.name for n in nodes} == {"instascene_node", "instascene_segmenter"}
+    for node in nodes:
+        module = importlib.import_module(node.module)
+        assert callable(module.main)
+        script = ROOT / "scripts" / node.executable
+        assert script.exists() and node.module in script.read_text()
+    arguments.update(namespace="robot1", use_sim_time="true", with_segmenter="false")
+    chosen = selected_nodes(nodes, arguments)
+    assert [n.name for n in chosen] == ["instascene_node"]
+    command = node_command(chosen[0], arguments)
+    assert command[command.index("--params-file") + 1] == str(ROOT / "config" / "instascene.yaml")
+    assert "__ns:=/robot1" in command and "use_sim_time:=true" in command
+    assert "mask:=instascene_segmenter/mask" in command
+
+
+def test_launch_file_reads_the_same_manifest_with_launch_ros():
+    source = (ROOT / "launch" / "instascene.launch.py").read_text()
+    tree = ast.parse(source)
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}
+    assert {"Node", "DeclareLaunchArgument", "LaunchConfiguration", "IfCondition"} <= imported
+    assert MANIFEST.name in source
+    manifest = yaml.safe_load(MANIFEST.read_text())
+    assert set(manifest["arguments"]) == {"namespace", "params_file", "use_sim_time", "with_segmenter"}
+
+
+def test_cmake_installs_the_executables_and_interfaces():
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    for node in load_manifest()[1]:
+        assert f"scripts/{node.executable}" in cmake
+    for folder in ("msg", "srv", "action"):
+        for path in (ROOT / folder).iterdir():
+            assert f'"{folder}/{path.name}"' in cmake, path

@@ -1,0 +1,96 @@
+"""instascene_node across real processes: a generated scene streamed over DDS into the node.
+
+One node run (namespaced, with a params file) serves every check, because starting the mapper
+and streaming a scene is the expensive part: bad input is dropped and counted, the instances
+match the ground truth, services and the action answer, save/load/forget behave, and SIGINT
+ends the node cleanly.
+"""
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import trimesh
+
+PEERS = pathlib.Path(__file__).parent / "ros_peers"
+SCENE_ARGS = ["--seed", "5", "--views", "14", "--test-views", "2", "--res", "96", "--objects", "6", "--mask-noise", "0"]
+
+
+@pytest.fixture(scope="module")
+def small_scene(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ros_scene") / "scene"
+    subprocess.run([sys.executable, "-m", "instascene_ros.cli", "make-scene", str(path), *SCENE_ARGS, "--no-progress"],
+                   check=True, capture_output=True, timeout=300)
+    return path
+
+
+def test_node_end_to_end(small_scene, ros_env, ros_processes, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("/**/instascene_node:\n  ros__parameters:\n    global_frame: world\n    queue_size: 30\n"
+                      "    instances_rate_hz: 2.0\n    diagnostics_rate_hz: 2.0\n")
+    node = ros_processes(["-m", "instascene_ros.ros.mapper_node", "--ros-args", "-r", "__ns:=/robot1",
+                          "--params-file", str(params),
+                          "-r", "image:=/camera/color/image_raw", "-r", "camera_info:=/camera/color/camera_info",
+                          "-r", "depth:=/camera/aligned_depth_to_color/image_raw", "-r", "mask:=/segmenter/mask"],
+                         ros_env)
+    bad = subprocess.run([sys.executable, str(PEERS / "bad_input.py"), str(small_scene)], env=ros_env,
+                         capture_output=True, text=True, timeout=120)
+    assert "DONE" in bad.stdout, bad.stderr
+    publisher = subprocess.run([sys.executable, "-m", "instascene_ros.cli", "publish-dataset", str(small_scene),
+                                "--rate", "2"], env=ros_env, capture_output=True, text=True, timeout=180)
+    assert "published 14 frames" in publisher.stdout, publisher.stderr
+    client = subprocess.run([sys.executable, str(PEERS / "node_client.py"), "/robot1/instascene_node", "6", "420",
+                             str(tmp_path / "map.instascene")], env=ros_env, capture_output=True, text=True,
+                            timeout=600)
+    assert client.returncode == 0, client.stderr[-3000:]
+    result = json.loads(client.stdout.strip().splitlines()[-1])
+    assert node.poll() is None, "the node died"
+
+    # bad input: every malformed message dropped with its reason counted, the node alive
+    diagnostics = result["diagnostics"]
+    for reason in ("drops/bad_image", "drops/bad_camera_info", "drops/no_pose",
+                   "drops/out-of-order or duplicate image stamp"):
+        assert int(diagnostics.get(reason, 0)) >= 1, (reason, diagnostics)
+    assert int(diagnostics["frames_mapped"]) >= 14
+
+    # instances against ground truth: every object found once, clouds on their own object
+    meshes = {int(p.stem): trimesh.load(p, force="mesh") for p in (small_scene / "gt_meshes").glob("*.ply")}
+    points = np.asarray(result["cloud"]["points"])
+    labels = np.asarray(result["cloud"]["instance"])
+    assert result["cloud"]["frame_id"] == "world"
+    claimed = {}
+    for instance in result["instances"]:
+        cloud = points[labels == instance["id"]]
+        distances = np.stack([np.abs(trimesh.proximity.signed_distance(mesh, cloud)) for mesh in meshes.values()], 1)
+        nearest = np.array(list(meshes))[np.argmin(distances, axis=1)]
+        owner = int(np.bincount(nearest).argmax())
+        precision = float(np.mean(distances[np.arange(len(cloud)), list(meshes).index(owner)] < 0.01))
+        assert precision >= 0.8, f"instance {instance['id']}: only {precision:.2f} of its points within 1 cm of GT"
+        assert owner not in claimed, f"instances {claimed.get(owner)} and {instance['id']} are both object {owner}"
+        claimed[owner] = instance["id"]
+    assert len(claimed) == len(meshes), f"found {sorted(claimed)} of objects {sorted(meshes)}"
+    assert result["list_latency_p95_s"] < 0.1
+
+    # services and action
+    assert result["completed"]["success"] and result["completed"]["n_faces"] >= 4
+    vertices = np.asarray(result["completed"]["vertices"])
+    mesh = trimesh.Trimesh(vertices + np.asarray(result["completed"]["position"]), result["completed"]["faces"])
+    assert mesh.is_watertight
+    assert np.abs(vertices.max(0) + vertices.min(0)).max() < 1e-6, "vertices are not in the object frame"
+    assert not result["completed_unknown"]["success"] and "unknown instance 99999" in result["completed_unknown"]["message"]
+    assert result["action"]["success"] and result["action"]["feedback"][-1] == pytest.approx(1.0)
+    assert result["segment"]["success"] and result["segment"]["mask_size"] == [96, 96]
+
+    # persistence and edits
+    assert result["save"]["success"]
+    assert not result["load_corrupt"]["success"] and "unchanged" in result["load_corrupt"]["message"]
+    assert result["instances_after_corrupt_load"] == len(result["instances"])
+    assert result["forget"]["success"] and result["forget"]["forgotten"] not in result["forget"]["ids_after"]
+    assert result["load"]["success"] and result["forget"]["forgotten"] in result["load"]["ids_after"]
+
+    node.send_signal(2)
+    node.wait(timeout=30)
+    assert node.returncode == 0, node.stderr.read()[-2000:]
