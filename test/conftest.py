@@ -20,6 +20,28 @@ def ros_env(tmp_path):
     return ros_environment(domain_id=domain_id, log_dir=log_dir)
 
 
+def wait_for_output(process, text: str, timeout: float, stream: str = "stderr") -> str:
+    """Read a child's stream until a line contains `text`; returns what was read (fails on timeout/exit)."""
+    import selectors
+    import time
+
+    pipe = getattr(process, stream)
+    selector = selectors.DefaultSelector()
+    selector.register(pipe, selectors.EVENT_READ)
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if selector.select(timeout=0.5):
+            line = pipe.readline()
+            if not line and process.poll() is not None:
+                break
+            seen.append(line)
+            if text in line:
+                return "".join(seen)
+        elif process.poll() is not None:
+            break
+    raise AssertionError(f"no '{text}' within {timeout} s (exit code {process.poll()}):\n" + "".join(seen)[-3000:])
+
+
 @pytest.fixture
 def ros_processes():
     """Start processes with `start(args, env)`; every one still running is SIGINT-ed, then killed."""

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import trimesh
 
+from conftest import wait_for_output
+
 PEERS = pathlib.Path(__file__).parent / "ros_peers"
 SCENE_ARGS = ["--seed", "5", "--views", "14", "--test-views", "2", "--res", "96", "--objects", "6", "--mask-noise", "0"]
 
@@ -36,13 +38,14 @@ def test_node_end_to_end(small_scene, ros_env, ros_processes, tmp_path):
                           "-r", "image:=/camera/color/image_raw", "-r", "camera_info:=/camera/color/camera_info",
                           "-r", "depth:=/camera/aligned_depth_to_color/image_raw", "-r", "mask:=/segmenter/mask"],
                          ros_env)
+    wait_for_output(node, "ready:", timeout=120)
     bad = subprocess.run([sys.executable, str(PEERS / "bad_input.py"), str(small_scene)], env=ros_env,
                          capture_output=True, text=True, timeout=120)
     assert "DONE" in bad.stdout, bad.stderr
     publisher = subprocess.run([sys.executable, "-m", "instascene_ros.cli", "publish-dataset", str(small_scene),
                                 "--rate", "2"], env=ros_env, capture_output=True, text=True, timeout=180)
     assert "published 14 frames" in publisher.stdout, publisher.stderr
-    client = subprocess.run([sys.executable, str(PEERS / "node_client.py"), "/robot1/instascene_node", "6", "420",
+    client = subprocess.run([sys.executable, str(PEERS / "node_client.py"), "/robot1/instascene_node", "6", "15", "480",
                              str(tmp_path / "map.instascene")], env=ros_env, capture_output=True, text=True,
                             timeout=600)
     assert client.returncode == 0, client.stderr[-3000:]

@@ -47,6 +47,10 @@ class CadenceConfig:
     retrace_per_solve: int = 2  # oldest-traced keyframes re-traced against the current map per solve
     feature_steps_per_keyframe: int = 4  # feature-field steps interleaved after each keyframe
     finish_feature_steps: int = 300  # extra steps in `finish` (offline run / end of stream)
+    # When no frame is waiting, the online node keeps improving the map: short refinement bursts
+    # over all keyframes until the preset's iteration budget is spent, then an instance update.
+    idle_refine_iterations: int = 10
+    idle_feature_steps: int = 10
     trace_t_min: float = 0.5  # InstaScene: contributors while transmittance > 0.5
 
 
@@ -265,6 +269,25 @@ class Pipeline:
         for event in tracker_events:
             kind = {"created": "created", "merged": "merged", "removed": "forgotten"}[event.kind]
             self._events.append(InstanceEventInfo(kind, int(event.instance_id), tuple(event.sources), version))
+
+    def idle_step(self) -> dict:
+        """Work to do while no frame is waiting (online): instances first, then refinement.
+
+        Returns the timings of what was done ({} when the map is already as good as its budget).
+        """
+        with self.lock:
+            if not self.mapper.keyframes:
+                return {}
+            if self.keyframes_since_solve > 0 and self.masks:
+                return self.update_instances(self.config.cadence.idle_feature_steps)
+            if self.mapper.iteration >= self.config.mapper.optimisation.total_iterations:
+                return {}
+            tic = time.perf_counter()
+            self.mapper.finish(extra_iterations=self.config.cadence.idle_refine_iterations, time_budget_s=None)
+            timings = {"idle_refine": time.perf_counter() - tic}
+            if self.masks:
+                timings.update(self.update_instances(self.config.cadence.idle_feature_steps, retrace=1))
+            return timings
 
     def finish(self, extra_iterations: Optional[int] = None, time_budget_s: Optional[float] = None) -> dict:
         """End of stream: global refinement, full re-trace, and a longer feature-field fit."""

@@ -136,12 +136,25 @@ class InstaSceneNode(Node):
             try:
                 synced = self._queue.get(timeout=0.2)
             except queue.Empty:
+                self._idle()
                 continue
             try:
                 self._map_one(synced)
             except Exception as error:  # the node must outlive any single frame
                 self.drops[f"internal error: {type(error).__name__}"] += 1
                 self.get_logger().error(f"frame at {synced.stamp:.3f} failed: {error!r}")
+
+    def _idle(self) -> None:
+        """No frame waiting: let the pipeline refine the map and refresh the instances."""
+        try:
+            timings = self.pipeline.idle_step()
+        except Exception as error:  # the node must outlive any refinement failure
+            self.drops[f"internal error: {type(error).__name__}"] += 1
+            self.get_logger().error(f"idle refinement failed: {error!r}", throttle_duration_sec=10.0)
+            return
+        self.stage_seconds.update(timings)
+        for event in self.pipeline.drain_events():
+            self.pub_events.publish(mapper_services.event_msg(self, event))
 
     def _map_one(self, synced) -> None:
         start = time.perf_counter()

@@ -1,6 +1,9 @@
 """Test peer: exercises instascene_node's topics, services and action; prints one JSON line.
 
-usage: node_client.py NODE_NAMESPACE MIN_INSTANCES TIMEOUT_S [SAVE_PATH]
+usage: node_client.py NODE_NAMESPACE MIN_INSTANCES MIN_FRAMES_MAPPED TIMEOUT_S [SAVE_PATH]
+
+Waits until the node reports MIN_FRAMES_MAPPED mapped frames in /diagnostics and has updated its
+instances twice since (idle refinement), or until it lists MIN_INSTANCES instances after that.
 """
 import json
 import sys
@@ -34,9 +37,17 @@ def call(node, client, request, timeout=60.0):
     return future.result(), time.perf_counter() - start
 
 
+def _diagnostic(state, key) -> int:
+    if not state["diagnostics"]:
+        return -1
+    values = {kv.key: kv.value for kv in state["diagnostics"][-1].status[0].values}
+    return int(float(values.get(key, -1)))
+
+
 def main():
-    prefix, min_instances, timeout = sys.argv[1].rstrip("/"), int(sys.argv[2]), float(sys.argv[3])
-    save_path = sys.argv[4] if len(sys.argv) > 4 else ""
+    prefix, min_instances = sys.argv[1].rstrip("/"), int(sys.argv[2])
+    min_frames, timeout = int(sys.argv[3]), float(sys.argv[4])
+    save_path = sys.argv[5] if len(sys.argv) > 5 else ""
     rclpy.init()
     node = Node("instascene_test_client")
     state = {"arrays": [], "cloud": None, "diagnostics": []}
@@ -50,12 +61,18 @@ def main():
     result = {}
     deadline = time.monotonic() + timeout
     latencies = []
+    version_when_mapped = None
     while time.monotonic() < deadline:
         rclpy.spin_once(node, timeout_sec=0.5)
         response, seconds = call(node, clients["list_instances"], ListInstances.Request())
         latencies.append(seconds)
-        if len(response.instances.instances) >= min_instances:
+        mapped = _diagnostic(state, "frames_mapped")
+        if version_when_mapped is None and mapped >= min_frames and _diagnostic(state, "queue_depth") == 0:
+            version_when_mapped = response.instances.map_version
+        if version_when_mapped is not None and (response.instances.map_version >= version_when_mapped + 2
+                                                and len(response.instances.instances) >= min_instances):
             break
+    result["waited_s"] = timeout - (deadline - time.monotonic())
     result["list_latency_p95_s"] = float(np.percentile(latencies, 95)) if latencies else None
     listing = response.instances
     result["instances"] = [{"id": i.id, "n_gaussians": i.n_gaussians, "map_version": i.map_version,
