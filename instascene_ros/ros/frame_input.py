@@ -54,9 +54,13 @@ class FrameAssembler:
     `lookup_pose(frame_id, stamp) -> 4x4 T_world_cam` raises TransformError when unavailable.
     """
 
-    def __init__(self, lookup_pose: Callable[[str, float], np.ndarray], limits: InputLimits = InputLimits()):
+    def __init__(self, lookup_pose: Callable[[str, float], np.ndarray], limits: InputLimits = InputLimits(),
+                 self_filter: Optional[np.ndarray] = None):
         self.lookup_pose = lookup_pose
         self.limits = limits
+        # (H, W) bool: pixels that show the robot itself. They give no depth (no Gaussians are
+        # seeded on the arm) and no mask (the arm never becomes an instance).
+        self.self_filter = self_filter
         self._rectifiers: dict[tuple, Rectifier] = {}
 
     def _rectifier(self, info) -> Rectifier:
@@ -109,6 +113,14 @@ class FrameAssembler:
                 mask = rectifier.rectify_mask(mask_from_image(mask_msg))
         except MessageError as error:
             raise DropReason("bad_depth_or_mask", str(error)) from error
+        if self.self_filter is not None:
+            if self.self_filter.shape != rgb.shape[:2]:
+                raise DropReason("self_filter_size", f"self_filter_mask is {self.self_filter.shape[1]}x"
+                                                     f"{self.self_filter.shape[0]}, image {rgb.shape[1]}x{rgb.shape[0]}")
+            if depth is not None:
+                depth = np.where(self.self_filter, 0.0, depth).astype(np.float32)
+            if mask is not None:
+                mask = np.where(self.self_filter, 0, mask).astype(np.int32)
         frame = Frame(rgb=rectifier.rectify_color(rgb), camera=camera, stamp=stamp, depth=depth, mask=mask,
                       name=f"{stamp:.6f}")
         try:

@@ -63,7 +63,8 @@ class InstaSceneNode(Node):
         else:
             lookup = self.pose_topic = PoseTopicLookup(self.params.global_frame, self.params.pose_max_gap_s)
             self.create_subscription(PoseStamped, "~/pose", self._on_pose, RELIABLE, callback_group=input_group)
-        self.assembler = FrameAssembler(lookup, InputLimits(max_image_pixels=self.params.max_image_pixels))
+        self.assembler = FrameAssembler(lookup, InputLimits(max_image_pixels=self.params.max_image_pixels),
+                                        self_filter=self._load_self_filter(self.params.self_filter_mask))
 
         required = ["camera_info"] + (["depth"] if self.params.use_depth else [])
         optional = ["mask"] if self.params.use_masks else []
@@ -101,6 +102,19 @@ class InstaSceneNode(Node):
         self._worker.start()
         self.get_logger().info(f"ready: preset={self.params.preset} device={self.params.device} "
                                f"pose_source={self.params.pose_source} global_frame={self.params.global_frame}")
+
+    @staticmethod
+    def _load_self_filter(path: str):
+        if not path:
+            return None
+        import os
+
+        from PIL import Image as PILImage
+        path = os.path.expanduser(path)
+        if not os.path.exists(path):
+            raise ValueError(f"self_filter_mask '{path}' does not exist")
+        with PILImage.open(path) as image:
+            return np.asarray(image.convert("L")) > 0
 
     def _period_timer(self, rate_hz: float, callback, group) -> None:
         if rate_hz > 0:

@@ -51,7 +51,7 @@ DESCRIPTIONS = {
     "pose_max_gap_s": "pose_topic: max stamp difference between an image and the nearest pose",
     "queue_size": "frames waiting for the mapper; when full, new frames are dropped and counted",
     "max_image_pixels": "images with more pixels are dropped (memory guard)",
-    "workspace_min": "workspace crop box minimum corner [x, y, z] in global_frame; Gaussians outside are not kept",
+    "workspace_min": "workspace crop box minimum corner [x, y, z] in global_frame; instances outside it are not published",
     "workspace_max": "workspace crop box maximum corner [x, y, z] in global_frame",
     "self_filter_mask": "PNG marking image pixels that show the robot itself (non-zero = ignored); '' = none",
     "scene_cloud_rate_hz": "rate of ~/scene/cloud (Gaussian centres and colours)",
