@@ -67,3 +67,14 @@ def test_cmake_installs_the_executables_and_interfaces():
     for folder in ("msg", "srv", "action"):
         for path in (ROOT / folder).iterdir():
             assert f'"{folder}/{path.name}"' in cmake, path
+
+
+def test_rviz_config_shows_what_the_node_publishes():
+    rviz = yaml.safe_load((ROOT / "config" / "instascene.rviz").read_text())
+    topics = {display["Topic"]["Value"] for display in rviz["Visualization Manager"]["Displays"] if "Topic" in display}
+    assert {"/instascene_node/instances/cloud", "/instascene_node/instances/markers",
+            "/instascene_node/instance_overlay", "/instascene_node/scene/cloud"} <= topics
+    source = (ROOT / "instascene_ros" / "ros" / "mapper_node.py").read_text()
+    for topic in topics:
+        if topic.startswith("/instascene_node/"):
+            assert f'"~/{topic.split("/instascene_node/")[1]}"' in source, topic
