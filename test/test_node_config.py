@@ -48,6 +48,8 @@ def test_manifest_nodes_exist_and_commands_apply_launch_arguments():
     assert command[command.index("--params-file") + 1] == str(ROOT / "config" / "instascene.yaml")
     assert "__ns:=/robot1" in command and "use_sim_time:=true" in command
     assert "mask:=instascene_segmenter/mask" in command
+    # remapping matches whole names: the compressed input needs its own rule
+    assert "image/compressed:=/camera/color/image_raw/compressed" in command
 
 
 def test_launch_file_reads_the_same_manifest_with_launch_ros():
