@@ -19,6 +19,7 @@ SUBCOMMANDS = [
     ("bench", "instascene_ros.commands.bench"),
     ("launch", "instascene_ros.commands.launch"),
     ("publish-dataset", "instascene_ros.commands.publish_dataset"),
+    ("play / record", "instascene_ros.commands.bag"),
 ]
 
 
