@@ -649,3 +649,19 @@ def test_speed_100_frames_20_masks_2000_gaussians():
         assert objects.size == 1
         assert instance.gaussian_ids.size > 0.9 * per_object
     assert elapsed_cpu < 5.0
+
+
+def test_children_inherit_their_parents_trackers():
+    from instascene_ros.core.tracker import SpatialTracker
+
+    tracker = SpatialTracker()
+    mask = np.array([[1, 2]])
+    tracker.add_frame(0, mask, {1: np.array([10, 11]), 2: np.array([20])}, np.array([10, 11, 20, 30]))
+    # 11 was split into 40 and 41; 30 (visible, in no mask) was cloned into 42; 99 has no parent
+    added = tracker.inherit(np.array([40, 41, 42, 99, 10]), np.array([11, 11, 30, -1, -1]))
+    record = tracker._frames[0]
+    assert added == 3
+    assert set(record.trackers[1].tolist()) == {10, 11, 40, 41}
+    assert set(record.trackers[2].tolist()) == {20}
+    assert {40, 41, 42} <= set(record.visible.tolist()) and 99 not in set(record.visible.tolist())
+    assert tracker.inherit(np.array([40]), np.array([11])) == 0  # idempotent

@@ -215,9 +215,10 @@ class Pipeline:
                     trackers, visible = self._trace(cameras[index], self.masks[index])
                     self.tracker.retrace(index, trackers, visible)
                     self.traced_at[index] = self.mapper.iteration
+            scene = self.mapper.scene
+            self.tracker.inherit(scene.ids.cpu().numpy(), scene.parent_ids.cpu().numpy())
             timings["retrace"] = time.perf_counter() - tic
             tic = time.perf_counter()
-            scene = self.mapper.scene
             ids = scene.ids.cpu().numpy()
             positions = scene.means.detach().cpu().numpy()
             result = self.tracker.solve((ids, positions))

@@ -118,6 +118,34 @@ class SpatialTracker:
     def remove_frame(self, frame_index: int) -> None:
         del self._frames[int(frame_index)]
 
+    def inherit(self, child_ids: np.ndarray, parent_ids: np.ndarray) -> int:
+        """Let Gaussians born by cloning / splitting join their parent's trackers and visible sets.
+
+        Between re-traces the map densifies: a split removes the parent and adds children with
+        new ids, which no tracker knows, so instance priors would erode until every frame is
+        re-traced. Children inherit what their parent was part of (the split keeps them inside
+        the parent's footprint). Returns how many (frame, child) memberships were added.
+        """
+        child_ids = np.asarray(child_ids, dtype=np.int64).reshape(-1)
+        parent_ids = np.asarray(parent_ids, dtype=np.int64).reshape(-1)
+        keep = parent_ids >= 0
+        child_ids, parent_ids = child_ids[keep], parent_ids[keep]
+        added = 0
+        if child_ids.size == 0:
+            return 0
+        for frame_index, record in list(self._frames.items()):
+            seen = np.isin(parent_ids, record.visible) & ~np.isin(child_ids, record.visible)
+            if not seen.any():
+                continue
+            trackers = {}
+            for mask_id, ids in record.trackers.items():
+                joins = seen & np.isin(parent_ids, ids)
+                trackers[mask_id] = np.concatenate([ids, child_ids[joins]]) if joins.any() else ids
+            visible = np.concatenate([record.visible, child_ids[seen]])
+            self._frames[frame_index] = self._record(frame_index, record.mask_ids, trackers, visible)
+            added += int(seen.sum())
+        return added
+
     def _record(self, frame_index: int, mask_ids: np.ndarray, trackers: Mapping[int, np.ndarray],
                 visible_set: np.ndarray) -> FrameRecord:
         known = set(mask_ids.tolist())
