@@ -1,8 +1,14 @@
 """`instascene demo`: the main job on an embedded default, end to end, with pictures.
 
-Generates the default tabletop scene (cached under data/), writes a run folder with a contact
-sheet of what the pipeline is given (RGB, depth, ground-truth and noisy 2D masks) and prints
-where it is.
+1. generates the default tabletop scene (cached under data/) and draws what the pipeline is
+   given (RGB, depth, ground-truth and noisy 2D masks);
+2. starts the segmenter and mapper nodes from the launch manifest, streams the scene over ROS
+   like a camera on a robot arm (images, camera_info, depth, /tf), waits for the map;
+3. acts as a manipulation planner: lists the instances, asks for every object's mesh and runs the
+   completion action once; writes the meshes (world frame, PLY), the node's overlays, a contact
+   sheet and report.json into the run folder, scored against the scene's ground truth;
+4. stops every node with SIGINT and checks they exited cleanly.
+`--no-ros` stops after step 1.
 """
 from __future__ import annotations
 
@@ -27,6 +33,12 @@ def add_parser(subparsers) -> None:
                         help="where the default scene is generated (reused when present)")
     parser.add_argument("--out", type=pathlib.Path, default=None, help="run folder (default: runs/demo-<time>)")
     parser.add_argument("--views-on-sheet", type=int, default=6, help="views shown on the contact sheet")
+    parser.add_argument("--no-ros", action="store_true", help="only generate the scene and draw the inputs")
+    parser.add_argument("--every", type=int, default=2, help="stream every n-th training view (CPU budget)")
+    parser.add_argument("--rate", type=float, default=1.0, help="camera frames per second")
+    parser.add_argument("--masks", choices=["segmenter", "dataset"], default="dataset",
+                        help="2D masks: the dataset's simulated noisy class-agnostic segmenter (default), or the segmenter node (geometric backend; it also segments the tray walls)")
+    parser.add_argument("--timeout", type=float, default=1500.0, help="give up waiting for the map after this")
     parser.set_defaults(run=run)
 
 
@@ -80,8 +92,162 @@ def run(args) -> int:
     report = {"scene": str(scene_path), "n_frames": len(dataset.frames),
               "n_objects": len(manifest.get("objects", [])), "contact_sheet": str(sheet),
               "wall_s": round(time.time() - start, 1)}
+    if not args.no_ros:
+        report.update(ros_demo(args, scene_path, dataset, out))
+    report["wall_s"] = round(time.time() - start, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(f"demo run folder: {out.resolve()}")
-    print(f"  contact sheet: {sheet.resolve()}")
+    print(f"  inputs:        {sheet.resolve()}")
+    if (out / "objects.png").exists():
+        print(f"  objects:       {(out / 'objects.png').resolve()}")
+        print(f"  meshes:        {(out / 'meshes').resolve()}/<id>.ply")
     print(f"  report:        {(out / 'report.json').resolve()}")
     return 0
+
+
+def ros_demo(args, scene_path: pathlib.Path, dataset, out: pathlib.Path) -> dict:
+    """Steps 2-4: nodes, stream, queries, pictures. Returns the report's ROS part."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    import numpy as np
+    import rclpy
+    import trimesh
+
+    from instascene_ros.ros.demo_client import DemoClient
+    from instascene_ros.ros.environment import ros_environment
+    from instascene_ros.ros.launcher import load_manifest, node_command, selected_nodes
+
+    stream = out / "stream"
+    _subsample(scene_path, stream, args.every)
+    n_frames = len(json.loads((stream / "transforms.json").read_text())["frames"])
+    env = ros_environment(domain_id=int(time.time()) % 100 + 120, log_dir=tempfile.mkdtemp(prefix="instascene-ros-log-"))
+    import os
+    os.environ.update({k: env[k] for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOG_DIR",
+                                           "FASTDDS_DEFAULT_PROFILES_FILE", "RMW_IMPLEMENTATION")})
+    arguments, nodes = load_manifest()
+    arguments["with_segmenter"] = "true" if args.masks == "segmenter" else "false"
+    processes = {}
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    for node in selected_nodes(nodes, arguments):
+        command = node_command(node, arguments)
+        if node.name == "instascene_node":
+            command += ["-p", "queue_size:=100"]  # the demo streams faster than a CPU maps: keep every frame
+            if args.masks == "dataset":
+                command += ["-r", "mask:=/segmenter/mask"]
+        log.info("starting %s", node.name)
+        processes[node.name] = subprocess.Popen(command, env=env, stdout=open(logs / f"{node.name}.log", "w"),
+                                                stderr=subprocess.STDOUT)
+    report: dict = {"masks": args.masks, "streamed_frames": n_frames}
+    rclpy.init()
+    client = DemoClient()
+    try:
+        log.info("waiting for the nodes to start")
+        _wait_for_log(logs / "instascene_node.log", "ready:", 180)
+        publish = [sys.executable, "-m", "instascene_ros.cli", "publish-dataset", str(stream), "--rate", str(args.rate)]
+        if args.masks == "segmenter":
+            publish.append("--no-masks")
+        log.info("streaming %d frames at %.1f Hz", n_frames, args.rate)
+        subprocess.run(publish, env=env, check=True, capture_output=True)
+        log.info("waiting for the map (mapping runs slower than the stream on a CPU)")
+        report["mapped_in_time"] = client.wait_until_mapped(n_frames, args.timeout, log=lambda m: log.info(m))
+        report["diagnostics"] = dict(client.diagnostics)
+        queries = client.query_everything()
+        report["action"] = queries.get("action")
+        meshes = out / "meshes"
+        meshes.mkdir(exist_ok=True)
+        objects = []
+        for entry in queries["objects"]:
+            if entry.get("success"):
+                trimesh.Trimesh(entry.pop("vertices_world"), entry.pop("faces")).export(meshes / f"{entry['id']}.ply")
+            objects.append(entry)
+        report["objects"] = objects
+        report["scores"] = _score_meshes(dataset, meshes)
+        _objects_sheet(client, dataset, meshes, out / "objects.png")
+    finally:
+        client.destroy_node()
+        rclpy.try_shutdown()
+        codes = {}
+        for name, process in processes.items():
+            process.send_signal(signal.SIGINT)
+        for name, process in processes.items():
+            try:
+                codes[name] = process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                codes[name] = "killed"
+        report["exit_codes"] = codes
+        shutil.rmtree(stream, ignore_errors=True)
+    return report
+
+
+def _subsample(scene: pathlib.Path, out: pathlib.Path, every: int) -> None:
+    """A view of the dataset with every n-th training frame (files are linked, not copied)."""
+    transforms = json.loads((scene / "transforms.json").read_text())
+    train = [f for f in transforms["frames"] if f.get("split", "train") == "train"][:: max(1, every)]
+    out.mkdir(parents=True, exist_ok=True)
+    for frame in train:
+        for key, value in list(frame.items()):
+            if key.endswith("path") and isinstance(value, str):
+                frame[key] = str((scene / value).resolve())
+    transforms["frames"] = train
+    (out / "transforms.json").write_text(json.dumps(transforms))
+
+
+def _wait_for_log(path: pathlib.Path, text: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"no '{text}' in {path} after {timeout_s:.0f} s: {path.read_text(errors='replace')[-2000:]}")
+
+
+def _score_meshes(dataset, meshes: pathlib.Path) -> dict:
+    """Each returned mesh against the ground-truth object it overlaps most (evaluation only)."""
+    import numpy as np
+    import trimesh
+
+    from instascene_ros.core import metrics
+
+    truth = {gt_id: trimesh.load(path, force="mesh") for gt_id, path in dataset.ground_truth_mesh_paths().items()}
+    scores = {}
+    for path in sorted(meshes.glob("*.ply")):
+        mesh = trimesh.load(path, force="mesh")
+        centre = mesh.bounds.mean(axis=0)
+        gt_id = min(truth, key=lambda k: np.linalg.norm(truth[k].bounds.mean(axis=0) - centre))
+        surface = metrics.surface_metrics(mesh, truth[gt_id], n_samples=20_000)
+        scores[path.stem] = {"gt_id": int(gt_id), "watertight": bool(mesh.is_watertight),
+                             "f1_2pct": float(surface.f1_relative[0.02]),
+                             "centre_error_m": float(np.linalg.norm(centre - truth[gt_id].bounds.mean(axis=0)))}
+    return scores
+
+
+def _objects_sheet(client, dataset, meshes: pathlib.Path, out_path: pathlib.Path) -> None:
+    """The node's latest overlays beside renders of the returned meshes seen from the first camera."""
+    import numpy as np
+    import trimesh
+
+    from instascene_ros.core.viz import colorize_ids, contact_sheet
+
+    frame = next(f for f in dataset.frames if f.meta.get("split") == "train")
+    camera = frame.camera
+    ids = np.zeros((camera.height, camera.width), np.int32)
+    depth = np.full(ids.shape, np.inf)
+    origins, directions = camera.pixel_rays()
+    for path in sorted(meshes.glob("*.ply")):
+        mesh = trimesh.load(path, force="mesh")
+        locations, rays, _ = mesh.ray.intersects_location(origins, directions, multiple_hits=False)
+        distance = np.linalg.norm(locations - origins[rays], axis=1)
+        rows, cols = np.divmod(rays, camera.width)
+        closer = distance < depth[rows, cols]
+        depth[rows[closer], cols[closer]] = distance[closer]
+        ids[rows[closer], cols[closer]] = int(path.stem)
+    overlays = client.overlays[-3:] or [frame.rgb]
+    contact_sheet([[frame.rgb, colorize_ids(ids), *overlays]],
+                  col_titles=["camera", "returned meshes (ray cast)"] + ["node overlay"] * len(overlays),
+                  out_path=out_path)

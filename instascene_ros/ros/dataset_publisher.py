@@ -99,7 +99,11 @@ def publish_dataset(path, rate_hz: float, pose_noise: tuple = (0.0, 0.0), loops:
     node = DatasetPublisher(frames, with_depth=with_depth, with_masks=with_masks, publish_clock=publish_clock)
     published = 0
     try:
-        time.sleep(start_delay_s)  # let discovery match the subscribers first
+        # Sensor-data QoS is best effort: frames sent before a subscriber is matched are lost.
+        deadline = time.monotonic() + max(start_delay_s, 10.0)
+        while node.pub_image.get_subscription_count() == 0 and time.monotonic() < deadline:
+            rclpy.spin_once(node, timeout_sec=0.1)
+        time.sleep(start_delay_s)  # the subscriber's other topics (depth, info) match at about the same time
         start_stamp = node.get_clock().now()
         period = 1.0 / rate_hz
         next_time = time.monotonic()
