@@ -231,27 +231,123 @@ def test_zero_and_culled_gaussians_give_background():
         assert offsets.shape == (WIDTH * HEIGHT + 1,) and len(ids) == 0 and len(weights) == 0
 
 
-def test_degenerate_scales_stay_finite():
+@pytest.mark.parametrize("primitive", ["3dgs", "2dgs"])
+def test_degenerate_scales_stay_finite(primitive):
     g = gaussians([[0.0, 0.0, 2.0], [0.05, 0.0, 2.5]], [[1e-12, 1e-12, 1e-12], [0.05, 1e-14, 0.05]], [0.9, 0.5],
                   np.ones((2, 3)), quats=[[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
-    for p in (g.means, g.quats, g.log_scales, g.opacity_logits, g.sh):
+    params = (g.means, g.quats, g.log_scales, g.opacity_logits, g.sh)
+    for p in params:
         p.requires_grad_(True)
-    for backend in BACKENDS:
-        out = render(g, [camera()], backend=backend)
-        # a point-like splat is the eps2d blur: sigma^2 = 0.3 px^2
-        expected_centre = 0.9 * math.exp(-0.5 * (0.2 ** 2 + 0.3 ** 2) / EPS2D)
+    for backend in ["numba", "torch-reference"]:
+        out = render(g, [camera()], backend=backend, primitive=primitive)
+        # a point-like splat is the low-pass filter: eps2d = 0.3 px^2 (3DGS), exp(-|d|^2) (2DGS)
+        d2 = 0.2 ** 2 + 0.3 ** 2
+        expected_centre = 0.9 * (math.exp(-0.5 * d2 / EPS2D) if primitive == "3dgs" else math.exp(-d2))
         assert out.alpha[0, 12, 16].item() >= expected_centre - 1e-9
-        (out.color.sum() + out.depth.sum() + out.alpha.sum()).backward()
-        for p in (g.means, g.quats, g.log_scales, g.opacity_logits, g.sh):
+        total = out.color.sum() + out.depth.sum() + out.alpha.sum()
+        if out.normals is not None:
+            total = total + out.normals.sum() + out.median_depth.sum()
+        total.backward()
+        for p in params:
             assert torch.isfinite(p.grad).all(), backend
             p.grad = None
 
 
-def test_cameras_must_share_one_size_and_2dgs_is_explicit():
+def test_bad_arguments_are_refused():
     g = gaussians([[0.0, 0.0, 2.0]], 0.05, 0.8, [[1.0, 1.0, 1.0]])
     with pytest.raises(ValueError):
         render(g, [camera(), camera().scaled(0.5)])
-    with pytest.raises(NotImplementedError):
-        render(g, [camera()], primitive="2dgs")
+    with pytest.raises(ValueError):
+        render(g, [camera()], primitive="3dgs-ish")
     with pytest.raises(ValueError):
         render(g, [camera()], backend="gsplat")  # CPU tensors
+
+
+# --------------------------------------------------------------------------------------------
+# 2D Gaussian surfels: fronto-parallel surfels have closed forms
+# --------------------------------------------------------------------------------------------
+def surfel_alpha(X, Y, Z, s_u, s_v, opacity) -> np.ndarray:
+    """Ray-plane intersection in surfel coordinates vs gsplat's 2D filter, before thresholds."""
+    cols, rows = pixel_grid()
+    u = (Z * (cols - CX) / FOCAL - X) / s_u
+    v = (Z * (rows - CY) / FOCAL - Y) / s_v
+    mx, my = FOCAL * X / Z + CX, FOCAL * Y / Z + CY
+    filter_weight = 2.0 * ((cols - mx) ** 2 + (rows - my) ** 2)
+    return opacity * np.exp(-0.5 * np.minimum(u * u + v * v, filter_weight))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [(0.08, 0.05), (1e-4, 1e-4)])  # ray-splat kernel; the 2D filter
+def test_fronto_parallel_surfel(backend, scale):
+    X, Y, Z, opacity = 0.05, -0.03, 2.0, 0.7
+    color = np.array([0.2, 0.9, 0.5])
+    background = np.array([0.5, 0.5, 0.0])
+    g = gaussians([[X, Y, Z]], [[scale[0], scale[1], 1.0]], opacity, [color])
+    out = render(g, [camera()], primitive="2dgs", backend=backend, background=torch.tensor(background))
+    alpha = thresholded(surfel_alpha(X, Y, Z, scale[0], scale[1], opacity))
+    assert alpha.max() > 0.3
+    np.testing.assert_allclose(out.alpha[0].numpy(), alpha, atol=1e-12)
+    np.testing.assert_allclose(out.color[0].numpy(), alpha[..., None] * color + (1 - alpha[..., None]) * background,
+                               atol=1e-12)
+    np.testing.assert_allclose(out.depth[0].numpy(), alpha * Z, atol=1e-12)
+    # the normal is the surfel's z axis, flipped to face the camera
+    np.testing.assert_allclose(out.normals[0].numpy(), alpha[..., None] * np.array([0.0, 0.0, -1.0]), atol=1e-12)
+    np.testing.assert_allclose(out.median_depth[0].numpy(), np.where(alpha > 0, Z, 0.0), atol=1e-12)
+    torch.testing.assert_close(out.means2d[0, 0], torch.tensor([FOCAL * X / Z + CX, FOCAL * Y / Z + CY],
+                                                                dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_surfel_median_depth_is_where_transmittance_crosses_half(backend):
+    near, far = 1.5, 3.0
+    g = gaussians([[0.0, 0.0, near], [0.0, 0.0, far]], [[0.03, 0.03, 1.0], [0.2, 0.2, 1.0]], [0.9, 0.8],
+                  np.ones((2, 3)))
+    out = render(g, [camera()], primitive="2dgs", backend=backend)
+    a_near = thresholded(surfel_alpha(0.0, 0.0, near, 0.03, 0.03, 0.9))
+    a_far = thresholded(surfel_alpha(0.0, 0.0, far, 0.2, 0.2, 0.8))
+    # the far surfel is the median while the near one leaves T = 1 - a_near > 0.5
+    expected = np.where(a_near > 0, near, 0.0)
+    expected = np.where((a_far > 0) & (1.0 - a_near > 0.5), far, expected)
+    assert (expected == near).any() and (expected == far).any()
+    np.testing.assert_allclose(out.median_depth[0].numpy(), expected, atol=1e-12)
+    np.testing.assert_allclose(out.depth[0].numpy(), a_near * near + (1 - a_near) * a_far * far, atol=1e-12)
+
+
+def test_surfel_contributors_and_culling():
+    g = gaussians([[0.0, 0.0, 2.0], [0.0, 0.0, -2.0]], [[0.1, 0.1, 1.0], [0.1, 0.1, 1.0]], [0.6, 0.6],
+                  np.ones((2, 3)))
+    out = render(g, [camera()], primitive="2dgs")
+    assert out.radii[0, 1].eq(0).all()
+    offsets, ids, weights = contributors(g, camera(), t_min=0.0, primitive="2dgs")
+    alpha = out.alpha[0].numpy().ravel()
+    assert set(ids.tolist()) == {0}
+    np.testing.assert_array_equal(np.diff(offsets), (alpha > 0).astype(np.int64))
+    np.testing.assert_allclose(weights, alpha[alpha > 0], atol=1e-6)
+
+
+@pytest.mark.parametrize("primitive", ["3dgs", "2dgs"])
+def test_two_threads_give_the_same_render(primitive):
+    """The parallel kernels (prange over tiles, per-pair gradient rows) equal the serial ones."""
+    gen = torch.Generator().manual_seed(6)
+    n = 200
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    g = Gaussians(means=rand(n, 3) * 0.3 + torch.tensor([0.0, 0.0, 2.0], dtype=torch.float64), quats=rand(n, 4),
+                  log_scales=rand(n, 3) * 0.3 - 3.0, opacity_logits=rand(n), sh=rand(n, 4, 3) * 0.3,
+                  features=rand(n, 4))
+    params = [g.means, g.quats, g.log_scales, g.opacity_logits, g.sh, g.features]
+    for p in params:
+        p.requires_grad_(True)
+    one = render(g, [camera()], config=RasterConfig(num_threads=1), primitive=primitive)
+    two = render(g, [camera()], config=RasterConfig(num_threads=2), primitive=primitive)
+    names = ["color", "depth", "alpha", "features"] + (["normals", "median_depth"] if primitive == "2dgs" else [])
+    assert float(one.alpha.detach().max()) > 0.5
+    weights = {name: rand(*getattr(one, name).shape) for name in names}
+    for name in names:
+        torch.testing.assert_close(getattr(two, name), getattr(one, name), rtol=0, atol=1e-12)
+    grads = [torch.autograd.grad(sum((getattr(out, k) * w).sum() for k, w in weights.items()), params)
+             for out in (one, two)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-10 * float(a.abs().max()))

@@ -21,7 +21,7 @@ from instascene_ros.core.camera import Camera, intrinsics_from_fov, look_at
 from instascene_ros.core.splat import Gaussians, RasterConfig, render
 from instascene_ros.core.splat import torch_reference
 
-OUTPUTS = ("color", "depth", "alpha", "features")
+OUTPUTS = ("color", "depth", "alpha", "features", "median_depth", "normals")
 
 
 def random_scene(n: int, n_features: int = 3, sh_degree: int = 1, seed: int = 0, dtype=torch.float32,
@@ -97,13 +97,13 @@ def finite_difference_check(loss_of, inputs, eps=1e-6, rtol=1e-5, atol_fraction=
                                        msg=lambda m: f"input {index}: {m}")
 
 
-def weighted_loss(cams, backend, seed=11):
+def weighted_loss(cams, backend, seed=11, primitive="3dgs"):
     """A loss touching every output with random weights (one fixed draw per output shape)."""
     weights = {}
 
     def loss_of(means, quats, log_scales, opacity_logits, sh, features, background):
         out = render(Gaussians(means, quats, log_scales, opacity_logits, sh, features), cams, backend=backend,
-                     background=background)
+                     background=background, primitive=primitive)
         total = 0.0
         for name, value in outputs(out).items():
             if name not in weights:
@@ -115,15 +115,17 @@ def weighted_loss(cams, backend, seed=11):
     return loss_of
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_numba_backward_matches_finite_differences(seed):
+@pytest.mark.parametrize("seed,primitive", [(0, "3dgs"), (1, "3dgs"), (0, "2dgs"), (1, "2dgs")])
+def test_numba_backward_matches_finite_differences(seed, primitive):
     g = random_scene(9, n_features=2, sh_degree=1, seed=seed, dtype=torch.float64)
+    if primitive == "2dgs":
+        g.log_scales.data[:, :2] += 0.5  # surfels of a few pixels: both kernel branches occur
     params = parameters(g)
     background = torch.tensor([0.2, 0.4, 0.6], dtype=torch.float64, requires_grad=True)
     cams = cameras(14, 11)
-    drawn = render(g, cams, backend="numba").alpha.detach()
+    drawn = render(g, cams, backend="numba", primitive=primitive).alpha.detach()
     assert (drawn.reshape(2, -1).max(dim=1).values > 0.2).all()  # the scene exercises both cameras
-    finite_difference_check(weighted_loss(cams, "numba"), [*params, background])
+    finite_difference_check(weighted_loss(cams, "numba", primitive=primitive), [*params, background])
 
 
 def test_numba_backward_matches_gradcheck():
@@ -139,25 +141,28 @@ def test_numba_backward_matches_gradcheck():
     assert torch.autograd.gradcheck(rendered, tuple(params), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-def test_dense_reference_matches_finite_differences():
+@pytest.mark.parametrize("primitive", ["3dgs", "2dgs"])
+def test_dense_reference_matches_finite_differences(primitive):
     g = random_scene(9, n_features=2, seed=2, dtype=torch.float64)
     params = parameters(g)
     background = torch.tensor([0.5, 0.1, 0.9], dtype=torch.float64, requires_grad=True)
-    finite_difference_check(weighted_loss(cameras(12, 9, n=1), "torch-dense"), [*params, background])
+    finite_difference_check(weighted_loss(cameras(12, 9, n=1), "torch-dense", primitive=primitive),
+                            [*params, background])
 
 
 # --------------------------------------------------------------------------------------------
 # numba vs the dense reference (float32, the production precision)
 # --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("primitive", ["3dgs", "2dgs"])
 @pytest.mark.parametrize("seed,n,n_cameras,sh_degree,n_features", [
     (0, 40, 2, 1, 3), (1, 120, 3, 3, 16), (2, 1, 1, 0, 0), (3, 0, 2, 2, 4), (4, 60, 1, 2, 0)])
-def test_numba_matches_dense_reference(seed, n, n_cameras, sh_degree, n_features):
+def test_numba_matches_dense_reference(seed, n, n_cameras, sh_degree, n_features, primitive):
     g = random_scene(n, n_features=n_features, sh_degree=sh_degree, seed=seed)
     params = parameters(g)
     cams = cameras(n=n_cameras)
     background = torch.tensor([0.1, 0.7, 0.3])
-    ours = render(g, cams, backend="numba", background=background)
-    ref = render(g, cams, backend="torch-dense", background=background)
+    ours = render(g, cams, backend="numba", background=background, primitive=primitive)
+    ref = render(g, cams, backend="torch-dense", background=background, primitive=primitive)
     for name, value in outputs(ref).items():
         torch.testing.assert_close(getattr(ours, name), value, rtol=0, atol=1e-5, msg=name)
     if n == 0:
@@ -168,13 +173,14 @@ def test_numba_matches_dense_reference(seed, n, n_cameras, sh_degree, n_features
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-4 * scale)
 
 
-def test_chunked_torch_matches_dense_reference(monkeypatch):
+@pytest.mark.parametrize("primitive", ["3dgs", "2dgs"])
+def test_chunked_torch_matches_dense_reference(monkeypatch, primitive):
     monkeypatch.setattr(torch_reference, "CHUNK_ELEMENTS", 4096)  # force many chunks
     g = random_scene(80, n_features=4, seed=5)
     params = parameters(g)
     cams = cameras(n=2)
-    chunked = render(g, cams, backend="torch-reference")
-    ref = render(g, cams, backend="torch-dense")
+    chunked = render(g, cams, backend="torch-reference", primitive=primitive)
+    ref = render(g, cams, backend="torch-dense", primitive=primitive)
     for name, value in outputs(ref).items():
         torch.testing.assert_close(getattr(chunked, name), value, rtol=0, atol=1e-5, msg=name)
     for mine, theirs in zip(loss_gradients(chunked, params), loss_gradients(ref, params)):
@@ -193,23 +199,11 @@ def test_dense_scene_with_early_termination():
     cams = cameras(20, 16, n=1)
     ours = render(g, cams, backend="numba")
     ref = render(g, cams, backend="torch-dense")
-    assert float(ref.alpha.max()) > 1 - 2e-4  # some pixels did terminate
+    assert float(ref.alpha.detach().max()) > 1 - 2e-4  # some pixels did terminate
     for name, value in outputs(ref).items():
         torch.testing.assert_close(getattr(ours, name), value, rtol=0, atol=1e-5, msg=name)
     for mine, theirs in zip(loss_gradients(ours, params), loss_gradients(ref, params)):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-4 * float(theirs.abs().max()))
-
-
-def test_two_threads_give_the_same_render():
-    g = random_scene(200, n_features=4, seed=6)
-    params = parameters(g)
-    cams = cameras(70, 50, n=1)
-    one = render(g, cams, backend="numba", config=RasterConfig(num_threads=1))
-    two = render(g, cams, backend="numba", config=RasterConfig(num_threads=2))
-    for name, value in outputs(one).items():
-        torch.testing.assert_close(getattr(two, name), value, rtol=0, atol=1e-6)
-    for a, b in zip(loss_gradients(one, params), loss_gradients(two, params)):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(a.abs().max()))
 
 
 def test_screen_space_gradient_is_retained():
@@ -243,17 +237,19 @@ def test_render_releases_the_gil():
         proj = projection.project_gaussians(g.means, g.quats, g.log_scales, g.opacity_logits, viewmats, Ks,
                                             cam.width, cam.height, config)
         colors = torch.cat([g.sh[:, 0, :], g.features], dim=-1)
-    args = [proj.means2d[0].numpy(), proj.conics[0].numpy(), proj.opacities.numpy(), colors.numpy(),
-            proj.radii[0].numpy(), proj.depths[0].numpy(), np.zeros(colors.shape[1])]
+    splats = numba_kernels.Splats(proj.means2d[0].numpy(), proj.conics[0].numpy(), proj.opacities.numpy(),
+                                  proj.radii[0].numpy(), proj.depths[0].numpy(), colors.numpy())
+    background = np.zeros(colors.shape[1])
 
     calls = []  # (start, end) of every kernel call
 
     def kernels():
         t0 = time.perf_counter()
-        image, final_t, n_done, binning = numba_kernels.rasterize_forward(*args, cam.width, cam.height, config)
+        image, final_t, n_done, median, median_k, binning = numba_kernels.rasterize_forward(
+            splats, background, cam.width, cam.height, config)
         t1 = time.perf_counter()
-        numba_kernels.rasterize_backward(binning, *args[:4], args[6], final_t, n_done, np.ones_like(image),
-                                         np.ones_like(final_t, dtype=np.float32), config)
+        numba_kernels.rasterize_backward(binning, splats, background, final_t, n_done, median_k, np.ones_like(image),
+                                         np.ones_like(final_t, dtype=np.float32), np.zeros_like(median), config)
         calls.extend([(t0, t1), (t1, time.perf_counter())])
 
     kernels()  # compile or load the cache outside the measurement

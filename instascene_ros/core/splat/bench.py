@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -58,7 +60,7 @@ def _peak_rss_mb() -> float:
 
 
 def _run_case(n: int, width: int, height: int, n_features: int, backend: str, repeats: int,
-              num_threads: int) -> dict:
+              num_threads: int, primitive: str = "3dgs") -> dict:
     from .render import render
 
     torch.set_num_threads(max(1, num_threads))
@@ -72,11 +74,12 @@ def _run_case(n: int, width: int, height: int, n_features: int, backend: str, re
 
     def step() -> tuple[float, float, float]:
         start, start_cpu = time.perf_counter(), time.process_time()
-        out = render(gaussians, [camera], backend=backend, config=config)
+        out = render(gaussians, [camera], backend=backend, config=config, primitive=primitive)
         forward = time.perf_counter() - start
         loss = out.color.sum() + out.depth.sum() + out.alpha.sum()
-        if out.features is not None:
-            loss = loss + out.features.sum()
+        for extra in (out.features, out.normals, out.median_depth):
+            if extra is not None:
+                loss = loss + extra.sum()
         loss.backward()
         for p in params:
             p.grad = None
@@ -84,17 +87,17 @@ def _run_case(n: int, width: int, height: int, n_features: int, backend: str, re
 
     # warm-up: JIT compilation (or the numba cache load) and allocator growth are not the kernel
     warm_scene, warm_camera = synthetic_scene(64, 32, 32, n_features)
-    render(warm_scene, [warm_camera], backend=backend, config=config)
+    render(warm_scene, [warm_camera], backend=backend, config=config, primitive=primitive)
     step()
     times = [step() for _ in range(repeats)]
     best = min(times)
     return {"n": n, "width": width, "height": height, "n_features": n_features, "backend": backend,
-            "num_threads": num_threads, "fwd_bwd_s": best[0], "forward_s": best[1],
+            "primitive": primitive, "num_threads": num_threads, "fwd_bwd_s": best[0], "forward_s": best[1],
             "fwd_bwd_cpu_s": min(t[2] for t in times), "peak_rss_mb": _peak_rss_mb()}
 
 
 def benchmark_case(n: int, width: int, height: int, n_features: int, backend: str = "numba", *,
-                   repeats: int = 3, num_threads: int = 1, isolate: bool = True,
+                   repeats: int = 3, num_threads: int = 1, primitive: str = "3dgs", isolate: bool = True,
                    timeout_s: Optional[float] = 900.0) -> dict:
     """Best-of-`repeats` forward + backward seconds and peak RSS (MB) for one synthetic scene.
 
@@ -105,11 +108,14 @@ def benchmark_case(n: int, width: int, height: int, n_features: int, backend: st
     case's parameters. isolate=True runs the case in a fresh interpreter (honest peak RSS).
     """
     kwargs = dict(n=n, width=width, height=height, n_features=n_features, backend=backend, repeats=repeats,
-                  num_threads=num_threads)
+                  num_threads=num_threads, primitive=primitive)
     if not isolate:
         return _run_case(**kwargs)
-    command = [sys.executable, "-m", __name__, "--case", json.dumps(kwargs)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    command = [sys.executable, "-m", f"{__package__}.bench", "--case", json.dumps(kwargs)]
+    # the package's root on the child's path, whether or not the package is installed
+    root = str(Path(__file__).resolve().parents[3])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"benchmark case {kwargs} failed (exit {done.returncode}): {done.stderr[-2000:]}")
@@ -122,7 +128,8 @@ def compare(n: int, width: int, height: int, n_features: int, repeats: int = 3, 
     torch_result = benchmark_case(n, width, height, n_features, "torch-reference", repeats=repeats,
                                   num_threads=num_threads)
     return {"numba": numba_result, "torch": torch_result,
-            "torch_over_numba": torch_result["fwd_bwd_s"] / numba_result["fwd_bwd_s"]}
+            "torch_over_numba": torch_result["fwd_bwd_s"] / numba_result["fwd_bwd_s"],
+            "torch_over_numba_cpu": torch_result["fwd_bwd_cpu_s"] / numba_result["fwd_bwd_cpu_s"]}
 
 
 def main(argv: Optional[list[str]] = None) -> None:

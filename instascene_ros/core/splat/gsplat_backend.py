@@ -4,7 +4,15 @@
 gsplat's arguments. The CUDA path calls `gsplat.rasterization(**args, **CUDA_ONLY_ARGS)`; the
 CPU test suite calls gsplat's pure-torch reference `gsplat.rendering._rasterization(**args)`
 with the very same dict, so the conventions of this file (view matrix, K, SH layout, feature
-channels, depth mode, background) are checked on every CI run, GPU or not.
+channels, depth mode, background) are checked on every CI run, GPU or not. For 2DGS the same
+dict (without rasterize_mode) goes to `gsplat.rasterization_2dgs`; gsplat has no pure-torch
+twin of that function, so on CPU only its pieces (projection, compositing) are compared.
+
+Known differences from our CPU kernel, both outside what a render shows in practice:
+gsplat's CUDA footprint is the plain 3.33-sigma box (ours shrinks with opacity, and for
+surfels also covers the 2D low-pass filter's reach and perspective), and gsplat composites
+every pixel of the tiles a splat touches, so a pixel outside its box but inside a touched
+tile can still receive an alpha >= 1/255 there (tiny surfels, strongly tilted surfels).
 
 Channel layout is the one of every backend: colour (3) | features (F) | depth (1), in one pass.
 Without features, SH coefficients go to gsplat as they are (gsplat evaluates them); with

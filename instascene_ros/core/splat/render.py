@@ -14,6 +14,12 @@ at max_alpha, a pixel stops before the splat that would take T to <= min_transmi
 dilation, colour = max(SH(dir) + 0.5, 0) with dir = mean - camera centre (gsplat / 3DGS).
 Colour, the F feature channels and depth are composited in one pass as channels of one image;
 features see a zero background, depth is sum_i w_i z_i (not divided by alpha).
+
+primitive="2dgs": 2D Gaussian surfels as gsplat's 2DGS renders them (ray-splat intersection
+with a 2D low-pass filter, depth = the surfel centre's z). Camera-frame normals are more
+channels of the same pass; the median depth (the depth of the last surfel composited while
+T > 0.5) comes with them. RenderOutput.means2d then carries the screen-space gradient used
+for densification (on CUDA gsplat's `gradient_2dgs` tensor, whose .grad plays that role).
 """
 from __future__ import annotations
 
@@ -62,8 +68,10 @@ def _check_primitive(primitive: str) -> bool:
     return primitive == "2dgs"
 
 
-def _project(gaussians: Gaussians, cameras: Sequence[Camera], surfel: bool, config: RasterConfig, detach: bool = False):
-    """Screen-space splats: (means2d, geometry (C, N, G), depths, radii, opacities, normals or None)."""
+def _project(gaussians: Gaussians, cameras: Sequence[Camera], surfel: bool, config: RasterConfig,
+             detach: bool = False):
+    """Screen-space splats: means2d, geometry (C, N, 3 conic | 9 ray transform), depths, radii,
+    opacities, normals (surfels) or None, and the view matrices."""
     g = gaussians
     tensors = [g.means, g.quats, g.log_scales, g.opacity_logits]
     if detach:
@@ -160,7 +168,9 @@ def contributors(gaussians: Gaussians, camera: Camera, *, t_min: float = 0.5, pr
     surfel = _check_primitive(primitive)
     camera = _check_cameras([camera])[0]
     means2d, geometry, depths, radii, opacities, _, _ = _project(gaussians, [camera], surfel, config, detach=True)
-    splats = numba_kernels.Splats(means2d[0].numpy(), geometry[0].numpy(), opacities.numpy(), radii[0].numpy(),
-                                  depths[0].numpy(), np.zeros((means2d.shape[1], 0), np.float32), surfel)
+    # float32 whatever the input precision: weights are float32 anyway, and one kernel build is enough
+    splats = numba_kernels.Splats(*(t.numpy().astype(np.float32) for t in (means2d[0], geometry[0], opacities)),
+                                  radii[0].numpy(), depths[0].numpy().astype(np.float32),
+                                  np.zeros((means2d.shape[1], 0), np.float32), surfel)
     return numba_kernels.list_contributors(splats, int(camera.width), int(camera.height), config, float(t_min),
                                            config.num_threads)

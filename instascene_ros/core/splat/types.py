@@ -11,7 +11,8 @@ from typing import Literal, Optional
 import torch
 
 Primitive = Literal["3dgs", "2dgs"]
-Backend = Literal["auto", "numba", "gsplat", "torch-reference"]
+# "torch-dense" (every pixel x every Gaussian, pure torch) is the tests' reference: tiny scenes only.
+Backend = Literal["auto", "numba", "gsplat", "torch-reference", "torch-dense"]
 
 
 @dataclass
