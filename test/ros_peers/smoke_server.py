@@ -60,8 +60,8 @@ class SmokeServer(Node):
 def main():
     rclpy.init()
     node = SmokeServer()
-    print("READY", flush=True)
     try:
+        print("READY", flush=True)  # inside the try: the test may send SIGINT right after reading it
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
