@@ -6,6 +6,7 @@ mapper is checked against geometry and colour that do not come from the renderer
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import math
 import time
@@ -219,6 +220,18 @@ def test_keyframe_selection_by_translation_and_rotation(scene):
     assert all(r.iterations == 0 and r.added == 0 for r in results if not r.keyframe)
 
 
+def test_keyframe_time_budget_and_keyframe_memory_bound(scene):
+    config = small_config(iterations_per_keyframe=50, keyframe_time_budget_s=1e-3)
+    config.keyframes = dataclasses.replace(config.keyframes, max_keyframes=3)
+    mapper = Mapper(config)
+    results = [mapper.add_frame(scene.frame(orbit_camera(24, az, 40))) for az in (0, 30, 60, 90, 120)]
+    # The deadline passed during insertion: one iteration still runs, so every keyframe trains.
+    assert [r.iterations for r in results] == [1] * 5
+    assert len(mapper.keyframes) == 3 and mapper.keyframes[0].index == 0, "the first keyframe is kept"
+    indices = [kf.index for kf in mapper.keyframes]
+    assert indices[-1] == 4 and len(set(indices)) == 3, "indices stay unique after thinning"
+
+
 def _translation(x: float, y: float, z: float) -> np.ndarray:
     T = np.eye(4)
     T[:3, 3] = [x, y, z]
@@ -269,19 +282,51 @@ def test_rgbd_mapping_reaches_psnr_on_held_out_views(scene):
 
 def test_rgb_only_initialisation_triangulates_points_on_the_surface():
     scene = AnalyticScene(smooth=1.5, with_sphere=False, seed=3)
-    config = small_config(iterations_per_keyframe=0)
-    mapper = Mapper(config)
     cameras = [orbit_camera(128, az, 55, radius=0.5) for az in (0, 12, 24)]
-    results = [mapper.add_frame(scene.frame(camera, with_depth=False)) for camera in cameras]
-    assert results[0].keyframe and results[0].added == 0, "one view cannot triangulate anything"
-    assert results[1].added > 30 and results[2].added > 0
-    points = mapper.scene.means.detach().numpy()
-    inside = (np.abs(points[:, 0]) < 0.4) & (np.abs(points[:, 1]) < 0.4)
-    assert inside.mean() > 0.95
-    height = np.abs(points[:, 2])  # distance to the plane z = 0
-    assert np.median(height) < 0.004 and np.quantile(height, 0.9) < 0.015, np.quantile(height, [0.5, 0.9])
-    # Colours come from the image at the keypoints.
-    assert mapper.scene.n == sum(r.added for r in results)
+    frames = [scene.frame(camera, with_depth=False) for camera in cameras]
+    config = small_config(iterations_per_keyframe=0)
+    # SIFT localises to a fraction of a pixel; ORB's keypoints from coarser pyramid octaves are
+    # whole (octave) pixels, hence its looser bound. A pixel is ~2.5 mm on the plane here.
+    for detector, median_bound in (("sift", 0.004), ("orb", 0.015)):
+        config.insertion = dataclasses.replace(config.insertion, fill_from_sparse_depth=False, plane_sweep=False,
+                                               feature_detector=detector)
+        mapper = Mapper(config)
+        results = [mapper.add_frame(frame) for frame in frames]
+        assert results[0].keyframe and results[0].added == 0, "one view cannot triangulate anything"
+        assert results[1].added > 30 and results[2].added > 0, detector
+        assert mapper.scene.n == sum(r.added for r in results)
+        points = mapper.scene.means.detach().numpy()
+        inside = (np.abs(points[:, 0]) < 0.4) & (np.abs(points[:, 1]) < 0.4)
+        assert inside.mean() > 0.95
+        height = np.abs(points[:, 2])  # distance to the plane z = 0
+        assert np.median(height) < median_bound, (detector, np.quantile(height, [0.5, 0.9]))
+
+    # Plane-sweep stereo adds confident photo-consistent depths on its pixel grid.
+    config.insertion = dataclasses.replace(config.insertion, plane_sweep=True, feature_detector="sift")
+    swept = Mapper(config)
+    added = [swept.add_frame(frame).added for frame in frames]
+    assert added[1] > results[1].added
+    height = np.abs(swept.scene.means.detach().numpy()[:, 2])
+    assert np.median(height) < 0.004, np.quantile(height, [0.5, 0.9])
+
+    # The fill seeds the remaining transparent pixels near those samples at interpolated depth.
+    filled = Mapper(small_config(iterations_per_keyframe=0))
+    added = [filled.add_frame(frame).added for frame in frames]
+    assert added[1] > 10 * results[1].added
+    height = np.abs(filled.scene.means.detach().numpy()[:, 2])
+    assert np.median(height) < 0.01, np.quantile(height, [0.5, 0.9])
+
+
+def test_mapper_pickles_whole_for_map_files(scene):
+    mapper = Mapper(small_config(iterations_per_keyframe=2), on_progress=lambda stats: None)
+    mapper.add_frame(scene.frame(orbit_camera(32, 0, 40)))
+    buffer = io.BytesIO()
+    torch.save({"mapper": mapper}, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)["mapper"]
+    assert torch.equal(restored.scene.means, mapper.scene.means) and restored.iteration == mapper.iteration
+    assert restored.on_progress is None
+    assert restored.add_frame(scene.frame(orbit_camera(32, 40, 40))).keyframe
 
 
 # ------------------------------------------------------------------------------------------ pieces

@@ -44,6 +44,8 @@ def add_parser(subparsers) -> None:
         sub.add_argument("--views", type=int, default=60, help="training views")
         sub.add_argument("--work", type=pathlib.Path, default=pathlib.Path("runs/bench"), help="scenes and run folders")
         sub.add_argument("--finish-seconds", type=float, default=None, help="cap of the final refinement per run")
+        if name == "map":
+            sub.add_argument("--inputs", default="rgbd,rgb", help="which inputs to map: rgbd, rgb or both")
         sub.set_defaults(run=run_map if name == "map" else run_segment)
 
 
@@ -111,7 +113,9 @@ def run_map(args) -> int:
     rows = []
     for seed in seeds:
         scene = _scene(args.work, seed, args.res, args.views)
-        for label, extra in (("rgbd", ["--no-masks"]), ("rgb", ["--no-masks", "--no-depth"])):
+        inputs = {"rgbd": ["--no-masks"], "rgb": ["--no-masks", "--no-depth"]}
+        for label in args.inputs.split(","):
+            extra = inputs[label]
             metrics = _run(scene, args.work / f"map-{label}-s{seed}", extra, args.finish_seconds)
             rows.append({"seed": seed, "input": label, **{k: metrics.get(k) for k in (
                 "psnr", "psnr_object", "ssim", "depth_error_mm", "n_gaussians", "wall_s", "keyframe_s_median",

@@ -13,9 +13,11 @@ Rules, fixed here (tests hold them):
 - Split (large Gaussian, high gradient): the parent is removed and its id disappears for good;
   each of the `split_children` children gets a new id and `parent_ids` = the parent's id.
 - Prune / budget eviction: the removed ids disappear for good.
-- `config.max_gaussians` is never exceeded once a public method returns. When an insertion or a
-  densification step would exceed it, the Gaussians with the lowest *importance* are evicted.
-  Importance is the per-Gaussian blend weight sum_pixels w_i (T_i alpha_i summed over a view's
+- `config.max_gaussians` is never exceeded once a public method returns. An insertion that would
+  exceed it first evicts the Gaussians with the lowest *importance*. A densification step at
+  the budget evicts at most `densify_turnover` x budget of them and then clones/splits only the
+  highest-gradient candidates that fit (never evicting fresh children after the fact, which
+  tore holes into the map in testing). Importance is the per-Gaussian blend weight sum_pixels w_i (T_i alpha_i summed over a view's
   pixels), kept in `importance` as a decaying max over the views it was measured in
   (`record_importance`; the mapper measures every keyframe, see
   `mapping.Mapper.measure_blend_weight`). A Gaussian never measured has importance +inf (it was
