@@ -14,11 +14,9 @@ import time
 from collections import defaultdict
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseStamped
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
@@ -30,6 +28,7 @@ from instascene_ros.ros import mapper_services
 from instascene_ros.ros.frame_input import (DropReason, FrameAssembler, InputLimits, PoseTopicLookup,
                                             pose_lookup_from_tf, stamp_seconds)
 from instascene_ros.ros.messages import diagnostics, instance_markers, make_cloud
+from instascene_ros.ros.node_main import run_node
 from instascene_ros.ros.conversions import numpy_to_image
 from instascene_ros.ros.parameters import declare_and_read
 from instascene_ros.ros.sync import ApproximateSync, SyncConfig
@@ -243,25 +242,8 @@ class InstaSceneNode(Node):
 
 
 def main(args=None) -> int:
-    rclpy.init(args=args)
-    try:
-        node = InstaSceneNode()
-    except ValueError as error:  # a parameter that cannot work: one line, no traceback
-        rclpy.logging.get_logger("instascene_node").fatal(f"bad parameter: {error}")
-        rclpy.try_shutdown()
-        return 2
-    executor = MultiThreadedExecutor(num_threads=4)
-    executor.add_node(node)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.shutdown()
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    # a parameter that cannot work raises ValueError in the constructor
+    return run_node(InstaSceneNode, "instascene_node", (ValueError,), num_threads=4, args=args)
 
 
 if __name__ == "__main__":

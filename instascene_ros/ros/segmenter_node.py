@@ -14,9 +14,7 @@ import threading
 import time
 
 import numpy as np
-import rclpy
 from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image
@@ -24,6 +22,7 @@ from visualization_msgs.msg import Marker
 
 from instascene_ros.ros.conversions import MessageError, depth_from_image, numpy_to_image, rgb_from_image
 from instascene_ros.ros.frame_input import intrinsics_from_camera_info, stamp_seconds
+from instascene_ros.ros.node_main import run_node
 from instascene_ros.ros.sync import ApproximateSync, SyncConfig
 
 RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -129,24 +128,7 @@ class SegmenterNode(Node):
 def main(args=None) -> int:
     from instascene_ros.core.segment2d import SegmenterConfigError
 
-    rclpy.init(args=args)
-    try:
-        node = SegmenterNode()
-    except SegmenterConfigError as error:
-        rclpy.logging.get_logger("instascene_segmenter").fatal(str(error))
-        rclpy.try_shutdown()
-        return 2
-    executor = MultiThreadedExecutor(num_threads=2)
-    executor.add_node(node)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_node(SegmenterNode, "instascene_segmenter", (SegmenterConfigError,), num_threads=2, args=args)
 
 
 if __name__ == "__main__":

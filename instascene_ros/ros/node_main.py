@@ -1,0 +1,36 @@
+"""The one `main()` shape of our nodes: build, spin a multi-threaded executor, stop cleanly.
+
+A node whose parameters cannot work fails at construction with one fatal log line and exit code
+2 (no traceback); Ctrl-C (SIGINT) and an external shutdown end the spin normally, and the node's
+own `shutdown()` (if any) runs before it is destroyed, so `ros2 launch` / `instascene launch`
+see exit code 0.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import rclpy
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+
+
+def run_node(factory: Callable[[], object], name: str, startup_errors: tuple, num_threads: int, args=None) -> int:
+    rclpy.init(args=args)
+    try:
+        node = factory()
+    except startup_errors as error:
+        rclpy.logging.get_logger(name).fatal(f"cannot start: {error}")
+        rclpy.try_shutdown()
+        return 2
+    executor = MultiThreadedExecutor(num_threads=num_threads)
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if hasattr(node, "shutdown"):
+            node.shutdown()
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
