@@ -51,7 +51,7 @@ def choose_instance_ids(pipeline, dataset) -> dict[int, int]:
             mapping[gt_id] = 0
             continue
         if index not in feature_images:
-            feature_images[index] = pipeline._feature_image(dataset.frames[index].camera)
+            feature_images[index] = pipeline.feature_image(dataset.frames[index].camera)
         features, alpha = feature_images[index]
         u, v = _interior_pixel(gt_masks[index] == gt_id)
         instance_id, _, _ = segment_at_pixel(features, u, v, extraction, alpha=alpha, config=pipeline.config.instances)

@@ -138,6 +138,9 @@ class OptimisationConfig:
     densify_until: int = 15_000
     densify_interval: int = 100
     opacity_reset_interval: int = 3000  # 0 disables
+    # Iteration from which densification also prunes oversized Gaussians; None = 3DGS's rule
+    # (after the first opacity reset, i.e. never when resets are disabled).
+    prune_large_from: Optional[int] = None
     # After an opacity reset the map is nearly transparent: keyframes arriving within this many
     # iterations insert nothing (they would duplicate the whole map).
     insertion_pause_after_reset: int = 500
@@ -187,7 +190,8 @@ class MapperConfig:
         rest in the 200 s of `finish`): start after the first few keyframes settled, stop at
         2/3. Opacity reset is off:
         an incremental map cannot go transparent every few minutes (insertion relies on alpha),
-        and depth supervision plus opacity pruning already removes floaters. SH degree 0: view
+        and depth supervision plus opacity pruning already removes floaters; oversized
+        Gaussians (3DGS's screen/world-size prune) are pruned from iteration 500. SH degree 0: view
         dependence is not worth its 16x colour cost at this iteration count.
         """
         scene = SceneConfig(sh_degree=0, max_gaussians=40_000, position_lr_max_steps=4000)
@@ -195,7 +199,7 @@ class MapperConfig:
             iterations_per_keyframe=30, keyframe_time_budget_s=1.5, crop_size=128,
             total_iterations=4000, finish_time_budget_s=200.0, depth_weight=0.5,
             empty_alpha_weight=0.05, densify_from=200, densify_until=2600, densify_interval=100,
-            opacity_reset_interval=0)
+            opacity_reset_interval=0, prune_large_from=500)
         return cls(scene=scene, optimisation=optimisation, preset="cpu", torch_threads=1)
 
 
@@ -1083,9 +1087,11 @@ class Mapper:
         opt = self.config.optimisation
         it = self.iteration
         if opt.densify_from <= it < opt.densify_until and it % opt.densify_interval == 0:
-            # 3DGS only prunes by screen size once the first opacity reset has happened.
-            screen = self.scene.config.max_screen_radius \
-                if opt.opacity_reset_interval and it > opt.opacity_reset_interval else None
+            # 3DGS prunes oversized Gaussians (screen radius, world scale) only once the first
+            # opacity reset has happened; without resets, from `prune_large_from`.
+            start = opt.prune_large_from if opt.prune_large_from is not None else \
+                (opt.opacity_reset_interval if opt.opacity_reset_interval else None)
+            screen = self.scene.config.max_screen_radius if start is not None and it > start else None
             # Refresh the eviction ranking on a few keyframes first (during the final refinement
             # no new keyframe measures anything).
             if self.keyframes and opt.importance_views_per_densify > 0:

@@ -304,7 +304,8 @@ class Pipeline:
         return events
 
     # ------------------------------------------------------------------ queries
-    def _feature_image(self, camera: Camera) -> tuple[np.ndarray, np.ndarray]:
+    def feature_image(self, camera: Camera) -> tuple[np.ndarray, np.ndarray]:
+        """Rendered (H, W, F) features and (H, W) alpha of the current map from `camera`."""
         out = self.field.render(self.mapper.scene, [camera])
         return out.features[0].cpu().numpy(), out.alpha[0].cpu().numpy()
 
@@ -314,7 +315,7 @@ class Pipeline:
         if snapshot.extraction is None or len(snapshot.extraction) == 0:
             return np.zeros((camera.height, camera.width), np.int32)
         with self.lock:
-            features, alpha = self._feature_image(camera)
+            features, alpha = self.feature_image(camera)
         return masks_from_feature_image(features, alpha, snapshot.extraction, self.config.instances)
 
     def segment_at_pixel(self, stamp: float, u: float, v: float, return_mask: bool):
@@ -331,7 +332,7 @@ class Pipeline:
         cached = self._feature_cache.get(keyframe.index)
         if cached is None or cached[0] != snapshot.map_version:
             with self.lock:
-                features, alpha = self._feature_image(camera)
+                features, alpha = self.feature_image(camera)
             cached = (snapshot.map_version, features, alpha)
             self._feature_cache = {keyframe.index: cached}
         extraction = snapshot.extraction or Instances(items={}, ids=np.zeros(0, np.int64), labels=np.zeros(0, np.int64))
