@@ -20,6 +20,17 @@ def ros_env(tmp_path):
     return ros_environment(domain_id=domain_id, log_dir=log_dir)
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """torch on one thread: on 2 shared cores its own threads only fight the numba kernels."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def wait_for_output(process, text: str, timeout: float, stream: str = "stderr") -> str:
     """Read a child's stream until a line contains `text`; returns what was read (fails on timeout/exit)."""
     import selectors

@@ -16,13 +16,7 @@ from instascene_ros.core.instances import instances_from_labels
 TRAIN_STEPS = 150
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # 2 shared cores: torch's own threads only fight the numba kernel and the other workers.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,7 @@ from instascene_ros.core.instances import (InstanceConfig, Instances, export_ins
 from instascene_ros.core.scene import GaussianScene
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
