@@ -134,11 +134,12 @@ def ros_demo(args, scene_path: pathlib.Path, dataset, out: pathlib.Path) -> dict
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
     for node in selected_nodes(nodes, arguments):
+        if node.name == "instascene_node" and args.masks == "dataset":
+            # ROS applies the first matching remap rule, so replace the manifest's, do not append
+            node.remappings["mask"] = "/segmenter/mask"
         command = node_command(node, arguments)
         if node.name == "instascene_node":
             command += ["-p", "queue_size:=100"]  # the demo streams faster than a CPU maps: keep every frame
-            if args.masks == "dataset":
-                command += ["-r", "mask:=/segmenter/mask"]
         log.info("starting %s", node.name)
         processes[node.name] = subprocess.Popen(command, env=env, stdout=open(logs / f"{node.name}.log", "w"),
                                                 stderr=subprocess.STDOUT)
