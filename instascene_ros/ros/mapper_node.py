@@ -36,6 +36,7 @@ from instascene_ros.ros.tf_buffer import TfListener, TransformBuffer, TransformE
 
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+TF_HISTORY_S = 300.0
 
 
 class InstaSceneNode(Node):
@@ -56,7 +57,9 @@ class InstaSceneNode(Node):
         timer_group = MutuallyExclusiveCallbackGroup()
 
         if self.params.pose_source == "tf":
-            self.tf_buffer = TransformBuffer()
+            # Frames wait in the queue while the CPU maps (tens of seconds at worst), and their pose is
+            # looked up when they are mapped: keep far more TF history than tf2's 10 s default.
+            self.tf_buffer = TransformBuffer(cache_seconds=TF_HISTORY_S)
             self.tf_listener = TfListener(self, self.tf_buffer, callback_group=input_group)
             lookup = pose_lookup_from_tf(self.tf_buffer, self.params.global_frame)
         else:
@@ -122,7 +125,7 @@ class InstaSceneNode(Node):
     # ------------------------------------------------------------------ input (never blocks)
     def _count_drop(self, reason: str) -> None:
         self.drops[reason] += 1
-        self.get_logger().warn(f"dropped frame: {reason}", throttle_duration_sec=5.0)
+        self.get_logger().warning(f"dropped frame: {reason}", throttle_duration_sec=5.0)
 
     def _on_pose(self, msg: PoseStamped) -> None:
         try:
@@ -176,7 +179,7 @@ class InstaSceneNode(Node):
                                             synced.others.get("mask"))
         except DropReason as drop:
             self.drops[drop.key] += 1
-            self.get_logger().warn(f"frame {synced.stamp:.3f} dropped ({drop.key}): {drop.detail}",
+            self.get_logger().warning(f"frame {synced.stamp:.3f} dropped ({drop.key}): {drop.detail}",
                                    throttle_duration_sec=5.0)
             return
         self.stage_seconds["decode"] = time.perf_counter() - start
@@ -184,7 +187,7 @@ class InstaSceneNode(Node):
         self.stage_seconds.update(report.timings)
         if not report.accepted:
             self.drops[f"rejected_{report.reason}"] += 1
-            self.get_logger().warn(f"frame {synced.stamp:.3f} rejected: {report.detail}", throttle_duration_sec=5.0)
+            self.get_logger().warning(f"frame {synced.stamp:.3f} rejected: {report.detail}", throttle_duration_sec=5.0)
             return
         self.frames_mapped += 1
         if report.keyframe:

@@ -75,7 +75,7 @@ class SegmenterNode(Node):
 
     def _on_drop(self, reason: str) -> None:
         self.drops += 1
-        self.get_logger().warn(f"dropped: {reason}", throttle_duration_sec=5.0)
+        self.get_logger().warning(f"dropped: {reason}", throttle_duration_sec=5.0)
 
     def _on_synced(self, synced) -> None:
         now = time.monotonic()

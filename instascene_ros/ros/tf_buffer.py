@@ -187,4 +187,4 @@ class TfListener:
                 self.buffer.set_transform_msg(transform, static)
             except TransformError as error:
                 self.rejected[str(error)] += 1
-                self._node.get_logger().warn(f"dropped transform: {error}", throttle_duration_sec=5.0)
+                self._node.get_logger().warning(f"dropped transform: {error}", throttle_duration_sec=5.0)
