@@ -87,6 +87,8 @@ class InsertionConfig:
     min_parallax_deg: float = 1.0  # smaller triangulation angles give unreliable depth
     knn_neighbours: int = 3  # 3DGS: initial scale = mean distance to the 3 nearest points
     max_scale_fraction_of_depth: float = 0.05  # caps the kNN scale of isolated points
+    min_scale_px: float = 0.5  # and floors it at half a pixel footprint
+    isolated_scale_fraction_of_extent: float = 0.01  # scale of a lone point (no neighbours at all)
     triangulated_opacity: float = 0.1  # 3DGS init opacity for SfM-like points
     # RGB only: plane-sweep stereo against earlier keyframes (known poses) for the transparent
     # pixels on the stride grid; zero-mean NCC of fronto-parallel patches, inverse-depth
@@ -112,6 +114,7 @@ class InsertionConfig:
     fill_from_sparse_depth: bool = True
     fill_max_distance_px: float = 12.0  # only this close to a measured point (image distance)
     fill_sample_stride: int = 8  # rendered-depth samples of the opaque map, one per 8x8 pixels
+    fill_neighbours: int = 4  # samples averaged (inverse squared distance) per filled pixel
     fill_opacity: float = 0.1  # a guess: let the images raise it
 
 
@@ -149,6 +152,10 @@ class OptimisationConfig:
     importance_views_per_densify: int = 2  # random keyframes re-measured before each densify
     learn_background: bool = True
     background_lr: float = 1e-2
+    # The background starts as the median colour of the first keyframe's pixels without valid
+    # depth, once a keyframe has at least this many (else of the image border, RGB only).
+    background_min_pixels: int = 16
+    psnr_report_window: int = 50  # finish() reports the mean training PSNR of its last iterations
     log_interval_s: float = 10.0
     seed: int = 0
 
@@ -734,7 +741,7 @@ class Mapper:
         rgb = kf.rgb.float() / 255.0
         if kf.depth is not None:
             empty = kf.depth <= 0
-            if int(empty.sum()) < 16:
+            if int(empty.sum()) < self.config.optimisation.background_min_pixels:
                 return
             samples = rgb[empty]
         else:
@@ -865,9 +872,9 @@ class Mapper:
             distances, _ = cKDTree(cloud).query(means, k=k)
             sigma = np.mean(distances[:, 1:], axis=1)
         else:
-            sigma = np.full(len(means), 1e-2 * self.scene.extent)
+            sigma = np.full(len(means), ins.isolated_scale_fraction_of_extent * self.scene.extent)
         depth = (means - cam.position) @ cam.T_world_cam[:3, 2]
-        floor = 0.5 * depth / (0.5 * (cam.fx + cam.fy))  # never below half a pixel
+        floor = ins.min_scale_px * depth / (0.5 * (cam.fx + cam.fy))
         sigma = np.clip(sigma, floor, ins.max_scale_fraction_of_depth * depth)
         log_scales = np.repeat(np.log(sigma)[:, None], 3, axis=1)
         opacities = np.full(len(means), ins.triangulated_opacity)
@@ -943,12 +950,13 @@ class Mapper:
                                 uv: np.ndarray, points: np.ndarray, open_pixels: np.ndarray) -> Optional[dict]:
         """Seeds for the still-open transparent pixels of the stride grid within
         `fill_max_distance_px` of a measured depth (a triangulated or swept point `uv`), at a
-        depth interpolated linearly (nearest outside the samples' hull) between those points and
-        the map's rendered depth where it is opaque. The guess is rough; it gives the optimiser
+        depth interpolated between those points and the map's rendered depth where it is opaque
+        (inverse-distance weighted over the `fill_neighbours` nearest samples; Delaunay-based
+        linear interpolation, scipy's griddata, took up to 7 s per keyframe on these
+        grid-aligned, cocircular samples). The guess is rough; it gives the optimiser
         colour everywhere at once instead of waiting for densification to creep out from a few
         hundred feature points. Pixels far from any measurement (sky, flat walls) stay empty:
         filled there, they became background-coloured floaters in other views."""
-        from scipy.interpolate import griddata
         from scipy.spatial import cKDTree
 
         ins = self.config.insertion
@@ -975,15 +983,11 @@ class Mapper:
         target = target[distance <= ins.fill_max_distance_px]
         if len(target) == 0:
             return None
-        _, nearest = cKDTree(sample_uv).query(target, k=1)
-        if len(target) == 0:
-            return None
-        try:
-            z = griddata(sample_uv, sample_z, target, method="linear")
-        except Exception:  # degenerate (collinear) samples: Qhull refuses, nearest still works
-            z = np.full(len(target), np.nan)
-        missing = ~np.isfinite(z)
-        z[missing] = sample_z[nearest[missing]]
+        k = min(ins.fill_neighbours, len(sample_z))
+        distance, nearest = cKDTree(sample_uv).query(target, k=k)
+        distance, nearest = distance.reshape(len(target), k), nearest.reshape(len(target), k)
+        weights = 1.0 / np.maximum(distance, 1e-3) ** 2
+        z = np.sum(weights * sample_z[nearest], axis=1) / np.sum(weights, axis=1)
         valid = (z > ins.min_depth_m) & (z < ins.max_depth_m)
         target, z = target[valid], z[valid]
         points_cam = np.stack([(target[:, 0] - cam.cx) / cam.fx * z, (target[:, 1] - cam.cy) / cam.fy * z, z], 1)
@@ -1173,7 +1177,8 @@ class Mapper:
             if bar is not None:
                 bar.close()
         result = {"iterations": done, "seconds": time.perf_counter() - start,
-                  "psnr": float(np.mean(psnrs[-50:])) if psnrs else None, "gaussians": self.scene.n}
+                  "psnr": float(np.mean(psnrs[-opt.psnr_report_window:])) if psnrs else None,
+                  "gaussians": self.scene.n}
         logger.info("refinement: %d iterations in %.1f s, train PSNR %s, %d Gaussians", done, result["seconds"],
                     f"{result['psnr']:.2f} dB" if result["psnr"] is not None else "n/a", self.scene.n)
         return result
