@@ -27,11 +27,13 @@ import numpy as np
 import torch
 
 from instascene_ros.core.camera import Camera, Frame
+from instascene_ros.core.complete.config import COMPLETION_PRESETS, CompletionConfig
 from instascene_ros.core.features import FeatureConfig, FeatureField, KeyframeLabels
 from instascene_ros.core.instances import (InstanceConfig, Instances, extract_instances, masks_from_feature_image,
                                            segment_at_pixel)
 from instascene_ros.core.mapping import PRESETS, Mapper, MapperConfig
 from instascene_ros.core.scene import sh_dc_to_rgb
+from instascene_ros.core.splat.types import Gaussians
 from instascene_ros.core.tracker import SpatialTracker, TrackerConfig, trackers_from_contributors
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,8 @@ class PipelineConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     instances: InstanceConfig = field(default_factory=InstanceConfig)
     cadence: CadenceConfig = field(default_factory=CadenceConfig)
+    completion: CompletionConfig = field(default_factory=CompletionConfig.cpu)
+    completion_cache_size: int = 32
     workspace_min: tuple = (-np.inf, -np.inf, -np.inf)
     workspace_max: tuple = (np.inf, np.inf, np.inf)
 
@@ -71,12 +75,16 @@ class PipelineConfig:
             raise ValueError(f"unknown preset '{preset}' (choose from {sorted(PRESETS)})")
         mapper = PRESETS[preset]()
         mapper.device = device
-        return cls(mapper=mapper)
+        return cls(mapper=mapper, completion=COMPLETION_PRESETS[preset]())
 
     @classmethod
     def from_node_parameters(cls, params) -> "PipelineConfig":
         config = cls.from_preset(params.preset, params.device)
         config.workspace_min, config.workspace_max = tuple(params.workspace_min), tuple(params.workspace_max)
+        config.completion.generator = params.completion_generator
+        config.completion.mesh.max_faces = params.completion_max_faces
+        config.completion.diffusion.model_path = params.completion_model_path
+        config.completion.diffusion.device = params.device
         return config
 
 
@@ -113,7 +121,8 @@ class InstanceEventInfo:
     map_version: int
 
 
-KNOWN_GENERATORS = {"geometric", "diffusion"}
+# The oracle generator reads ground truth and exists only inside the benchmark.
+PUBLIC_GENERATORS = ("geometric", "diffusion")
 MIN_POINTS_TO_MESH = 10
 
 
@@ -130,6 +139,7 @@ class CompletionResult:
     n_views: int
     generator: str
     map_version: int
+    completed: Optional[object] = None  # the full core.complete.CompletedMesh (views, timings, ...)
 
 
 @dataclass
@@ -167,6 +177,7 @@ class Pipeline:
         self.forgotten: set[int] = set()
         self.keyframes_since_solve = 0
         self._feature_cache: dict[int, tuple] = {}  # keyframe index -> (map_version, features, alpha)
+        self._completion_cache: dict[tuple, tuple] = {}  # (id, map version, generator, faces) -> (result, message)
         version = getattr(self, "snapshot", None)
         self.snapshot = MapSnapshot(map_version=(version.map_version + 1) if version else 0, n_gaussians=0)
 
@@ -351,49 +362,73 @@ class Pipeline:
         return points.astype(np.float32), colors
 
     # ------------------------------------------------------------------ completion
-    def complete(self, instance_id: int, max_faces: int, generator: str,
+    def complete(self, instance_id: int, max_faces: int = 0, generator: str = "",
                  on_progress: Optional[Callable[[str, float], None]] = None,
                  should_stop: Callable[[], bool] = lambda: False) -> "CompletionOutcome":
-        """A closed mesh of an instance, vertices in the object frame + the object's pose.
+        """In-situ completion of one instance: a watertight mesh in the object frame + its pose.
 
-        Until in-situ completion lands this returns the *observed* surface closed by its convex
-        hull, flagged as such in the message; it never edits the map.
+        The object, the scene and the keyframes are copied under the lock in milliseconds; the
+        slow part runs on the copies, so mapping goes on and a failed or cancelled completion
+        changes neither the map nor the cache. Results are cached per (instance, map version,
+        generator, face budget).
         """
-        snapshot = self.snapshot
-        if generator not in KNOWN_GENERATORS:
+        from instascene_ros.core.complete import CompletionError, build_context, complete_object
+
+        completion = self.config.completion
+        generator = generator or completion.generator
+        max_faces = int(max_faces or completion.mesh.max_faces)
+        if generator not in PUBLIC_GENERATORS:
             return CompletionOutcome(False, f"generator '{generator}' is not installed (available: "
-                                            f"{', '.join(sorted(KNOWN_GENERATORS))})")
+                                            f"{', '.join(PUBLIC_GENERATORS)}); leave it empty for the default")
+        snapshot = self.snapshot
         extraction = snapshot.extraction
         if extraction is None or instance_id not in extraction:
             known = ", ".join(str(s.id) for s in snapshot.instances) or "none"
             return CompletionOutcome(False, f"unknown instance {instance_id} (known: {known}); "
                                             f"call list_instances for the current ids")
-        points = np.asarray(extraction[instance_id].points, float)
-        if len(points) < MIN_POINTS_TO_MESH:
-            return CompletionOutcome(False, f"instance {instance_id} has only {len(points)} Gaussians "
+        key = (int(instance_id), snapshot.map_version, generator, max_faces)
+        cached = self._completion_cache.get(key)
+        if cached is not None:
+            return CompletionOutcome(True, cached[1] + " (cached)", cached[0])
+        if on_progress:
+            on_progress("views", 0.0)
+        with self.lock:
+            scene = self.mapper.scene
+            gaussians = Gaussians(*(t.detach().clone() for t in (scene.means, scene.quats, scene.log_scales,
+                                                                 scene.opacity_logits, scene.sh)))
+            rows = scene.index_of(torch.as_tensor(extraction[instance_id].gaussian_ids)).cpu().numpy()
+            others = [extraction[i].gaussian_ids for i in extraction.instance_ids if i != instance_id]
+            other_rows = scene.index_of(torch.as_tensor(np.concatenate(others) if others else
+                                                        np.zeros(0, np.int64))).cpu().numpy()
+            keyframes = list(self.mapper.keyframes)
+        rows, other_rows = rows[rows >= 0], other_rows[other_rows >= 0]
+        if len(rows) < MIN_POINTS_TO_MESH:
+            return CompletionOutcome(False, f"instance {instance_id} has only {len(rows)} Gaussians "
                                             f"(need {MIN_POINTS_TO_MESH}); map it from more views first")
-        if on_progress:
-            on_progress("mesh", 0.0)
-        if should_stop():
-            return CompletionOutcome(False, "cancelled or timed out before meshing; the map is unchanged")
-        import trimesh
-
-        hull = trimesh.PointCloud(points).convex_hull
-        if max_faces and len(hull.faces) > max_faces:
-            hull = hull.simplify_quadric_decimation(face_count=max_faces) if hasattr(hull, "simplify_quadric_decimation") else hull
-        centre = 0.5 * (hull.bounds[0] + hull.bounds[1])
-        T_world_object = np.eye(4)
-        T_world_object[:3, 3] = centre
-        vertices = np.asarray(hull.vertices) - centre
-        if on_progress:
-            on_progress("mesh", 1.0)
+        try:
+            context = build_context(gaussians, rows, other_rows, keyframes, completion, instance_id)
+            if should_stop():
+                raise CompletionError("cancelled or timed out while selecting views; the map and the cache are unchanged")
+            completed = complete_object(context, completion, generator, max_faces, on_progress, should_stop)
+        except CompletionError as error:
+            return CompletionOutcome(False, str(error))
         result = CompletionResult(
-            instance_id=instance_id, vertices_object=vertices, faces=np.asarray(hull.faces),
-            T_world_object=T_world_object, bbox_size=hull.bounds[1] - hull.bounds[0],
-            confidence=float(extraction[instance_id].confidence), vertex_generated=np.zeros(len(vertices), np.uint8),
-            generated_views=[], n_views=0, generator="observed-hull", map_version=snapshot.map_version)
-        return CompletionOutcome(True, "not completed: convex hull of the observed Gaussians "
-                                       "(in-situ completion is not available yet)", result)
+            instance_id=int(instance_id), vertices_object=completed.vertices_object, faces=completed.faces,
+            T_world_object=completed.T_world_object, bbox_size=completed.bbox_size, confidence=completed.confidence,
+            vertex_generated=completed.vertex_generated, generated_views=completed.generated_views,
+            n_views=completed.n_views, generator=completed.generator, map_version=snapshot.map_version,
+            completed=completed)
+        generated_share = float(np.mean(completed.vertex_generated)) if len(completed.vertex_generated) else 0.0
+        message = (f"completed with '{completed.generator}': {len(completed.faces)} faces, watertight, "
+                   f"{len(completed.generated_views)}/{completed.n_views} views generated, "
+                   f"{100 * generated_share:.0f}% of vertices generated, {completed.timings['total_s']:.1f} s")
+        # Only the newest map version per instance is worth keeping.
+        self._completion_cache = {k: v for k, v in self._completion_cache.items()
+                                  if k[0] != key[0] or k[1] == key[1]}
+        self._completion_cache[key] = (result, message)
+        while len(self._completion_cache) > self.config.completion_cache_size:
+            self._completion_cache.pop(next(iter(self._completion_cache)))
+        return CompletionOutcome(True, message, result)
 
     # ------------------------------------------------------------------ map edits
     def forget_instance(self, instance_id: int) -> Optional[str]:

@@ -35,6 +35,7 @@ class NodeParameters:
     completion_generator: str = "geometric"
     completion_max_faces: int = 5000
     completion_timeout_s: float = 120.0
+    completion_model_path: str = ""  # diffusion generator: a local model folder (never downloaded)
     map_directory: str = "~/.ros/instascene"
 
 
@@ -62,6 +63,7 @@ DESCRIPTIONS = {
     "completion_generator": "default generator for completion: 'geometric' (no weights) or 'diffusion' (local weights)",
     "completion_max_faces": "default face budget of completed meshes",
     "completion_timeout_s": "completion requests running longer are aborted",
+    "completion_model_path": "diffusion generator: local model folder (unet/, vae/, scheduler/, instascene_layout.json); '' = not installed",
     "map_directory": "where save_map / load_map resolve relative paths",
 }
 

@@ -1,0 +1,260 @@
+"""In-situ completion of one object, end to end: context -> views -> generate -> optimise -> mesh.
+
+`build_context` copies what completion needs out of the map (the object's Gaussians, the
+scene for occlusion tests, a few keyframes rendered into object masks), so the rest runs
+without the map lock and can never change the map. `complete_object` returns a watertight
+mesh in the object frame, the object's pose on its support plane, and per-vertex flags.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from instascene_ros.core.camera import Camera
+from instascene_ros.core.complete.config import CompletionConfig
+from instascene_ros.core.complete.frame import fit_support_plane, object_frame, recentre
+from instascene_ros.core.complete.generators import make_generator
+from instascene_ros.core.complete.meshing import mesh_from_gaussians, vertex_generated_flags
+from instascene_ros.core.complete.optimise import optimise_object
+from instascene_ros.core.complete.types import (CompletionContext, CompletionError, CompletionView, GeneratedViews,
+                                                Generator, ObservedView)
+from instascene_ros.core.complete.views import alpha_normalised_depth, select_views
+from instascene_ros.core.splat.types import Gaussians
+
+log = logging.getLogger(__name__)
+MIN_GAUSSIANS = 10
+
+
+@dataclass
+class CompletedMesh:
+    instance_id: int
+    vertices_object: np.ndarray  # (V, 3)
+    faces: np.ndarray  # (F, 3)
+    T_world_object: np.ndarray  # (4, 4): object frame on the support plane -> world
+    vertex_generated: np.ndarray  # (V,) uint8, 1 = generated surface
+    generated_views: list[int]
+    n_views: int
+    confidence: float
+    generator: str
+    watertight: bool
+    views: list[CompletionView] = field(default_factory=list)
+    generated: Optional[GeneratedViews] = None
+    timings: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def bbox_size(self) -> np.ndarray:
+        return np.ptp(self.vertices_object, axis=0) if len(self.vertices_object) else np.zeros(3)
+
+    def mesh_world(self):
+        import trimesh
+
+        vertices = self.vertices_object @ self.T_world_object[:3, :3].T + self.T_world_object[:3, 3]
+        return trimesh.Trimesh(vertices, self.faces, process=False)
+
+    def mesh_object(self):
+        import trimesh
+
+        return trimesh.Trimesh(self.vertices_object, self.faces, process=False)
+
+
+def subset(gaussians: Gaussians, rows: np.ndarray) -> Gaussians:
+    index = torch.as_tensor(np.asarray(rows, np.int64))
+    return Gaussians(*(t.detach()[index].clone().float() for t in (
+        gaussians.means, gaussians.quats, gaussians.log_scales, gaussians.opacity_logits, gaussians.sh)))
+
+
+def _without_features(gaussians: Gaussians) -> Gaussians:
+    return Gaussians(*(t.detach().float() for t in (gaussians.means, gaussians.quats, gaussians.log_scales,
+                                                     gaussians.opacity_logits, gaussians.sh)))
+
+
+def _as_numpy_image(image) -> np.ndarray:
+    array = image.cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    return array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
+
+
+def _resize_nearest(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    rows = ((np.arange(height) + 0.5) * image.shape[0] / height).astype(int)
+    cols = ((np.arange(width) + 0.5) * image.shape[1] / width).astype(int)
+    return image[rows][:, cols]
+
+
+def observe_keyframes(object_gaussians: Gaussians, scene_gaussians: Gaussians, keyframes: Sequence, object_size: float,
+                      max_keyframes: int, max_side: int) -> list[ObservedView]:
+    """Real keyframes that see the object, as object masks + depth + colour (downscaled to `max_side`).
+
+    The object's pixels are those where the object alone is opaque and is also the scene's
+    first surface; where something else is in front it is `occluded`. Depth is the sensor's
+    when the keyframe has it (mm-accurate), else the map's own rendered depth.
+    """
+    centre = object_gaussians.means.detach().numpy().mean(axis=0)
+    seeing = []
+    for keyframe in keyframes:
+        camera: Camera = keyframe.camera
+        uv, z = camera.project(centre[None])
+        if z[0] > 0 and 0 <= uv[0, 0] < camera.width and 0 <= uv[0, 1] < camera.height:
+            seeing.append(keyframe)
+    if len(seeing) > max_keyframes:
+        seeing = [seeing[i] for i in np.linspace(0, len(seeing) - 1, max_keyframes).round().astype(int)]
+    observations = []
+    tolerance = 0.03 * object_size
+    for keyframe in seeing:
+        camera = keyframe.camera
+        factor = min(1.0, max_side / max(camera.width, camera.height))
+        small = camera.scaled(factor) if factor < 1.0 else camera
+        object_depth, object_alpha, _ = alpha_normalised_depth(object_gaussians, [small])
+        scene_depth, _, scene_rgb = alpha_normalised_depth(scene_gaussians, [small])
+        object_depth, object_alpha, scene_depth = object_depth[0], object_alpha[0], scene_depth[0]
+        opaque = object_alpha > 0.5
+        first = opaque & (np.abs(object_depth - scene_depth) < tolerance)
+        occluded = opaque & (scene_depth > 0) & (scene_depth < object_depth - tolerance)
+        depth = scene_depth
+        if getattr(keyframe, "depth", None) is not None:
+            sensor = _as_numpy_image(keyframe.depth)
+            depth = np.where(_resize_nearest(sensor, small.height, small.width) > 0,
+                             _resize_nearest(sensor, small.height, small.width), scene_depth)
+        rgb = _resize_nearest(_as_numpy_image(keyframe.rgb), small.height, small.width) if keyframe.rgb is not None \
+            else scene_rgb[0]
+        observations.append(ObservedView(camera=small, rgb=rgb.astype(np.float32), depth=depth.astype(np.float32),
+                                         object_mask=first, occluded=occluded))
+    return observations
+
+
+def build_context(scene_gaussians: Gaussians, object_rows: np.ndarray, other_rows: np.ndarray, keyframes: Sequence,
+                  config: CompletionConfig, instance_id: int, seed: int = 0, oracle=None,
+                  max_keyframes: int = 16, keyframe_side: int = 160) -> CompletionContext:
+    """Everything completion needs, copied out of the map.
+
+    object_rows / other_rows: row indices of the object's Gaussians and of every other
+    instance's Gaussians in `scene_gaussians`; the rest is background (the table, whose plane
+    is fitted). keyframes: objects with `.camera`, `.rgb` ((H, W, 3) uint8 or float) and
+    optional `.depth` ((H, W) metres).
+    """
+    object_rows = np.asarray(object_rows, np.int64)
+    if len(object_rows) < MIN_GAUSSIANS:
+        raise CompletionError(f"instance {instance_id} has only {len(object_rows)} Gaussians (need {MIN_GAUSSIANS}); "
+                              f"map it from more views first")
+    scene = _without_features(scene_gaussians)
+    object_gaussians = subset(scene, object_rows)
+    means = scene.means.numpy().astype(float)
+    background = np.ones(len(means), bool)
+    background[object_rows] = False
+    background[np.asarray(other_rows, np.int64)] = False
+    object_points = object_gaussians.means.numpy().astype(float)
+    lo, hi = np.percentile(object_points, 1, axis=0), np.percentile(object_points, 99, axis=0)
+    object_size = float(np.linalg.norm(hi - lo))
+    normal, offset, plane_source = fit_support_plane(means[background], object_points, seed=seed)
+    frame = object_frame(object_points, normal, offset)
+    # Everything that is not this object and lies near it: neighbours and the table around it.
+    near = np.linalg.norm(means - object_points.mean(axis=0), axis=1) < 1.5 * object_size
+    not_object = np.ones(len(means), bool)
+    not_object[object_rows] = False
+    observations = observe_keyframes(object_gaussians, scene, keyframes, object_size, max_keyframes, keyframe_side)
+    centre = frame.T_world_normalised[:3, 3]
+    directions = np.array([o.camera.position - centre for o in observations if o.object_mask.any()]).reshape(-1, 3)
+    directions /= np.maximum(np.linalg.norm(directions, axis=1, keepdims=True), 1e-12)
+    views, renders = select_views(frame, config.views, object_gaussians, scene, object_size, directions)
+    context = CompletionContext(instance_id=int(instance_id), object_gaussians=object_gaussians,
+                                scene_gaussians=scene, other_points=means[not_object & near],
+                                frame=frame, views=views, observations=observations, object_size=object_size,
+                                seed=seed, oracle=oracle, view_renders=renders, plane_source=plane_source)
+    return context
+
+
+def observed_surface_points(context: CompletionContext) -> np.ndarray:
+    """(P, 3) world points back-projected from the object's pixels in real keyframes."""
+    points = []
+    for o in context.observations:
+        mask = o.object_mask & (o.depth > 0)
+        if not mask.any():
+            continue
+        rows, cols = np.nonzero(mask)
+        z = o.depth[rows, cols].astype(float)
+        cam = np.stack([(cols + 0.5 - o.camera.cx) / o.camera.fx * z, (rows + 0.5 - o.camera.cy) / o.camera.fy * z, z], 1)
+        points.append(cam @ o.camera.T_world_cam[:3, :3].T + o.camera.T_world_cam[:3, 3])
+    return np.concatenate(points) if points else np.zeros((0, 3))
+
+
+def complete_object(context: CompletionContext, config: CompletionConfig,
+                    generator: Union[str, Generator, None] = None, max_faces: Optional[int] = None,
+                    on_progress: Optional[Callable[[str, float], None]] = None,
+                    should_stop: Callable[[], bool] = lambda: False) -> CompletedMesh:
+    """Complete one object. Raises CompletionError (clear message) or returns a CompletedMesh.
+
+    `should_stop` is polled between and inside stages; a stop raises CompletionError and
+    leaves nothing behind (everything here works on copies).
+    """
+    timings = {}
+    progress = on_progress or (lambda stage, fraction: None)
+
+    def check(stage: str) -> None:
+        if should_stop():
+            raise CompletionError(f"cancelled or timed out during '{stage}'; the map and the cache are unchanged")
+
+    started = time.perf_counter()
+    generator = make_generator(generator or config.generator, config) if not hasattr(generator, "generate") else generator
+    progress("views", 0.05)
+    targets = context.unseen_indices
+    check("views")
+    tick = time.perf_counter()
+    generated = generator.generate(context, targets) if targets else None
+    timings["generate_s"] = time.perf_counter() - tick
+    progress("generate", 0.35)
+    check("generate")
+    voxel = context.object_size / max(config.mesh.grid_resolution, 2)
+    tick = time.perf_counter()
+    gaussians, optimise_info = optimise_object(
+        context, generated, config.optimise, spacing=config.optimise.new_gaussian_spacing_voxels * voxel,
+        on_progress=lambda f: progress("optimise", 0.35 + 0.45 * f), should_stop=should_stop)
+    timings["optimise_s"] = time.perf_counter() - tick
+    check("optimise")
+    progress("mesh", 0.8)
+    mesh, mesh_info = mesh_from_gaussians(gaussians, context.frame, config.views, config.mesh,
+                                          max_faces=max_faces or config.mesh.max_faces)
+    timings["mesh_s"] = mesh_info["mesh_s"]
+    if len(mesh.faces) == 0 or not mesh.is_watertight:
+        raise CompletionError(f"meshing instance {context.instance_id} did not give a closed surface "
+                              f"({len(mesh.faces)} faces); map the object from more views")
+    check("mesh")
+    # Pose: the same plane and axes, origin under the completed mesh's centre.
+    frame = recentre(context.frame, np.asarray(mesh.vertices))
+    vertices_world = context.frame.to_world(np.asarray(mesh.vertices))
+    vertices_object = frame.to_object(vertices_world)
+    observed = frame.to_object(observed_surface_points(context))
+    flags = vertex_generated_flags(vertices_object, observed, config.mesh.observed_radius * context.object_size)
+    observed_share = float(1.0 - flags.mean()) if len(flags) else 0.0
+    generator_trust = _generator_trust(generated)
+    confidence = observed_share + (1.0 - observed_share) * generator_trust
+    timings["total_s"] = time.perf_counter() - started
+    progress("mesh", 1.0)
+    info = {**optimise_info, **{k: v for k, v in mesh_info.items() if k != "mesh_s"},
+            **({k: v for k, v in generated.info.items() if not k.startswith(("mesh_", "vertex_"))} if generated else {}),
+            "observed_share": observed_share, "plane": context.plane_source}
+    return CompletedMesh(instance_id=context.instance_id, vertices_object=vertices_object,
+                         faces=np.asarray(mesh.faces), T_world_object=frame.T_world_object, vertex_generated=flags,
+                         generated_views=list(targets), n_views=len(context.views), confidence=float(confidence),
+                         generator=generator.name, watertight=bool(mesh.is_watertight), views=context.views,
+                         generated=generated, timings=timings, info=info)
+
+
+def _generator_trust(generated: Optional[GeneratedViews]) -> float:
+    """How much generated surface is worth: symmetry-backed geometry more than a carved guess;
+    for diffusion, agreement between seeds (low depth variance)."""
+    if generated is None:
+        return 1.0
+    if generated.depth_variance is not None and generated.mask.any():
+        spread = float(np.sqrt(np.mean(generated.depth_variance[generated.mask])))
+        scale = float(np.median(generated.depth[generated.mask])) * 0.02 + 1e-6
+        return float(np.exp(-spread / scale))
+    symmetry = generated.info.get("symmetry")
+    if symmetry in ("rotational", "reflective"):
+        return 0.6
+    if symmetry == "none":
+        return 0.25
+    return 0.5

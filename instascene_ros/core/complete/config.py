@@ -1,0 +1,128 @@
+"""Settings of in-situ completion, with InstaScene's published values as the `paper` preset."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ViewConfig:
+    """Completion viewpoints (InstaScene sec. 3.3: 16 views at 30 degrees elevation)."""
+
+    count: int = 16
+    elevation_deg: float = 30.0  # from the support plane, i.e. measured from the plane normal's horizon
+    # The generator's camera: fixed intrinsics, object normalised to a unit bounding sphere.
+    # Zero123++ renders 320 px views with a 30 degree field of view; the cpu preset uses 128 px.
+    image_size: int = 320
+    fov_deg: float = 30.0
+    distance: float = 4.0  # normalised units: the unit bounding sphere (asin(1/4) = 14.5 deg) just fits the 15 deg half field of view
+    # A view is *known* when >= this share of the object's pixels agree in object-only and
+    # full-scene depth, within `depth_tolerance` x the object's size (bbox diagonal).
+    known_fraction: float = 0.85
+    depth_tolerance: float = 0.05
+    # Our addition: a view whose direction is farther than this from every real keyframe's
+    # direction to the object shows a back the camera never saw (the map just has no Gaussians
+    # there, so the depth test alone would call it known). InstaScene's scans saw every side.
+    max_angle_to_observation_deg: float = 50.0
+
+
+@dataclass
+class GeometricConfig:
+    """The weight-free generator: carving, support plane, symmetry."""
+
+    grid_resolution: int = 64  # voxels along the longest side of the object's box
+    margin_voxels: int = 3  # free border around the box, so the surface closes
+    truncation_voxels: float = 2.0  # TSDF truncation band
+    # The box grows by this share of the observed extent on every horizontal side, so an object
+    # seen from one side can extend backwards.
+    growth: float = 0.35
+    max_keyframes: int = 40  # evenly chosen real views used for carving
+    hull_margin_voxels: float = 1.0  # unseen space counts as solid up to this far outside the observed hull
+    # Symmetry must explain the observations at least this well (mean |f(x) - f(S x)| over
+    # voxels near the surface, TSDF units) with at least `min_overlap` compared voxels.
+    symmetry_max_error: float = 0.22
+    symmetry_min_overlap: int = 200
+    reflection_angles: int = 36  # candidate plane orientations over 180 degrees
+    axis_search_steps: int = 9  # candidate rotation axes per side of the search square
+    seed: int = 0
+
+
+@dataclass
+class DiffusionConfig:
+    """The learned generator (core/complete/generators/diffusion.py documents the folder layout)."""
+
+    model_path: str = ""  # a local folder; never downloaded
+    num_inference_steps: int = 36
+    seeds: tuple = (0,)  # several seeds give a per-pixel depth variance -> confidence
+    device: str = "cpu"
+    # The known views nearest each target (by viewing direction) that condition it; their noise
+    # predictions are averaged at every step.
+    max_conditions: int = 4
+    # 0: every one of them at every step; k > 0: a window of k that rotates over them from step
+    # to step (alternating conditioning: k UNet passes per step instead of max_conditions).
+    conditions_per_step: int = 0
+    guidance_scale: float = 1.0  # classifier-free guidance; 1 = off (Zero-1-to-3 uses 3)
+    batch_size: int = 8  # UNet samples per forward pass
+    # A decoded pixel is object where it differs from the layout's background by more than this
+    # (max over RGB, [0, 1] units) and its ray meets the object's bounding sphere.
+    foreground_threshold: float = 0.08
+
+
+@dataclass
+class OptimiseConfig:
+    """Joint optimisation of the object's Gaussians on real + generated views."""
+
+    steps: int = 2000  # InstaScene
+    lr_means: float = 5e-5  # x object size; 3DGS uses 1.6e-4 x the scene extent, and the object is a fraction of it
+    lr_colors: float = 2.5e-3
+    lr_opacity: float = 2.5e-2
+    lr_scales: float = 5e-3
+    lr_quats: float = 1e-3
+    depth_weight: float = 0.5
+    alpha_weight: float = 0.5
+    real_view_share: float = 0.5  # share of steps that sample a real keyframe
+    new_gaussian_spacing_voxels: float = 1.0  # seeds for generated surface, one per voxel face
+    time_budget_s: float = 0.0  # 0 = none
+
+
+@dataclass
+class MeshConfig:
+    """TSDF fusion of the optimised object's depth, marching cubes, cleanup."""
+
+    grid_resolution: int = 96
+    truncation_voxels: float = 2.5
+    alpha_threshold: float = 0.5  # expected depth grows fins at silhouettes: mask at alpha > 0.5
+    empty_alpha: float = 0.05  # a ray with less alpha than this saw nothing and carves
+    elevations_deg: tuple = (5.0, 30.0, 60.0, 85.0)
+    views_per_ring: int = 16
+    image_size: int = 160
+    max_faces: int = 20_000
+    # A vertex is *observed* when a real observation lies within this share of the object's
+    # size (2%: the F1 tolerance the benchmark scores surfaces with).
+    observed_radius: float = 0.02
+    smooth_voxels: float = 1.0  # Gaussian smoothing of the fused field before marching cubes
+
+
+@dataclass
+class CompletionConfig:
+    views: ViewConfig = field(default_factory=ViewConfig)
+    geometric: GeometricConfig = field(default_factory=GeometricConfig)
+    optimise: OptimiseConfig = field(default_factory=OptimiseConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    generator: str = "geometric"
+    preset: str = "paper"
+
+    @classmethod
+    def paper(cls) -> "CompletionConfig":
+        return cls()
+
+    @classmethod
+    def cpu(cls) -> "CompletionConfig":
+        """Fits 60 s per object on 2 CPU cores (measured by `instascene bench complete`)."""
+        return cls(views=ViewConfig(image_size=128),
+                   optimise=OptimiseConfig(steps=100, time_budget_s=20.0),
+                   mesh=MeshConfig(grid_resolution=80, image_size=128, views_per_ring=12),
+                   preset="cpu")
+
+
+COMPLETION_PRESETS = {"paper": CompletionConfig.paper, "cpu": CompletionConfig.cpu}

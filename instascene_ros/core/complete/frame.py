@@ -1,0 +1,110 @@
+"""The support plane under an object, and the object frame built on it.
+
+A grasp planner wants the object's pose with z along the table normal, and completion needs
+the plane twice: as the bottom that closes the mesh and as the floor below which nothing of the
+object can be. The plane is fitted to the map's background Gaussians around the object (the
+table), not to the object, so a tall object does not tilt it.
+"""
+from __future__ import annotations
+
+import logging
+import numpy as np
+
+from instascene_ros.core.complete.types import ObjectFrame
+
+log = logging.getLogger(__name__)
+
+
+def fit_support_plane(background: np.ndarray, object_points: np.ndarray, *, inlier_distance: float = 0.004,
+                      iterations: int = 300, seed: int = 0,
+                      fallback_up: np.ndarray = np.array([0.0, 0.0, 1.0])) -> tuple[np.ndarray, float, str]:
+    """RANSAC plane (normal n, offset d: n.x = d) through background points near the object.
+
+    The normal is oriented so the object lies on its positive side. With too few background
+    points (an object alone on a clean map) the plane is horizontal (`fallback_up`) through the
+    object's lowest points; the third return value says which was used.
+    """
+    object_points = np.asarray(object_points, float)
+    centre = object_points.mean(axis=0)
+    extent = float(np.linalg.norm(np.ptp(object_points, axis=0))) + 1e-6
+    background = np.asarray(background, float)
+    if len(background):
+        horizontal = background - centre
+        horizontal -= np.outer(horizontal @ fallback_up, fallback_up)
+        near = background[np.linalg.norm(horizontal, axis=1) < max(2.0 * extent, 0.05)]
+    else:
+        near = background
+    if len(near) >= 30:
+        rng = np.random.default_rng(seed)
+        best_count, best = -1, None
+        for _ in range(iterations):
+            sample = near[rng.choice(len(near), 3, replace=False)]
+            normal = np.cross(sample[1] - sample[0], sample[2] - sample[0])
+            norm = np.linalg.norm(normal)
+            if norm < 1e-12:
+                continue
+            normal /= norm
+            # Tables are roughly level in any sane global frame: reject walls and tray sides.
+            if abs(normal @ fallback_up) < np.cos(np.deg2rad(35.0)):
+                continue
+            count = int(np.sum(np.abs((near - sample[0]) @ normal) < inlier_distance))
+            if count > best_count:
+                best_count, best = count, (normal, sample[0])
+        if best is not None and best_count >= 20:
+            normal, point = best
+            inliers = near[np.abs((near - point) @ normal) < inlier_distance]
+            # Least-squares refit on the inliers (the smallest principal axis is the normal).
+            mean = inliers.mean(axis=0)
+            normal = np.linalg.svd(inliers - mean, full_matrices=False)[2][-1]
+            if (centre - mean) @ normal < 0:
+                normal = -normal
+            return normal, float(normal @ mean), "ransac"
+    up = np.asarray(fallback_up, float) / np.linalg.norm(fallback_up)
+    lowest = float(np.percentile(object_points @ up, 1.0))
+    return up, lowest, "fallback-lowest-points"
+
+
+def object_frame(object_points: np.ndarray, normal: np.ndarray, offset: float,
+                 radius_margin: float = 1.15) -> ObjectFrame:
+    """Object frame on the plane: origin under the points' footprint centre, x along their main axis."""
+    points = np.asarray(object_points, float)
+    normal = np.asarray(normal, float) / np.linalg.norm(normal)
+    heights = points @ normal - offset
+    horizontal = points - np.outer(points @ normal, normal)
+    footprint_centre = 0.5 * (horizontal.min(axis=0) + horizontal.max(axis=0))
+    # Principal horizontal direction: for symmetry search it is a natural first candidate.
+    centred = horizontal - horizontal.mean(axis=0)
+    x_axis = _principal_axis(centred, normal)
+    y_axis = np.cross(normal, x_axis)
+    T = np.eye(4)
+    T[:3, 0], T[:3, 1], T[:3, 2] = x_axis, y_axis, normal
+    T[:3, 3] = footprint_centre - normal * (footprint_centre @ normal) + normal * offset
+    local = (points - T[:3, 3]) @ T[:3, :3]
+    centre = 0.5 * (local.min(axis=0) + local.max(axis=0))
+    centre[2] = max(0.5 * float(max(heights.max(), 1e-3)), 1e-3)
+    radius = float(np.linalg.norm(local - centre, axis=1).max()) * radius_margin
+    return ObjectFrame(T_world_object=T, scale=max(radius, 1e-3), centre_object=centre)
+
+
+def _principal_axis(centred: np.ndarray, normal: np.ndarray) -> np.ndarray:
+    if len(centred) >= 3:
+        axis = np.linalg.svd(centred, full_matrices=False)[2][0]
+        axis -= normal * (axis @ normal)
+        if np.linalg.norm(axis) > 1e-6:
+            return axis / np.linalg.norm(axis)
+    helper = np.array([1.0, 0.0, 0.0]) if abs(normal[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+    axis = helper - normal * (helper @ normal)
+    return axis / np.linalg.norm(axis)
+
+
+def recentre(frame: ObjectFrame, points_object: np.ndarray, radius_margin: float = 1.05) -> ObjectFrame:
+    """The same plane and axes, origin moved under the centre of `points_object` (e.g. the completed mesh)."""
+    points = np.asarray(points_object, float)
+    lo, hi = points.min(axis=0), points.max(axis=0)
+    shift = np.array([0.5 * (lo[0] + hi[0]), 0.5 * (lo[1] + hi[1]), 0.0])
+    T = frame.T_world_object.copy()
+    T[:3, 3] = T[:3, 3] + T[:3, :3] @ shift
+    local = points - shift
+    centre = 0.5 * (local.min(axis=0) + local.max(axis=0))
+    radius = float(np.linalg.norm(local - centre, axis=1).max()) * radius_margin
+    return ObjectFrame(T_world_object=T, scale=max(radius, 1e-3), centre_object=centre)
