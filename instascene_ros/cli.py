@@ -16,6 +16,7 @@ SUBCOMMANDS = [
     ("make-scene", "instascene_ros.commands.make_scene"),
     ("demo", "instascene_ros.commands.demo"),
     ("run", "instascene_ros.commands.run"),
+    ("complete", "instascene_ros.commands.complete"),
     ("bench", "instascene_ros.commands.bench"),
     ("launch", "instascene_ros.commands.launch"),
     ("publish-dataset", "instascene_ros.commands.publish_dataset"),

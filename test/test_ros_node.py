@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 import trimesh
+from scipy.spatial.transform import Rotation
 
 from conftest import wait_for_output
 
@@ -78,11 +79,22 @@ def test_node_end_to_end(small_scene, ros_env, ros_processes, tmp_path):
     assert result["list_latency_p95_s"] < 0.1
 
     # services and action
-    assert result["completed"]["success"] and result["completed"]["n_faces"] >= 4
-    vertices = np.asarray(result["completed"]["vertices"])
-    mesh = trimesh.Trimesh(vertices + np.asarray(result["completed"]["position"]), result["completed"]["faces"])
+    completed = result["completed"]
+    assert completed["success"] and completed["n_faces"] >= 4, completed["message"]
+    vertices = np.asarray(completed["vertices"])
+    assert len(completed["vertex_generated"]) == len(vertices)
+    # Object frame on the support plane: centred in x/y, z = 0 on the table, z up.
+    assert np.abs(vertices[:, :2].max(0) + vertices[:, :2].min(0)).max() < 1e-5, "vertices are not in the object frame"
+    assert vertices[:, 2].min() > -0.005
+    rotation = Rotation.from_quat(completed["orientation_xyzw"]).as_matrix()
+    assert rotation[2, 2] > 0.99, "the object frame's z is not the table normal"
+    mesh = trimesh.Trimesh(vertices @ rotation.T + np.asarray(completed["position"]), completed["faces"])
     assert mesh.is_watertight
-    assert np.abs(vertices.max(0) + vertices.min(0)).max() < 1e-6, "vertices are not in the object frame"
+    # Placed where the real object is: the mesh's box centre near the ground-truth object's.
+    owner = next(gt_id for gt_id, instance_id in claimed.items() if instance_id == completed["id"])
+    truth = meshes[owner]
+    offset = np.linalg.norm(mesh.bounds.mean(0) - truth.bounds.mean(0))
+    assert offset < 0.15 * np.linalg.norm(truth.extents), f"completed mesh {offset * 1000:.1f} mm from the object"
     assert not result["completed_unknown"]["success"] and "unknown instance 99999" in result["completed_unknown"]["message"]
     assert result["action"]["success"] and result["action"]["feedback"][-1] == pytest.approx(1.0)
     assert result["segment"]["success"] and result["segment"]["mask_size"] == [96, 96]

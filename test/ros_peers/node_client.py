@@ -95,9 +95,11 @@ def main():
                              "mask_size": [seg.mask.width, seg.mask.height]}
         completed, seconds = call(node, clients["get_completed_object"], GetCompletedObject.Request(instance_id=first))
         vertices, faces = mesh_from_msg(completed.object.mesh)
-        p = completed.object.pose.position
+        p, q = completed.object.pose.position, completed.object.pose.orientation
         result["completed"] = {"success": completed.success, "message": completed.message, "n_vertices": len(vertices),
                                "n_faces": len(faces), "position": [p.x, p.y, p.z], "seconds": seconds,
+                               "orientation_xyzw": [q.x, q.y, q.z, q.w], "id": int(first),
+                               "vertex_generated": list(completed.object.vertex_generated),
                                "vertices": vertices.tolist(), "faces": faces.tolist(),
                                "frame_id": completed.object.header.frame_id}
         unknown, _ = call(node, clients["get_completed_object"], GetCompletedObject.Request(instance_id=99999))

@@ -44,6 +44,7 @@ class CompletedMesh:
     watertight: bool
     views: list[CompletionView] = field(default_factory=list)
     generated: Optional[GeneratedViews] = None
+    gaussians: Optional[Gaussians] = None  # the object's Gaussians after joint optimisation (world frame)
     timings: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
@@ -235,12 +236,12 @@ def complete_object(context: CompletionContext, config: CompletionConfig,
     progress("mesh", 1.0)
     info = {**optimise_info, **{k: v for k, v in mesh_info.items() if k != "mesh_s"},
             **({k: v for k, v in generated.info.items() if not k.startswith(("mesh_", "vertex_"))} if generated else {}),
-            "observed_share": observed_share, "plane": context.plane_source}
+            "observed_share": observed_share, "plane": context.plane_source, "view_renders": context.view_renders}
     return CompletedMesh(instance_id=context.instance_id, vertices_object=vertices_object,
                          faces=np.asarray(mesh.faces), T_world_object=frame.T_world_object, vertex_generated=flags,
                          generated_views=list(targets), n_views=len(context.views), confidence=float(confidence),
                          generator=generator.name, watertight=bool(mesh.is_watertight), views=context.views,
-                         generated=generated, timings=timings, info=info)
+                         generated=generated, gaussians=gaussians, timings=timings, info=info)
 
 
 def _generator_trust(generated: Optional[GeneratedViews]) -> float:

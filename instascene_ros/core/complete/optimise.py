@@ -28,6 +28,17 @@ def _clone(gaussians: Gaussians) -> Gaussians:
                                                              gaussians.opacity_logits, gaussians.sh[:, :1])))
 
 
+def isotropic_gaussians(points: np.ndarray, colors: np.ndarray, scale: float, opacity: float) -> Gaussians:
+    """Round Gaussians at `points` (N, 3) with `colors` (N, 3) in [0, 1]: seeds for surface we know."""
+    n = len(points)
+    return Gaussians(
+        means=torch.as_tensor(points, dtype=torch.float32),
+        quats=torch.tensor([[1.0, 0.0, 0.0, 0.0]]).repeat(n, 1),
+        log_scales=torch.full((n, 3), float(np.log(scale))),
+        opacity_logits=inverse_sigmoid(torch.full((n,), float(opacity))),
+        sh=rgb_to_sh_dc(torch.as_tensor(colors, dtype=torch.float32))[:, None, :])
+
+
 def seed_generated_surface(gaussians: Gaussians, context: CompletionContext, generated: GeneratedViews,
                            spacing: float) -> tuple[Gaussians, int]:
     """Add one Gaussian per `spacing` cell of generated surface that no existing Gaussian covers."""
@@ -60,12 +71,7 @@ def seed_generated_surface(gaussians: Gaussians, context: CompletionContext, gen
     n = len(points)
     if n == 0:
         return gaussians, 0
-    new = Gaussians(
-        means=torch.as_tensor(points, dtype=torch.float32),
-        quats=torch.tensor([[1.0, 0.0, 0.0, 0.0]]).repeat(n, 1),
-        log_scales=torch.full((n, 3), float(np.log(0.6 * spacing))),
-        opacity_logits=inverse_sigmoid(torch.full((n,), 0.8)),
-        sh=rgb_to_sh_dc(torch.as_tensor(colors, dtype=torch.float32))[:, None, :])
+    new = isotropic_gaussians(points, colors, scale=0.6 * spacing, opacity=0.8)
     merged = Gaussians(*(torch.cat([a, b]) for a, b in zip(
         (gaussians.means, gaussians.quats, gaussians.log_scales, gaussians.opacity_logits, gaussians.sh),
         (new.means, new.quats, new.log_scales, new.opacity_logits, new.sh))))

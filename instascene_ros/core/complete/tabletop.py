@@ -12,12 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 import trimesh
 
 from instascene_ros.core.camera import Camera, intrinsics_from_fov, look_at
-from instascene_ros.core.complete.raster import render_mesh
-from instascene_ros.core.scene import inverse_sigmoid, rgb_to_sh_dc
+from instascene_ros.core.complete.raster import rasterise_mesh, render_mesh
+from instascene_ros.core.complete.optimise import isotropic_gaussians
 from instascene_ros.core.splat.types import Gaussians
 
 
@@ -76,8 +75,6 @@ def build_tabletop(objects: dict, *, views: int = 24, resolution: int = 128, arc
                                           np.sin(elevation)])
         camera = Camera(K, resolution, resolution, look_at(eye, target))
         rgb, depth, hit = render_mesh(vertices, faces, camera, vertex_colors, shade=True, background=(0, 0, 0))
-        from instascene_ros.core.complete.raster import rasterise_mesh
-
         _, face_index, _ = rasterise_mesh(vertices, faces, camera)
         keyframes.append(FixtureKeyframe(camera, rgb, depth))
         rows, cols = np.nonzero(hit)
@@ -90,13 +87,7 @@ def build_tabletop(objects: dict, *, views: int = 24, resolution: int = 128, arc
     _, first = np.unique(cells, axis=0, return_index=True)
     first = rng.permutation(first)
     points, labels = points[first], labels[first]
-    n = len(points)
     rgb = np.stack([colors[int(label)] for label in labels])
-    gaussians = Gaussians(
-        means=torch.as_tensor(points, dtype=torch.float32),
-        quats=torch.tensor([[1.0, 0.0, 0.0, 0.0]]).repeat(n, 1),
-        log_scales=torch.full((n, 3), float(np.log(0.6 * gaussian_spacing))),
-        opacity_logits=inverse_sigmoid(torch.full((n,), 0.95)),
-        sh=rgb_to_sh_dc(torch.as_tensor(rgb, dtype=torch.float32))[:, None, :])
+    gaussians = isotropic_gaussians(points, rgb, scale=0.6 * gaussian_spacing, opacity=0.95)
     return TabletopFixture(gaussians=gaussians, labels=labels, meshes={k: m for k, (m, _) in objects.items()},
                            colors=colors, keyframes=keyframes)
