@@ -110,3 +110,15 @@ def test_node_end_to_end(small_scene, ros_env, ros_processes, tmp_path):
     node.send_signal(2)
     node.wait(timeout=30)
     assert node.returncode == 0, node.stderr.read()[-2000:]
+
+    # the saved map completes offline too: `instascene complete` exports a watertight .glb + pose
+    exported = tmp_path / "object.glb"
+    offline = subprocess.run([sys.executable, "-m", "instascene_ros.cli", "complete", str(tmp_path / "map.instascene"),
+                              "--id", str(completed["id"]), "--out", str(exported)], capture_output=True, text=True,
+                             timeout=300)
+    assert offline.returncode == 0, offline.stdout + offline.stderr[-2000:]
+    glb = trimesh.load(exported, force="mesh")
+    assert glb.is_watertight and len(glb.faces) >= 4
+    record = json.loads(exported.with_suffix(".glb.json").read_text())
+    assert np.linalg.norm(glb.bounds.mean(0) - truth.bounds.mean(0)) < 0.15 * np.linalg.norm(truth.extents)
+    assert record["watertight"] and len(record["T_world_object"]) == 4

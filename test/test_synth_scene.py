@@ -203,7 +203,8 @@ def test_arc_mode_leaves_a_third_of_each_object_unseen(arc_scene, scene):
     target = np.array(manifest["cameras"]["target"])
     azimuths = np.degrees([np.arctan2(*(frame.camera.position - target)[1::-1]) for frame in train])
     span = np.ptp(np.unwrap(np.radians(azimuths)))
-    assert 90.0 - 1e-6 <= np.degrees(span) <= 120.0 + 1e-6
+    # poses are stored rounded in transforms.json: ~1e-3 degrees of slack
+    assert 90.0 - 0.01 <= np.degrees(span) <= 120.0 + 0.01
     unobserved = np.array([obj["unobserved_fraction"] for obj in manifest["objects"]])
     # Measured (seed 3, 8 objects, 96 px, 8 views): all >= 0.3. Allow one exception.
     assert np.count_nonzero(unobserved >= 0.3) >= len(unobserved) - 1

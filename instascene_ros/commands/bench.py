@@ -7,6 +7,8 @@
   object PSNR / SSIM / depth error / keyframe latency against the targets.
 - `bench segment`: decomposition on noisy masks over report seeds (mIoU, boundary IoU,
   PQ^scene, cloud precision), mean and standard deviation.
+- `bench complete`: in-situ completion on arc scenes against ground-truth meshes, beside the
+  convex-hull and TSDF-cap baselines and the oracle generator (bench_complete.py).
 """
 from __future__ import annotations
 
@@ -47,6 +49,10 @@ def add_parser(subparsers) -> None:
         if name == "map":
             sub.add_argument("--inputs", default="rgbd,rgb", help="which inputs to map: rgbd, rgb or both")
         sub.set_defaults(run=run_map if name == "map" else run_segment)
+
+    from instascene_ros.commands import bench_complete
+
+    bench_complete.add_parser(benches)
 
 
 # ------------------------------------------------------------------------------------------ splat

@@ -33,6 +33,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--mask-every", type=int, default=1,
                         help="use the 2D mask of every n-th training frame only (a real segmenter runs at ~1 Hz)")
     parser.add_argument("--finish-seconds", type=float, default=None, help="time cap of the final refinement")
+    parser.add_argument("--finish-feature-steps", type=int, default=None,
+                        help="feature-field steps at the end of the stream (default: the pipeline's 300)")
     parser.add_argument("--max-frames", type=int, default=0, help="stop after this many training frames (0 = all)")
     parser.add_argument("--threads", type=int, default=2, help="numba threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -122,6 +124,8 @@ def run(args) -> int:
     numba.set_num_threads(max(1, min(args.threads, numba.config.NUMBA_NUM_THREADS)))
 
     config = PipelineConfig.from_preset(args.preset, args.device)
+    if args.finish_feature_steps is not None:
+        config.cadence.finish_feature_steps = args.finish_feature_steps
     pipeline = Pipeline(config, progress_bar=not args.no_progress)
     (out / "config.json").write_text(json.dumps({"dataset": str(args.dataset), "preset": args.preset,
                                                  "device": args.device, "no_depth": args.no_depth,

@@ -28,6 +28,7 @@ from instascene_ros.core.splat.types import Gaussians
 
 log = logging.getLogger(__name__)
 MIN_GAUSSIANS = 10
+TABLE_BAND_M = 0.003  # background Gaussians this close to the support plane are the table
 
 
 @dataclass
@@ -152,10 +153,12 @@ def build_context(scene_gaussians: Gaussians, object_rows: np.ndarray, other_row
     object_size = float(np.linalg.norm(hi - lo))
     normal, offset, plane_source = fit_support_plane(means[background], object_points, seed=seed)
     frame = object_frame(object_points, normal, offset)
-    # Everything that is not this object and lies near it: neighbours and the table around it.
+    # Other instances near the object, and the table itself (background lying on the plane). Not
+    # the rest of the background: with imperfect segmentation part of the object (a side the
+    # masks missed) is background, and must not push the object's volume away.
     near = np.linalg.norm(means - object_points.mean(axis=0), axis=1) < 1.5 * object_size
-    not_object = np.ones(len(means), bool)
-    not_object[object_rows] = False
+    not_object = background & (np.abs(means @ normal - offset) < TABLE_BAND_M)
+    not_object[np.asarray(other_rows, np.int64)] = True
     observations = observe_keyframes(object_gaussians, scene, keyframes, object_size, max_keyframes, keyframe_side)
     centre = frame.T_world_normalised[:3, 3]
     directions = np.array([o.camera.position - centre for o in observations if o.object_mask.any()]).reshape(-1, 3)
@@ -166,20 +169,6 @@ def build_context(scene_gaussians: Gaussians, object_rows: np.ndarray, other_row
                                 frame=frame, views=views, observations=observations, object_size=object_size,
                                 seed=seed, oracle=oracle, view_renders=renders, plane_source=plane_source)
     return context
-
-
-def observed_surface_points(context: CompletionContext) -> np.ndarray:
-    """(P, 3) world points back-projected from the object's pixels in real keyframes."""
-    points = []
-    for o in context.observations:
-        mask = o.object_mask & (o.depth > 0)
-        if not mask.any():
-            continue
-        rows, cols = np.nonzero(mask)
-        z = o.depth[rows, cols].astype(float)
-        cam = np.stack([(cols + 0.5 - o.camera.cx) / o.camera.fx * z, (rows + 0.5 - o.camera.cy) / o.camera.fy * z, z], 1)
-        points.append(cam @ o.camera.T_world_cam[:3, :3].T + o.camera.T_world_cam[:3, 3])
-    return np.concatenate(points) if points else np.zeros((0, 3))
 
 
 def complete_object(context: CompletionContext, config: CompletionConfig,
@@ -216,8 +205,9 @@ def complete_object(context: CompletionContext, config: CompletionConfig,
     timings["optimise_s"] = time.perf_counter() - tick
     check("optimise")
     progress("mesh", 0.8)
+    shape = generated.info.get("shape_field") if generated is not None else None
     mesh, mesh_info = mesh_from_gaussians(gaussians, context.frame, config.views, config.mesh,
-                                          max_faces=max_faces or config.mesh.max_faces)
+                                          max_faces=max_faces or config.mesh.max_faces, shape=shape)
     timings["mesh_s"] = mesh_info["mesh_s"]
     if len(mesh.faces) == 0 or not mesh.is_watertight:
         raise CompletionError(f"meshing instance {context.instance_id} did not give a closed surface "
@@ -227,7 +217,7 @@ def complete_object(context: CompletionContext, config: CompletionConfig,
     frame = recentre(context.frame, np.asarray(mesh.vertices))
     vertices_world = context.frame.to_world(np.asarray(mesh.vertices))
     vertices_object = frame.to_object(vertices_world)
-    observed = frame.to_object(observed_surface_points(context))
+    observed = frame.to_object(context.observed_surface_points())
     flags = vertex_generated_flags(vertices_object, observed, config.mesh.observed_radius * context.object_size)
     observed_share = float(1.0 - flags.mean()) if len(flags) else 0.0
     generator_trust = _generator_trust(generated)
@@ -235,7 +225,8 @@ def complete_object(context: CompletionContext, config: CompletionConfig,
     timings["total_s"] = time.perf_counter() - started
     progress("mesh", 1.0)
     info = {**optimise_info, **{k: v for k, v in mesh_info.items() if k != "mesh_s"},
-            **({k: v for k, v in generated.info.items() if not k.startswith(("mesh_", "vertex_"))} if generated else {}),
+            **({k: v for k, v in generated.info.items() if not k.startswith(("mesh_", "vertex_", "shape_"))}
+               if generated else {}),
             "observed_share": observed_share, "plane": context.plane_source, "view_renders": context.view_renders}
     return CompletedMesh(instance_id=context.instance_id, vertices_object=vertices_object,
                          faces=np.asarray(mesh.faces), T_world_object=frame.T_world_object, vertex_generated=flags,

@@ -62,9 +62,31 @@ def coarser_surface(field: np.ndarray, grid: VoxelGrid, max_faces: int, faces: i
         factor *= 0.85
 
 
+def constrain_to_shape(field: np.ndarray, grid: VoxelGrid, shape_field: np.ndarray, shape_grid: VoxelGrid) -> np.ndarray:
+    """The fused field, kept within one truncation band of the generator's completed shape.
+
+    Farther outside the shape than its truncation is outside (a map's floaters and the fins
+    of stray Gaussians go); deeper inside is inside (gaps between Gaussians do not open holes).
+    Within the band the optimised Gaussians decide where the surface is.
+    """
+    from scipy import ndimage
+
+    coordinates = shape_grid.index_coordinates(grid.centres_object().reshape(-1, 3)).T
+    sampled = ndimage.map_coordinates(shape_field, coordinates, order=1, mode="constant", cval=1.0)
+    sampled = sampled.reshape(field.shape)
+    constrained = field.copy()
+    constrained[sampled >= 0.999] = 1.0
+    constrained[sampled <= -0.999] = -1.0
+    return constrained
+
+
 def mesh_from_gaussians(gaussians: Gaussians, frame: ObjectFrame, view_config: ViewConfig, config: MeshConfig,
-                        max_faces: Optional[int] = None) -> tuple[trimesh.Trimesh, dict]:
-    """Closed mesh (object frame) of the Gaussians, from TSDF fusion of their renders."""
+                        max_faces: Optional[int] = None, shape: Optional[tuple] = None) -> tuple[trimesh.Trimesh, dict]:
+    """Closed mesh (object frame) of the Gaussians, from TSDF fusion of their renders.
+
+    shape: optional (field, VoxelGrid) of the generator's completed shape (the geometric
+    generator provides one) that bounds the result to its truncation band.
+    """
     started = time.perf_counter()
     cameras = []
     for k, elevation in enumerate(config.elevations_deg):
@@ -81,6 +103,8 @@ def mesh_from_gaussians(gaussians: Gaussians, frame: ObjectFrame, view_config: V
                     for i, camera in enumerate(cameras)]
     fusion = fuse_depth(grid, observations, config.truncation_voxels * grid.voxel_size, empty_is_free=True)
     field = np.where(fusion.known, fusion.field, -1.0)
+    if shape is not None:
+        field = constrain_to_shape(field, grid, *shape)
     field = close_with_plane(field, grid)
     field = largest_inside_component(field)
     mesh = extract_surface(field, grid, smooth_sigma=config.smooth_voxels)

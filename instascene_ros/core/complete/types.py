@@ -93,7 +93,7 @@ class CompletionContext:
     instance_id: int
     object_gaussians: Gaussians
     scene_gaussians: Gaussians  # the whole map (the object included), for occlusion reasoning
-    # (M, 3) world positions of nearby Gaussians that are not this object: neighbours and the table.
+    # (M, 3) world positions of nearby Gaussians of other instances (not the background).
     other_points: np.ndarray
     frame: ObjectFrame
     views: list[CompletionView]
@@ -105,6 +105,20 @@ class CompletionContext:
     # Object-only renders of the views (object_rgb, object_depth, object_alpha, scene_depth), for pictures.
     view_renders: dict = field(default_factory=dict)
     plane_source: str = ""  # "ransac" or the fallback used for the support plane
+
+    def observed_surface_points(self) -> np.ndarray:
+        """(P, 3) world points back-projected from the object's pixels in the real keyframes."""
+        points = []
+        for o in self.observations:
+            mask = o.object_mask & (o.depth > 0)
+            if not mask.any():
+                continue
+            rows, cols = np.nonzero(mask)
+            z = o.depth[rows, cols].astype(float)
+            camera = o.camera
+            local = np.stack([(cols + 0.5 - camera.cx) / camera.fx * z, (rows + 0.5 - camera.cy) / camera.fy * z, z], 1)
+            points.append(local @ camera.T_world_cam[:3, :3].T + camera.T_world_cam[:3, 3])
+        return np.concatenate(points) if points else np.zeros((0, 3))
 
     @property
     def unseen_indices(self) -> list[int]:

@@ -1,7 +1,7 @@
 """A pybullet world with a table and a tray, objects dropped into it and let settle.
 
-Frames: the table top is z = 0 (the support plane a completion prior can use) and the tray is
-centred on the origin. pybullet reports a body's pose at its centre of mass, while visual and
+Frames: the table top is z = 0, the tray is centred on the origin and its floor (the support
+plane objects stand on) is at z = TRAY_FLOOR_HEIGHT. pybullet reports a body's pose at its centre of mass, while visual and
 collision shapes hang off the *link* frame; every pose leaving this module is the link pose,
 so ground-truth meshes (link-frame geometry) land exactly where they are rendered.
 """
@@ -19,9 +19,26 @@ from instascene_ros.core.synth.config import PhysicsConfig
 from instascene_ros.core.synth.objects import ObjectSpec, is_textured, write_obj
 
 TABLE_URDF = "table/table.urdf"
-TRAY_URDF = "tray/traybox.urdf"
 TABLE_TOP_IN_URDF = 0.625  # table.urdf: top plate centred at 0.6, 0.05 thick
-TRAY_FLOOR_HEIGHT = 0.015  # traybox.urdf: floor box centred at 0.005, 0.02 thick
+# pybullet_data's traybox.urdf draws tray_textured.obj (floor top at z = 0.005) but collides
+# with a box whose top is at 0.015: objects rested 1 cm above the floor everyone sees, and
+# completion closed them down to the visible floor. Our copy keeps the drawing and moves the
+# collision boxes down by 1 cm, so the floor objects stand on is the floor that is rendered.
+TRAY_FLOOR_HEIGHT = 0.005
+_TRAY_COLLISION_DROP = 0.01
+_TRAY_URDF = """<robot name="tray">
+  <link name="base_link">
+    <inertial><origin xyz="0 0 0"/><mass value="0"/><inertia ixx="0" ixy="0" ixz="0" iyy="0" iyz="0" izz="0"/></inertial>
+    <visual><origin xyz="0 0 0"/><geometry><mesh filename="{mesh}" scale="0.5 0.5 0.5"/></geometry>
+      <material name="tray_material"><color rgba="1 1 1 1"/></material></visual>
+    <collision><origin xyz="0 0 {floor_z}"/><geometry><box size=".6 .6 .02"/></geometry></collision>
+    <collision><origin rpy="0 0.575469961 0" xyz="0.25 0 {wall_z}"/><geometry><box size=".02 .6 .15"/></geometry></collision>
+    <collision><origin rpy="0 -0.575469961 0" xyz="-0.25 0 {wall_z}"/><geometry><box size=".02 .6 .15"/></geometry></collision>
+    <collision><origin rpy="0.575469961 0 0" xyz="0 -0.25 {wall_z}"/><geometry><box size=".6 .02 .15"/></geometry></collision>
+    <collision><origin rpy="-0.575469961 0 0" xyz="0 0.25 {wall_z}"/><geometry><box size=".6 .02 .15"/></geometry></collision>
+  </link>
+</robot>
+"""
 
 
 def pose_matrix(position, quaternion_xyzw) -> np.ndarray:
@@ -62,7 +79,11 @@ class PhysicsWorld:
         """Table (top at z = 0) and tray: fixed, and id 0 in every mask."""
         table = p.loadURDF(TABLE_URDF, basePosition=[0.0, 0.0, -TABLE_TOP_IN_URDF], useFixedBase=True,
                            physicsClientId=self.client)
-        tray = p.loadURDF(TRAY_URDF, basePosition=[0.0, 0.0, 0.0], useFixedBase=True, physicsClientId=self.client)
+        tray_urdf = os.path.join(self.workdir, "tray_collision_on_visual_floor.urdf")
+        with open(tray_urdf, "w") as stream:
+            stream.write(_TRAY_URDF.format(mesh=os.path.join(pybullet_data.getDataPath(), "tray", "tray_textured.obj"),
+                                           floor_z=0.005 - _TRAY_COLLISION_DROP, wall_z=0.059 - _TRAY_COLLISION_DROP))
+        tray = p.loadURDF(tray_urdf, basePosition=[0.0, 0.0, 0.0], useFixedBase=True, physicsClientId=self.client)
         self.background_ids = [table, tray]
 
     @property

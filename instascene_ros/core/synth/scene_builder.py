@@ -29,7 +29,7 @@ from instascene_ros.core.synth.config import SceneConfig
 from instascene_ros.core.synth.coverage import unobserved_fraction
 from instascene_ros.core.synth.mask_noise import corrupt_masks
 from instascene_ros.core.synth.objects import OBJECT_KINDS, ObjectSpec, build_object, is_textured, palette
-from instascene_ros.core.synth.physics import PhysicsWorld
+from instascene_ros.core.synth.physics import TRAY_FLOOR_HEIGHT, PhysicsWorld
 from instascene_ros.core.synth.render import RenderedView, render_view, tiny_renderer_intrinsics
 
 
@@ -420,7 +420,7 @@ def _manifest(config: SceneConfig, records: list[dict], pair_ids: tuple[int, int
         "resolution": [config.resolution, config.resolution],
         "num_train_views": len(train_poses),
         "num_test_views": len(test_poses),
-        "support_plane_z": 0.0,
+        "support_plane_z": TRAY_FLOOR_HEIGHT,  # the tray floor the objects stand on
         "objects": records,
         "identical_pair": pair,
         "identical_groups": _groups(records),
