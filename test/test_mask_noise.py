@@ -118,6 +118,10 @@ def test_boundary_jitter_stays_within_its_radius(clean):
             if owner == 0:  # eroded away entirely (a sliver)
                 continue
             out = view_noisy == owner
+            if np.count_nonzero(out & mine) * 2 < np.count_nonzero(out):
+                # a sliver eroded first, then a neighbour's outward jitter took its freed pixels:
+                # the id is the neighbour's (checked when the neighbour's turn comes)
+                continue
             assert not np.any(out & ~ndimage.binary_dilation(mine, disk))
             assert not np.any(ndimage.binary_erosion(mine, disk) & ~out)
             moved += not np.array_equal(out, mine)

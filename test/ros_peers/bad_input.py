@@ -15,7 +15,13 @@ def main():
     frame = next(f for f in dataset.frames if f.meta.get("split") == "train")
     rclpy.init()
     node = DatasetPublisher([frame])
-    time.sleep(1.5)
+    # Wait for discovery (not a fixed sleep): on a loaded machine the node's subscriptions can
+    # take seconds to match, and best-effort messages sent before that are simply lost.
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline and (node.pub_image.get_subscription_count() == 0 or
+                                           node.pub_info.get_subscription_count() == 0):
+        time.sleep(0.1)
+    time.sleep(0.5)
     start = node.get_clock().now()
     stamps = [(start + rclpy.duration.Duration(seconds=0.5 * i)).to_msg() for i in range(6)]
 

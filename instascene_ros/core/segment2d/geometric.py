@@ -55,7 +55,10 @@ class GeometricConfig:
     """Parameters of the tabletop geometric segmenter (metres, pixels, degrees)."""
 
     # support plane (RANSAC)
-    plane_distance_threshold: float = 0.006  # RANSAC inlier band and removal band, metres
+    # RANSAC inlier band and removal band, metres. Objects stand on the plane, so every mm of band
+    # cuts their bottom off (6 mm: mean IoU 0.69 on the generated tray; 3 mm: above 0.7);
+    # 3 mm is about twice the depth noise of a structured-light camera at 0.6 m.
+    plane_distance_threshold: float = 0.003
     plane_ransac_iterations: int = 256
     plane_sample_stride: int = 4  # RANSAC runs on every n-th pixel in both directions
     plane_min_inlier_fraction: float = 0.15  # of valid pixels; below this no plane is removed
