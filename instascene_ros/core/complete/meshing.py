@@ -42,6 +42,21 @@ def decimate(mesh: trimesh.Trimesh, max_faces: int) -> Optional[trimesh.Trimesh]
     return None
 
 
+def _make_watertight(mesh: trimesh.Trimesh, field: np.ndarray, grid: VoxelGrid, max_faces: int) -> trimesh.Trimesh:
+    """Last resorts when marching cubes or decimation left a hole: fill it, else a coarser grid."""
+    repaired = mesh.copy()
+    repaired.merge_vertices()
+    trimesh.repair.fill_holes(repaired)
+    if repaired.is_watertight:
+        return repaired
+    for budget in (max_faces, max_faces // 2):
+        coarse = coarser_surface(field, grid, budget, max(len(mesh.faces), budget) * 1.3)
+        if coarse.is_watertight:
+            return coarse
+    log.warning("could not close the mesh (%d faces)", len(mesh.faces))
+    return mesh
+
+
 def coarser_surface(field: np.ndarray, grid: VoxelGrid, max_faces: int, faces: int) -> trimesh.Trimesh:
     """Marching cubes on a resampled, coarser field: watertight by construction, fewer faces.
 
@@ -111,6 +126,8 @@ def mesh_from_gaussians(gaussians: Gaussians, frame: ObjectFrame, view_config: V
     faces_before = len(mesh.faces)
     if max_faces and len(mesh.faces) > max_faces:
         mesh = decimate(mesh, max_faces) or coarser_surface(field, grid, max_faces, len(mesh.faces))
+    if len(mesh.faces) and not mesh.is_watertight:
+        mesh = _make_watertight(mesh, field, grid, max_faces or len(mesh.faces))
     info = {"mesh_views": len(cameras), "mesh_voxel_m": grid.voxel_size, "faces_before_decimation": faces_before,
             "watertight": bool(mesh.is_watertight) if len(mesh.faces) else False,
             "mesh_s": time.perf_counter() - started}

@@ -170,7 +170,10 @@ def extract_surface(field: np.ndarray, grid: VoxelGrid, smooth_sigma: float = 0.
     import trimesh
     from skimage import measure
 
-    values = ndimage.gaussian_filter(field, smooth_sigma) if smooth_sigma > 0 else field
+    values = ndimage.gaussian_filter(field, smooth_sigma) if smooth_sigma > 0 else field.astype(float)
+    # A vertex exactly on the level makes marching cubes emit degenerate triangles; merging them
+    # away opens holes. Nudge exact zeros outward.
+    values = np.where(values == 0.0, 1e-6, values)
     if values.min() >= 0.0 or values.max() <= 0.0:
         return trimesh.Trimesh(np.zeros((0, 3)), np.zeros((0, 3), np.int64))
     vertices, faces, _, _ = measure.marching_cubes(values, level=0.0, spacing=(grid.voxel_size,) * 3)
