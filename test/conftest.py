@@ -73,3 +73,32 @@ def ros_processes():
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def small_completion_config():
+    """The cpu completion preset with smaller images and grids: the same code paths in seconds."""
+    import dataclasses
+
+    from instascene_ros.core.complete import CompletionConfig
+
+    config = CompletionConfig.cpu()
+    config.views = dataclasses.replace(config.views, image_size=96)
+    config.optimise = dataclasses.replace(config.optimise, steps=30)
+    config.mesh = dataclasses.replace(config.mesh, grid_resolution=56, image_size=96, views_per_ring=10)
+    return config
+
+
+def kinds_tabletop(kinds: dict, views: int, resolution: int, seed: int = 0):
+    """Table-top fixture of generator kinds: {object id: (kind, (x, y))}, yaw and size drawn by `seed`."""
+    import numpy as np
+
+    from instascene_ros.core.complete.tabletop import build_tabletop, place_on_table
+    from instascene_ros.core.synth.config import ObjectSizeConfig
+    from instascene_ros.core.synth.objects import build_object
+
+    rng = np.random.default_rng(seed)
+    objects = {}
+    for object_id, (kind, xy) in kinds.items():
+        spec = build_object(kind, rng, ObjectSizeConfig())
+        objects[object_id] = (place_on_table(spec.mesh, xy, yaw_deg=rng.uniform(0, 90)), np.array(spec.rgba[:3]))
+    return build_tabletop(objects, views=views, resolution=resolution)

@@ -6,42 +6,28 @@ known exactly, and the report is written from those records through the real CLI
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
 import pytest
+from conftest import kinds_tabletop, small_completion_config
 
 from instascene_ros.commands import bench_complete
-from instascene_ros.core.complete import CompletionConfig, build_context
-from instascene_ros.core.complete.tabletop import build_tabletop, place_on_table
-from instascene_ros.core.synth.config import ObjectSizeConfig
-from instascene_ros.core.synth.objects import build_object
+from instascene_ros.core.complete import build_context
 
 BLOCK, BOX = 1, 2
 
 
-def _config() -> CompletionConfig:
-    config = CompletionConfig.cpu()
-    config.views = dataclasses.replace(config.views, image_size=96)
-    config.optimise = dataclasses.replace(config.optimise, steps=30)
-    config.mesh = dataclasses.replace(config.mesh, grid_resolution=56, image_size=96, views_per_ring=10)
-    return config
 
 
 @pytest.fixture(scope="module")
 def tabletop():
-    rng = np.random.default_rng(0)
-    objects = {}
-    for object_id, (kind, xy) in {BLOCK: ("l_block", (0.0, 0.02)), BOX: ("cube", (0.09, 0.0))}.items():
-        spec = build_object(kind, rng, ObjectSizeConfig())
-        objects[object_id] = (place_on_table(spec.mesh, xy, yaw_deg=rng.uniform(0, 90)), np.array(spec.rgba[:3]))
-    return build_tabletop(objects, views=16, resolution=96)
+    return kinds_tabletop({BLOCK: ("l_block", (0.0, 0.02)), BOX: ("cube", (0.09, 0.0))}, views=16, resolution=96)
 
 
 @pytest.fixture(scope="module")
 def block_record(tabletop, torch_one_thread, tmp_path_factory):
-    config = _config()
+    config = small_completion_config()
     rows, others = tabletop.rows(BLOCK)
     context = build_context(tabletop.gaussians, rows, others, tabletop.keyframes, config, BLOCK)
     folder = tmp_path_factory.mktemp("bench")

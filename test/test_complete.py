@@ -6,47 +6,32 @@ against the ground-truth mesh, a filled cup, a misplaced pose or a non-watertigh
 """
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest
+from conftest import kinds_tabletop, small_completion_config
 import trimesh
 
-from instascene_ros.core.complete import CompletionConfig, CompletionError, build_context, complete_object
+from instascene_ros.core.complete import CompletionError, build_context, complete_object
 from instascene_ros.core.complete.evaluate import evaluate_completion
 from instascene_ros.core.complete.frame import fit_support_plane
 from instascene_ros.core.complete.raster import rasterise_mesh
-from instascene_ros.core.complete.tabletop import build_tabletop, place_on_table
 from instascene_ros.core.camera import Camera, intrinsics_from_fov, look_at
-from instascene_ros.core.synth.config import ObjectSizeConfig
-from instascene_ros.core.synth.objects import build_object
 
 CUP, BOX, BLOCK = 1, 2, 3
 
 
-def _config() -> CompletionConfig:
-    """The cpu preset with smaller images and grids: the same code paths in a few seconds."""
-    config = CompletionConfig.cpu()
-    config.views = dataclasses.replace(config.views, image_size=96)
-    config.optimise = dataclasses.replace(config.optimise, steps=30)
-    config.mesh = dataclasses.replace(config.mesh, grid_resolution=56, image_size=96, views_per_ring=10)
-    return config
 
 
 @pytest.fixture(scope="module")
 def tabletop():
-    rng = np.random.default_rng(0)
     kinds = {CUP: ("cup", (-0.05, 0.0)), BOX: ("cube", (0.07, 0.02)), BLOCK: ("l_block", (0.0, 0.09))}
-    objects = {}
-    for object_id, (kind, xy) in kinds.items():
-        spec = build_object(kind, rng, ObjectSizeConfig())
-        objects[object_id] = (place_on_table(spec.mesh, xy, yaw_deg=rng.uniform(0, 90)), np.array(spec.rgba[:3]))
-    return build_tabletop(objects, views=20, resolution=112)
+    return kinds_tabletop(kinds, views=20, resolution=112)
 
 
 @pytest.fixture(scope="module")
 def completed(tabletop, torch_one_thread):
-    config = _config()
+    config = small_completion_config()
     results = {}
     for object_id in (CUP, BOX, BLOCK):
         rows, others = tabletop.rows(object_id)
@@ -66,7 +51,7 @@ def test_meshes_are_watertight_complete_and_placed(tabletop, completed):
         # the pose stands the object on the table: the object frame's z = 0 is the table plane
         assert abs(result.T_world_object[2, 3]) < 0.003 and result.T_world_object[2, 2] > 0.999
         assert result.vertices_object[:, 2].min() > -0.004
-        assert len(result.faces) <= _config().mesh.max_faces
+        assert len(result.faces) <= small_completion_config().mesh.max_faces
 
 
 def test_completion_beats_the_observed_hull_where_the_back_is_unseen(tabletop, completed):
@@ -144,7 +129,7 @@ def test_mesh_rasteriser_matches_a_ray_cast():
 
 
 def test_bad_input_is_a_clear_error(tabletop):
-    config = _config()
+    config = small_completion_config()
     rows, others = tabletop.rows(BOX)
     with pytest.raises(CompletionError, match="only 3 Gaussians"):
         build_context(tabletop.gaussians, rows[:3], others, tabletop.keyframes, config, BOX)
