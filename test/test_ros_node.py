@@ -104,7 +104,8 @@ def test_node_end_to_end(small_scene, ros_env, ros_processes, tmp_path):
     assert not result["load_corrupt"]["success"] and "unchanged" in result["load_corrupt"]["message"]
     # (idle refinement keeps editing the map, so the count may move; a reset map would have none)
     assert result["instances_after_corrupt_load"] >= 1
-    assert result["forget"]["success"] and result["forget"]["forgotten"] not in result["forget"]["ids_after"]
+    assert result["forget"]["success"], result["forget"]["message"]
+    assert result["forget"]["forgotten"] not in result["forget"]["ids_after"], result["forget"]
     assert result["load"]["success"] and result["forget"]["forgotten"] in result["load"]["ids_after"]
 
     node.send_signal(2)

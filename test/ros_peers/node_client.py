@@ -125,10 +125,23 @@ def main():
             result["load_corrupt"] = {"success": refused.success, "message": refused.message}
             after, _ = call(node, clients["list_instances"], ListInstances.Request())
             result["instances_after_corrupt_load"] = len(after.instances.instances)
-        forgot, _ = call(node, clients["forget_instance"], ForgetInstance.Request(instance_id=first))
+            saved_ids = [i.id for i in after.instances.instances]
+        else:
+            saved_ids = [i.id for i in listing.instances]
+        # Idle refinement re-extracts the live map between our calls, so an instance can drop out
+        # for a moment (too few Gaussians after a re-trace): forget one that the node lists now,
+        # preferring the first one (the completed one), and that the saved map holds.
+        for _ in range(3):
+            now, _ = call(node, clients["list_instances"], ListInstances.Request())
+            listed = [i.id for i in now.instances.instances]
+            candidates = [i for i in [first] + saved_ids if i in listed]
+            target = candidates[0] if candidates else first
+            forgot, _ = call(node, clients["forget_instance"], ForgetInstance.Request(instance_id=target))
+            if forgot.success:
+                break
         after, _ = call(node, clients["list_instances"], ListInstances.Request())
         result["forget"] = {"success": forgot.success, "message": forgot.message,
-                            "ids_after": [i.id for i in after.instances.instances], "forgotten": first}
+                            "ids_after": [i.id for i in after.instances.instances], "forgotten": target}
         if save_path:
             loaded, _ = call(node, clients["load_map"], LoadMap.Request(path=save_path))
             after, _ = call(node, clients["list_instances"], ListInstances.Request())
