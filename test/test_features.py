@@ -102,6 +102,35 @@ def test_sample_clusters_draws_inside_masks():
     assert one.k == 1
 
 
+def test_sample_clusters_always_keeps_the_background_group():
+    labels = np.repeat(np.arange(1, 11), 20).astype(np.int64)  # ten groups of 20
+    labels[:20] = 99  # the background group
+    for seed in range(20):
+        sample = sample_clusters(labels, None, max_clusters=3, per_cluster=8, min_size=2,
+                                 rng=np.random.default_rng(seed), keep=99)
+        assert sample.k == 3 and 99 in sample.labels.tolist()
+
+
+def test_background_cluster_keeps_the_table_away_from_the_objects():
+    """Masks label objects only. Without the background cluster the table's Gaussians are never
+    constrained and drift towards the objects they border in the renders; with it, the id-0
+    pixels form a cluster of their own and the table ends up unlike every object."""
+    scene = make_blob_scene(table=True)
+    table = scene.gaussian_labels == 0
+    labels = _labels(scene)
+    similar = {}
+    for background in (True, False):
+        field = FeatureField(FeatureConfig(background_cluster=background))
+        field.train(scene.cameras, labels, scene.priors, scene.scene, TRAIN_STEPS)
+        _, prototypes = field.prototypes(scene.priors)
+        cosine = field.unit_features().detach().numpy() @ prototypes.detach().numpy().T
+        similar[background] = float((cosine[table].max(axis=1) > 0.75).mean())
+        own = [float(np.median(cosine[scene.gaussian_labels == k, k - 1])) for k in range(1, 5)]
+        assert min(own) > 0.9, (background, own)  # the objects still form their clusters
+    assert similar[True] < 0.01, similar
+    assert similar[False] > 0.05, similar  # the failure the option exists for (measured 10%)
+
+
 def test_published_weights_keep_their_ratio():
     config = FeatureConfig()
     assert (config.lambda_intra, config.lambda_cross, config.lambda_3d) == (1e-6, 1e-6, 2.5e-6)

@@ -26,6 +26,7 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from instascene_ros.core.camera import Camera
@@ -44,6 +45,29 @@ logger = logging.getLogger(__name__)
 _ROW_STATISTICS = ("position_gradient", "position_gradient_step", "igd_gradient_sum", "igd_position_sum", "igd_views")
 
 Priors = Mapping[int, np.ndarray]  # instance id -> persistent Gaussian ids (the tracker's 3D priors)
+
+# Cluster label of a mask's id-0 pixels when `FeatureConfig.background_cluster` is on: above any
+# mask or instance id (both are small positive ints), so it never collides with an object.
+BACKGROUND_LABEL = int(np.iinfo(np.int64).max)
+
+
+def with_background(labels: np.ndarray, masks: Optional[np.ndarray], margin_px: float) -> np.ndarray:
+    """`labels` (int64) with the pixels that `masks` leaves at 0, farther than `margin_px` from
+    any mask, relabelled BACKGROUND_LABEL.
+
+    Only the raw mask says "no object here": in the tracker's consistent labels, 0 also marks
+    object masks that the tracker dropped (under-segmented, outliers), which are not background.
+    The margin keeps holes and ragged borders of a noisy mask (pixels the segmenter missed on
+    the object) and the blended pixels at an object's silhouette out of the background.
+    """
+    out = np.asarray(labels).astype(np.int64, copy=True)
+    if masks is not None:
+        empty = np.asarray(masks) == 0
+        if empty.all():
+            out[:] = BACKGROUND_LABEL
+        elif empty.any():
+            out[ndimage.distance_transform_edt(empty) > margin_px] = BACKGROUND_LABEL
+    return out
 
 
 @dataclass
@@ -301,15 +325,19 @@ class FeatureField:
             total = total + loss
         else:
             if labels[view].masks is not None:
-                sample = sample_clusters(labels[view].masks, covered, c.intra_masks, c.intra_pixels,
-                                         c.min_mask_pixels, self.rng)
+                masks = labels[view].masks
+                clusters = with_background(masks, masks, c.background_margin_px) if c.background_cluster else masks
+                sample = sample_clusters(clusters, covered, c.intra_masks, c.intra_pixels,
+                                         c.min_mask_pixels, self.rng, keep=BACKGROUND_LABEL)
                 samples = F.normalize(image.reshape(-1, c.dim)[self._index(sample.indices)], dim=-1)
                 sizes = self._index(sample.sizes)
                 loss = proto_nce_loss(samples, sizes, c.temperature_offset, c.temperature_min,
                                       c.temperature_max, c.temperature_mean)
                 result["intra"] = float(loss.detach())
                 total = total + w_intra * loss
-                if self.codebook is not None and sample.k:
+                objects = self._index(np.flatnonzero(sample.labels != BACKGROUND_LABEL))
+                if self.codebook is not None and objects.numel():
+                    samples, sizes = samples[objects], sizes[objects]  # the background is no slot
                     mapping = self.codebook.map_masks(samples.detach(), sizes)
                     association = self.codebook.association_loss(samples, mapping)
                     self.codebook.step(association)
@@ -387,10 +415,13 @@ class FeatureField:
                 feats, alpha = by_view[j]
                 images.append(feats.reshape(-1, c.dim))
                 valid.append(alpha.detach().cpu().numpy().ravel() >= c.min_pixel_alpha)
-            label_images.append(np.asarray(labels[j].consistent).ravel())
+            consistent = labels[j].consistent
+            if c.background_cluster:
+                consistent = with_background(consistent, labels[j].masks, c.background_margin_px)
+            label_images.append(np.asarray(consistent).ravel())
         pool = torch.cat(images)
         sample = sample_clusters(np.concatenate(label_images), np.concatenate(valid), c.cross_masks,
-                                 c.cross_pixels, c.min_mask_pixels, self.rng)
+                                 c.cross_pixels, c.min_mask_pixels, self.rng, keep=BACKGROUND_LABEL)
         if sample.k < 2:
             return None
         samples = F.normalize(pool[self._index(sample.indices)], dim=-1)

@@ -33,11 +33,13 @@ class ClusterSample:
 
 
 def sample_clusters(labels: np.ndarray, valid: Optional[np.ndarray], max_clusters: int, per_cluster: int,
-                    min_size: int, rng: np.random.Generator) -> ClusterSample:
+                    min_size: int, rng: np.random.Generator, keep: Optional[int] = None) -> ClusterSample:
     """Sample `per_cluster` members (with replacement) of up to `max_clusters` label groups.
 
     labels: any shape, int; 0 is "no cluster". valid: same shape, bool (members must be valid).
-    Positions index the flattened `labels`. Groups smaller than `min_size` are skipped.
+    Positions index the flattened `labels`. Groups smaller than `min_size` are skipped. When
+    there are more groups than `max_clusters`, the group labelled `keep` (the background) is
+    always among those drawn.
     """
     flat = np.asarray(labels).ravel()
     usable = flat > 0
@@ -52,7 +54,10 @@ def sample_clusters(labels: np.ndarray, valid: Optional[np.ndarray], max_cluster
     unique, starts, sizes = np.unique(member_labels[order], return_index=True, return_counts=True)
     eligible = np.flatnonzero(sizes >= min_size)
     if eligible.size > max_clusters:
-        eligible = np.sort(rng.choice(eligible, size=max_clusters, replace=False))
+        kept = eligible[unique[eligible] == keep] if keep is not None else eligible[:0]
+        rest = eligible[unique[eligible] != keep] if keep is not None else eligible
+        drawn = rng.choice(rest, size=max_clusters - kept.size, replace=False)
+        eligible = np.sort(np.concatenate([kept, drawn]))
     offsets = (rng.random((eligible.size, per_cluster)) * sizes[eligible, None]).astype(np.int64)
     indices = sorted_members[starts[eligible, None] + offsets]
     return ClusterSample(unique[eligible].astype(np.int64), indices.astype(np.int64),

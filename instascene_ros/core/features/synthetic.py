@@ -53,7 +53,10 @@ def cube_surface(half: float, spacing: float) -> np.ndarray:
     return np.unique(np.round(np.concatenate(faces), 6), axis=0)
 
 
-def make_blob_scene(size: int = 64, n_cameras: int = 8, seed: int = 0, drop_fraction: float = 0.03) -> BlobScene:
+def make_blob_scene(size: int = 64, n_cameras: int = 8, seed: int = 0, drop_fraction: float = 0.03,
+                    table: bool = False) -> BlobScene:
+    """The scene; with `table`, a grey table top of Gaussians (label 0, in no mask) lies under the
+    objects, as the support surface a robot's segmenter leaves unlabelled."""
     rng = np.random.default_rng(seed)
     r_red, r_blue, half_cube = 0.09, 0.08, 0.08
     objects = [
@@ -65,6 +68,13 @@ def make_blob_scene(size: int = 64, n_cameras: int = 8, seed: int = 0, drop_frac
     means = np.concatenate([points for points, _ in objects]).astype(np.float32)
     colors = np.concatenate([np.tile(color, (len(points), 1)) for points, color in objects]).astype(np.float32)
     truth = np.concatenate([np.full(len(points), k + 1) for k, (points, _) in enumerate(objects)])
+    if table:
+        grid = np.arange(-0.42, 0.42 + 1e-9, 0.025)
+        x, y = np.meshgrid(grid, grid)
+        top = np.stack([x.ravel(), y.ravel(), np.full(x.size, -0.005)], axis=1).astype(np.float32)
+        means = np.concatenate([means, top])
+        colors = np.concatenate([colors, np.full((len(top), 3), 0.55, np.float32)])
+        truth = np.concatenate([truth, np.zeros(len(top), truth.dtype)])
     n = means.shape[0]
     scene = GaussianScene(SceneConfig(sh_degree=0))
     scene.add(torch.from_numpy(means), torch.from_numpy(colors), log_scales=torch.full((n, 3), float(np.log(0.014))),
@@ -78,13 +88,13 @@ def make_blob_scene(size: int = 64, n_cameras: int = 8, seed: int = 0, drop_frac
         eye = np.array([0.75 * np.cos(azimuth), 0.75 * np.sin(azimuth), 0.55])
         cameras.append(Camera(K=K, width=size, height=size, T_world_cam=look_at(eye, target)))
 
-    one_hot = torch.nn.functional.one_hot(torch.from_numpy(truth - 1), len(objects)).float()
+    one_hot = torch.nn.functional.one_hot(torch.from_numpy(truth), len(objects) + 1).float()  # 0 = table
     gaussians = Gaussians(scene.means.detach(), scene.quats.detach(), scene.log_scales.detach(),
                           scene.opacity_logits.detach(), scene.sh.detach(), one_hot)
     with torch.no_grad():
         out = render(gaussians, cameras)
     weights, alpha = out.features.numpy(), out.alpha.numpy()
-    labels = np.where(alpha > 0.5, weights.argmax(-1) + 1, 0).astype(np.int32)
+    labels = np.where(alpha > 0.5, weights.argmax(-1), 0).astype(np.int32)
     depths = out.normalised_depth().numpy()
 
     masks = []
