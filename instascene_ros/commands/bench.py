@@ -6,7 +6,8 @@
 - `bench map`: `instascene run` on generated scenes (RGB-D and RGB-only), held-out PSNR /
   object PSNR / SSIM / depth error / keyframe latency against the targets.
 - `bench segment`: decomposition on noisy masks over report seeds (mIoU, boundary IoU,
-  PQ^scene, cloud precision), mean and standard deviation.
+  PQ^scene, cloud precision), mean and standard deviation, with InstaScene's ablation retrained
+  on each saved map (bench_segment.py).
 - `bench complete`: in-situ completion on arc scenes against ground-truth meshes, beside the
   convex-hull and TSDF-cap baselines and the oracle generator (bench_complete.py).
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import statistics
 import subprocess
 import sys
 import time
@@ -36,20 +36,19 @@ def add_parser(subparsers) -> None:
     splat.add_argument("--quick", action="store_true", help="only the smallest case")
     splat.set_defaults(run=run_splat)
 
-    for name, helptext in (("map", "reconstruction quality and speed on generated scenes"),
-                           ("segment", "instance decomposition on noisy masks over report seeds")):
-        sub = benches.add_parser(name, help=helptext)
-        sub.add_argument("--json", type=pathlib.Path, default=None, help="write the results here")
-        sub.add_argument("--seeds", default="0" if name == "map" else "11,12,13,14,15",
-                         help="comma-separated scene seeds (report seeds are disjoint from the development seed 0)")
-        sub.add_argument("--res", type=int, default=256, help="image size")
-        sub.add_argument("--views", type=int, default=60, help="training views")
-        sub.add_argument("--work", type=pathlib.Path, default=pathlib.Path("runs/bench"), help="scenes and run folders")
-        sub.add_argument("--finish-seconds", type=float, default=None, help="cap of the final refinement per run")
-        if name == "map":
-            sub.add_argument("--inputs", default="rgbd,rgb", help="which inputs to map: rgbd, rgb or both")
-        sub.set_defaults(run=run_map if name == "map" else run_segment)
+    sub = benches.add_parser("map", help="reconstruction quality and speed on generated scenes")
+    sub.add_argument("--json", type=pathlib.Path, default=None, help="write the results here")
+    sub.add_argument("--seeds", default="0", help="comma-separated scene seeds")
+    sub.add_argument("--res", type=int, default=256, help="image size")
+    sub.add_argument("--views", type=int, default=60, help="training views")
+    sub.add_argument("--work", type=pathlib.Path, default=pathlib.Path("runs/bench"), help="scenes and run folders")
+    sub.add_argument("--finish-seconds", type=float, default=None, help="cap of the final refinement per run")
+    sub.add_argument("--inputs", default="rgbd,rgb", help="which inputs to map: rgbd, rgb or both")
+    sub.set_defaults(run=run_map)
 
+    from instascene_ros.commands import bench_segment
+
+    bench_segment.add_parser(benches)
     from instascene_ros.commands import bench_complete
 
     bench_complete.add_parser(benches)
@@ -138,32 +137,4 @@ def run_map(args) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"runs": rows}, indent=2))
-    return 0
-
-
-def run_segment(args) -> int:
-    seeds = [int(s) for s in args.seeds.split(",")]
-    scenes = []
-    for seed in seeds:
-        scene = _scene(args.work, seed, args.res, args.views)
-        metrics = _run(scene, args.work / f"segment-s{seed}", [], args.finish_seconds)
-        scenes.append({"seed": seed, **{k: metrics.get(k) for k in (
-            "miou", "biou", "pq_scene", "cloud_precision", "cloud_contamination", "n_instances", "wall_s")}})
-    summary = {}
-    for key in ("miou", "biou", "pq_scene", "cloud_precision", "wall_s"):
-        values = [s[key] for s in scenes if s.get(key) is not None]
-        summary[key] = statistics.mean(values) if values else None
-        summary[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-    summary["decomposition_s"] = summary.pop("wall_s")
-    summary["decomposition_s_std"] = summary.pop("wall_s_std")
-    print(f"{'seed':>4} {'mIoU':>6} {'BIoU':>6} {'PQ':>5} {'cloud prec':>10} {'instances':>9} {'wall s':>7}")
-    for s in scenes:
-        print(f"{s['seed']:>4} {_fmt(s['miou'], 1):>6} {_fmt(s['biou'], 1):>6} {_fmt(s['pq_scene']):>5} "
-              f"{_fmt(s['cloud_precision']):>10} {s['n_instances']:>9} {_fmt(s['wall_s'], 0):>7}")
-    print(f"mean {_fmt(summary['miou'], 1)} +- {_fmt(summary['miou_std'], 1)} mIoU, "
-          f"{_fmt(summary['biou'], 1)} BIoU, PQ {_fmt(summary['pq_scene'])}, cloud precision "
-          f"{_fmt(summary['cloud_precision'])}   (targets: mIoU >= 85, BIoU >= 80, PQ >= 0.80, precision >= 0.95)")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"summary": summary, "scenes": scenes, "ablation": {}}, indent=2))
     return 0

@@ -157,3 +157,36 @@ def _write_instance_clouds(pipeline, folder: pathlib.Path) -> None:
         colors = np.concatenate([np.asarray(instance.colors, np.uint8).reshape(-1, 3),
                                  np.full((len(instance.points), 1), 255, np.uint8)], axis=1)
         trimesh.PointCloud(np.asarray(instance.points, np.float64), colors=colors).export(folder / f"{instance.id}.ply")
+
+
+def score_decomposition(pipeline, dataset) -> dict:
+    """Instance scores of the pipeline's current extraction on the dataset's held-out views
+    (the `evaluate_run` protocol, without renders or files)."""
+    gt_masks = dataset.ground_truth_masks()
+    test = [i for i, frame in enumerate(dataset.frames) if frame.meta.get("split") == "test"]
+    predicted = [pipeline.instance_mask(dataset.frames[i].camera) for i in test]
+    result = score_instances(pipeline, dataset, predicted, [gt_masks[i] for i in test])
+    result["n_instances"] = len(pipeline.snapshot.instances)
+    return result
+
+
+def retrain_field_and_score(pipeline, dataset, features, steps: int) -> dict:
+    """Decomposition on a fixed map: a fresh feature field with config `features` is trained
+    `steps` steps on the pipeline's keyframes, masks and tracker (the map, the masks and the
+    tracker's priors stay as they are), instances are extracted and scored on the held-out
+    views. Used by `bench segment` to compare variants of the field on the same geometry, so a
+    difference in score is the field's, not the mapping's. Changes `pipeline.field`."""
+    import time
+
+    from instascene_ros.core.features import FeatureField
+
+    with pipeline.lock:
+        pipeline.field = FeatureField(features)
+        pipeline.field.sync(pipeline.mapper.scene)
+        pipeline._feature_cache = {}
+    started = time.perf_counter()
+    pipeline.update_instances(feature_steps=steps, retrace=0)
+    seconds = time.perf_counter() - started
+    result = score_decomposition(pipeline, dataset)
+    result["train_s"] = seconds
+    return result

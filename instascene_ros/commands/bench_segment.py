@@ -1,0 +1,158 @@
+"""`instascene bench segment`: instance decomposition on noisy masks, over report seeds.
+
+Protocol (per seed; report seeds 11-15 are disjoint from the development seed 0):
+
+1. Scene: `instascene make-scene` (hemisphere trajectory, simulated segmenter noise
+   `--mask-noise`, default 1 = typical: per-view ids, splits, merges of touching objects, missed
+   and ragged masks).
+2. Product row: `instascene run SCENE --out RUN` as a robot would run it (mapping, tracker and
+   feature field interleaved online, then the final refinement). Scored by the run itself
+   (core/evaluation.py): mIoU and boundary IoU with ONE predicted id per object for all held-out
+   views, chosen from training views only; PQ^scene; instance clouds against the ground-truth
+   meshes (precision within 5 mm, contamination). `decomposition_s` is the run's wall time
+   (mapping included: the decomposition runs beside it).
+3. Ablation on the same map: RUN/map.instascene is loaded, and for every variant a fresh
+   feature field is trained `--ablation-steps` steps on the run's keyframes, masks and
+   tracker priors, then extracted and scored the same way. The geometry is identical for all
+   variants, so differences are the field's. Variants: InstaScene's ablation (noisy 2D masks
+   only; 3D priors only; 3D priors + 2D masks; + cross-view = full) and the full method
+   without our background cluster (InstaScene as published, on object-only masks). The
+   rendering PSNR cannot change between variants: the field's loss never reaches the
+   geometry (its gradient stops at the rendered features; test_features checks it).
+
+Means and sample standard deviations over seeds. JSON: {"summary": {miou, biou, pq_scene,
+cloud_precision, decomposition_s (+ _std)}, "scenes": [...], "ablation": {variant: {mean,
+std and per-seed values}}, "ablation_steps": N}.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+METRICS = ("miou", "biou", "pq_scene", "cloud_precision")
+
+
+def add_parser(benches) -> None:
+    sub = benches.add_parser("segment", help="instance decomposition on noisy masks over report seeds",
+                             description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    sub.add_argument("--json", type=pathlib.Path, default=None, help="write the results here")
+    sub.add_argument("--seeds", default="11,12,13,14,15", help="comma-separated report seeds")
+    sub.add_argument("--res", type=int, default=256, help="image size")
+    sub.add_argument("--views", type=int, default=60, help="training views")
+    sub.add_argument("--mask-noise", type=int, default=1, help="simulated segmenter noise (0 clean, 1 typical, 2 poor)")
+    sub.add_argument("--work", type=pathlib.Path, default=pathlib.Path("runs/bench"), help="scenes and run folders")
+    sub.add_argument("--finish-seconds", type=float, default=None, help="cap of the final refinement per run")
+    sub.add_argument("--ablation-steps", type=int, default=300,
+                     help="feature-field steps of every ablation variant on the saved map (0: no ablation)")
+    sub.add_argument("--variants", default="",
+                     help="comma-separated subset of the ablation variants (default: all; see the table)")
+    sub.add_argument("--reuse", action="store_true", help="reuse run folders that already hold map.instascene")
+    sub.add_argument("--threads", type=int, default=2, help="torch threads of the ablation")
+    sub.set_defaults(run=run_segment)
+
+
+def ablation_variants(base) -> dict:
+    """name -> FeatureConfig. InstaScene's ablation rows (all with the background cluster) and
+    the full method without it."""
+    def variant(**changes):
+        return dataclasses.replace(base, **changes)
+
+    return {
+        "noisy 2D masks only": variant(lambda_cross=0.0, lambda_3d=0.0),
+        "3D priors only": variant(lambda_intra=0.0, lambda_cross=0.0),
+        "3D priors + 2D masks": variant(lambda_cross=0.0),
+        "full (+ cross-view)": variant(),
+        "full without background cluster": variant(background_cluster=False),
+    }
+
+
+def _stats(values: list) -> tuple:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _fmt(value, digits=2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def run_segment(args) -> int:
+    import torch
+
+    from instascene_ros.commands.bench import _run, _scene
+    from instascene_ros.core.evaluation import retrain_field_and_score
+    from instascene_ros.core.io.dataset import load_dataset
+    from instascene_ros.core.pipeline import Pipeline, PipelineConfig
+
+    torch.set_num_threads(args.threads)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    scenes, ablation = [], {}
+    for seed in seeds:
+        scene = _scene(args.work, seed, args.res, args.views, noise=args.mask_noise)
+        run_dir = args.work / f"segment-s{seed}-r{args.res}-v{args.views}-n{args.mask_noise}"
+        if args.reuse and (run_dir / "map.instascene").exists() and (run_dir / "metrics.json").exists():
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+        else:
+            metrics = _run(scene, run_dir, [], args.finish_seconds)
+        scenes.append({"seed": seed, "run": str(run_dir), **{k: metrics.get(k) for k in (
+            *METRICS, "cloud_contamination", "n_instances", "wall_s", "psnr")}})
+        print(f"[bench segment] seed {seed}: product run mIoU {_fmt(metrics.get('miou'), 1)}, "
+              f"{_fmt(metrics.get('wall_s'), 0)} s", flush=True)
+        if args.ablation_steps <= 0:
+            continue
+        dataset = load_dataset(scene)
+        base = PipelineConfig.from_preset("cpu")
+        variants = ablation_variants(base.features)
+        chosen = [v.strip() for v in args.variants.split(",") if v.strip()] or list(variants)
+        for name in chosen:
+            if name not in variants:
+                raise SystemExit(f"unknown variant {name!r}; choose among: {', '.join(variants)}")
+            pipeline = Pipeline(PipelineConfig.from_preset("cpu"))
+            pipeline.load(str(run_dir / "map.instascene"))
+            tic = time.perf_counter()
+            scores = retrain_field_and_score(pipeline, dataset, variants[name], args.ablation_steps)
+            row = {"seed": seed, **{k: scores.get(k) for k in (*METRICS, "n_instances", "train_s")}}
+            ablation.setdefault(name, {"seeds": []})["seeds"].append(row)
+            print(f"[bench segment] seed {seed}: {name:<34} mIoU {_fmt(row['miou'], 1):>5}  BIoU "
+                  f"{_fmt(row['biou'], 1):>5}  PQ {_fmt(row['pq_scene'])}  ({time.perf_counter() - tic:.0f} s)",
+                  flush=True)
+
+    summary = {}
+    for key in (*METRICS, "wall_s"):
+        summary[key], summary[f"{key}_std"] = _stats([s[key] for s in scenes])
+    summary["decomposition_s"], summary["decomposition_s_std"] = summary.pop("wall_s"), summary.pop("wall_s_std")
+    for entry in ablation.values():
+        for key in METRICS:
+            entry[key], entry[f"{key}_std"] = _stats([row[key] for row in entry["seeds"]])
+
+    print()
+    print(f"{'seed':>4} {'mIoU':>6} {'BIoU':>6} {'PQ':>5} {'cloud prec':>10} {'instances':>9} {'wall s':>7}")
+    for s in scenes:
+        print(f"{s['seed']:>4} {_fmt(s['miou'], 1):>6} {_fmt(s['biou'], 1):>6} {_fmt(s['pq_scene']):>5} "
+              f"{_fmt(s['cloud_precision']):>10} {s['n_instances']!s:>9} {_fmt(s['wall_s'], 0):>7}")
+    print(f"product (online run): {_fmt(summary['miou'], 1)} +- {_fmt(summary['miou_std'], 1)} mIoU, "
+          f"{_fmt(summary['biou'], 1)} BIoU, PQ {_fmt(summary['pq_scene'])}, cloud precision "
+          f"{_fmt(summary['cloud_precision'])}   (targets: mIoU >= 85, BIoU >= 80, PQ >= 0.80, precision >= 0.95)")
+    if ablation:
+        full = ablation.get("full (+ cross-view)")
+        print(f"\nablation on the saved maps ({args.ablation_steps} field steps each, mean +- std over seeds)")
+        print(f"{'variant':<34} {'mIoU':>13} {'BIoU':>13} {'PQ':>11} {'cloud prec':>10}  full - this")
+        for name, entry in ablation.items():
+            gap = "" if full is None or entry is full or full["miou"] is None or entry["miou"] is None else \
+                f"{full['miou'] - entry['miou']:+.1f} (std {entry['miou_std']:.1f})"
+            print(f"{name:<34} {_fmt(entry['miou'], 1):>6} +- {_fmt(entry['miou_std'], 1):>4} "
+                  f"{_fmt(entry['biou'], 1):>6} +- {_fmt(entry['biou_std'], 1):>4} "
+                  f"{_fmt(entry['pq_scene']):>5} +- {_fmt(entry['pq_scene_std']):>4} "
+                  f"{_fmt(entry['cloud_precision']):>10}  {gap}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"summary": summary, "scenes": scenes, "ablation": ablation,
+                                         "ablation_steps": args.ablation_steps, "res": args.res,
+                                         "views": args.views, "mask_noise": args.mask_noise,
+                                         "command": " ".join(sys.argv)}, indent=2))
+    return 0
