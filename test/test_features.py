@@ -347,3 +347,12 @@ def test_classifier_baseline_on_associated_ids_produces_instances(blobs):
     purity = _purity(instances.labels, blobs.gaussian_labels)
     assert sorted(majority for majority, _ in purity.values()) == [1, 2, 3, 4]
     assert min(p for _, p in purity.values()) >= 0.9
+    # Pixels are read like Gaussians (bench segment draws the option's masks this way): on the
+    # held-out view, each object's pixels mostly carry the label its Gaussians got.
+    rendered = field.render(blobs.scene, [blobs.heldout])
+    pixel_labels, _ = field.read_labels(rendered.features[0])
+    assert pixel_labels.shape == blobs.heldout_labels.shape
+    by_object = {majority: label for label, (majority, _) in purity.items()}
+    for object_id, label in by_object.items():
+        on_object = blobs.heldout_labels == object_id
+        assert (pixel_labels[on_object] == label).mean() >= 0.8, object_id

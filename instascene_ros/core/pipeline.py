@@ -29,8 +29,9 @@ import torch
 from instascene_ros.core.camera import Camera, Frame
 from instascene_ros.core.complete.config import COMPLETION_PRESETS, CompletionConfig
 from instascene_ros.core.features import FeatureConfig, FeatureField, KeyframeLabels
-from instascene_ros.core.instances import (InstanceConfig, Instances, extract_instances, masks_from_feature_image,
-                                           segment_at_pixel)
+from instascene_ros.core.features.baseline import video_associate
+from instascene_ros.core.instances import (InstanceConfig, Instances, extract_instances, instances_from_labels,
+                                           masks_from_feature_image, segment_at_pixel)
 from instascene_ros.core.mapping import PRESETS, Mapper, MapperConfig
 from instascene_ros.core.scene import sh_dc_to_rgb
 from instascene_ros.core.splat.types import Gaussians
@@ -240,8 +241,12 @@ class Pipeline:
             tic = time.perf_counter()
             masked = [kf for kf in self.mapper.keyframes if kf.index in self.masks]
             if masked and self.priors and feature_steps > 0:
-                labels = [KeyframeLabels(consistent=result.label_image(kf.index, self.masks[kf.index]),
-                                         masks=self.masks[kf.index]) for kf in masked]
+                if self.field.config.objective == "classifier":
+                    consistent = self._video_associated(masked)
+                else:
+                    consistent = [result.label_image(kf.index, self.masks[kf.index]) for kf in masked]
+                labels = [KeyframeLabels(consistent=ids, masks=self.masks[kf.index])
+                          for kf, ids in zip(masked, consistent)]
                 self.field.train(masked, labels, self.priors, scene, feature_steps)
             timings["features"] = time.perf_counter() - tic
             tic = time.perf_counter()
@@ -250,15 +255,31 @@ class Pipeline:
             self.keyframes_since_solve = 0
         return timings
 
+    def _video_associated(self, keyframes) -> list[np.ndarray]:
+        """The identity-classifier baseline's training ids: the keyframes' masks made consistent
+        by the video associator (mask IoU propagated frame to frame, warped by sensor depth
+        when every keyframe has it), in keyframe order; not the tracker's labels."""
+        depths = [kf.depth.cpu().numpy() if kf.depth is not None else None for kf in keyframes]
+        warp = all(d is not None for d in depths)
+        return video_associate([self.masks[kf.index] for kf in keyframes],
+                               [kf.camera for kf in keyframes] if warp else None, depths if warp else None,
+                               self.field.config.associator)
+
     def _publish_snapshot(self, tracker_events=()) -> None:
         scene = self.mapper.scene
         self.field.sync(scene)
         ids = scene.ids.cpu().numpy()
         positions = scene.means.detach().cpu().numpy()
         colors = (sh_dc_to_rgb(scene.sh[:, 0]).clamp(0, 1).detach().cpu().numpy() * 255).astype(np.uint8)
-        features = self.field.features.detach().cpu().numpy()[self.field.rows_of(ids)]
-        extraction = extract_instances(features, ids, self.priors, positions, colors, self.config.instances,
-                                       exclude=self.forgotten)
+        rows = self.field.rows_of(ids)
+        features = self.field.features.detach().cpu().numpy()[rows]
+        if self.field.reads_labels:  # Unified-Lift codebook / identity classifier: no clustering
+            labels, probabilities = self.field.gaussian_labels()
+            extraction = instances_from_labels(labels[rows], features, ids, positions, colors, probabilities[rows],
+                                               self.config.instances, exclude=self.forgotten)
+        else:
+            extraction = extract_instances(features, ids, self.priors, positions, colors, self.config.instances,
+                                           exclude=self.forgotten)
         lo, hi = np.asarray(self.config.workspace_min, float), np.asarray(self.config.workspace_max, float)
         summaries, points, point_colors, point_ids = [], [], [], []
         for instance in extraction:
@@ -327,6 +348,10 @@ class Pipeline:
             return np.zeros((camera.height, camera.width), np.int32)
         with self.lock:
             features, alpha = self.feature_image(camera)
+            if self.field.reads_labels:  # read each pixel the way the option reads Gaussians
+                labels, _ = self.field.read_labels(features)
+                known = np.isin(labels, snapshot.extraction.instance_ids)
+                return np.where((alpha > self.config.instances.mask_alpha_threshold) & known, labels, 0).astype(np.int32)
         return masks_from_feature_image(features, alpha, snapshot.extraction, self.config.instances)
 
     def segment_at_pixel(self, stamp: float, u: float, v: float, return_mask: bool):

@@ -173,6 +173,7 @@ class FeatureConfig:
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     gradiseg: GradiSegConfig = field(default_factory=GradiSegConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    associator: AssociatorConfig = field(default_factory=AssociatorConfig)  # the classifier's training ids
 
     backend: str = "auto"
     raster: RasterConfig = field(default_factory=RasterConfig)

@@ -509,22 +509,49 @@ class FeatureField:
         return ids, direction
 
     # ------------------------------------------------------------------ reading (codebook / classifier)
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling a saved map: settings added since it was written take their defaults."""
+        self.__dict__.update(state)
+        config = state.get("config")
+        if isinstance(config, FeatureConfig):
+            fresh = FeatureConfig()
+            for name, value in vars(fresh).items():
+                if name not in vars(config):
+                    setattr(config, name, value)
+
+    @property
+    def reads_labels(self) -> bool:
+        """True when instances are read from the codebook slots or the classifier (the
+        Unified-Lift and Gaussian Grouping options), not clustered around the tracker's priors."""
+        return self.codebook is not None or self.classifier is not None
+
     @torch.no_grad()
     def gaussian_labels(self) -> tuple[np.ndarray, np.ndarray]:
         """Instance label per Gaussian read from the codebook slots or the classifier (no
         clustering): (N,) int64 (0 = none) and (N,) probability. The contrastive field without
         codebook has no labels of its own: use instances.extract_instances with the priors."""
-        unit = self.unit_features()
+        return self.read_labels(self.unit_features())
+
+    @torch.no_grad()
+    def read_labels(self, features) -> tuple[np.ndarray, np.ndarray]:
+        """Labels and probabilities of any (..., D) features: Gaussians' unit features, or
+        rendered pixels (read as the training read them: the classifier sees the rendered
+        feature as it is, the codebook compares directions)."""
+        features = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features,
+                                   dtype=torch.float32, device=self.device)
+        shape = features.shape[:-1]
+        flat = features.reshape(-1, features.shape[-1])
         if self.codebook is not None:
-            return self.codebook.read(unit)
-        if self.classifier is not None:
-            probs = torch.softmax(self.classifier(unit), dim=-1)
+            labels, best = self.codebook.read(flat)
+        elif self.classifier is not None:
+            probs = torch.softmax(self.classifier(flat), dim=-1)
             best, arg = probs.max(dim=-1)
-            labels, best = arg.cpu().numpy().astype(np.int64), best.cpu().numpy()
+            labels, best = arg.cpu().numpy().astype(np.int64), best.cpu().numpy().astype(np.float32)
             labels[(best < self.config.classifier.read_min_probability)
                    | (labels == self.config.classifier.ignore_label)] = 0
-            return labels, best.astype(np.float32)
-        raise RuntimeError("gaussian_labels() needs the codebook option or the classifier objective")
+        else:
+            raise RuntimeError("read_labels() needs the codebook option or the classifier objective")
+        return labels.reshape(shape), best.reshape(shape)
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
