@@ -4,6 +4,7 @@ import dataclasses
 import importlib
 import pathlib
 
+import pytest
 import yaml
 
 from instascene_ros.ros.launcher import MANIFEST, load_manifest, node_command, selected_nodes
@@ -80,3 +81,17 @@ def test_rviz_config_shows_what_the_node_publishes():
     for topic in topics:
         if topic.startswith("/instascene_node/"):
             assert f'"~/{topic.split("/instascene_node/")[1]}"' in source, topic
+
+
+def test_instance_field_parameter_selects_the_decomposition_and_rejects_unknown_names():
+    from dataclasses import replace
+
+    from instascene_ros.core.pipeline import PipelineConfig
+
+    for name, objective, codebook in (("instascene", "contrastive", False), ("codebook", "contrastive", True),
+                                      ("classifier", "classifier", False)):
+        config = PipelineConfig.from_node_parameters(NodeParameters(instance_field=name))
+        assert (config.features.objective, config.features.codebook.enabled) == (objective, codebook), name
+        assert config.features.background_cluster  # our default applies to every method
+    with pytest.raises(ValueError, match="instance_field must be"):
+        validate(replace(NodeParameters(), instance_field="sam"))

@@ -30,6 +30,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: numba kernels; cuda: gsplat")
     parser.add_argument("--no-depth", action="store_true", help="ignore depth (RGB-only mapping)")
     parser.add_argument("--no-masks", action="store_true", help="ignore 2D masks (no instances)")
+    parser.add_argument("--instance-field", default="instascene", choices=["instascene", "codebook", "classifier"],
+                        help="decomposition: InstaScene's contrastive field (default), Unified-Lift's codebook, "
+                             "or the Gaussian Grouping identity-classifier baseline on video-associated ids")
     parser.add_argument("--mask-every", type=int, default=1,
                         help="use the 2D mask of every n-th training frame only (a real segmenter runs at ~1 Hz)")
     parser.add_argument("--finish-seconds", type=float, default=None, help="time cap of the final refinement")
@@ -109,6 +112,7 @@ def run(args) -> int:
 
     from instascene_ros.core.evaluation import evaluate_run
     from instascene_ros.core.io import DatasetError, load_dataset
+    from instascene_ros.core.features import instance_field_config
     from instascene_ros.core.pipeline import Pipeline, PipelineConfig
 
     try:
@@ -124,6 +128,7 @@ def run(args) -> int:
     numba.set_num_threads(max(1, min(args.threads, numba.config.NUMBA_NUM_THREADS)))
 
     config = PipelineConfig.from_preset(args.preset, args.device)
+    config.features = instance_field_config(args.instance_field, config.features)
     if args.finish_feature_steps is not None:
         config.cadence.finish_feature_steps = args.finish_feature_steps
     pipeline = Pipeline(config, progress_bar=not args.no_progress)

@@ -28,7 +28,7 @@ import torch
 
 from instascene_ros.core.camera import Camera, Frame
 from instascene_ros.core.complete.config import COMPLETION_PRESETS, CompletionConfig
-from instascene_ros.core.features import FeatureConfig, FeatureField, KeyframeLabels
+from instascene_ros.core.features import FeatureConfig, FeatureField, KeyframeLabels, instance_field_config
 from instascene_ros.core.features.baseline import video_associate
 from instascene_ros.core.instances import (InstanceConfig, Instances, extract_instances, instances_from_labels,
                                            masks_from_feature_image, segment_at_pixel)
@@ -82,6 +82,7 @@ class PipelineConfig:
     def from_node_parameters(cls, params) -> "PipelineConfig":
         config = cls.from_preset(params.preset, params.device)
         config.workspace_min, config.workspace_max = tuple(params.workspace_min), tuple(params.workspace_max)
+        config.features = instance_field_config(params.instance_field, config.features)
         config.completion.generator = params.completion_generator
         config.completion.mesh.max_faces = params.completion_max_faces
         config.completion.diffusion.model_path = params.completion_model_path

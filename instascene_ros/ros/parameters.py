@@ -32,6 +32,7 @@ class NodeParameters:
     diagnostics_rate_hz: float = 1.0
     overlay_every_n_keyframes: int = 1
     max_scene_cloud_points: int = 50000
+    instance_field: str = "instascene"  # decomposition: "instascene", "codebook" (Unified-Lift), "classifier" (baseline)
     completion_generator: str = "geometric"
     completion_max_faces: int = 5000
     completion_timeout_s: float = 120.0
@@ -60,6 +61,7 @@ DESCRIPTIONS = {
     "diagnostics_rate_hz": "rate of /diagnostics",
     "overlay_every_n_keyframes": "publish ~/instance_mask and ~/instance_overlay for every n-th keyframe",
     "max_scene_cloud_points": "~/scene/cloud is subsampled to at most this many points",
+    "instance_field": "decomposition method: 'instascene' (contrastive field around the tracker's priors), 'codebook' (Unified-Lift slots) or 'classifier' (Gaussian Grouping baseline on video-associated ids)",
     "completion_generator": "default generator for completion: 'geometric' (no weights) or 'diffusion' (local weights)",
     "completion_max_faces": "default face budget of completed meshes",
     "completion_timeout_s": "completion requests running longer are aborted",
@@ -94,6 +96,8 @@ def validate(parameters: NodeParameters) -> None:
         raise ValueError(f"preset must be 'cpu' or 'paper', not '{parameters.preset}'")
     if parameters.device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', not '{parameters.device}'")
+    if parameters.instance_field not in ("instascene", "codebook", "classifier"):
+        raise ValueError(f"instance_field must be 'instascene', 'codebook' or 'classifier', not '{parameters.instance_field}'")
     if parameters.queue_size < 1:
         raise ValueError("queue_size must be >= 1")
     if len(parameters.workspace_min) != 3 or len(parameters.workspace_max) != 3:

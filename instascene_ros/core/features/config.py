@@ -6,6 +6,7 @@ identity-classifier baseline GradiSeg builds on.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -206,3 +207,27 @@ def feature_config_preset(name: str, base: Optional[FeatureConfig] = None) -> Fe
         config.intra_pixels = config.cross_pixels = config.prior_points = 256
         return config
     raise ValueError(f"unknown feature preset {name!r}; choose 'paper' or 'cpu'")
+
+
+INSTANCE_FIELDS = ("instascene", "codebook", "classifier")
+
+
+def instance_field_config(name: str, base: Optional[FeatureConfig] = None) -> FeatureConfig:
+    """The decomposition method by name, on top of `base` (a preset's FeatureConfig):
+
+    - `instascene` (default): the contrastive field at three levels around the spatial
+      tracker's priors, instances by cosine > 0.9 to a prior's mean feature;
+    - `codebook`: Unified-Lift's object-level codebook, instances read from its slots;
+    - `classifier`: Gaussian Grouping's identity classifier trained on masks made consistent
+      by the video associator (the baseline; the tracker is not used for its labels).
+    """
+    config = dataclasses.replace(base) if base is not None else FeatureConfig()
+    if name == "instascene":
+        return config
+    if name == "codebook":
+        config.codebook = dataclasses.replace(config.codebook, enabled=True)
+        return config
+    if name == "classifier":
+        config.objective = "classifier"
+        return config
+    raise ValueError(f"unknown instance field {name!r}; choose one of {', '.join(INSTANCE_FIELDS)}")
