@@ -4,7 +4,7 @@ The only module besides `metrics` that reads `gt_*`. Protocols (notes/data-and-m
 - rendering: PSNR / SSIM over the held-out views, PSNR also on object pixels only (the
   background must not carry the number), median depth error on object pixels;
 - instances: ONE predicted id per ground-truth object for all test views, chosen from
-  *training* views only: the instance that `segment_at_pixel` returns at the object's most
+  *training* views only: the instance that the pipeline's pixel query returns at the object's most
   interior pixel in the training view where it is largest, then frozen. mIoU / boundary IoU
   per object (LERF-Mask style), PQ^scene over all test pixels;
 - 3D: each matched instance cloud against its ground-truth mesh (precision within 5 mm, surface
@@ -19,7 +19,6 @@ from PIL import Image
 from scipy import ndimage
 
 from instascene_ros.core import metrics
-from instascene_ros.core.instances import segment_at_pixel
 from instascene_ros.core.viz import colorize_ids, contact_sheet, overlay
 
 log = logging.getLogger(__name__)
@@ -54,7 +53,7 @@ def choose_instance_ids(pipeline, dataset) -> dict[int, int]:
             feature_images[index] = pipeline.feature_image(dataset.frames[index].camera)
         features, alpha = feature_images[index]
         u, v = _interior_pixel(gt_masks[index] == gt_id)
-        instance_id, _, _ = segment_at_pixel(features, u, v, extraction, alpha=alpha, config=pipeline.config.instances)
+        instance_id, _, _ = pipeline.instance_at(features, alpha, u, v, extraction)
         mapping[gt_id] = int(instance_id)
     return mapping
 

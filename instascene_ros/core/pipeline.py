@@ -373,9 +373,27 @@ class Pipeline:
             cached = (snapshot.map_version, features, alpha)
             self._feature_cache = {keyframe.index: cached}
         extraction = snapshot.extraction or Instances(items={}, ids=np.zeros(0, np.int64), labels=np.zeros(0, np.int64))
-        instance_id, similarity, mask = segment_at_pixel(cached[1], u, v, extraction, alpha=cached[2],
-                                                         config=self.config.instances)
+        instance_id, similarity, mask = self.instance_at(cached[1], cached[2], u, v, extraction)
         return instance_id, similarity, (mask if return_mask else None), keyframe.name
+
+    def instance_at(self, features: np.ndarray, alpha: np.ndarray, u: float, v: float,
+                    extraction: Instances) -> tuple[int, float, np.ndarray]:
+        """(instance id, score, (H, W) bool mask) under pixel (u, v) of a rendered feature image,
+        read the way the decomposition method reads its Gaussians: the contrastive field by
+        cosine to the instance prototypes (`instances.segment_at_pixel`), the codebook and the
+        classifier by their own per-pixel reading (score = its probability)."""
+        if not self.field.reads_labels:
+            return segment_at_pixel(features, u, v, extraction, alpha=alpha, config=self.config.instances)
+        height, width = features.shape[:2]
+        col, row = int(np.floor(u)), int(np.floor(v))
+        if not (0 <= col < width and 0 <= row < height):
+            raise ValueError(f"pixel ({u}, {v}) is outside the {width}x{height} image")
+        labels, probability = self.field.read_labels(features)
+        drawn = (alpha > self.config.instances.mask_alpha_threshold) & np.isin(labels, extraction.instance_ids)
+        instance_id = int(labels[row, col]) if drawn[row, col] else 0
+        if instance_id == 0:
+            return 0, 0.0, np.zeros((height, width), dtype=bool)
+        return instance_id, float(probability[row, col]), drawn & (labels == instance_id)
 
     def scene_cloud(self, max_points: int) -> tuple[np.ndarray, np.ndarray]:
         scene = self.mapper.scene
