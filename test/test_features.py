@@ -111,6 +111,24 @@ def test_sample_clusters_always_keeps_the_background_group():
         assert sample.k == 3 and 99 in sample.labels.tolist()
 
 
+def test_border_pixels_of_masks_are_left_out_of_the_samples():
+    from instascene_ros.core.features.field import away_from_borders, with_background
+
+    masks = np.zeros((12, 12), np.int32)
+    masks[2:8, 2:8] = 5  # a 6x6 object
+    masks[2:8, 8:11] = 9  # touching a second one on its right
+    interior = away_from_borders(masks, 1.0)
+    # Both pixels of every change of id are border (distance 0), their neighbours inward are at
+    # distance 1: of the 6x6 object only its 2x2 core is farther; the 3-wide neighbour has none.
+    assert np.argwhere(interior & (masks == 5)).tolist() == [[4, 4], [4, 5], [5, 4], [5, 5]]
+    assert not (interior & (masks == 9)).any()
+    assert away_from_borders(masks, 0.0) is None and away_from_borders(None, 1.0) is None
+    # The background starts beyond the margin around every mask.
+    labels = with_background(masks, masks, 1.0)
+    assert (labels[masks > 0] == masks[masks > 0]).all()
+    assert labels[1, 4] == 0 and labels[0, 4] != 0  # 1 px from the object: left out; 2 px: background
+
+
 def test_background_cluster_keeps_the_table_away_from_the_objects():
     """Masks label objects only. Without the background cluster the table's Gaussians are never
     constrained and drift towards the objects they border in the renders; with it, the id-0

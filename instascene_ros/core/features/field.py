@@ -70,6 +70,22 @@ def with_background(labels: np.ndarray, masks: Optional[np.ndarray], margin_px: 
     return out
 
 
+def away_from_borders(masks: Optional[np.ndarray], distance_px: float) -> Optional[np.ndarray]:
+    """(H, W) bool: pixels farther than `distance_px` from any change of mask id (None: all)."""
+    if masks is None or distance_px <= 0:
+        return None
+    masks = np.asarray(masks)
+    border = np.zeros(masks.shape, dtype=bool)
+    vertical, horizontal = masks[1:] != masks[:-1], masks[:, 1:] != masks[:, :-1]
+    border[1:] |= vertical
+    border[:-1] |= vertical
+    border[:, 1:] |= horizontal
+    border[:, :-1] |= horizontal
+    if not border.any():
+        return np.ones(masks.shape, dtype=bool)
+    return ndimage.distance_transform_edt(~border) > distance_px
+
+
 @dataclass
 class KeyframeLabels:
     """The tracker's output for one keyframe (plain arrays, same size as the keyframe's image)."""
@@ -327,7 +343,9 @@ class FeatureField:
             if labels[view].masks is not None:
                 masks = labels[view].masks
                 clusters = with_background(masks, masks, c.background_margin_px) if c.background_cluster else masks
-                sample = sample_clusters(clusters, covered, c.intra_masks, c.intra_pixels,
+                interior = away_from_borders(masks, c.mask_border_px)
+                sample = sample_clusters(clusters, covered if interior is None else covered & interior,
+                                         c.intra_masks, c.intra_pixels,
                                          c.min_mask_pixels, self.rng, keep=BACKGROUND_LABEL)
                 samples = F.normalize(image.reshape(-1, c.dim)[self._index(sample.indices)], dim=-1)
                 sizes = self._index(sample.sizes)
@@ -410,11 +428,14 @@ class FeatureField:
         for j in window:
             if j == view:
                 images.append(image.reshape(-1, c.dim))
-                valid.append(covered.ravel())
+                interior = away_from_borders(labels[j].masks, c.mask_border_px)
+                valid.append((covered if interior is None else covered & interior).ravel())
             else:
                 feats, alpha = by_view[j]
                 images.append(feats.reshape(-1, c.dim))
-                valid.append(alpha.detach().cpu().numpy().ravel() >= c.min_pixel_alpha)
+                interior = away_from_borders(labels[j].masks, c.mask_border_px)
+                drawn = alpha.detach().cpu().numpy() >= c.min_pixel_alpha
+                valid.append((drawn if interior is None else drawn & interior).ravel())
             consistent = labels[j].consistent
             if c.background_cluster:
                 consistent = with_background(consistent, labels[j].masks, c.background_margin_px)
