@@ -138,7 +138,9 @@ def test_background_cluster_keeps_the_table_away_from_the_objects():
     labels = _labels(scene)
     similar = {}
     for background in (True, False):
-        field = FeatureField(FeatureConfig(background_cluster=background))
+        # Every mask pixel sampled (as the papers do), to isolate the cluster: leaving mask
+        # borders out (the default) also removes part of the drift (3.6% instead of 10%).
+        field = FeatureField(FeatureConfig(background_cluster=background, mask_border_px=0.0))
         field.train(scene.cameras, labels, scene.priors, scene.scene, TRAIN_STEPS)
         _, prototypes = field.prototypes(scene.priors)
         cosine = field.unit_features().detach().numpy() @ prototypes.detach().numpy().T

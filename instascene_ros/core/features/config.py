@@ -165,7 +165,7 @@ class FeatureConfig:
     # Pixels within this distance of a change of mask id are not sampled (0 = all are): the
     # border pixels of a noisy mask are often wrong, and at low resolution a rendered border
     # pixel blends two objects, so its feature belongs to neither.
-    mask_border_px: float = 0.0
+    mask_border_px: float = 1.0
     min_mask_pixels: int = 16  # smaller masks are noise for a 1024-sample prototype
     min_pixel_alpha: float = 0.5  # only pixels the map actually covers are sampled
     # New Gaussians (inserted or split by the mapper) without a known parent start from the
