@@ -18,7 +18,7 @@ def test_each_variant_changes_only_its_own_settings():
     assert _changed(base, variants["3D priors only"]) == {"lambda_intra": 0.0, "lambda_cross": 0.0}
     assert _changed(base, variants["3D priors + 2D masks"]) == {"lambda_cross": 0.0}
     assert _changed(base, variants["full without background cluster"]) == {"background_cluster": False}
-    assert _changed(base, variants["full, mask borders not sampled (1 px)"]) == {"mask_border_px": 1.0}
+    assert _changed(base, variants["full + mask borders not sampled (1 px)"]) == {"mask_border_px": 1.0}
     codebook = variants["Unified-Lift object codebook (lr x10)"]
     assert codebook.codebook.enabled and codebook.codebook.feature_lr == 10 * base.codebook.feature_lr
     assert codebook.feature_lr == 2.5e-2  # the same feature rate as our field

@@ -74,7 +74,7 @@ def ablation_variants(base) -> dict:
         "3D priors + 2D masks": variant(lambda_cross=0.0, mask_border_px=0.0),
         "full (+ cross-view)": variant(mask_border_px=0.0),
         "full without background cluster": variant(background_cluster=False, mask_border_px=0.0),
-        "full, mask borders not sampled (1 px)": variant(mask_border_px=1.0),
+        "full + mask borders not sampled (1 px)": variant(mask_border_px=1.0),
         # Unified-Lift's and Gaussian Grouping's learning rates are set for ~30k iterations; in
         # the few hundred steps of this budget they barely move (classifier, 300 steps at the
         # published 5e-4 / 2.5e-3: cross-entropy 5.2 -> 4.1 of ln 256 = 5.5, no Gaussian above
