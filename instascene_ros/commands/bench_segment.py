@@ -39,6 +39,8 @@ import statistics
 import sys
 import time
 
+from instascene_ros.commands.bench import _fmt
+
 METRICS = ("miou", "biou", "pq_scene", "cloud_precision")
 
 
@@ -95,10 +97,6 @@ def _stats(values: list) -> tuple:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _fmt(value, digits=2) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
 def run_segment(args) -> int:
     import torch
 
@@ -109,12 +107,15 @@ def run_segment(args) -> int:
 
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
-    scenes, ablation = [], {}
+    scenes, ablation, skip_ablation = [], {}, args.ablation_steps <= 0
     if args.reuse and args.json and args.json.exists():
         # Keep the rows of an earlier run of the same maps that this run does not recompute.
-        previous = json.loads(args.json.read_text()).get("ablation", {})
+        previous = json.loads(args.json.read_text())
         ablation = {name: {"seeds": [row for row in entry["seeds"] if row["seed"] in seeds]}
-                    for name, entry in previous.items()}
+                    for name, entry in previous.get("ablation", {}).items()}
+        if args.ablation_steps <= 0:  # only re-printing: the kept rows' step count
+            args.ablation_steps = previous.get("ablation_steps", 0)
+            args.variants, skip_ablation = "", True
     for seed in seeds:
         scene = _scene(args.work, seed, args.res, args.views, noise=args.mask_noise)
         run_dir = args.work / f"segment-s{seed}-r{args.res}-v{args.views}-n{args.mask_noise}"
@@ -126,7 +127,7 @@ def run_segment(args) -> int:
             *METRICS, "cloud_contamination", "n_instances", "wall_s", "psnr")}})
         print(f"[bench segment] seed {seed}: product run mIoU {_fmt(metrics.get('miou'), 1)}, "
               f"{_fmt(metrics.get('wall_s'), 0)} s", flush=True)
-        if args.ablation_steps <= 0:
+        if skip_ablation:
             continue
         dataset = load_dataset(scene)
         base = PipelineConfig.from_preset("cpu")
@@ -153,6 +154,14 @@ def run_segment(args) -> int:
     for entry in ablation.values():
         for key in METRICS:
             entry[key], entry[f"{key}_std"] = _stats([row[key] for row in entry["seeds"]])
+    full = ablation.get("full (+ cross-view)")
+    if full is not None:
+        # Seeds differ far more from each other than variants on one seed: compare per seed.
+        by_seed = {row["seed"]: row["miou"] for row in full["seeds"]}
+        for entry in ablation.values():
+            entry["full_minus_this_miou"], entry["full_minus_this_miou_std"] = _stats(
+                [by_seed[row["seed"]] - row["miou"] for row in entry["seeds"]
+                 if by_seed.get(row["seed"]) is not None and row["miou"] is not None])
 
     print()
     print(f"{'seed':>4} {'mIoU':>6} {'BIoU':>6} {'PQ':>5} {'cloud prec':>10} {'instances':>9} {'wall s':>7}")
@@ -163,12 +172,11 @@ def run_segment(args) -> int:
           f"{_fmt(summary['biou'], 1)} BIoU, PQ {_fmt(summary['pq_scene'])}, cloud precision "
           f"{_fmt(summary['cloud_precision'])}   (targets: mIoU >= 85, BIoU >= 80, PQ >= 0.80, precision >= 0.95)")
     if ablation:
-        full = ablation.get("full (+ cross-view)")
         print(f"\nablation on the saved maps ({args.ablation_steps} field steps each, mean +- std over seeds)")
-        print(f"{'variant':<34} {'mIoU':>13} {'BIoU':>13} {'PQ':>11} {'cloud prec':>10}  full - this")
+        print(f"{'variant':<34} {'mIoU':>13} {'BIoU':>13} {'PQ':>11} {'cloud prec':>10}  full - this, per seed")
         for name, entry in ablation.items():
-            gap = "" if full is None or entry is full or full["miou"] is None or entry["miou"] is None else \
-                f"{full['miou'] - entry['miou']:+.1f} (std {entry['miou_std']:.1f})"
+            gap = "" if entry is full or entry.get("full_minus_this_miou") is None else \
+                f"{entry['full_minus_this_miou']:+.1f} +- {entry['full_minus_this_miou_std']:.1f}"
             print(f"{name:<34} {_fmt(entry['miou'], 1):>6} +- {_fmt(entry['miou_std'], 1):>4} "
                   f"{_fmt(entry['biou'], 1):>6} +- {_fmt(entry['biou_std'], 1):>4} "
                   f"{_fmt(entry['pq_scene']):>5} +- {_fmt(entry['pq_scene_std']):>4} "
