@@ -22,6 +22,6 @@ def test_each_variant_changes_only_its_own_settings():
     codebook = variants["Unified-Lift object codebook (lr x10)"]
     assert codebook.codebook.enabled and codebook.codebook.feature_lr == 10 * base.codebook.feature_lr
     assert codebook.feature_lr == 2.5e-2  # the same feature rate as our field
-    classifier = variants["identity classifier on video-associated ids (baseline, lr x10)"]
+    classifier = variants["identity classifier on video-associated ids (baseline) lr x10"]
     assert classifier.objective == "classifier" and classifier.feature_lr == 2.5e-2
     assert all(v.background_cluster for k, v in variants.items() if k != "full without background cluster")

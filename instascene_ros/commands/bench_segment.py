@@ -84,7 +84,7 @@ def ablation_variants(base) -> dict:
         # at our field's 2.5e-2: the same budget and feature rate for every variant.
         "Unified-Lift object codebook (lr x10)": variant(codebook=dataclasses.replace(
             base.codebook, enabled=True, lr=10 * base.codebook.lr, feature_lr=10 * base.codebook.feature_lr)),
-        "identity classifier on video-associated ids (baseline, lr x10)": variant(
+        "identity classifier on video-associated ids (baseline) lr x10": variant(
             objective="classifier", classifier=dataclasses.replace(
                 base.classifier, lr=10 * base.classifier.lr, feature_lr=10 * base.classifier.feature_lr)),
     }
@@ -107,6 +107,11 @@ def run_segment(args) -> int:
 
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
+    variants = ablation_variants(PipelineConfig.from_preset("cpu").features)
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()] or list(variants)
+    unknown = [name for name in chosen if name not in variants]
+    if unknown:  # before hours of mapping, not after
+        raise SystemExit(f"unknown variant(s) {unknown}; choose among: {'; '.join(variants)}")
     scenes, ablation, skip_ablation = [], {}, args.ablation_steps <= 0
     if args.reuse and args.json and args.json.exists():
         # Keep the rows of an earlier run of the same maps that this run does not recompute.
@@ -130,12 +135,7 @@ def run_segment(args) -> int:
         if skip_ablation:
             continue
         dataset = load_dataset(scene)
-        base = PipelineConfig.from_preset("cpu")
-        variants = ablation_variants(base.features)
-        chosen = [v.strip() for v in args.variants.split(",") if v.strip()] or list(variants)
         for name in chosen:
-            if name not in variants:
-                raise SystemExit(f"unknown variant {name!r}; choose among: {', '.join(variants)}")
             pipeline = Pipeline(PipelineConfig.from_preset("cpu"))
             pipeline.load(str(run_dir / "map.instascene"))
             tic = time.perf_counter()
