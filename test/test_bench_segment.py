@@ -11,17 +11,26 @@ def _changed(base, variant) -> dict:
 
 
 def test_each_variant_changes_only_its_own_settings():
-    base = dataclasses.replace(PipelineConfig.from_preset("cpu").features, mask_border_px=0.0)
-    variants = ablation_variants(PipelineConfig.from_preset("cpu").features)
-    assert _changed(base, variants["full (+ cross-view)"]) == {}
-    assert _changed(base, variants["noisy 2D masks only"]) == {"lambda_cross": 0.0, "lambda_3d": 0.0}
-    assert _changed(base, variants["3D priors only"]) == {"lambda_intra": 0.0, "lambda_cross": 0.0}
-    assert _changed(base, variants["3D priors + 2D masks"]) == {"lambda_cross": 0.0}
-    assert _changed(base, variants["full without background cluster"]) == {"background_cluster": False}
-    assert _changed(base, variants["full + mask borders not sampled (1 px)"]) == {"mask_border_px": 1.0}
-    codebook = variants["Unified-Lift object codebook (lr x10)"]
+    defaults = PipelineConfig.from_preset("cpu")
+    base, tracker = defaults.features, defaults.tracker
+    variants = ablation_variants(base, tracker)
+    features = {name: v.features for name, v in variants.items()}
+    assert _changed(base, features["full (+ cross-view)"]) == {}
+    assert _changed(base, features["noisy 2D masks only"]) == {"lambda_cross": 0.0, "lambda_3d": 0.0}
+    assert _changed(base, features["3D priors only"]) == {"lambda_intra": 0.0, "lambda_cross": 0.0}
+    assert _changed(base, features["3D priors + 2D masks"]) == {"lambda_cross": 0.0}
+    assert _changed(base, features["full without background cluster"]) == {"background_cluster": False}
+    assert _changed(base, features["full with every mask pixel sampled"]) == {"mask_border_px": 0.0}
+    assert _changed(base, features["InstaScene as published"]) == {"mask_border_px": 0.0, "background_cluster": False}
+    codebook = features["Unified-Lift object codebook (lr x10)"]
     assert codebook.codebook.enabled and codebook.codebook.feature_lr == 10 * base.codebook.feature_lr
     assert codebook.feature_lr == 2.5e-2  # the same feature rate as our field
-    classifier = variants["identity classifier on video-associated ids (baseline) lr x10"]
+    classifier = features["identity classifier on video-associated ids (baseline) lr x10"]
     assert classifier.objective == "classifier" and classifier.feature_lr == 2.5e-2
-    assert all(v.background_cluster for k, v in variants.items() if k != "full without background cluster")
+    # Only the tracker rows change the tracker, and only its contact borders.
+    for name, variant in variants.items():
+        expected = {"mask_border_px": 0.0} if name in ("full with tracker tracing every mask pixel",
+                                                        "InstaScene as published") else {}
+        assert _changed(tracker, variant.tracker) == expected, name
+    assert base.mask_border_px > 0 and base.background_cluster  # the rows above switch real defaults off
+    assert all("," not in name for name in variants)  # --variants splits on commas

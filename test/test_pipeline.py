@@ -43,3 +43,53 @@ def test_save_is_atomic_and_round_trips(tmp_path):
         pipeline.save(str(path))
     assert path.read_bytes() == before
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def _decomposed_blob_pipeline() -> Pipeline:
+    """A pipeline holding the synthetic blob scene as its map, its views as keyframes with their
+    noisy masks traced, and instances extracted after a short field fit (no mapping: fast)."""
+    import torch
+
+    from instascene_ros.core.features.synthetic import make_blob_scene
+    from instascene_ros.core.mapping import Keyframe
+
+    from instascene_ros.core.pipeline import PipelineConfig
+    from instascene_ros.core.tracker import TrackerConfig
+
+    blob = make_blob_scene(size=48, n_cameras=6, table=True)
+    # The blob objects are sampled ~3 cm apart: DBSCAN at the room-scale 0.1 m keeps them whole.
+    pipeline = Pipeline(PipelineConfig(tracker=TrackerConfig(dbscan_eps=0.1)))
+    pipeline.mapper.scene = blob.scene
+    for index, (camera, mask) in enumerate(zip(blob.cameras, blob.masks)):
+        pipeline.mapper.keyframes.append(Keyframe(index=index, name=str(float(index)), camera=camera,
+                                                  rgb=torch.zeros(camera.height, camera.width, 3, dtype=torch.uint8),
+                                                  depth=None, median_depth=None))
+        pipeline.masks[index] = mask
+        trackers, visible = pipeline._trace(camera, mask)
+        pipeline.tracker.add_frame(index, mask, trackers, visible)
+        pipeline.traced_at[index] = 0
+    pipeline.update_instances(feature_steps=40)
+    return pipeline
+
+
+def test_idle_step_renders_the_newest_view_so_pixel_queries_answer_from_cache(monkeypatch):
+    pipeline = _decomposed_blob_pipeline()
+    assert pipeline.snapshot.instances, "the blob scene has objects"
+    renders = []
+    original = pipeline.feature_image
+    monkeypatch.setattr(pipeline, "feature_image", lambda camera: renders.append(camera) or original(camera))
+    assert pipeline.query_cache_stale()
+    timings = pipeline.idle_step()
+    assert "query_cache" in timings and len(renders) == 1
+    assert renders[0] is pipeline.mapper.keyframes[-1].camera
+    assert not pipeline.query_cache_stale()
+    camera = pipeline.mapper.keyframes[-1].camera
+    found = pipeline.segment_at_pixel(0, camera.width / 2, camera.height / 2, return_mask=True)
+    assert len(renders) == 1  # answered from the cache
+    # The cached answer is the one a fresh render gives.
+    features, alpha = original(camera)
+    fresh = pipeline.instance_at(features, alpha, camera.width / 2, camera.height / 2, pipeline.snapshot.extraction)
+    assert found[0] == fresh[0] and (found[2] == fresh[2]).all()
+    # A new map version makes the cache stale again.
+    pipeline.update_instances(feature_steps=1)
+    assert pipeline.query_cache_stale()

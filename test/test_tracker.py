@@ -15,6 +15,7 @@ from scipy.sparse.csgraph import connected_components
 from instascene_ros.core.camera import look_at, rigid_inverse
 from instascene_ros.core.tracker import (SpatialTracker, TrackerConfig, TrackerEvent,
                                          trackers_from_contributors)
+from instascene_ros.core.tracker.trace import without_contact_borders
 
 # ------------------------------------------------------------------------------------------------
 # helpers
@@ -220,8 +221,15 @@ def check_labels(result, scene, owner, frames):
     right = wrong = unlabelled = 0
     for k in frames:
         view = scene.views[k]
+        # A mask that bleeds a pixel or two over a contact still shows one object (the tracker
+        # does not trace contact borders): judge masks on pixels > 2 px from a contact between
+        # two ground-truth objects.
+        contact = np.zeros(view["gt"].shape, bool)
+        for obj in range(1, scene.n_objects + 1):
+            others = (view["gt"] != obj) & (view["gt"] != 0)
+            contact |= binary_dilation(view["gt"] == obj, iterations=2) & others
         for mask_id, label in result.labels[k].items():
-            objects = view["gt"][view["mask"] == mask_id]
+            objects = view["gt"][(view["mask"] == mask_id) & ~contact]
             counts = np.bincount(objects, minlength=scene.n_objects + 1)
             counts[0] = 0
             top = np.sort(counts)[::-1]
@@ -255,15 +263,41 @@ def test_trackers_from_contributors_share_rule_and_persistent_ids():
     rows = np.array([r for p in per_pixel for r, _ in p], np.int64)
     weights = np.array([w for p in per_pixel for _, w in p], np.float32)
     persistent = np.array([100, 101, 102, 103], np.int64)
-    trackers, visible = trackers_from_contributors(mask, offsets, rows, weights, persistent)
+    trackers, visible = trackers_from_contributors(mask, offsets, rows, weights, persistent, border_px=0.0)
     assert set(trackers) == {5, 6}
     assert trackers[5].tolist() == [100, 101]
     assert trackers[6].tolist() == [103]  # 102 lands 0.2 / 0.9 inside: out
     assert visible.tolist() == [100, 101, 102, 103]
-    plain, _ = trackers_from_contributors(mask, offsets, rows, weights, persistent, min_pixel_share=0.0)
+    plain, _ = trackers_from_contributors(mask, offsets, rows, weights, persistent, min_pixel_share=0.0,
+                                          border_px=0.0)
     assert plain[5].tolist() == [100, 101] and plain[6].tolist() == [101, 102, 103]
     with pytest.raises(ValueError):
         trackers_from_contributors(mask, offsets[:-1], rows, weights, persistent)
+
+
+def test_contact_borders_are_not_traced_but_background_borders_are():
+    # Masks 5 | 6 touch between columns 3 and 4; mask 5 also borders the background (column 0).
+    mask = np.array([[0, 5, 5, 5, 6, 6, 6, 0]] * 3, np.int32)
+    one = without_contact_borders(mask, 1.0)
+    assert (one[:, 3:5] == 0).all() and (one[:, 1:3] == 5).all() and (one[:, 5:7] == 6).all()
+    two = without_contact_borders(mask, 2.0)
+    assert (two[:, 2:6] == 0).all() and (two[:, 1] == 5).all() and (two[:, 6] == 6).all()
+    assert without_contact_borders(mask, 0.0) is mask
+    assert (without_contact_borders(np.where(mask == 6, 0, mask), 3.0) == np.where(mask == 6, 0, mask)).all()
+
+    # A neighbour's Gaussian whose weight the segmenter's boundary put inside mask 5 (pixel 3):
+    # traced up to the contact it joins tracker 5; with the contact left out it joins neither.
+    row = np.array([[5, 5, 5, 5, 6, 6]], np.int32)
+    per_pixel = [[(0, 1.0)], [(0, 1.0)], [(0, 0.5)], [(1, 0.6)], [(1, 0.4), (2, 0.5)], [(2, 1.0)]]
+    offsets = np.concatenate([[0], np.cumsum([len(p) for p in per_pixel])]).astype(np.int64)
+    rows = np.array([r for p in per_pixel for r, _ in p], np.int64)
+    weights = np.array([w for p in per_pixel for _, w in p], np.float32)
+    persistent = np.array([10, 11, 12], np.int64)
+    traced_to_contact, _ = trackers_from_contributors(row, offsets, rows, weights, persistent, border_px=0.0)
+    assert traced_to_contact[5].tolist() == [10, 11] and traced_to_contact[6].tolist() == [12]
+    interior, visible = trackers_from_contributors(row, offsets, rows, weights, persistent, border_px=1.0)
+    assert interior[5].tolist() == [10] and interior[6].tolist() == [12]
+    assert visible.tolist() == [10, 12]  # 11 is drawn on the contact: the frame abstains on it
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,16 +9,20 @@ Protocol (per seed; report seeds 11-15 are disjoint from the development seed 0)
    feature field interleaved online, then the final refinement). Scored by the run itself
    (core/evaluation.py): mIoU and boundary IoU with ONE predicted id per object for all held-out
    views, chosen from training views only; PQ^scene; instance clouds against the ground-truth
-   meshes (precision within 5 mm, contamination). `decomposition_s` is the run's wall time
-   (mapping included: the decomposition runs beside it).
-3. Ablation on the same map: RUN/map.instascene is loaded, and for every variant a fresh
-   feature field is trained `--ablation-steps` steps on the run's keyframes, masks and
-   tracker priors, then extracted and scored the same way. The geometry is identical for all
-   variants, so differences are the field's. Variants: InstaScene's ablation (noisy 2D masks
-   only; 3D priors only; 3D priors + 2D masks; + cross-view = full) and the full method
-   without our background cluster (InstaScene as published, on object-only masks), and the
-   full method with pixels within 1 px of a change of mask id left out of the samples; the
-   Unified-Lift object codebook (instances read from its slots, no clustering); and the fair
+   meshes (precision within 5 mm, contamination); identical touching pairs kept apart (each
+   object its own id, matched at IoU >= 0.5). `decomposition_s` is the time the run spent in
+   the decomposition's stages (tracing, tracker, feature field, extraction), `wall_s` the
+   whole run's, mapping included (the decomposition runs beside the mapper).
+3. Ablation on the same map: RUN/map.instascene is loaded, and for every variant the tracker
+   re-traces every keyframe on the final map and is solved with the variant's tracker config,
+   then a fresh feature field is trained `--ablation-steps` steps on the run's keyframes, masks
+   and those priors, extracted and scored the same way. The geometry is identical for all
+   variants, so differences are the decomposition's. Variants, each the product's defaults with
+   one part changed: InstaScene's ablation (noisy 2D masks only; 3D priors only; 3D priors + 2D
+   masks; + cross-view = full); our three additions switched off one at a time (pixels near a
+   change of mask id sampled by the field; no background cluster; the tracker tracing up to the
+   contact between two masks) and all together ("InstaScene as published"); the Unified-Lift
+   object codebook (instances read from its slots, no clustering); and the fair
    baseline: Gaussian Grouping's identity classifier trained on the masks made consistent by
    the video associator (mask IoU propagated between consecutive keyframes, warped by depth),
    not by our tracker. Label-reading options draw their masks by reading each rendered pixel
@@ -27,7 +31,7 @@ Protocol (per seed; report seeds 11-15 are disjoint from the development seed 0)
    geometry (its gradient stops at the rendered features; test_features checks it).
 
 Means and sample standard deviations over seeds. JSON: {"summary": {miou, biou, pq_scene,
-cloud_precision, decomposition_s (+ _std)}, "scenes": [...], "ablation": {variant: {mean,
+cloud_precision, decomposition_s, wall_s (+ _std), identical_separated}, "scenes": [...], "ablation": {variant: {mean,
 std and per-seed values}}, "ablation_steps": N}.
 """
 from __future__ import annotations
@@ -42,6 +46,7 @@ import time
 from instascene_ros.commands.bench import _fmt
 
 METRICS = ("miou", "biou", "pq_scene", "cloud_precision")
+QUERY_SIZE = 256  # segment_at_pixel is budgeted at 256 x 256
 
 
 def add_parser(benches) -> None:
@@ -63,31 +68,80 @@ def add_parser(benches) -> None:
     sub.set_defaults(run=run_segment)
 
 
-def ablation_variants(base) -> dict:
-    """name -> FeatureConfig. InstaScene's ablation rows (all with the background cluster) and
-    the full method without it."""
-    def variant(**changes):
-        return dataclasses.replace(base, **changes)
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One ablation row: the feature field's config and the tracker's."""
+
+    features: object
+    tracker: object
+
+
+def ablation_variants(features, tracker) -> dict:
+    """name -> Variant. Every row is the product's defaults (`features`, `tracker`, the `cpu`
+    preset) with only the named part changed."""
+    def field(**changes) -> Variant:
+        return Variant(dataclasses.replace(features, **changes), tracker)
+
+    def field_codebook(**changes) -> Variant:
+        return Variant(dataclasses.replace(features, codebook=dataclasses.replace(features.codebook, **changes)),
+                       tracker)
 
     return {
-        # InstaScene's rows sample every mask pixel, as the paper does (mask_border_px = 0).
-        "noisy 2D masks only": variant(lambda_cross=0.0, lambda_3d=0.0, mask_border_px=0.0),
-        "3D priors only": variant(lambda_intra=0.0, lambda_cross=0.0, mask_border_px=0.0),
-        "3D priors + 2D masks": variant(lambda_cross=0.0, mask_border_px=0.0),
-        "full (+ cross-view)": variant(mask_border_px=0.0),
-        "full without background cluster": variant(background_cluster=False, mask_border_px=0.0),
-        "full + mask borders not sampled (1 px)": variant(mask_border_px=1.0),
+        # InstaScene's ablation (its Table 4 rows), everything else as in the product.
+        "noisy 2D masks only": field(lambda_cross=0.0, lambda_3d=0.0),
+        "3D priors only": field(lambda_intra=0.0, lambda_cross=0.0),
+        "3D priors + 2D masks": field(lambda_cross=0.0),
+        "full (+ cross-view)": field(),
+        # Our additions, each switched off alone.
+        "full with every mask pixel sampled": field(mask_border_px=0.0),
+        "full without background cluster": field(background_cluster=False),
+        "full with tracker tracing every mask pixel": Variant(features, dataclasses.replace(tracker, mask_border_px=0.0)),
+        # All three off: InstaScene as published on these masks.
+        "InstaScene as published": Variant(dataclasses.replace(features, mask_border_px=0.0, background_cluster=False),
+                                           dataclasses.replace(tracker, mask_border_px=0.0)),
         # Unified-Lift's and Gaussian Grouping's learning rates are set for ~30k iterations; in
         # the few hundred steps of this budget they barely move (classifier, 300 steps at the
         # published 5e-4 / 2.5e-3: cross-entropy 5.2 -> 4.1 of ln 256 = 5.5, no Gaussian above
         # the 0.5 read probability). Both therefore train 10x faster here, i.e. their features
         # at our field's 2.5e-2: the same budget and feature rate for every variant.
-        "Unified-Lift object codebook (lr x10)": variant(codebook=dataclasses.replace(
-            base.codebook, enabled=True, lr=10 * base.codebook.lr, feature_lr=10 * base.codebook.feature_lr)),
-        "identity classifier on video-associated ids (baseline) lr x10": variant(
+        "Unified-Lift object codebook (lr x10)": field_codebook(
+            enabled=True, lr=10 * features.codebook.lr, feature_lr=10 * features.codebook.feature_lr),
+        "identity classifier on video-associated ids (baseline) lr x10": field(
             objective="classifier", classifier=dataclasses.replace(
-                base.classifier, lr=10 * base.classifier.lr, feature_lr=10 * base.classifier.feature_lr)),
+                features.classifier, lr=10 * features.classifier.lr, feature_lr=10 * features.classifier.feature_lr)),
     }
+
+
+def _pixel_query_ms(run_dir: pathlib.Path, dataset, size: int) -> float:
+    """Uncached pixel query on the run's saved map from the first held-out view, rendered at
+    size x size (the issue's 256 px budget, whatever resolution the bench maps at)."""
+    from instascene_ros.core.evaluation import time_pixel_query
+    from instascene_ros.core.pipeline import Pipeline, PipelineConfig
+
+    pipeline = Pipeline(PipelineConfig.from_preset("cpu"))
+    pipeline.load(str(run_dir / "map.instascene"))
+    test = [frame for frame in dataset.frames if frame.meta.get("split") == "test"] or dataset.frames
+    camera = test[0].camera
+    return time_pixel_query(pipeline, camera.scaled(size / camera.width))
+
+
+def identical_pairs_separated(scene: pathlib.Path, scores: dict) -> tuple[int, int]:
+    """(separated, total) over the scene's identical touching pairs: a pair is separated when
+    each object has its own predicted id and is matched at IoU >= 0.5 (the PQ match rule)."""
+    pairs = json.loads((scene / "scene.json").read_text()).get("identical_touching_pairs", [])
+    mapping, ious = scores.get("id_mapping") or {}, scores.get("per_object_iou") or {}
+    separated = 0
+    for a, b in pairs:
+        first, second = mapping.get(str(a)), mapping.get(str(b))
+        if first and second and first != second and min(ious.get(str(a), 0.0), ious.get(str(b), 0.0)) >= 0.5:
+            separated += 1
+    return separated, len(pairs)
+
+
+def _share_separated(rows: list) -> object:
+    """Identical touching pairs separated over all rows' scenes (None: no such pair)."""
+    total = sum(row.get("identical_pairs") or 0 for row in rows)
+    return sum(row.get("identical_separated") or 0 for row in rows) / total if total else None
 
 
 def _stats(values: list) -> tuple:
@@ -107,7 +161,8 @@ def run_segment(args) -> int:
 
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
-    variants = ablation_variants(PipelineConfig.from_preset("cpu").features)
+    defaults = PipelineConfig.from_preset("cpu")
+    variants = ablation_variants(defaults.features, defaults.tracker)
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()] or list(variants)
     unknown = [name for name in chosen if name not in variants]
     if unknown:  # before hours of mapping, not after
@@ -128,19 +183,25 @@ def run_segment(args) -> int:
             metrics = json.loads((run_dir / "metrics.json").read_text())
         else:
             metrics = _run(scene, run_dir, [], args.finish_seconds)
+        separated, pairs = identical_pairs_separated(scene, metrics)
+        dataset = load_dataset(scene)
+        query_ms = _pixel_query_ms(run_dir, dataset, QUERY_SIZE)
         scenes.append({"seed": seed, "run": str(run_dir), **{k: metrics.get(k) for k in (
-            *METRICS, "cloud_contamination", "n_instances", "wall_s", "psnr")}})
+            *METRICS, "cloud_contamination", "n_instances", "wall_s", "decomposition_s", "psnr")},
+            "identical_separated": separated, "identical_pairs": pairs, "segment_at_pixel_ms": query_ms})
         print(f"[bench segment] seed {seed}: product run mIoU {_fmt(metrics.get('miou'), 1)}, "
-              f"{_fmt(metrics.get('wall_s'), 0)} s", flush=True)
+              f"{_fmt(metrics.get('wall_s'), 0)} s, segment_at_pixel at {QUERY_SIZE} px {query_ms:.0f} ms", flush=True)
         if skip_ablation:
             continue
-        dataset = load_dataset(scene)
         for name in chosen:
             pipeline = Pipeline(PipelineConfig.from_preset("cpu"))
             pipeline.load(str(run_dir / "map.instascene"))
             tic = time.perf_counter()
-            scores = retrain_field_and_score(pipeline, dataset, variants[name], args.ablation_steps)
-            row = {"seed": seed, **{k: scores.get(k) for k in (*METRICS, "n_instances", "train_s")}}
+            scores = retrain_field_and_score(pipeline, dataset, variants[name].features, args.ablation_steps,
+                                             tracker=variants[name].tracker)
+            separated, pairs = identical_pairs_separated(scene, scores)
+            row = {"seed": seed, **{k: scores.get(k) for k in (*METRICS, "n_instances", "train_s")},
+                   "identical_separated": separated, "identical_pairs": pairs}
             rows = ablation.setdefault(name, {"seeds": []})["seeds"]
             rows[:] = [r for r in rows if r["seed"] != seed] + [row]
             print(f"[bench segment] seed {seed}: {name:<34} mIoU {_fmt(row['miou'], 1):>5}  BIoU "
@@ -148,12 +209,13 @@ def run_segment(args) -> int:
                   flush=True)
 
     summary = {}
-    for key in (*METRICS, "wall_s"):
-        summary[key], summary[f"{key}_std"] = _stats([s[key] for s in scenes])
-    summary["decomposition_s"], summary["decomposition_s_std"] = summary.pop("wall_s"), summary.pop("wall_s_std")
+    for key in (*METRICS, "wall_s", "decomposition_s", "segment_at_pixel_ms"):
+        summary[key], summary[f"{key}_std"] = _stats([s.get(key) for s in scenes])
+    summary["identical_separated"] = _share_separated(scenes)
     for entry in ablation.values():
         for key in METRICS:
             entry[key], entry[f"{key}_std"] = _stats([row[key] for row in entry["seeds"]])
+        entry["identical_separated"] = _share_separated(entry["seeds"])
     full = ablation.get("full (+ cross-view)")
     if full is not None:
         # Seeds differ far more from each other than variants on one seed: compare per seed.
@@ -164,23 +226,31 @@ def run_segment(args) -> int:
                  if by_seed.get(row["seed"]) is not None and row["miou"] is not None])
 
     print()
-    print(f"{'seed':>4} {'mIoU':>6} {'BIoU':>6} {'PQ':>5} {'cloud prec':>10} {'instances':>9} {'wall s':>7}")
+    print(f"{'seed':>4} {'mIoU':>6} {'BIoU':>6} {'PQ':>5} {'cloud prec':>10} {'instances':>9} {'wall s':>7} "
+          f"{'decomp s':>8} {'identical pairs apart':>21}")
     for s in scenes:
         print(f"{s['seed']:>4} {_fmt(s['miou'], 1):>6} {_fmt(s['biou'], 1):>6} {_fmt(s['pq_scene']):>5} "
-              f"{_fmt(s['cloud_precision']):>10} {s['n_instances']!s:>9} {_fmt(s['wall_s'], 0):>7}")
+              f"{_fmt(s['cloud_precision']):>10} {s['n_instances']!s:>9} {_fmt(s['wall_s'], 0):>7} "
+              f"{_fmt(s.get('decomposition_s'), 0):>8} "
+              f"{s.get('identical_separated', 0)!s:>19}/{s.get('identical_pairs', 0)!s}")
     print(f"product (online run): {_fmt(summary['miou'], 1)} +- {_fmt(summary['miou_std'], 1)} mIoU, "
           f"{_fmt(summary['biou'], 1)} BIoU, PQ {_fmt(summary['pq_scene'])}, cloud precision "
-          f"{_fmt(summary['cloud_precision'])}   (targets: mIoU >= 85, BIoU >= 80, PQ >= 0.80, precision >= 0.95)")
+          f"{_fmt(summary['cloud_precision'])}, identical touching pairs apart {_fmt(summary['identical_separated'])}, "
+          f"decomposition {_fmt(summary['decomposition_s'], 0)} s of {_fmt(summary['wall_s'], 0)} s wall, "
+          f"segment_at_pixel {_fmt(summary['segment_at_pixel_ms'], 0)} ms at {QUERY_SIZE} px"
+          f"\n  (targets: mIoU >= 85, BIoU >= 80, PQ >= 0.80, precision >= 0.95, pairs apart >= 0.90, "
+          f"decomposition <= 300 s, segment_at_pixel <= 50 ms)")
     if ablation:
         print(f"\nablation on the saved maps ({args.ablation_steps} field steps each, mean +- std over seeds)")
-        print(f"{'variant':<34} {'mIoU':>13} {'BIoU':>13} {'PQ':>11} {'cloud prec':>10}  full - this, per seed")
+        print(f"{'variant':<34} {'mIoU':>13} {'BIoU':>13} {'PQ':>11} {'cloud prec':>10} {'pairs apart':>11}  "
+              f"full - this, per seed")
         for name, entry in ablation.items():
             gap = "" if entry is full or entry.get("full_minus_this_miou") is None else \
                 f"{entry['full_minus_this_miou']:+.1f} +- {entry['full_minus_this_miou_std']:.1f}"
             print(f"{name:<34} {_fmt(entry['miou'], 1):>6} +- {_fmt(entry['miou_std'], 1):>4} "
                   f"{_fmt(entry['biou'], 1):>6} +- {_fmt(entry['biou_std'], 1):>4} "
                   f"{_fmt(entry['pq_scene']):>5} +- {_fmt(entry['pq_scene_std']):>4} "
-                  f"{_fmt(entry['cloud_precision']):>10}  {gap}")
+                  f"{_fmt(entry['cloud_precision']):>10} {_fmt(entry.get('identical_separated')):>11}  {gap}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"summary": summary, "scenes": scenes, "ablation": ablation,

@@ -15,6 +15,9 @@ import pathlib
 import time
 
 log = logging.getLogger("instascene.run")
+# Pipeline timings that belong to the instance decomposition (tracker + feature field), as
+# opposed to mapping: the issue budgets the decomposition on its own.
+DECOMPOSITION_STAGES = ("trace", "retrace", "tracker", "features", "instances")
 
 
 def add_parser(subparsers) -> None:
@@ -141,6 +144,7 @@ def run(args) -> int:
         train = train[: args.max_frames]
     start = time.perf_counter()
     rejected, keyframes, keyframe_seconds = 0, 0, []
+    stage_s: dict[str, float] = {}  # seconds per pipeline stage, streaming and finish together
     for index, frame in enumerate(tqdm(train, desc="mapping", unit="frame", disable=args.no_progress)):
         if args.no_depth:
             frame.depth = None
@@ -148,6 +152,8 @@ def run(args) -> int:
             frame.mask = None
         tic = time.perf_counter()
         report = pipeline.add_frame(frame)
+        for stage, seconds in report.timings.items():
+            stage_s[stage] = stage_s.get(stage, 0.0) + seconds
         if not report.accepted:
             rejected += 1
         elif report.keyframe:
@@ -157,6 +163,9 @@ def run(args) -> int:
     log.info("streamed %d frames (%d keyframes, %d rejected) in %.1f s", len(train), keyframes, rejected, stream_s)
     finish = pipeline.finish(time_budget_s=args.finish_seconds)
     wall_s = time.perf_counter() - start
+    for stage in DECOMPOSITION_STAGES:
+        stage_s[stage] = stage_s.get(stage, 0.0) + finish.get(stage, 0.0)
+    stage_s["mapping"] = stage_s.get("mapping", 0.0) + finish.get("seconds", 0.0)
     pipeline.save(str(out / "map.instascene"))
     pipeline.mapper.scene.save_ply(out / "scene.ply")
 
@@ -166,6 +175,9 @@ def run(args) -> int:
                     "keyframe_s_median": float(np.median(keyframe_seconds)) if keyframe_seconds else None,
                     "keyframe_s_max": float(np.max(keyframe_seconds)) if keyframe_seconds else None,
                     "finish": {k: v for k, v in finish.items() if isinstance(v, (int, float))},
+                    "stage_s": {k: round(v, 2) for k, v in stage_s.items()},
+                    # The decomposition's own share of the wall time (it runs beside the mapper).
+                    "decomposition_s": round(sum(stage_s.get(k, 0.0) for k in DECOMPOSITION_STAGES), 2),
                     "preset": args.preset, "rgb_only": bool(args.no_depth)})
     if args.complete:
         metrics["completion"] = complete_instances(pipeline, out / "completed", args.generator, args.model_path,

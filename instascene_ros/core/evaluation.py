@@ -169,23 +169,50 @@ def score_decomposition(pipeline, dataset) -> dict:
     return result
 
 
-def retrain_field_and_score(pipeline, dataset, features, steps: int) -> dict:
+def retrain_field_and_score(pipeline, dataset, features, steps: int, tracker=None) -> dict:
     """Decomposition on a fixed map: a fresh feature field with config `features` is trained
     `steps` steps on the pipeline's keyframes, masks and tracker (the map, the masks and the
     tracker's priors stay as they are), instances are extracted and scored on the held-out
     views. Used by `bench segment` to compare variants of the field on the same geometry, so a
-    difference in score is the field's, not the mapping's. Changes `pipeline.field`."""
+    difference in score is the field's, not the mapping's. Changes `pipeline.field`.
+
+    tracker: a TrackerConfig to re-trace every keyframe and re-solve the tracker with first (the
+    priors then change with it); None keeps the saved tracker as it is."""
     import time
 
     from instascene_ros.core.features import FeatureField
 
+    retrace = 0
     with pipeline.lock:
+        if tracker is not None:
+            pipeline.config.tracker = tracker
+            pipeline.tracker.config = tracker
+            retrace = len(pipeline.traced_at)
         pipeline.field = FeatureField(features)
         pipeline.field.sync(pipeline.mapper.scene)
         pipeline._feature_cache = {}
     started = time.perf_counter()
-    pipeline.update_instances(feature_steps=steps, retrace=0)
+    pipeline.update_instances(feature_steps=steps, retrace=retrace)
     seconds = time.perf_counter() - started
     result = score_decomposition(pipeline, dataset)
     result["train_s"] = seconds
     return result
+
+
+def time_pixel_query(pipeline, camera, repeats: int = 5) -> float:
+    """Median milliseconds of an uncached `segment_at_pixel`-style query from `camera`: render
+    the features, then read the instance under the image centre the way the method reads it
+    (what the service pays the first time it is asked about a view)."""
+    import time
+
+    snapshot = pipeline.snapshot
+    extraction = snapshot.extraction
+    if extraction is None:
+        return float("nan")
+    seconds = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        features, alpha = pipeline.feature_image(camera)
+        pipeline.instance_at(features, alpha, camera.width / 2.0, camera.height / 2.0, extraction)
+        seconds.append(time.perf_counter() - tic)
+    return 1000.0 * float(np.median(seconds))

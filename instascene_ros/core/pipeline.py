@@ -213,7 +213,8 @@ class Pipeline:
         offsets, rows, weights = contributors(gaussians, camera, t_min=self.config.cadence.trace_t_min,
                                               primitive=self.config.mapper.primitive, config=self.config.mapper.raster)
         return trackers_from_contributors(mask, offsets, rows, weights, self.mapper.scene.ids.cpu().numpy(),
-                                          min_pixel_share=self.config.tracker.min_pixel_share)
+                                          min_pixel_share=self.config.tracker.min_pixel_share,
+                                          border_px=self.config.tracker.mask_border_px)
 
     def update_instances(self, feature_steps: int, retrace: Optional[int] = None) -> dict:
         """Re-trace, solve the tracker, train the field, extract instances, publish a snapshot."""
@@ -314,6 +315,12 @@ class Pipeline:
                 return {}
             if self.keyframes_since_solve > 0 and self.masks:
                 return self.update_instances(self.config.cadence.idle_feature_steps)
+            if self.query_cache_stale():
+                # A render of the newest view now, so that a planner's `segment_at_pixel` about
+                # what the robot sees answers from the cache (a few ms) instead of rendering.
+                tic = time.perf_counter()
+                self._cached_features(self.mapper.keyframes[-1], self.snapshot.map_version)
+                return {"query_cache": time.perf_counter() - tic}
             if self.mapper.iteration >= self.config.mapper.optimisation.total_iterations:
                 return {}
             tic = time.perf_counter()
@@ -366,15 +373,29 @@ class Pipeline:
         if not (0 <= u < camera.width and 0 <= v < camera.height):
             raise ValueError(f"pixel ({u}, {v}) outside the {camera.width}x{camera.height} keyframe image")
         snapshot = self.snapshot
-        cached = self._feature_cache.get(keyframe.index)
-        if cached is None or cached[0] != snapshot.map_version:
-            with self.lock:
-                features, alpha = self.feature_image(camera)
-            cached = (snapshot.map_version, features, alpha)
-            self._feature_cache = {keyframe.index: cached}
+        cached = self._cached_features(keyframe, snapshot.map_version)
         extraction = snapshot.extraction or Instances(items={}, ids=np.zeros(0, np.int64), labels=np.zeros(0, np.int64))
         instance_id, similarity, mask = self.instance_at(cached[1], cached[2], u, v, extraction)
         return instance_id, similarity, (mask if return_mask else None), keyframe.name
+
+    def _cached_features(self, keyframe, map_version: int) -> tuple:
+        """(map_version, features, alpha) of `keyframe`, rendered unless already cached for this
+        map version. One keyframe is kept: queries come in bursts about the newest view."""
+        cached = self._feature_cache.get(keyframe.index)
+        if cached is None or cached[0] != map_version:
+            with self.lock:
+                features, alpha = self.feature_image(keyframe.camera)
+            cached = (map_version, features, alpha)
+            self._feature_cache = {keyframe.index: cached}
+        return cached
+
+    def query_cache_stale(self) -> bool:
+        """True when the newest keyframe's features are not rendered for the current map."""
+        keyframes = self.mapper.keyframes
+        if not keyframes or self.snapshot.extraction is None:
+            return False
+        cached = self._feature_cache.get(keyframes[-1].index)
+        return cached is None or cached[0] != self.snapshot.map_version
 
     def instance_at(self, features: np.ndarray, alpha: np.ndarray, u: float, v: float,
                     extraction: Instances) -> tuple[int, float, np.ndarray]:
