@@ -95,3 +95,15 @@ def test_instance_field_parameter_selects_the_decomposition_and_rejects_unknown_
         assert config.features.background_cluster  # our default applies to every method
     with pytest.raises(ValueError, match="instance_field must be"):
         validate(replace(NodeParameters(), instance_field="sam"))
+
+
+def test_contact_border_parameter_reaches_the_tracker_and_rejects_negatives():
+    from dataclasses import replace
+
+    from instascene_ros.core.pipeline import PipelineConfig
+
+    assert PipelineConfig.from_node_parameters(NodeParameters()).tracker.mask_border_px == 2.0
+    config = PipelineConfig.from_node_parameters(NodeParameters(mask_contact_border_px=0.0))
+    assert config.tracker.mask_border_px == 0.0 and config.tracker.dbscan_eps == 0.02  # the rest kept
+    with pytest.raises(ValueError, match="mask_contact_border_px must be >= 0"):
+        validate(replace(NodeParameters(), mask_contact_border_px=-1.0))

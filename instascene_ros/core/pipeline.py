@@ -13,6 +13,7 @@ Queries never wait for mapping: they read `snapshot` (replaced atomically). Map-
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pathlib
@@ -83,6 +84,7 @@ class PipelineConfig:
         config = cls.from_preset(params.preset, params.device)
         config.workspace_min, config.workspace_max = tuple(params.workspace_min), tuple(params.workspace_max)
         config.features = instance_field_config(params.instance_field, config.features)
+        config.tracker = dataclasses.replace(config.tracker, mask_border_px=float(params.mask_contact_border_px))
         config.completion.generator = params.completion_generator
         config.completion.mesh.max_faces = params.completion_max_faces
         config.completion.diffusion.model_path = params.completion_model_path

@@ -33,6 +33,7 @@ class NodeParameters:
     overlay_every_n_keyframes: int = 1
     max_scene_cloud_points: int = 50000
     instance_field: str = "instascene"  # decomposition: "instascene", "codebook" (Unified-Lift), "classifier" (baseline)
+    mask_contact_border_px: float = 2.0  # the 2D segmenter's boundary error where two masks touch
     completion_generator: str = "geometric"
     completion_max_faces: int = 5000
     completion_timeout_s: float = 120.0
@@ -61,6 +62,7 @@ DESCRIPTIONS = {
     "diagnostics_rate_hz": "rate of /diagnostics",
     "overlay_every_n_keyframes": "publish ~/instance_mask and ~/instance_overlay for every n-th keyframe",
     "max_scene_cloud_points": "~/scene/cloud is subsampled to at most this many points",
+    "mask_contact_border_px": "pixels this close to a touching mask are not traced by the tracker (about the 2D segmenter's boundary error at contacts; 0 = trace every mask pixel)",
     "instance_field": "decomposition method: 'instascene' (contrastive field around the tracker's priors), 'codebook' (Unified-Lift slots) or 'classifier' (Gaussian Grouping baseline on video-associated ids)",
     "completion_generator": "default generator for completion: 'geometric' (no weights) or 'diffusion' (local weights)",
     "completion_max_faces": "default face budget of completed meshes",
@@ -98,6 +100,8 @@ def validate(parameters: NodeParameters) -> None:
         raise ValueError(f"device must be 'cpu' or 'cuda', not '{parameters.device}'")
     if parameters.instance_field not in ("instascene", "codebook", "classifier"):
         raise ValueError(f"instance_field must be 'instascene', 'codebook' or 'classifier', not '{parameters.instance_field}'")
+    if not parameters.mask_contact_border_px >= 0.0:
+        raise ValueError(f"mask_contact_border_px must be >= 0, not {parameters.mask_contact_border_px}")
     if parameters.queue_size < 1:
         raise ValueError("queue_size must be >= 1")
     if len(parameters.workspace_min) != 3 or len(parameters.workspace_max) != 3:
