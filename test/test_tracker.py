@@ -298,6 +298,9 @@ def test_contact_borders_are_not_traced_but_background_borders_are():
     interior, visible = trackers_from_contributors(row, offsets, rows, weights, persistent, border_px=1.0)
     assert interior[5].tolist() == [10] and interior[6].tolist() == [12]
     assert visible.tolist() == [10, 12]  # 11 is drawn on the contact: the frame abstains on it
+    # mono16 masks (uint16, ids up to 65535) get the same answer: the contact id cannot wrap.
+    wide = trackers_from_contributors(row.astype(np.uint16), offsets, rows, weights, persistent, border_px=1.0)
+    assert {k: v.tolist() for k, v in wide[0].items()} == {5: [10], 6: [12]} and wide[1].tolist() == [10, 12]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -49,8 +49,8 @@ def trackers_from_contributors(mask: np.ndarray, pixel_offsets: np.ndarray, gaus
     interior = without_contact_borders(mask, border_px)
     contact_id = None  # contact-border pixels get an id of their own, never a tracker
     if interior is not mask:
-        contact_id = int(min(mask.min(), 0)) - 1
-        mask = np.where((mask != 0) & (interior == 0), contact_id, interior)
+        contact_id = int(min(mask.min(), 0)) - 1  # below every id (int64: mono16 masks too)
+        mask = np.where((mask != 0) & (interior == 0), np.int64(contact_id), interior.astype(np.int64))
 
     rows, row_of_entry = np.unique(gaussian_ids, return_inverse=True)
     entry_pixel = np.repeat(np.arange(n_pixels), np.diff(pixel_offsets))
