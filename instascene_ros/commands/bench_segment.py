@@ -43,6 +43,8 @@ import statistics
 import sys
 import time
 
+import numpy as np
+
 from instascene_ros.commands.bench import _fmt
 
 METRICS = ("miou", "biou", "pq_scene", "cloud_precision")
@@ -70,10 +72,17 @@ def add_parser(benches) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One ablation row: the feature field's config and the tracker's."""
+    """One ablation row: the feature field's config and the tracker's, and which 2D masks.
+
+    mask_keyframes: 0 = the run's masks on every keyframe; k = masks on only k keyframes evenly
+    spread over the run (a segmenter at ~1 Hz behind a faster camera; mapping still sees every
+    frame). clean_masks: the same scene's masks at noise level 0 (clean shapes, ids still
+    renumbered per view) in place of the run's noisy ones, on the same map."""
 
     features: object
     tracker: object
+    mask_keyframes: int = 0
+    clean_masks: bool = False
 
 
 def ablation_variants(features, tracker) -> dict:
@@ -99,6 +108,10 @@ def ablation_variants(features, tracker) -> dict:
         # All three off: InstaScene as published on these masks.
         "InstaScene as published": Variant(dataclasses.replace(features, mask_border_px=0.0, background_cluster=False),
                                            dataclasses.replace(tracker, mask_border_px=0.0)),
+        # Input: fewer masks (the robot case), clean masks (does the lifting lose information?).
+        "full with masks on 6 keyframes": Variant(features, tracker, mask_keyframes=6),
+        "full with masks on 16 keyframes": Variant(features, tracker, mask_keyframes=16),
+        "full on clean masks (noise 0)": Variant(features, tracker, clean_masks=True),
         # Unified-Lift's and Gaussian Grouping's learning rates are set for ~30k iterations; in
         # the few hundred steps of this budget they barely move (classifier, 300 steps at the
         # published 5e-4 / 2.5e-3: cross-entropy 5.2 -> 4.1 of ln 256 = 5.5, no Gaussian above
@@ -110,6 +123,29 @@ def ablation_variants(features, tracker) -> dict:
             objective="classifier", classifier=dataclasses.replace(
                 features.classifier, lr=10 * features.classifier.lr, feature_lr=10 * features.classifier.feature_lr)),
     }
+
+
+def _variant_masks(variant: Variant, pipeline, args, seed: int):
+    """The masks a variant trains on ({keyframe index: mask}), or None for the run's own."""
+    if variant.clean_masks:
+        from instascene_ros.commands.bench import _scene
+        from instascene_ros.core.io.dataset import load_dataset
+
+        # Same seed, same renders and poses; only the simulated segmenter differs.
+        clean = load_dataset(_scene(args.work, seed, args.res, args.views, noise=0))
+        by_name = {frame.name: frame.mask for frame in clean.frames}
+        masks = {}
+        for keyframe in pipeline.mapper.keyframes:
+            if keyframe.index in pipeline.masks:
+                if by_name.get(keyframe.name) is None:
+                    raise SystemExit(f"clean scene has no mask for keyframe {keyframe.name}")
+                masks[keyframe.index] = by_name[keyframe.name]
+        return masks
+    if variant.mask_keyframes:
+        indices = sorted(pipeline.masks)
+        chosen = np.unique(np.round(np.linspace(0, len(indices) - 1, min(variant.mask_keyframes, len(indices)))))
+        return {indices[int(i)]: pipeline.masks[indices[int(i)]] for i in chosen}
+    return None
 
 
 def _pixel_query_ms(run_dir: pathlib.Path, dataset, size: int) -> float:
@@ -197,8 +233,10 @@ def run_segment(args) -> int:
             pipeline = Pipeline(PipelineConfig.from_preset("cpu"))
             pipeline.load(str(run_dir / "map.instascene"))
             tic = time.perf_counter()
-            scores = retrain_field_and_score(pipeline, dataset, variants[name].features, args.ablation_steps,
-                                             tracker=variants[name].tracker)
+            variant = variants[name]
+            masks = _variant_masks(variant, pipeline, args, seed)
+            scores = retrain_field_and_score(pipeline, dataset, variant.features, args.ablation_steps,
+                                             tracker=variant.tracker, masks=masks)
             separated, pairs = identical_pairs_separated(scene, scores)
             row = {"seed": seed, **{k: scores.get(k) for k in (*METRICS, "n_instances", "train_s")},
                    "identical_separated": separated, "identical_pairs": pairs}

@@ -169,7 +169,7 @@ def score_decomposition(pipeline, dataset) -> dict:
     return result
 
 
-def retrain_field_and_score(pipeline, dataset, features, steps: int, tracker=None) -> dict:
+def retrain_field_and_score(pipeline, dataset, features, steps: int, tracker=None, masks=None) -> dict:
     """Decomposition on a fixed map: a fresh feature field with config `features` is trained
     `steps` steps on the pipeline's keyframes, masks and tracker (the map, the masks and the
     tracker's priors stay as they are), instances are extracted and scored on the held-out
@@ -177,7 +177,10 @@ def retrain_field_and_score(pipeline, dataset, features, steps: int, tracker=Non
     difference in score is the field's, not the mapping's. Changes `pipeline.field`.
 
     tracker: a TrackerConfig to re-trace every keyframe and re-solve the tracker with first (the
-    priors then change with it); None keeps the saved tracker as it is."""
+    priors then change with it); None keeps the saved tracker as it is.
+    masks: {keyframe index: (H, W) mask} to use in place of the run's masks (keyframes left out
+    have none, as when a segmenter runs slower than the camera); they are traced on the map and
+    the tracker is re-solved."""
     import time
 
     from instascene_ros.core.features import FeatureField
@@ -188,6 +191,18 @@ def retrain_field_and_score(pipeline, dataset, features, steps: int, tracker=Non
             pipeline.config.tracker = tracker
             pipeline.tracker.config = tracker
             retrace = len(pipeline.traced_at)
+        if masks is not None:
+            cameras = {keyframe.index: keyframe.camera for keyframe in pipeline.mapper.keyframes}
+            for index in list(pipeline.masks):
+                pipeline.tracker.remove_frame(index)
+                pipeline.traced_at.pop(index, None)
+            pipeline.masks = {}
+            for index, mask in sorted(masks.items()):
+                pipeline.masks[index] = np.asarray(mask, np.int32)
+                trackers, visible = pipeline._trace(cameras[index], pipeline.masks[index])
+                pipeline.tracker.add_frame(index, pipeline.masks[index], trackers, visible)
+                pipeline.traced_at[index] = pipeline.mapper.iteration
+            retrace = 0  # every frame was just traced
         pipeline.field = FeatureField(features)
         pipeline.field.sync(pipeline.mapper.scene)
         pipeline._feature_cache = {}
