@@ -32,5 +32,11 @@ def test_each_variant_changes_only_its_own_settings():
         expected = {"mask_border_px": 0.0} if name in ("full with tracker tracing every mask pixel",
                                                         "InstaScene as published") else {}
         assert _changed(tracker, variant.tracker) == expected, name
+    # Only the input rows change the masks, each in its own way.
+    inputs = {name: (v.mask_keyframes, v.clean_masks) for name, v in variants.items() if v.mask_keyframes or v.clean_masks}
+    assert inputs == {"full with masks on 6 keyframes": (6, False), "full with masks on 16 keyframes": (16, False),
+                      "full on clean masks (noise 0)": (0, True)}
+    for name in inputs:
+        assert _changed(base, variants[name].features) == {} and _changed(tracker, variants[name].tracker) == {}
     assert base.mask_border_px > 0 and base.background_cluster  # the rows above switch real defaults off
     assert all("," not in name for name in variants)  # --variants splits on commas
