@@ -65,7 +65,7 @@ def add_parser(benches) -> None:
                      help="feature-field steps of every ablation variant on the saved map (0: no ablation)")
     sub.add_argument("--variants", default="",
                      help="comma-separated subset of the ablation variants (default: all; see the table)")
-    sub.add_argument("--reuse", action="store_true", help="reuse run folders that already hold map.instascene")
+    sub.add_argument("--reuse", action="store_true", help="reuse run folders that already hold map.instascene, and the ablation rows already in --json (resume)")
     sub.add_argument("--threads", type=int, default=2, help="torch threads of the ablation")
     sub.set_defaults(run=run_segment)
 
@@ -187,6 +187,35 @@ def _stats(values: list) -> tuple:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _write(args, scenes: list, ablation: dict) -> tuple[dict, object]:
+    """Summaries of the rows so far (in place), written to --json; returns (summary, full row)."""
+    summary = {}
+    for key in (*METRICS, "wall_s", "decomposition_s", "segment_at_pixel_ms"):
+        summary[key], summary[f"{key}_std"] = _stats([s.get(key) for s in scenes])
+    summary["identical_separated"] = _share_separated(scenes)
+    for entry in ablation.values():
+        for key in METRICS:
+            entry[key], entry[f"{key}_std"] = _stats([row[key] for row in entry["seeds"]])
+        entry["identical_separated"] = _share_separated(entry["seeds"])
+    full = ablation.get("full (+ cross-view)")
+    if full is not None:
+        # Seeds differ far more from each other than variants on one seed: compare per seed.
+        by_seed = {row["seed"]: row["miou"] for row in full["seeds"]}
+        for entry in ablation.values():
+            entry["full_minus_this_miou"], entry["full_minus_this_miou_std"] = _stats(
+                [by_seed[row["seed"]] - row["miou"] for row in entry["seeds"]
+                 if by_seed.get(row["seed"]) is not None and row["miou"] is not None])
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        temporary = args.json.with_suffix(".tmp")
+        temporary.write_text(json.dumps({"summary": summary, "scenes": scenes, "ablation": ablation,
+                                         "ablation_steps": args.ablation_steps, "res": args.res,
+                                         "views": args.views, "mask_noise": args.mask_noise,
+                                         "command": " ".join(sys.argv)}, indent=2))
+        temporary.replace(args.json)
+    return summary, full
+
+
 def run_segment(args) -> int:
     import torch
 
@@ -212,7 +241,7 @@ def run_segment(args) -> int:
         if args.ablation_steps <= 0:  # only re-printing: the kept rows' step count
             args.ablation_steps = previous.get("ablation_steps", 0)
             args.variants, skip_ablation = "", True
-    for seed in seeds:
+    for seed in seeds:  # every product run first: the ablation below needs their maps
         scene = _scene(args.work, seed, args.res, args.views, noise=args.mask_noise)
         run_dir = args.work / f"segment-s{seed}-r{args.res}-v{args.views}-n{args.mask_noise}"
         if args.reuse and (run_dir / "map.instascene").exists() and (run_dir / "metrics.json").exists():
@@ -220,49 +249,40 @@ def run_segment(args) -> int:
         else:
             metrics = _run(scene, run_dir, [], args.finish_seconds)
         separated, pairs = identical_pairs_separated(scene, metrics)
-        dataset = load_dataset(scene)
-        query_ms = _pixel_query_ms(run_dir, dataset, QUERY_SIZE)
-        scenes.append({"seed": seed, "run": str(run_dir), **{k: metrics.get(k) for k in (
+        query_ms = _pixel_query_ms(run_dir, load_dataset(scene), QUERY_SIZE)
+        scenes.append({"seed": seed, "run": str(run_dir), "scene": str(scene), **{k: metrics.get(k) for k in (
             *METRICS, "cloud_contamination", "n_instances", "wall_s", "decomposition_s", "psnr")},
             "identical_separated": separated, "identical_pairs": pairs, "segment_at_pixel_ms": query_ms})
         print(f"[bench segment] seed {seed}: product run mIoU {_fmt(metrics.get('miou'), 1)}, "
               f"{_fmt(metrics.get('wall_s'), 0)} s, segment_at_pixel at {QUERY_SIZE} px {query_ms:.0f} ms", flush=True)
-        if skip_ablation:
-            continue
-        for name in chosen:
+        _write(args, scenes, ablation)
+
+    # Variant by variant (each over every seed), saving after every row: an interrupted bench
+    # keeps whole rows, and `--reuse` resumes it without recomputing what is saved.
+    for name in ([] if skip_ablation else chosen):
+        for row_scene in scenes:
+            seed = row_scene["seed"]
+            rows = ablation.setdefault(name, {"seeds": []})["seeds"]
+            if args.reuse and any(r["seed"] == seed for r in rows):
+                continue
             pipeline = Pipeline(PipelineConfig.from_preset("cpu"))
-            pipeline.load(str(run_dir / "map.instascene"))
+            pipeline.load(str(pathlib.Path(row_scene["run"]) / "map.instascene"))
             tic = time.perf_counter()
             variant = variants[name]
             masks = _variant_masks(variant, pipeline, args, seed)
-            scores = retrain_field_and_score(pipeline, dataset, variant.features, args.ablation_steps,
+            scene = pathlib.Path(row_scene["scene"])
+            scores = retrain_field_and_score(pipeline, load_dataset(scene), variant.features, args.ablation_steps,
                                              tracker=variant.tracker, masks=masks)
             separated, pairs = identical_pairs_separated(scene, scores)
             row = {"seed": seed, **{k: scores.get(k) for k in (*METRICS, "n_instances", "train_s")},
                    "identical_separated": separated, "identical_pairs": pairs}
-            rows = ablation.setdefault(name, {"seeds": []})["seeds"]
             rows[:] = [r for r in rows if r["seed"] != seed] + [row]
             print(f"[bench segment] seed {seed}: {name:<34} mIoU {_fmt(row['miou'], 1):>5}  BIoU "
                   f"{_fmt(row['biou'], 1):>5}  PQ {_fmt(row['pq_scene'])}  ({time.perf_counter() - tic:.0f} s)",
                   flush=True)
+            _write(args, scenes, ablation)
 
-    summary = {}
-    for key in (*METRICS, "wall_s", "decomposition_s", "segment_at_pixel_ms"):
-        summary[key], summary[f"{key}_std"] = _stats([s.get(key) for s in scenes])
-    summary["identical_separated"] = _share_separated(scenes)
-    for entry in ablation.values():
-        for key in METRICS:
-            entry[key], entry[f"{key}_std"] = _stats([row[key] for row in entry["seeds"]])
-        entry["identical_separated"] = _share_separated(entry["seeds"])
-    full = ablation.get("full (+ cross-view)")
-    if full is not None:
-        # Seeds differ far more from each other than variants on one seed: compare per seed.
-        by_seed = {row["seed"]: row["miou"] for row in full["seeds"]}
-        for entry in ablation.values():
-            entry["full_minus_this_miou"], entry["full_minus_this_miou_std"] = _stats(
-                [by_seed[row["seed"]] - row["miou"] for row in entry["seeds"]
-                 if by_seed.get(row["seed"]) is not None and row["miou"] is not None])
-
+    summary, full = _write(args, scenes, ablation)
     print()
     print(f"{'seed':>4} {'mIoU':>6} {'BIoU':>6} {'PQ':>5} {'cloud prec':>10} {'instances':>9} {'wall s':>7} "
           f"{'decomp s':>8} {'identical pairs apart':>21}")
@@ -289,10 +309,4 @@ def run_segment(args) -> int:
                   f"{_fmt(entry['biou'], 1):>6} +- {_fmt(entry['biou_std'], 1):>4} "
                   f"{_fmt(entry['pq_scene']):>5} +- {_fmt(entry['pq_scene_std']):>4} "
                   f"{_fmt(entry['cloud_precision']):>10} {_fmt(entry.get('identical_separated')):>11}  {gap}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"summary": summary, "scenes": scenes, "ablation": ablation,
-                                         "ablation_steps": args.ablation_steps, "res": args.res,
-                                         "views": args.views, "mask_noise": args.mask_noise,
-                                         "command": " ".join(sys.argv)}, indent=2))
     return 0
