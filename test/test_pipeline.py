@@ -1,6 +1,7 @@
 """Pipeline persistence: atomic saves, corrupt or foreign files refused without touching the map."""
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,3 +94,36 @@ def test_idle_step_renders_the_newest_view_so_pixel_queries_answer_from_cache(mo
     # A new map version makes the cache stale again.
     pipeline.update_instances(feature_steps=1)
     assert pipeline.query_cache_stale()
+
+
+def test_id_only_pixel_query_renders_a_window_and_agrees_with_the_full_view(monkeypatch):
+    from instascene_ros.core.pipeline import QUERY_WINDOW_PX
+
+    pipeline = _decomposed_blob_pipeline()
+    camera = pipeline.mapper.keyframes[-1].camera
+    features, alpha = pipeline.feature_image(camera)
+    extraction = pipeline.snapshot.extraction
+    full_mask = pipeline.instance_mask(camera)
+    renders = []
+    original = pipeline.feature_image
+    monkeypatch.setattr(pipeline, "feature_image", lambda cam: renders.append(cam) or original(cam))
+    assert pipeline.query_cache_stale()
+    # Every object pixel and a sample of background, corners and edges included.
+    rows, cols = np.nonzero(full_mask)
+    pixels = list(zip(cols[::7] + 0.5, rows[::7] + 0.5)) + [(0.2, 0.2), (camera.width - 0.5, camera.height - 0.5),
+                                                          (camera.width - 0.5, 3.5), (1.5, camera.height / 2)]
+    assert len(pixels) > 30
+    for u, v in pixels:
+        instance_id, similarity, mask, _ = pipeline.segment_at_pixel(0, u, v, return_mask=False)
+        expected = pipeline.instance_at(features, alpha, u, v, extraction)
+        assert mask is None
+        assert instance_id == expected[0], (u, v)
+        assert similarity == pytest.approx(expected[1], abs=1e-2)
+    assert len(renders) == len(pixels) and not pipeline._feature_cache  # windows are never cached
+    assert all((cam.width, cam.height) == (QUERY_WINDOW_PX, QUERY_WINDOW_PX) for cam in renders)
+    # Asking for the mask renders (and caches) the whole view, as before.
+    found = pipeline.segment_at_pixel(0, pixels[0][0], pixels[0][1], return_mask=True)
+    assert (renders[-1].width, renders[-1].height) == (camera.width, camera.height)
+    assert found[2].shape == (camera.height, camera.width) and found[2][int(pixels[0][1]), int(pixels[0][0])]
+    with pytest.raises(ValueError, match="outside"):
+        pipeline.segment_at_pixel(0, camera.width, 1.0, return_mask=False)

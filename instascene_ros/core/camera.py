@@ -103,6 +103,18 @@ class Camera:
         return Camera(K=K, width=int(round(self.width * factor)), height=int(round(self.height * factor)),
                       T_world_cam=self.T_world_cam.copy())
 
+    def cropped(self, x0: int, y0: int, width: int, height: int) -> "Camera":
+        """The window [x0, x0 + width) x [y0, y0 + height) of this image as a camera of its own
+        (the principal point moves). Rendering it gives those pixels of the full render, up to the
+        EWA projection's clamp at the field of view, which differs for splats centred far outside
+        the window (measured: features within ~3e-3 on 40k overlapping splats)."""
+        if width <= 0 or height <= 0:
+            raise ValueError(f"crop size {width}x{height} is not positive")
+        K = self.K.copy()
+        K[0, 2] -= x0
+        K[1, 2] -= y0
+        return Camera(K=K, width=int(width), height=int(height), T_world_cam=self.T_world_cam.copy())
+
 
 @dataclass
 class Frame:

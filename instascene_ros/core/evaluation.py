@@ -214,20 +214,18 @@ def retrain_field_and_score(pipeline, dataset, features, steps: int, tracker=Non
     return result
 
 
-def time_pixel_query(pipeline, camera, repeats: int = 5) -> float:
-    """Median milliseconds of an uncached `segment_at_pixel`-style query from `camera`: render
-    the features, then read the instance under the image centre the way the method reads it
-    (what the service pays the first time it is asked about a view)."""
+def time_pixel_query(pipeline, camera, return_mask: bool = False, repeats: int = 5) -> float:
+    """Median milliseconds of an uncached `segment_at_pixel` query about the centre of `camera`,
+    through the service's own path (`Pipeline.query_pixel`): what the service pays the first time
+    it is asked about a view. Id-only queries render a window around the pixel; asking for the
+    mask renders the whole view."""
     import time
 
-    snapshot = pipeline.snapshot
-    extraction = snapshot.extraction
-    if extraction is None:
+    if pipeline.snapshot.extraction is None:
         return float("nan")
     seconds = []
     for _ in range(repeats):
         tic = time.perf_counter()
-        features, alpha = pipeline.feature_image(camera)
-        pipeline.instance_at(features, alpha, camera.width / 2.0, camera.height / 2.0, extraction)
+        pipeline.query_pixel(camera, camera.width / 2.0, camera.height / 2.0, return_mask)
         seconds.append(time.perf_counter() - tic)
     return 1000.0 * float(np.median(seconds))
