@@ -214,8 +214,11 @@ def test_keyframe_selection_by_translation_and_rotation(scene):
     base = mapper.keyframes[-1].camera
     assert not feed(dataclasses.replace(base, T_world_cam=base.T_world_cam @ _rotation_y(5.0))).keyframe
     assert feed(dataclasses.replace(base, T_world_cam=base.T_world_cam @ _rotation_y(12.0))).keyframe
-    assert [r.accepted for r in results] == [True] * 6
-    assert len(mapper.keyframes) == 3 and mapper.frames_seen == 6
+    # Coming back to a view already mapped adds nothing: every keyframe counts, not only the last.
+    revisit = feed(cam)
+    assert not revisit.keyframe and "nearest keyframe (0)" in revisit.detail
+    assert [r.accepted for r in results] == [True] * 7
+    assert len(mapper.keyframes) == 3 and mapper.frames_seen == 7
     # Non-keyframes cost nothing.
     assert all(r.iterations == 0 and r.added == 0 for r in results if not r.keyframe)
 

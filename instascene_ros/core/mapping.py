@@ -48,7 +48,9 @@ RenderFn = Callable[..., RenderOutput]
 # ---------------------------------------------------------------------------------------- configs
 @dataclass
 class KeyframeConfig:
-    """A frame becomes a keyframe when it moved this far from the last keyframe (either test)."""
+    """A frame becomes a keyframe when it is this far from every keyframe (either test). Every
+    keyframe, not only the last: a robot that circles the table again, or a looped bag, re-adds
+    nothing for views already mapped, so the keyframe count and memory stay flat."""
 
     min_translation_m: float = 0.05
     min_rotation_deg: float = 5.0
@@ -641,12 +643,17 @@ class Mapper:
     def is_keyframe(self, camera: Camera) -> tuple[bool, str]:
         if not self.keyframes:
             return True, "first frame"
-        last = self.keyframes[-1].camera.T_world_cam
-        moved = float(np.linalg.norm(camera.T_world_cam[:3, 3] - last[:3, 3]))
-        turned = rotation_angle_deg(last[:3, :3], camera.T_world_cam[:3, :3])
         cfg = self.config.keyframes
-        summary = f"moved {moved:.3f} m, turned {turned:.1f} deg since the last keyframe"
-        return (moved >= cfg.min_translation_m or turned >= cfg.min_rotation_deg), summary
+        poses = np.stack([kf.camera.T_world_cam for kf in self.keyframes])
+        moved = np.linalg.norm(poses[:, :3, 3] - camera.T_world_cam[:3, 3], axis=1)
+        # Rotation angle between each keyframe and the camera from the trace of R_kf^T R.
+        cosine = (np.einsum("kij,ij->k", poses[:, :3, :3], camera.T_world_cam[:3, :3]) - 1.0) / 2.0
+        turned = np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0)))
+        covered = (moved < cfg.min_translation_m) & (turned < cfg.min_rotation_deg)
+        nearest = int(np.argmin(moved / cfg.min_translation_m + turned / cfg.min_rotation_deg))
+        summary = (f"moved {moved[nearest]:.3f} m, turned {turned[nearest]:.1f} deg from the nearest keyframe "
+                   f"({self.keyframes[nearest].index})")
+        return (not covered.any()), summary
 
     @contextlib.contextmanager
     def _threads(self):
