@@ -77,8 +77,9 @@ def test_idle_step_renders_the_newest_view_so_pixel_queries_answer_from_cache(mo
     pipeline = _decomposed_blob_pipeline()
     assert pipeline.snapshot.instances, "the blob scene has objects"
     renders = []
-    original = pipeline.feature_image
-    monkeypatch.setattr(pipeline, "feature_image", lambda camera: renders.append(camera) or original(camera))
+    original = pipeline.snapshot_feature_image
+    monkeypatch.setattr(pipeline, "snapshot_feature_image",
+                        lambda snapshot, camera: renders.append(camera) or original(snapshot, camera))
     assert pipeline.query_cache_stale()
     timings = pipeline.idle_step()
     assert "query_cache" in timings and len(renders) == 1
@@ -87,8 +88,8 @@ def test_idle_step_renders_the_newest_view_so_pixel_queries_answer_from_cache(mo
     camera = pipeline.mapper.keyframes[-1].camera
     found = pipeline.segment_at_pixel(0, camera.width / 2, camera.height / 2, return_mask=True)
     assert len(renders) == 1  # answered from the cache
-    # The cached answer is the one a fresh render gives.
-    features, alpha = original(camera)
+    # The cached answer is the one a fresh render of the live scene gives.
+    features, alpha = pipeline.feature_image(camera)
     fresh = pipeline.instance_at(features, alpha, camera.width / 2, camera.height / 2, pipeline.snapshot.extraction)
     assert found[0] == fresh[0] and (found[2] == fresh[2]).all()
     # A new map version makes the cache stale again.
@@ -105,8 +106,9 @@ def test_id_only_pixel_query_renders_a_window_and_agrees_with_the_full_view(monk
     extraction = pipeline.snapshot.extraction
     full_mask = pipeline.instance_mask(camera)
     renders = []
-    original = pipeline.feature_image
-    monkeypatch.setattr(pipeline, "feature_image", lambda cam: renders.append(cam) or original(cam))
+    original = pipeline.snapshot_feature_image
+    monkeypatch.setattr(pipeline, "snapshot_feature_image",
+                        lambda snapshot, cam: renders.append(cam) or original(snapshot, cam))
     assert pipeline.query_cache_stale()
     # Every object pixel and a sample of background, corners and edges included.
     rows, cols = np.nonzero(full_mask)
@@ -127,3 +129,40 @@ def test_id_only_pixel_query_renders_a_window_and_agrees_with_the_full_view(monk
     assert found[2].shape == (camera.height, camera.width) and found[2][int(pixels[0][1]), int(pixels[0][0])]
     with pytest.raises(ValueError, match="outside"):
         pipeline.segment_at_pixel(0, camera.width, 1.0, return_mask=False)
+
+
+def test_pixel_queries_render_a_frozen_copy_of_the_snapshot_without_the_lock():
+    import threading
+
+    pipeline = _decomposed_blob_pipeline()
+    camera = pipeline.mapper.keyframes[-1].camera
+    rows, cols = np.nonzero(pipeline.instance_mask(camera))
+    u, v = cols[len(cols) // 2] + 0.5, rows[len(rows) // 2] + 0.5
+    before = pipeline.segment_at_pixel(0, u, v, return_mask=False)
+    assert before[0] != 0
+    frozen = pipeline.snapshot.query_gaussians
+    # The live scene moves on (as an optimiser step does, in place): the snapshot's copy does not.
+    with torch.no_grad():
+        pipeline.mapper.scene.means.add_(1.0)
+    assert not torch.equal(frozen.means, pipeline.mapper.scene.means)
+    # A mapping step holds the lock in another thread: the query still answers, from the snapshot.
+    held, release = threading.Event(), threading.Event()
+
+    def mapping_step():
+        with pipeline.lock:
+            held.set()
+            release.wait(10)
+
+    worker = threading.Thread(target=mapping_step)
+    worker.start()
+    held.wait(5)
+    try:
+        answers = []
+        query = threading.Thread(target=lambda: answers.append(pipeline.segment_at_pixel(0, u, v, return_mask=True)))
+        query.start()
+        query.join(5)
+        assert answers, "the query waited for the lock"
+        assert answers[0][0] == before[0] and answers[0][2][int(v), int(u)]
+    finally:
+        release.set()
+        worker.join()

@@ -30,6 +30,7 @@ import torch
 from instascene_ros.core.camera import Camera, Frame
 from instascene_ros.core.complete.config import COMPLETION_PRESETS, CompletionConfig
 from instascene_ros.core.features import FeatureConfig, FeatureField, KeyframeLabels, instance_field_config
+from instascene_ros.core.features.field import render_features, scene_gaussians
 from instascene_ros.core.features.baseline import video_associate
 from instascene_ros.core.instances import (InstanceConfig, Instances, extract_instances, instances_from_labels,
                                            masks_from_feature_image, segment_at_pixel)
@@ -118,6 +119,10 @@ class MapSnapshot:
     cloud_colors: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.uint8))
     cloud_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     extraction: Optional[Instances] = None
+    # A frozen copy of the geometry and unit features the instances were extracted from: pixel
+    # queries render it without the pipeline lock, so they never wait for a mapping step and
+    # always agree with `extraction` (the live scene moves on while it is being mapped).
+    query_gaussians: Optional[Gaussians] = None
 
 
 @dataclass(frozen=True)
@@ -303,12 +308,23 @@ class Pipeline:
         version = self.snapshot.map_version + 1
         self.snapshot = MapSnapshot(
             map_version=version, n_gaussians=scene.n, instances=tuple(summaries),
+            query_gaussians=self._frozen_query_gaussians(scene, rows),
             cloud_points=np.concatenate(points) if points else np.zeros((0, 3), np.float32),
             cloud_colors=np.concatenate(point_colors) if point_colors else np.zeros((0, 3), np.uint8),
             cloud_ids=np.concatenate(point_ids) if point_ids else np.zeros(0, np.int64), extraction=extraction)
         for event in tracker_events:
             kind = {"created": "created", "merged": "merged", "removed": "forgotten"}[event.kind]
             self._events.append(InstanceEventInfo(kind, int(event.instance_id), tuple(event.sources), version))
+
+    def _frozen_query_gaussians(self, scene, rows: np.ndarray) -> Gaussians:
+        """Copies (not views: the optimiser updates the scene in place) of the scene's geometry
+        and its unit instance features, row-aligned."""
+        with torch.no_grad():
+            features = self.field.features.detach()[torch.as_tensor(rows, device=self.field.features.device)]
+            live = scene_gaussians(scene, torch.nn.functional.normalize(features, dim=-1))
+            return Gaussians(means=live.means.clone(), quats=live.quats.clone(), log_scales=live.log_scales.clone(),
+                             opacity_logits=live.opacity_logits.clone(), sh=live.sh.clone(),
+                             features=live.features.clone())
 
     def idle_step(self) -> dict:
         """Work to do while no frame is waiting (online): instances first, then refinement.
@@ -324,7 +340,7 @@ class Pipeline:
                 # A render of the newest view now, so that a planner's `segment_at_pixel` about
                 # what the robot sees answers from the cache (a few ms) instead of rendering.
                 tic = time.perf_counter()
-                self._cached_features(self.mapper.keyframes[-1], self.snapshot.map_version)
+                self._cached_features(self.mapper.keyframes[-1], self.snapshot)
                 return {"query_cache": time.perf_counter() - tic}
             if self.mapper.iteration >= self.config.mapper.optimisation.total_iterations:
                 return {}
@@ -380,14 +396,17 @@ class Pipeline:
     def query_pixel(self, camera: Camera, u: float, v: float, return_mask: bool, keyframe=None):
         """(instance id, score, (H, W) bool mask or None) under pixel (u, v) of `camera`.
 
-        The answer comes from the cached feature image of `keyframe` when it is rendered for the
-        current map. Otherwise an id-only query renders just a QUERY_WINDOW_PX window around the
-        pixel (the same pixels a full render gives, ~15x cheaper at 256 px), and a query that asks
-        for the mask renders the whole view (and caches it when it is a keyframe's)."""
+        Renders the snapshot's frozen Gaussians, never the live scene, and never takes the
+        pipeline lock: a query costs its own render, not the mapping step in progress. The answer
+        comes from the cached feature image of `keyframe` when it is rendered for this snapshot.
+        Otherwise an id-only query renders just a QUERY_WINDOW_PX window around the pixel (~15x
+        cheaper than the view at 256 px), and a query that asks for the mask renders the whole
+        view (and caches it when it is a keyframe's)."""
         if not (0 <= u < camera.width and 0 <= v < camera.height):
             raise ValueError(f"pixel ({u}, {v}) outside the {camera.width}x{camera.height} keyframe image")
-        snapshot = self.snapshot
-        extraction = snapshot.extraction or Instances(items={}, ids=np.zeros(0, np.int64), labels=np.zeros(0, np.int64))
+        snapshot = self.snapshot  # one immutable snapshot for the whole query
+        if snapshot.extraction is None or snapshot.query_gaussians is None:
+            return 0, 0.0, (np.zeros((camera.height, camera.width), dtype=bool) if return_mask else None)
         cached = None if keyframe is None else self._feature_cache.get(keyframe.index)
         if cached is None or cached[0] != snapshot.map_version:
             cached = None
@@ -395,27 +414,29 @@ class Pipeline:
             size_x, size_y = min(QUERY_WINDOW_PX, camera.width), min(QUERY_WINDOW_PX, camera.height)
             x0 = int(np.clip(np.floor(u) - size_x // 2, 0, camera.width - size_x))
             y0 = int(np.clip(np.floor(v) - size_y // 2, 0, camera.height - size_y))
-            with self.lock:
-                features, alpha = self.feature_image(camera.cropped(x0, y0, size_x, size_y))
-            instance_id, similarity, _ = self.instance_at(features, alpha, u - x0, v - y0, extraction)
+            features, alpha = self.snapshot_feature_image(snapshot, camera.cropped(x0, y0, size_x, size_y))
+            instance_id, similarity, _ = self.instance_at(features, alpha, u - x0, v - y0, snapshot.extraction)
             return instance_id, similarity, None
         if cached is None:
+            cached = (snapshot.map_version, *self.snapshot_feature_image(snapshot, camera))
             if keyframe is not None:
-                cached = self._cached_features(keyframe, snapshot.map_version)
-            else:
-                with self.lock:
-                    cached = (snapshot.map_version, *self.feature_image(camera))
-        instance_id, similarity, mask = self.instance_at(cached[1], cached[2], u, v, extraction)
+                self._feature_cache = {keyframe.index: cached}
+        instance_id, similarity, mask = self.instance_at(cached[1], cached[2], u, v, snapshot.extraction)
         return instance_id, similarity, (mask if return_mask else None)
 
-    def _cached_features(self, keyframe, map_version: int) -> tuple:
-        """(map_version, features, alpha) of `keyframe`, rendered unless already cached for this
-        map version. One keyframe is kept: queries come in bursts about the newest view."""
+    def snapshot_feature_image(self, snapshot: MapSnapshot, camera: Camera) -> tuple[np.ndarray, np.ndarray]:
+        """Rendered (H, W, F) unit-feature blend and (H, W) alpha of a snapshot's frozen Gaussians."""
+        gaussians = snapshot.query_gaussians
+        out = render_features(gaussians, gaussians.features, [camera], self.field.config.raster,
+                              self.field.config.backend)
+        return out.features[0].cpu().numpy(), out.alpha[0].cpu().numpy()
+
+    def _cached_features(self, keyframe, snapshot: MapSnapshot) -> tuple:
+        """(map_version, features, alpha) of `keyframe` for `snapshot`, rendered unless already
+        cached. One keyframe is kept: queries come in bursts about the newest view."""
         cached = self._feature_cache.get(keyframe.index)
-        if cached is None or cached[0] != map_version:
-            with self.lock:
-                features, alpha = self.feature_image(keyframe.camera)
-            cached = (map_version, features, alpha)
+        if cached is None or cached[0] != snapshot.map_version:
+            cached = (snapshot.map_version, *self.snapshot_feature_image(snapshot, keyframe.camera))
             self._feature_cache = {keyframe.index: cached}
         return cached
 
