@@ -10,6 +10,9 @@
   on each saved map (bench_segment.py).
 - `bench complete`: in-situ completion on arc scenes against ground-truth meshes, beside the
   convex-hull and TSDF-cap baselines and the oracle generator (bench_complete.py).
+- `bench live`: the ROS node on a 10 Hz stream in its own process beside offline `instascene
+  run` on the same data: keep-up, queue, memory trend, query latency over DDS while mapping,
+  and pose noise (bench_live.py).
 """
 from __future__ import annotations
 
@@ -49,9 +52,10 @@ def add_parser(subparsers) -> None:
     from instascene_ros.commands import bench_segment
 
     bench_segment.add_parser(benches)
-    from instascene_ros.commands import bench_complete
+    from instascene_ros.commands import bench_complete, bench_live
 
     bench_complete.add_parser(benches)
+    bench_live.add_parser(benches)
 
 
 # ------------------------------------------------------------------------------------------ splat

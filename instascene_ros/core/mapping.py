@@ -643,17 +643,27 @@ class Mapper:
     def is_keyframe(self, camera: Camera) -> tuple[bool, str]:
         if not self.keyframes:
             return True, "first frame"
+        covered, summary = self.covered(camera.T_world_cam)
+        return not covered, summary
+
+    def covered(self, T_world_cam: np.ndarray) -> tuple[bool, str]:
+        """Whether a camera at this pose sees what a keyframe already holds (within both the
+        translation and the rotation threshold of some keyframe), and a summary of the nearest.
+        Reads a copy of the keyframe list, so the node's input thread may ask while mapping runs."""
+        keyframes = list(self.keyframes)
+        if not keyframes:
+            return False, "no keyframe yet"
         cfg = self.config.keyframes
-        poses = np.stack([kf.camera.T_world_cam for kf in self.keyframes])
-        moved = np.linalg.norm(poses[:, :3, 3] - camera.T_world_cam[:3, 3], axis=1)
+        poses = np.stack([kf.camera.T_world_cam for kf in keyframes])
+        moved = np.linalg.norm(poses[:, :3, 3] - T_world_cam[:3, 3], axis=1)
         # Rotation angle between each keyframe and the camera from the trace of R_kf^T R.
-        cosine = (np.einsum("kij,ij->k", poses[:, :3, :3], camera.T_world_cam[:3, :3]) - 1.0) / 2.0
+        cosine = (np.einsum("kij,ij->k", poses[:, :3, :3], T_world_cam[:3, :3]) - 1.0) / 2.0
         turned = np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0)))
-        covered = (moved < cfg.min_translation_m) & (turned < cfg.min_rotation_deg)
+        near = (moved < cfg.min_translation_m) & (turned < cfg.min_rotation_deg)
         nearest = int(np.argmin(moved / cfg.min_translation_m + turned / cfg.min_rotation_deg))
         summary = (f"moved {moved[nearest]:.3f} m, turned {turned[nearest]:.1f} deg from the nearest keyframe "
-                   f"({self.keyframes[nearest].index})")
-        return (not covered.any()), summary
+                   f"({keyframes[nearest].index})")
+        return bool(near.any()), summary
 
     @contextlib.contextmanager
     def _threads(self):

@@ -64,7 +64,10 @@ class DemoClient(Node):
         last_mapped, last_change = -1.0, time.monotonic()
         while time.monotonic() < deadline:
             rclpy.spin_once(self, timeout_sec=0.5)
-            mapped, queued = self.value("frames_mapped"), self.value("queue_depth")
+            # frames skipped as already covered by a keyframe count as done
+            mapped = self.value("frames_mapped") + (self.value("frames_covered") if "frames_covered" in self.diagnostics
+                                                    else 0.0)
+            queued = self.value("queue_depth")
             if mapped != last_mapped:
                 last_mapped, last_change = mapped, time.monotonic()
             settled = mapped > 0 and time.monotonic() - last_change > settle_s

@@ -48,7 +48,7 @@ class InstaSceneNode(Node):
         self.pipeline = Pipeline(PipelineConfig.from_node_parameters(self.params))
         self.drops: dict[str, int] = defaultdict(int)
         self.stage_seconds: dict[str, float] = {}
-        self.frames_in = self.frames_mapped = self.keyframes = 0
+        self.frames_in = self.frames_mapped = self.keyframes = self.frames_covered = 0
         self._queue: queue.Queue = queue.Queue(maxsize=self.params.queue_size)
         self._stop = threading.Event()
 
@@ -141,10 +141,24 @@ class InstaSceneNode(Node):
         self.sync.add_image(stamp_seconds(msg.header.stamp), msg)
 
     def _on_synced(self, synced) -> None:
+        if self._covered_by_keyframe(synced):
+            self.frames_covered += 1
+            return
         try:
             self._queue.put_nowait(synced)
         except queue.Full:
             self._count_drop("mapper busy: queue full")
+
+    def _covered_by_keyframe(self, synced) -> bool:
+        """A frame whose pose is already covered by a keyframe would be skipped by the mapper:
+        skip it here, so that the bounded queue holds only frames that can become keyframes and
+        a 10 Hz camera does not crowd new views out while a keyframe is being mapped. Without a
+        pose yet (TF still on its way), the frame is queued and judged by the mapper."""
+        try:
+            T_world_cam = self.assembler.lookup_pose(synced.image.header.frame_id, synced.stamp)
+            return self.pipeline.mapper.covered(np.asarray(T_world_cam, float))[0]
+        except Exception:  # no pose now: the worker looks it up again and reports why it failed
+            return False
 
     # ------------------------------------------------------------------ worker
     def _work(self) -> None:
@@ -228,10 +242,12 @@ class InstaSceneNode(Node):
 
         snapshot = self.pipeline.snapshot
         values = {"frames_in": self.frames_in, "frames_mapped": self.frames_mapped, "keyframes": self.keyframes,
+                  "frames_covered": self.frames_covered,
                   "queue_depth": self._queue.qsize(), "queue_size": self.params.queue_size,
                   "drops_total": sum(self.drops.values()), "n_gaussians": snapshot.n_gaussians,
                   "n_instances": len(snapshot.instances), "map_version": snapshot.map_version,
-                  "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+                  "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+                  "rss_mb": _resident_mb()}
         values.update({f"drops/{reason}": count for reason, count in self.drops.items()})
         values.update({f"seconds/{stage}": seconds for stage, seconds in self.stage_seconds.items()})
         healthy = self._queue.qsize() < self.params.queue_size
@@ -242,6 +258,17 @@ class InstaSceneNode(Node):
     def shutdown(self) -> None:
         self._stop.set()
         self._worker.join(timeout=10.0)
+
+
+def _resident_mb() -> float:
+    """Resident memory now (the peak alone cannot show whether memory stays flat); Linux only."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return float("nan")
 
 
 def main(args=None) -> int:

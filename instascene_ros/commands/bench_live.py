@@ -1,0 +1,252 @@
+"""`instascene bench live`: the node on a live 10 Hz stream, beside offline `instascene run`.
+
+Protocol (one generated scene, the same data for every row):
+
+1. Scene: `instascene make-scene` (hemisphere trajectory, `--views` dense views so that
+   consecutive frames are a few millimetres apart, as a moving camera gives at 10 Hz;
+   simulated segmenter noise 1).
+2. Offline row: `instascene run SCENE` (every frame, mapping and decomposition, then the final
+   refinement), scored on the held-out test ring.
+3. Live rows: `instascene_node` (the launch manifest's command, product parameters: queue of 4,
+   one numba thread) in its own process; `instascene publish-dataset --rate HZ --loops N`
+   streams the training frames (image, camera_info, depth, the segmenter's masks, TF) for
+   `--minutes`; the sequence repeats, as a robot circling the table again would. Meanwhile a
+   planner stand-in (ros/live_probe.py) calls `~/list_instances` and `~/segment_at_pixel` every
+   `--probe-period` seconds over DDS and times every answer, and /diagnostics is recorded (queue,
+   drops, keyframes, resident memory). When the stream ends the node gets `--settle-seconds`
+   of idle refinement, then `~/save_map`; the saved map is scored exactly like the offline run
+   (core/evaluation.evaluate_run). The second live row streams with pose noise (`--pose-noise`,
+   a fresh random error per frame on TF), scored against the true test cameras.
+
+Memory is "flat" when the resident memory's linear trend over the second half of the stream
+is below `--flat-mb-per-min`. JSON: {"scene", "rows": {name: {...}}, "targets": {...}}.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from instascene_ros.commands.bench import _fmt
+
+TARGETS = {"psnr_gap_db": 1.0, "miou_gap": 3.0, "p95_ms": 100.0, "pose_noise_miou_drop": 5.0}
+
+
+def add_parser(benches) -> None:
+    sub = benches.add_parser("live", help="the ROS node on a live stream vs offline run: keep-up, memory, "
+                                          "query latency, pose noise",
+                             description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    sub.add_argument("--json", type=pathlib.Path, default=None, help="write the results here")
+    sub.add_argument("--seed", type=int, default=21, help="scene seed (disjoint from the other benches' seeds)")
+    sub.add_argument("--res", type=int, default=256, help="image size (the target is 256x256)")
+    sub.add_argument("--views", type=int, default=300, help="training views of the trajectory (one loop)")
+    sub.add_argument("--rate", type=float, default=10.0, help="stream rate, frames per second")
+    sub.add_argument("--minutes", type=float, default=10.0, help="stream length per live row")
+    sub.add_argument("--pose-noise", default="5,0.5", help="MM,DEG of the pose-noise row ('' for none)")
+    sub.add_argument("--settle-seconds", type=float, default=60.0,
+                     help="idle refinement after the stream, before the map is saved and scored")
+    sub.add_argument("--probe-period", type=float, default=0.5, help="seconds between the planner's queries")
+    sub.add_argument("--flat-mb-per-min", type=float, default=5.0,
+                     help="resident-memory trend over the stream's second half that still counts as flat")
+    sub.add_argument("--rows", default="offline,live,live-pose-noise", help="which rows to run")
+    sub.add_argument("--work", type=pathlib.Path, default=pathlib.Path("runs/bench_live"), help="scene and run folders")
+    sub.add_argument("--reuse", action="store_true", help="reuse the offline run folder when it holds metrics.json")
+    sub.set_defaults(run=run_live)
+
+
+def _percentile_ms(answers: list, q: float) -> float:
+    seconds = [s for _, s, ok in answers if ok]
+    return float(np.percentile(seconds, q) * 1000.0) if seconds else float("nan")
+
+
+def _memory_trend(history: list, start: float, end: float) -> dict:
+    """Resident memory over the stream: at its start, at its end, and the linear trend (MB per
+    minute) over the second half, where a leak shows and start-up growth does not."""
+    points = [(t, float(values.get("rss_mb", "nan"))) for t, values in history if start <= t <= end]
+    points = [(t, mb) for t, mb in points if math.isfinite(mb)]
+    if len(points) < 4:
+        return {"rss_start_mb": None, "rss_end_mb": None, "rss_trend_mb_per_min": None}
+    half = [(t, mb) for t, mb in points if t >= (start + end) / 2]
+    slope = np.polyfit([t for t, _ in half], [mb for _, mb in half], 1)[0] * 60.0 if len(half) >= 2 else float("nan")
+    return {"rss_start_mb": points[0][1], "rss_end_mb": points[-1][1], "rss_max_mb": max(mb for _, mb in points),
+            "rss_trend_mb_per_min": float(slope)}
+
+
+def live_row(scene: pathlib.Path, out: pathlib.Path, args, pose_noise: str) -> dict:
+    """Start the node, stream, probe, settle, save and score. Returns the row."""
+    import rclpy
+
+    from instascene_ros.core.evaluation import evaluate_run
+    from instascene_ros.core.io.dataset import load_dataset
+    from instascene_ros.core.pipeline import Pipeline, PipelineConfig
+    from instascene_ros.commands.demo import _wait_for_log
+    from instascene_ros.ros.environment import ros_environment
+    from instascene_ros.ros.launcher import load_manifest, node_command, selected_nodes
+    from instascene_ros.ros.live_probe import LiveProbe
+
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = load_dataset(scene)
+    train = [f for f in dataset.frames if f.meta.get("split", "train") == "train"]
+    loops = max(1, math.ceil(args.minutes * 60.0 * args.rate / len(train)))
+    env = ros_environment(domain_id=int(time.time()) % 100 + 20, log_dir=tempfile.mkdtemp(prefix="instascene-live-"))
+    import os
+    saved_env = dict(os.environ)
+    os.environ.update({k: env[k] for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOG_DIR",
+                                           "FASTDDS_DEFAULT_PROFILES_FILE", "RMW_IMPLEMENTATION") if k in env})
+    arguments, nodes = load_manifest()
+    arguments["with_segmenter"] = "false"
+    spec = next(n for n in selected_nodes(nodes, arguments) if n.name == "instascene_node")
+    spec.remappings["mask"] = "/segmenter/mask"  # the dataset's masks stand in for the segmenter's
+    node_log = out / "instascene_node.log"
+    node = subprocess.Popen(node_command(spec, arguments) + ["-p", "diagnostics_rate_hz:=2.0"], env=env,
+                            stdout=open(node_log, "w"), stderr=subprocess.STDOUT)
+    row: dict = {"rate_hz": args.rate, "minutes": args.minutes, "loops": loops, "pose_noise": pose_noise or None}
+    rclpy.init()
+    probe = LiveProbe()
+    publisher = None
+    try:
+        _wait_for_log(node_log, "ready:", 180)
+        command = [sys.executable, "-m", "instascene_ros.cli", "publish-dataset", str(scene), "--rate", str(args.rate),
+                   "--loops", str(loops)]
+        if pose_noise:
+            command += ["--pose-noise", pose_noise]
+        print(f"[bench live] {out.name}: streaming {len(train)} frames x {loops} loops at {args.rate:g} Hz "
+              f"({args.minutes:g} min){', pose noise ' + pose_noise if pose_noise else ''}", flush=True)
+        stream_start = time.monotonic()
+        publisher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        last_log = [stream_start]
+
+        def streaming() -> bool:
+            if time.monotonic() - last_log[0] > 60:
+                last_log[0] = time.monotonic()
+                print(f"  {(time.monotonic() - stream_start) / 60:4.1f} min: frames in {probe.value('frames_in'):.0f}, "
+                      f"keyframes {probe.value('keyframes'):.0f}, queue {probe.value('queue_depth'):.0f}, "
+                      f"drops {probe.value('drops_total'):.0f}, {probe.value('rss_mb'):.0f} MB, "
+                      f"{probe.value('n_instances'):.0f} instances", flush=True)
+            return publisher.poll() is None
+
+        u, v = args.res / 2.0, args.res / 2.0
+        probe.probe_while(streaming, args.probe_period, u, v)
+        stream_end = time.monotonic()
+        if publisher.returncode != 0:
+            raise RuntimeError(f"publish-dataset failed: {publisher.stderr.read()[-2000:]}")
+        # Settle: idle refinement with the queue empty, still probed (the node is not mapping).
+        settle_end = time.monotonic() + args.settle_seconds
+        probe.probe_while(lambda: time.monotonic() < settle_end, args.probe_period, u, v)
+        saved = probe.save_map(str((out / "map.instascene").resolve()))
+        if not saved.success:
+            raise RuntimeError(f"save_map failed: {saved.message}")
+        last = probe.history[-1][1] if probe.history else {}
+        during = {kind: [a for a in answers if a[0] <= stream_end] for kind, answers in probe.answers.items()}
+        row.update({
+            "stream_s": stream_end - stream_start,
+            "frames_published": len(train) * loops,
+            "frames_in": float(last.get("frames_in", "nan")), "frames_mapped": float(last.get("frames_mapped", "nan")),
+            "frames_covered": float(last.get("frames_covered", "nan")),
+            "keyframes": float(last.get("keyframes", "nan")), "drops_total": float(last.get("drops_total", "nan")),
+            "drops": {k[len("drops/"):]: float(v) for k, v in last.items() if k.startswith("drops/")},
+            "queue_size": float(last.get("queue_size", "nan")),
+            "queue_max": max((float(values.get("queue_depth", 0)) for _, values in probe.history), default=None),
+            "n_gaussians": float(last.get("n_gaussians", "nan")),
+            **_memory_trend(probe.history, stream_start, stream_end),
+            **{f"{kind}_p95_ms": _percentile_ms(answers, 95) for kind, answers in during.items()},
+            **{f"{kind}_p50_ms": _percentile_ms(answers, 50) for kind, answers in during.items()},
+            **{f"{kind}_answers": len(answers) for kind, answers in during.items()},
+        })
+        (out / "diagnostics.json").write_text(json.dumps({"history": [[t - stream_start, v] for t, v in probe.history],
+                                                          "answers": probe.answers}, default=str))
+    finally:
+        if publisher is not None and publisher.poll() is None:
+            publisher.terminate()
+        probe.destroy_node()
+        rclpy.try_shutdown()
+        node.send_signal(signal.SIGINT)
+        try:
+            row["exit_code"] = node.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            row["exit_code"] = "killed"
+        os.environ.clear()
+        os.environ.update(saved_env)
+    pipeline = Pipeline(PipelineConfig.from_preset("cpu"))
+    pipeline.load(str(out / "map.instascene"))
+    metrics = evaluate_run(pipeline, dataset, out, progress=False)
+    row.update({k: metrics.get(k) for k in ("psnr", "psnr_object", "ssim", "miou", "biou", "pq_scene",
+                                            "cloud_precision", "n_instances")})
+    return row
+
+
+def run_live(args) -> int:
+    from instascene_ros.commands.bench import _run, _scene
+
+    wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = set(wanted) - {"offline", "live", "live-pose-noise"}
+    if unknown:
+        raise SystemExit(f"unknown rows {sorted(unknown)}; choose from offline, live, live-pose-noise")
+    args.work.mkdir(parents=True, exist_ok=True)
+    scene = _scene(args.work, args.seed, args.res, args.views)
+    result = {"scene": str(scene), "targets": TARGETS, "rows": {}}
+    if args.json is not None and args.json.exists():
+        result["rows"] = json.loads(args.json.read_text()).get("rows", {})  # rows of an earlier call are kept
+
+    def save() -> None:
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            tmp = args.json.with_suffix(args.json.suffix + ".tmp")
+            tmp.write_text(json.dumps(result, indent=2, default=str))
+            tmp.replace(args.json)
+
+    if "offline" in wanted:
+        run_dir = args.work / f"offline-s{args.seed}-r{args.res}-v{args.views}"
+        if args.reuse and (run_dir / "metrics.json").exists():
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+        else:
+            print(f"[bench live] offline: instascene run {scene.name}", flush=True)
+            metrics = _run(scene, run_dir, [], None)
+        result["rows"]["offline"] = {k: metrics.get(k) for k in (
+            "psnr", "psnr_object", "ssim", "miou", "biou", "pq_scene", "cloud_precision", "n_instances",
+            "keyframes", "wall_s", "n_gaussians")}
+        save()
+    if "live" in wanted:
+        result["rows"]["live"] = live_row(scene, args.work / f"live-s{args.seed}", args, "")
+        save()
+    if "live-pose-noise" in wanted and args.pose_noise:
+        result["rows"]["live-pose-noise"] = live_row(scene, args.work / f"live-noise-s{args.seed}", args,
+                                                     args.pose_noise)
+        save()
+    print_table(result, args)
+    return 0
+
+
+def print_table(result: dict, args) -> None:
+    rows = result["rows"]
+    offline, live, noisy = rows.get("offline", {}), rows.get("live", {}), rows.get("live-pose-noise", {})
+    names = [n for n in ("offline", "live", "live-pose-noise") if n in rows]
+    print(f"\n{'':<34}" + "".join(f"{n:>17}" for n in names))
+    for key, digits in (("psnr", 2), ("psnr_object", 2), ("miou", 1), ("biou", 1), ("pq_scene", 2),
+                        ("cloud_precision", 3), ("n_instances", 0), ("keyframes", 0), ("frames_published", 0),
+                        ("frames_in", 0), ("frames_covered", 0), ("frames_mapped", 0), ("drops_total", 0), ("queue_max", 0),
+                        ("rss_start_mb", 0), ("rss_end_mb", 0), ("rss_trend_mb_per_min", 2),
+                        ("list_instances_p95_ms", 1), ("segment_at_pixel_p95_ms", 1),
+                        ("segment_at_pixel_mask_p95_ms", 1), ("exit_code", 0)):
+        cells = []
+        for n in names:
+            value = rows[n].get(key)
+            cells.append(f"{_fmt(value, digits) if isinstance(value, (int, float)) else (value if value is not None else '-')!s:>17}")
+        print(f"{key:<34}" + "".join(cells))
+
+    def gap(a, b):
+        return None if a is None or b is None else a - b
+
+    print(f"\ntargets: live within {TARGETS['psnr_gap_db']} dB PSNR and {TARGETS['miou_gap']} mIoU of offline "
+          f"(gap {_fmt(gap(offline.get('psnr'), live.get('psnr')))} dB, {_fmt(gap(offline.get('miou'), live.get('miou')), 1)}"
+          f" mIoU); list_instances and segment_at_pixel p95 <= {TARGETS['p95_ms']:.0f} ms while mapping; memory flat "
+          f"(trend <= {args.flat_mb_per_min} MB/min: {_fmt(live.get('rss_trend_mb_per_min'))}); pose noise "
+          f"mIoU drop <= {TARGETS['pose_noise_miou_drop']} ({_fmt(gap(live.get('miou'), noisy.get('miou')), 1)})")
