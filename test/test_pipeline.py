@@ -166,3 +166,31 @@ def test_pixel_queries_render_a_frozen_copy_of_the_snapshot_without_the_lock():
     finally:
         release.set()
         worker.join()
+
+
+def test_scene_cloud_waits_for_a_mapping_step_and_never_sees_half_replaced_tensors():
+    import threading
+    import time
+
+    pipeline = _decomposed_blob_pipeline()
+    scene = pipeline.mapper.scene
+    n = scene.n
+    held, release = threading.Event(), threading.Event()
+
+    def pruning_step():  # replaces the tensors one at a time, as densification and pruning do
+        with pipeline.lock:
+            held.set()
+            params = scene._params
+            params["means"] = torch.nn.Parameter(params["means"].detach()[: n - 7].clone())
+            release.wait(0.3)
+            for name in ("sh_dc", "sh_rest"):
+                params[name] = torch.nn.Parameter(params[name].detach()[: n - 7].clone())
+
+    worker = threading.Thread(target=pruning_step)
+    worker.start()
+    held.wait(5)
+    tic = time.perf_counter()
+    points, colors = pipeline.scene_cloud(max_points=10 ** 6)
+    worker.join()
+    assert time.perf_counter() - tic >= 0.25, "scene_cloud read the scene while the mapping step held it"
+    assert len(points) == len(colors) == n - 7

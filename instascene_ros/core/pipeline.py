@@ -468,9 +468,12 @@ class Pipeline:
         return instance_id, float(probability[row, col]), drawn & (labels == instance_id)
 
     def scene_cloud(self, max_points: int) -> tuple[np.ndarray, np.ndarray]:
-        scene = self.mapper.scene
-        with torch.no_grad():
-            points = scene.means.detach().cpu().numpy()
+        """Gaussian centres and colours of the live map. Read under the lock: densification and
+        pruning replace the scene's tensors one by one, and a read between two of them sees
+        mismatched sizes (measured: it killed the node's timer once in a 10-minute stream)."""
+        with self.lock, torch.no_grad():
+            scene = self.mapper.scene
+            points = scene.means.detach().cpu().numpy().copy()
             colors = (sh_dc_to_rgb(scene.sh[:, 0]).clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)
         if len(points) > max_points:
             keep = np.random.default_rng(0).choice(len(points), max_points, replace=False)

@@ -98,7 +98,9 @@ class InstaSceneNode(Node):
         mapper_services.register(self)
         self._published_version = -1
         self._period_timer(self.params.instances_rate_hz, self.publish_instances, timer_group)
-        self._period_timer(self.params.scene_cloud_rate_hz, self.publish_scene_cloud, timer_group)
+        # its own group: it waits for the mapping lock, the other timers must not wait with it
+        self._period_timer(self.params.scene_cloud_rate_hz, self.publish_scene_cloud,
+                           MutuallyExclusiveCallbackGroup())
         self._period_timer(self.params.diagnostics_rate_hz, self.publish_diagnostics, timer_group)
         self._worker = threading.Thread(target=self._work, name="instascene-mapper", daemon=True)
         self._worker.start()
@@ -234,7 +236,12 @@ class InstaSceneNode(Node):
         self._published_version = snapshot.map_version
 
     def publish_scene_cloud(self) -> None:
-        points, colors = self.pipeline.scene_cloud(self.params.max_scene_cloud_points)
+        try:
+            points, colors = self.pipeline.scene_cloud(self.params.max_scene_cloud_points)
+        except Exception as error:  # a timer's exception would end the executor, and the node with it
+            self.drops[f"internal error: {type(error).__name__}"] += 1
+            self.get_logger().error(f"scene cloud failed: {error!r}", throttle_duration_sec=10.0)
+            return
         self.pub_scene_cloud.publish(make_cloud(self.header(), points, colors, np.zeros(len(points), np.uint32)))
 
     def publish_diagnostics(self) -> None:
