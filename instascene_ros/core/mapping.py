@@ -298,9 +298,10 @@ def psnr(image: torch.Tensor, target: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------------- geometry
-def rotation_angle_deg(R_a: np.ndarray, R_b: np.ndarray) -> float:
-    cos = (np.trace(R_a.T @ R_b) - 1.0) / 2.0
-    return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
+def rotation_angle_deg(R_a: np.ndarray, R_b: np.ndarray) -> np.ndarray:
+    """Angle between rotations, from the trace of R_a^T R_b; R_a may be a (K, 3, 3) batch."""
+    cos = (np.einsum("...ij,ij->...", R_a, R_b) - 1.0) / 2.0
+    return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
 
 
 def matrix_to_quaternion(R: np.ndarray) -> np.ndarray:
@@ -656,9 +657,7 @@ class Mapper:
         cfg = self.config.keyframes
         poses = np.stack([kf.camera.T_world_cam for kf in keyframes])
         moved = np.linalg.norm(poses[:, :3, 3] - T_world_cam[:3, 3], axis=1)
-        # Rotation angle between each keyframe and the camera from the trace of R_kf^T R.
-        cosine = (np.einsum("kij,ij->k", poses[:, :3, :3], T_world_cam[:3, :3]) - 1.0) / 2.0
-        turned = np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0)))
+        turned = rotation_angle_deg(poses[:, :3, :3], T_world_cam[:3, :3])
         near = (moved < cfg.min_translation_m) & (turned < cfg.min_rotation_deg)
         nearest = int(np.argmin(moved / cfg.min_translation_m + turned / cfg.min_rotation_deg))
         summary = (f"moved {moved[nearest]:.3f} m, turned {turned[nearest]:.1f} deg from the nearest keyframe "
