@@ -10,6 +10,7 @@ import io
 import logging
 import math
 import time
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -34,12 +35,14 @@ def _texture(seed: int, size: int, smooth: float) -> np.ndarray:
 
 
 class AnalyticScene:
-    """Plane z = 0 (|x|, |y| < 0.4) with a colour texture, plus a sphere; sky elsewhere."""
+    """Plane z = 0 (|x|, |y| < 0.4) with a colour texture, plus textured spheres (one by
+    default); sky elsewhere."""
 
-    def __init__(self, smooth: float = 6.0, with_sphere: bool = True, seed: int = 0):
+    def __init__(self, smooth: float = 6.0, with_sphere: bool = True, seed: int = 0,
+                 spheres: Optional[list] = None):
         self.plane_texture = _texture(seed, 128, smooth)  # covers [-0.4, 0.4]^2
         self.sphere_texture = _texture(seed + 1, 64, smooth / 2)  # over (azimuth, elevation)
-        self.with_sphere = with_sphere
+        self.spheres = spheres if spheres is not None else ([(SPHERE_CENTRE, SPHERE_RADIUS)] if with_sphere else [])
 
     @staticmethod
     def _lookup(texture: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -59,14 +62,14 @@ class AnalyticScene:
         t_best[on_plane] = t_plane[on_plane]
         colour[on_plane] = self._lookup(self.plane_texture, (hit[on_plane, 0] + 0.4) / 0.8,
                                         (hit[on_plane, 1] + 0.4) / 0.8)
-        if self.with_sphere:
-            oc = origins - SPHERE_CENTRE
+        for centre, radius in self.spheres:
+            oc = origins - centre
             b = np.sum(oc * dirs, axis=1)
-            disc = b * b - (np.sum(oc * oc, axis=1) - SPHERE_RADIUS ** 2)
+            disc = b * b - (np.sum(oc * oc, axis=1) - radius ** 2)
             t_sphere = -b - np.sqrt(np.maximum(disc, 0.0))
             on_sphere = (disc > 0) & (t_sphere > 0) & (t_sphere < t_best)
             t_best[on_sphere] = t_sphere[on_sphere]
-            normal = (origins + t_sphere[:, None] * dirs - SPHERE_CENTRE)[on_sphere] / SPHERE_RADIUS
+            normal = (origins + t_sphere[:, None] * dirs - centre)[on_sphere] / radius
             colour[on_sphere] = self._lookup(self.sphere_texture, (np.arctan2(normal[:, 1], normal[:, 0]) + np.pi)
                                              / (2 * np.pi), (normal[:, 2] + 1) / 2)
         z = t_best * (dirs @ camera.T_world_cam[:3, 2])  # ray length -> optical-axis depth

@@ -123,10 +123,20 @@ def test_id_only_pixel_query_renders_a_window_and_agrees_with_the_full_view(monk
         assert similarity == pytest.approx(expected[1], abs=1e-2)
     assert len(renders) == len(pixels) and not pipeline._feature_cache  # windows are never cached
     assert all((cam.width, cam.height) == (QUERY_WINDOW_PX, QUERY_WINDOW_PX) for cam in renders)
-    # Asking for the mask renders (and caches) the whole view, as before.
-    found = pipeline.segment_at_pixel(0, pixels[0][0], pixels[0][1], return_mask=True)
-    assert (renders[-1].width, renders[-1].height) == (camera.width, camera.height)
-    assert found[2].shape == (camera.height, camera.width) and found[2][int(pixels[0][1]), int(pixels[0][0])]
+    # Asking for the mask renders the window, then only the box the found instance projects to;
+    # the mask is the one the whole view gives.
+    u, v = pixels[0]
+    renders.clear()
+    found = pipeline.segment_at_pixel(0, u, v, return_mask=True)
+    whole = pipeline.instance_at(features, alpha, u, v, extraction)
+    assert found[0] == whole[0] != 0 and found[2].shape == (camera.height, camera.width) and found[2][int(v), int(u)]
+    assert len(renders) == 2 and renders[1].width * renders[1].height < 0.6 * camera.width * camera.height
+    overlap = np.logical_and(found[2], whole[2]).sum() / np.logical_or(found[2], whole[2]).sum()
+    assert overlap > 0.98, overlap
+    # A background pixel costs the window only, and its mask is empty.
+    renders.clear()
+    background = pipeline.segment_at_pixel(0, 0.2, 0.2, return_mask=True)
+    assert background[0] == 0 and not background[2].any() and len(renders) == 1
     with pytest.raises(ValueError, match="outside"):
         pipeline.segment_at_pixel(0, camera.width, 1.0, return_mask=False)
 

@@ -36,6 +36,8 @@ import numpy as np
 
 from instascene_ros.commands.bench import _fmt
 
+# The last row is the ablation of keyframe pose refinement (node parameter refine_poses:=false).
+ROWS = ("offline", "live", "live-pose-noise", "live-pose-noise-unrefined")
 TARGETS = {"psnr_gap_db": 1.0, "miou_gap": 3.0, "p95_ms": 100.0, "pose_noise_miou_drop": 5.0}
 
 
@@ -55,7 +57,7 @@ def add_parser(benches) -> None:
     sub.add_argument("--probe-period", type=float, default=0.5, help="seconds between the planner's queries")
     sub.add_argument("--flat-mb-per-min", type=float, default=5.0,
                      help="resident-memory trend over the stream's second half that still counts as flat")
-    sub.add_argument("--rows", default="offline,live,live-pose-noise", help="which rows to run")
+    sub.add_argument("--rows", default="offline,live,live-pose-noise", help=f"which rows to run, of {','.join(ROWS)}")
     sub.add_argument("--work", type=pathlib.Path, default=pathlib.Path("runs/bench_live"), help="scene and run folders")
     sub.add_argument("--reuse", action="store_true", help="reuse the offline run folder when it holds metrics.json")
     sub.set_defaults(run=run_live)
@@ -79,7 +81,7 @@ def _memory_trend(history: list, start: float, end: float) -> dict:
             "rss_trend_mb_per_min": float(slope)}
 
 
-def live_row(scene: pathlib.Path, out: pathlib.Path, args, pose_noise: str) -> dict:
+def live_row(scene: pathlib.Path, out: pathlib.Path, args, pose_noise: str, refine_poses: bool = True) -> dict:
     """Start the node, stream, probe, settle, save and score. Returns the row."""
     import rclpy
 
@@ -105,9 +107,11 @@ def live_row(scene: pathlib.Path, out: pathlib.Path, args, pose_noise: str) -> d
     spec = next(n for n in selected_nodes(nodes, arguments) if n.name == "instascene_node")
     spec.remappings["mask"] = "/segmenter/mask"  # the dataset's masks stand in for the segmenter's
     node_log = out / "instascene_node.log"
-    node = subprocess.Popen(node_command(spec, arguments) + ["-p", "diagnostics_rate_hz:=2.0"], env=env,
+    node = subprocess.Popen(node_command(spec, arguments) + ["-p", "diagnostics_rate_hz:=2.0",
+                                                              "-p", f"refine_poses:={str(refine_poses).lower()}"], env=env,
                             stdout=open(node_log, "w"), stderr=subprocess.STDOUT)
-    row: dict = {"rate_hz": args.rate, "minutes": args.minutes, "loops": loops, "pose_noise": pose_noise or None}
+    row: dict = {"rate_hz": args.rate, "minutes": args.minutes, "loops": loops, "pose_noise": pose_noise or None,
+                 "refine_poses": refine_poses}
     rclpy.init()
     probe = LiveProbe()
     publisher = None
@@ -155,6 +159,8 @@ def live_row(scene: pathlib.Path, out: pathlib.Path, args, pose_noise: str) -> d
             "queue_size": float(last.get("queue_size", "nan")),
             "queue_max": max((float(values.get("queue_depth", 0)) for _, values in probe.history), default=None),
             "n_gaussians": float(last.get("n_gaussians", "nan")),
+            "keyframe_poses_refined": float(last.get("keyframe_poses_refined", "nan")),
+            "keyframe_poses_kept": float(last.get("keyframe_poses_kept", "nan")),
             **_memory_trend(probe.history, stream_start, stream_end),
             **{f"{kind}_p95_ms": _percentile_ms(answers, 95) for kind, answers in during.items()},
             **{f"{kind}_p50_ms": _percentile_ms(answers, 50) for kind, answers in during.items()},
@@ -187,9 +193,9 @@ def run_live(args) -> int:
     from instascene_ros.commands.bench import _run, _scene
 
     wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = set(wanted) - {"offline", "live", "live-pose-noise"}
+    unknown = set(wanted) - set(ROWS)
     if unknown:
-        raise SystemExit(f"unknown rows {sorted(unknown)}; choose from offline, live, live-pose-noise")
+        raise SystemExit(f"unknown rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
     args.work.mkdir(parents=True, exist_ok=True)
     scene = _scene(args.work, args.seed, args.res, args.views)
     result = {"scene": str(scene), "targets": TARGETS, "rows": {}}
@@ -221,6 +227,10 @@ def run_live(args) -> int:
         result["rows"]["live-pose-noise"] = live_row(scene, args.work / f"live-noise-s{args.seed}", args,
                                                      args.pose_noise)
         save()
+    if "live-pose-noise-unrefined" in wanted and args.pose_noise:
+        result["rows"]["live-pose-noise-unrefined"] = live_row(
+            scene, args.work / f"live-noise-unrefined-s{args.seed}", args, args.pose_noise, refine_poses=False)
+        save()
     print_table(result, args)
     return 0
 
@@ -228,10 +238,12 @@ def run_live(args) -> int:
 def print_table(result: dict, args) -> None:
     rows = result["rows"]
     offline, live, noisy = rows.get("offline", {}), rows.get("live", {}), rows.get("live-pose-noise", {})
-    names = [n for n in ("offline", "live", "live-pose-noise") if n in rows]
-    print(f"\n{'':<34}" + "".join(f"{n:>17}" for n in names))
+    names = [n for n in ROWS if n in rows]
+    width = max(17, *(len(n) + 2 for n in names))
+    print(f"\n{'':<34}" + "".join(f"{n:>{width}}" for n in names))
     for key, digits in (("psnr", 2), ("psnr_object", 2), ("miou", 1), ("biou", 1), ("pq_scene", 2),
-                        ("cloud_precision", 3), ("n_instances", 0), ("keyframes", 0), ("frames_published", 0),
+                        ("cloud_precision", 3), ("n_instances", 0), ("keyframes", 0), ("keyframe_poses_refined", 0),
+                        ("keyframe_poses_kept", 0), ("frames_published", 0),
                         ("frames_in", 0), ("frames_covered", 0), ("frames_mapped", 0), ("drops_total", 0), ("queue_max", 0),
                         ("rss_start_mb", 0), ("rss_end_mb", 0), ("rss_trend_mb_per_min", 2),
                         ("list_instances_p95_ms", 1), ("segment_at_pixel_p95_ms", 1),
@@ -239,7 +251,7 @@ def print_table(result: dict, args) -> None:
         cells = []
         for n in names:
             value = rows[n].get(key)
-            cells.append(f"{_fmt(value, digits) if isinstance(value, (int, float)) else (value if value is not None else '-')!s:>17}")
+            cells.append(f"{_fmt(value, digits) if isinstance(value, (int, float)) else (value if value is not None else '-')!s:>{width}}")
         print(f"{key:<34}" + "".join(cells))
 
     def gap(a, b):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 
-def _pose_noise(text: str) -> tuple[float, float]:
+def parse_pose_noise(text: str) -> tuple[float, float]:
     try:
         millimetres, degrees = (float(part) for part in text.split(","))
     except ValueError:
@@ -24,7 +24,7 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("dataset", help="dataset folder with transforms.json")
     parser.add_argument("--rate", type=float, default=2.0, help="frames per second")
-    parser.add_argument("--pose-noise", type=_pose_noise, default=(0.0, 0.0), metavar="MM,DEG",
+    parser.add_argument("--pose-noise", type=parse_pose_noise, default=(0.0, 0.0), metavar="MM,DEG",
                         help="random pose error per frame: translation in mm, rotation in degrees")
     parser.add_argument("--loops", type=int, default=1, help="times to play the sequence")
     parser.add_argument("--no-depth", action="store_true", help="do not publish depth")

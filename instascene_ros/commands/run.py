@@ -14,6 +14,8 @@ import logging
 import pathlib
 import time
 
+from instascene_ros.commands.publish_dataset import parse_pose_noise
+
 log = logging.getLogger("instascene.run")
 # Pipeline timings that belong to the instance decomposition (tracker + feature field), as
 # opposed to mapping: the issue budgets the decomposition on its own.
@@ -41,6 +43,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--finish-seconds", type=float, default=None, help="time cap of the final refinement")
     parser.add_argument("--finish-feature-steps", type=int, default=None,
                         help="feature-field steps at the end of the stream (default: the pipeline's 300)")
+    parser.add_argument("--pose-noise", type=parse_pose_noise, default=(0.0, 0.0), metavar="MM,DEG",
+                        help="perturb each training frame's pose (random translation in mm, rotation in degrees, "
+                             "seeded): robot kinematics as the mapper sees them; test frames keep their true poses")
+    parser.add_argument("--no-pose-refinement", action="store_true",
+                        help="map at the given poses (no depth ICP of keyframes against the map)")
     parser.add_argument("--max-frames", type=int, default=0, help="stop after this many training frames (0 = all)")
     parser.add_argument("--threads", type=int, default=2, help="numba threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -132,16 +139,24 @@ def run(args) -> int:
 
     config = PipelineConfig.from_preset(args.preset, args.device)
     config.features = instance_field_config(args.instance_field, config.features)
+    config.mapper.pose_refinement.enabled = not args.no_pose_refinement
     if args.finish_feature_steps is not None:
         config.cadence.finish_feature_steps = args.finish_feature_steps
     pipeline = Pipeline(config, progress_bar=not args.no_progress)
     (out / "config.json").write_text(json.dumps({"dataset": str(args.dataset), "preset": args.preset,
                                                  "device": args.device, "no_depth": args.no_depth,
                                                  "no_masks": args.no_masks, "mask_every": args.mask_every,
+                                                 "pose_noise_mm_deg": list(args.pose_noise),
                                                  "pipeline": _jsonable(config)}, indent=2, default=str))
     train = [frame for frame in dataset.frames if frame.meta.get("split") != "test"]
     if args.max_frames:
         train = train[: args.max_frames]
+    if any(args.pose_noise):
+        from instascene_ros.core.pose_refinement import perturb_pose
+        rng = np.random.default_rng(0)
+        for frame in train:
+            frame.camera = dataclasses.replace(frame.camera, T_world_cam=perturb_pose(
+                frame.camera.T_world_cam, rng, args.pose_noise[0] / 1000.0, args.pose_noise[1]))
     start = time.perf_counter()
     rejected, keyframes, keyframe_seconds = 0, 0, []
     stage_s: dict[str, float] = {}  # seconds per pipeline stage, streaming and finish together
@@ -178,7 +193,9 @@ def run(args) -> int:
                     "stage_s": {k: round(v, 2) for k, v in stage_s.items()},
                     # The decomposition's own share of the wall time (it runs beside the mapper).
                     "decomposition_s": round(sum(stage_s.get(k, 0.0) for k in DECOMPOSITION_STAGES), 2),
-                    "preset": args.preset, "rgb_only": bool(args.no_depth)})
+                    "preset": args.preset, "rgb_only": bool(args.no_depth),
+                    "pose_noise_mm_deg": list(args.pose_noise),
+                    "keyframe_poses": dict(pipeline.mapper.pose_stats)})
     if args.complete:
         metrics["completion"] = complete_instances(pipeline, out / "completed", args.generator, args.model_path,
                                                    progress=not args.no_progress)

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from instascene_ros.core.camera import Camera, Frame, InvalidFrameError
+from instascene_ros.core.pose_refinement import Gauge, PoseRefinement, PoseRefinementConfig, refine_pose
 from instascene_ros.core.scene import GaussianScene, SceneConfig
 from instascene_ros.core.splat.types import Gaussians, RasterConfig, RenderOutput
 
@@ -170,6 +171,7 @@ class MapperConfig:
     keyframes: KeyframeConfig = field(default_factory=KeyframeConfig)
     insertion: InsertionConfig = field(default_factory=InsertionConfig)
     optimisation: OptimisationConfig = field(default_factory=OptimisationConfig)
+    pose_refinement: PoseRefinementConfig = field(default_factory=PoseRefinementConfig)
     primitive: str = "3dgs"
     backend: str = "auto"
     raster: RasterConfig = field(default_factory=RasterConfig)
@@ -238,6 +240,8 @@ class FrameResult:
     iterations: int = 0
     seconds: float = 0.0
     psnr: Optional[float] = None  # mean training PSNR of this keyframe's iterations
+    pose: Optional[PoseRefinement] = None  # the keyframe's pose refinement (None: not attempted)
+    map_moved: bool = False  # the gauge moved the whole map (and every keyframe pose)
 
 
 @dataclass
@@ -250,6 +254,7 @@ class Keyframe:
     median_depth: Optional[float]
     keypoints: Optional[np.ndarray] = None  # (M, 2) (u, v) pixels, continuous frame (RGB only)
     descriptors: Optional[np.ndarray] = None
+    measured_T_world_cam: Optional[np.ndarray] = None  # the pose as it arrived, before refinement
 
 
 # ---------------------------------------------------------------------------------------- losses
@@ -484,6 +489,17 @@ class Mapper:
         self._log_clock = time.perf_counter()
         self._log_iteration = 0
         self._recent_psnr: list[float] = []
+        self.gauge = Gauge(self.config.pose_refinement)
+        self.pose_stats = {"refined": 0, "kept": 0}
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickle maps saved before pose refinement existed: they get its defaults."""
+        self.__dict__.update(state)
+        if not hasattr(self.config, "pose_refinement"):
+            self.config.pose_refinement = PoseRefinementConfig()
+        if "gauge" not in state:
+            self.gauge = Gauge(self.config.pose_refinement)
+            self.pose_stats = {"refined": 0, "kept": 0}
 
     def __getstate__(self) -> dict:
         """Pickle (torch.save of a whole map) without the callables: the render function is
@@ -694,10 +710,12 @@ class Mapper:
         if not keyframe:
             return FrameResult(accepted=True, keyframe=False, reason="not_keyframe", detail=summary,
                                n_gaussians=self.scene.n, seconds=time.perf_counter() - start)
-        kf = self._make_keyframe(frame)
+        refinement = self._refine_pose(frame)
+        kf = self._make_keyframe(frame, refinement)
         self.keyframes_made += 1
         self.keyframes.append(kf)
         self._thin_keyframes()
+        map_moved = self._apply_gauge(kf, refinement)
         self._update_extent(kf)
         self._update_background(kf)
         added = self._insert(kf)
@@ -712,9 +730,57 @@ class Mapper:
         logger.debug("keyframe %d (%s): +%d Gaussians, %d iterations in %.2f s", kf.index, summary, added,
                      iterations, seconds)
         return FrameResult(accepted=True, keyframe=True, reason="ok", detail=summary, added=added,
-                           n_gaussians=self.scene.n, iterations=iterations, seconds=seconds, psnr=mean_psnr)
+                           n_gaussians=self.scene.n, iterations=iterations, seconds=seconds, psnr=mean_psnr,
+                           pose=refinement, map_moved=map_moved)
 
-    def _make_keyframe(self, frame: Frame) -> Keyframe:
+    # ------------------------------------------------------------------ pose refinement
+    def _refine_pose(self, frame: Frame) -> Optional[PoseRefinement]:
+        """Correct an RGB-D keyframe's measured pose against the map (core/pose_refinement.py);
+        None when not attempted (disabled, no depth, empty map)."""
+        cfg = self.config.pose_refinement
+        if not cfg.enabled or frame.depth is None or self.scene.n == 0:
+            return None
+
+        def render_model(camera: Camera) -> tuple[np.ndarray, np.ndarray]:
+            with torch.no_grad():
+                out, _ = self._render_culled(camera, with_background=False)
+                return out.normalised_depth()[0].cpu().numpy(), out.alpha[0].cpu().numpy()
+
+        depth = np.where(self._valid_depth(frame.depth), frame.depth, 0.0)
+        result = refine_pose(frame.camera, depth, render_model, cfg)
+        self.pose_stats["refined" if result.applied else "kept"] += 1
+        if result.applied:
+            logger.debug("keyframe pose refined by %.1f mm, %.2f deg (residual %.2f -> %.2f mm)",
+                         result.translation_m * 1000, result.rotation_deg, result.rms_before_mm, result.rms_after_mm)
+        else:
+            logger.debug("keyframe keeps its measured pose: %s", result.reason)
+        return result
+
+    def _apply_gauge(self, kf: Keyframe, refinement: Optional[PoseRefinement]) -> bool:
+        """Record the keyframe's correction; when the mean correction over keyframes has grown
+        past the gauge thresholds, move the whole map and every keyframe pose by its inverse, so
+        the map stays where the measured poses put it on average. True when the map moved.
+
+        A keyframe inserted into an empty map is exact in the map's frame (identity correction);
+        one whose refinement was refused has an unknown correction and does not count."""
+        if not self.config.pose_refinement.enabled or (refinement is not None and not refinement.applied):
+            return False
+        self.gauge.add(kf.index, kf.camera.T_world_cam @ np.linalg.inv(kf.measured_T_world_cam))
+        transform = self.gauge.due()
+        if transform is None:
+            return False
+        self._move_map(transform)
+        return True
+
+    def _move_map(self, transform: np.ndarray) -> None:
+        """Move every Gaussian and every keyframe pose by `transform` (world frame)."""
+        self.scene.transform(transform)
+        for keyframe in self.keyframes:
+            keyframe.camera = Camera(K=keyframe.camera.K, width=keyframe.camera.width,
+                                     height=keyframe.camera.height, T_world_cam=transform @ keyframe.camera.T_world_cam)
+        self.gauge.moved(transform)
+
+    def _make_keyframe(self, frame: Frame, refinement: Optional[PoseRefinement] = None) -> Keyframe:
         depth = None
         median = None
         if frame.depth is not None:
@@ -722,9 +788,12 @@ class Mapper:
             depth_np = np.where(valid, frame.depth, 0.0).astype(np.float32)
             depth = torch.from_numpy(depth_np).to(self.device)
             median = float(np.median(frame.depth[valid]))
-        kf = Keyframe(index=self.keyframes_made, name=frame.name, camera=frame.camera,
+        camera = frame.camera
+        if refinement is not None and refinement.applied:
+            camera = Camera(K=camera.K, width=camera.width, height=camera.height, T_world_cam=refinement.T_world_cam)
+        kf = Keyframe(index=self.keyframes_made, name=frame.name, camera=camera,
                       rgb=torch.from_numpy(np.ascontiguousarray(frame.rgb)).to(self.device),
-                      depth=depth, median_depth=median)
+                      depth=depth, median_depth=median, measured_T_world_cam=frame.camera.T_world_cam.copy())
         if depth is None:
             self._detect_features(kf)
         return kf

@@ -454,6 +454,30 @@ class GaussianScene:
         self._select_stats(select, 0)
         return removed
 
+    def transform(self, T: np.ndarray) -> None:
+        """Move every Gaussian by the rigid transform T (4x4, world frame): means and orientations.
+
+        Used for small gauge corrections of the whole map (a few millimetres and tenths of a
+        degree), so the optimiser's moments are kept as they are and view-dependent SH colour is
+        not rotated (a sub-degree rotation of the lobes is far below what the images resolve).
+        """
+        if self.n == 0:
+            return
+        R = torch.as_tensor(T[:3, :3], dtype=torch.float32, device=self.device)
+        t = torch.as_tensor(T[:3, 3], dtype=torch.float32, device=self.device)
+        q_np = np.empty(4)
+        # Rotation matrix -> (w, x, y, z), valid for rotations well below 180 degrees.
+        q_np[0] = math.sqrt(max(1.0 + T[0, 0] + T[1, 1] + T[2, 2], 1e-12)) / 2.0
+        q_np[1:] = np.array([T[2, 1] - T[1, 2], T[0, 2] - T[2, 0], T[1, 0] - T[0, 1]]) / (4.0 * q_np[0])
+        w1, x1, y1, z1 = torch.as_tensor(q_np / np.linalg.norm(q_np), dtype=torch.float32, device=self.device)
+        with torch.no_grad():
+            self.means.copy_(self.means @ R.T + t)
+            w2, x2, y2, z2 = self.quats.unbind(-1)
+            self.quats.copy_(torch.stack([w1 * w2 - x1 * x2 - y1 * y2 - z1 * z2,
+                                          w1 * x2 + x1 * w2 + y1 * z2 - z1 * y2,
+                                          w1 * y2 - x1 * z2 + y1 * w2 + z1 * x2,
+                                          w1 * z2 + x1 * y2 - y1 * x2 + z1 * w2], dim=-1))
+
     def remove_ids(self, ids: torch.Tensor) -> int:
         return self.remove(torch.isin(self.ids, ids.to(self.ids)))
 

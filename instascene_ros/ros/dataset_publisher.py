@@ -19,25 +19,12 @@ from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import CameraInfo, Image
 from tf2_msgs.msg import TFMessage
 
+from instascene_ros.core.pose_refinement import perturb_pose
 from instascene_ros.ros.conversions import numpy_to_image
 from instascene_ros.ros.frame_input import camera_info_intrinsics
 from instascene_ros.ros.tf_buffer import transform_msgs_from_matrix
 
 RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
-
-
-def perturb_pose(T: np.ndarray, rng: np.random.Generator, translation_m: float, rotation_deg: float) -> np.ndarray:
-    """T with a random translation of norm `translation_m` and rotation of `rotation_deg`."""
-    direction = rng.normal(size=3)
-    axis = rng.normal(size=3)
-    axis /= np.linalg.norm(axis)
-    angle = np.deg2rad(rotation_deg)
-    K = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    R = np.eye(3) + np.sin(angle) * K + (1 - np.cos(angle)) * K @ K
-    noisy = T.copy()
-    noisy[:3, :3] = R @ T[:3, :3]
-    noisy[:3, 3] = T[:3, 3] + translation_m * direction / np.linalg.norm(direction)
-    return noisy
 
 
 class DatasetPublisher(Node):

@@ -255,6 +255,9 @@ class InstaSceneNode(Node):
                   "n_instances": len(snapshot.instances), "map_version": snapshot.map_version,
                   "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
                   "rss_mb": _resident_mb()}
+        # Reads two ints of the mapper's counters (no lock needed for a diagnostic).
+        pose_stats = dict(self.pipeline.mapper.pose_stats)
+        values.update({"keyframe_poses_refined": pose_stats["refined"], "keyframe_poses_kept": pose_stats["kept"]})
         values.update({f"drops/{reason}": count for reason, count in self.drops.items()})
         values.update({f"seconds/{stage}": seconds for stage, seconds in self.stage_seconds.items()})
         healthy = self._queue.qsize() < self.params.queue_size

@@ -16,6 +16,7 @@ class NodeParameters:
     pose_source: str = "tf"  # "tf" (camera frame from the image header) or "pose_topic"
     use_depth: bool = True
     use_masks: bool = True
+    refine_poses: bool = True  # correct keyframe poses against the map by depth ICP (core/pose_refinement.py)
     preset: str = "cpu"  # mapper preset: "cpu" (2 cores) or "paper" (GPU, published schedule)
     device: str = "cpu"  # "cpu" (numba kernels) or "cuda" (gsplat)
     numba_threads: int = 1
@@ -45,6 +46,7 @@ DESCRIPTIONS = {
     "global_frame": "fixed frame of the map; poses, clouds and meshes are expressed in it",
     "pose_source": "'tf': camera pose from TF (global_frame <- image header frame); 'pose_topic': from ~/pose (PoseStamped)",
     "use_depth": "pair each image with a depth image (32FC1 metres or 16UC1 mm, registered to colour)",
+    "refine_poses": "correct each RGB-D keyframe's TF pose by point-to-plane ICP against the map (kinematic and calibration error of a few mm / tenths of a degree); false = trust TF as is",
     "use_masks": "wait for 2D instance masks on 'mask' (optional per frame: frames without one are still mapped)",
     "preset": "mapper budgets: 'cpu' (2 cores) or 'paper' (GPU, published iteration counts)",
     "device": "'cpu' (numba kernels) or 'cuda' (gsplat)",

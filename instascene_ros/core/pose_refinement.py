@@ -1,0 +1,353 @@
+"""Frame-to-model pose refinement for RGB-D keyframes, and the gauge that keeps the map in the
+world frame the poses are measured in.
+
+A robot's TF pose of the camera is off by millimetres and tenths of a degree (hand-eye
+calibration, joint encoders, a drifting base), and a map fused from such poses is blurred and
+its masks disagree between views. Before a keyframe is inserted, its measured pose is corrected
+by projective point-to-plane ICP of its depth map against the depth the current map renders
+from the measured pose (the frame-to-model tracking of KinectFusion, Newcombe et al. 2011):
+cheap on a CPU (one forward render at half resolution, then a few 6x6 solves), and exact where
+the map is opaque.
+
+Aligning every keyframe to the map makes the map self-consistent, but in the frame of its first
+keyframes: their pose errors carry over to the whole map (0.5 degree at half a metre is ~2 px at
+256x256). With zero-mean pose errors, the mean correction over all keyframes estimates that
+offset, so `Gauge` moves the map (Gaussians and keyframe poses) by the inverse of the mean
+correction whenever it grows beyond a threshold; the map then sits where the measured poses say
+on average, as it would without refinement, but sharp.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+from instascene_ros.core.camera import Camera, rigid_inverse
+
+
+@dataclass
+class PoseRefinementConfig:
+    """Point-to-plane ICP of a keyframe's depth against the map's rendered depth."""
+
+    enabled: bool = True
+    # The map is rendered at this fraction of the keyframe's size, and the keyframe's depth is
+    # sampled on the matching pixel grid: 128x128 points at 256x256 (~10 ms per ICP iteration).
+    render_scale: float = 0.5
+    iterations: int = 12
+    # Map pixels used as the model surface: opaque (alpha-normalised depth is exact there) and
+    # with all four neighbours opaque (for the normal).
+    min_alpha: float = 0.95
+    # Association gate: a keyframe point and the map surface it projects onto are paired when
+    # closer than this fraction of the keyframe's median depth; the gate shrinks from `initial`
+    # to `final` over the iterations (coarse pairing first, then only the close ones).
+    initial_gate_fraction: float = 0.04
+    final_gate_fraction: float = 0.01
+    max_depth_step_fraction: float = 0.05  # between neighbouring map pixels: a depth edge beyond
+    min_normal_cos: float = 0.7
+    huber_fraction: float = 0.004  # robust loss threshold, fraction of the median depth
+    # The correction is kept only when at least this fraction of the keyframe's depth samples
+    # are paired (a view that shows mostly unmapped space keeps its measured pose) ...
+    min_paired_fraction: float = 0.25
+    # ... when it is no larger than these (larger means the map or the pose is wrong: keep the
+    # measured pose rather than tear the map) ...
+    max_correction_m: float = 0.03
+    max_correction_deg: float = 3.0
+    # ... and when it moves the keyframe's surface points by at least this many pixels on average
+    # (at the keyframe's resolution). Below that the map cannot tell the poses apart: its own
+    # depth is biased by a millimetre or two (splats composited at grazing angles), and ICP
+    # against it moves even an exact pose by ~0.5-1.2 px (measured on the bench scene at 256 px,
+    # where 5 mm / 0.5 degree of TF error is 2-5 px).
+    min_correction_px: float = 1.5
+    # Directions of the pose whose eigenvalue of the (scale-normalised) normal equations is below
+    # this fraction of the largest are not corrected: a bare table plane fixes only height, roll
+    # and pitch (sliding along it and turning about its normal keep their measured values); the
+    # objects on it fix the rest.
+    min_conditioning: float = 1e-3
+    # The gauge: move the map by the inverse of the mean keyframe correction once that exceeds
+    # either threshold.
+    gauge: bool = True
+    gauge_threshold_m: float = 0.0005
+    gauge_threshold_deg: float = 0.05
+
+
+@dataclass
+class PoseRefinement:
+    """What `refine_pose` found. `T_world_cam` is the refined pose when `applied`, else the
+    measured one; `reason` says why not."""
+
+    T_world_cam: np.ndarray
+    applied: bool
+    reason: str
+    translation_m: float = 0.0
+    rotation_deg: float = 0.0
+    paired_fraction: float = 0.0
+    rms_before_mm: Optional[float] = None
+    rms_after_mm: Optional[float] = None
+    iterations: int = 0
+    constrained_dofs: int = 0  # directions of the pose the geometry fixed (6 = all)
+    shift_px: float = 0.0  # mean image displacement of the keyframe's points under the correction
+
+
+# ------------------------------------------------------------------------------ small SE(3) helpers
+def skew(v: np.ndarray) -> np.ndarray:
+    return np.array([[0.0, -v[2], v[1]], [v[2], 0.0, -v[0]], [-v[1], v[0], 0.0]])
+
+
+def rotation_from_vector(omega: np.ndarray) -> np.ndarray:
+    """Rodrigues: the rotation by |omega| radians about omega."""
+    angle = float(np.linalg.norm(omega))
+    if angle < 1e-12:
+        return np.eye(3) + skew(omega)
+    K = skew(omega / angle)
+    return np.eye(3) + np.sin(angle) * K + (1.0 - np.cos(angle)) * K @ K
+
+
+def rotation_to_vector(R: np.ndarray) -> np.ndarray:
+    """Inverse of `rotation_from_vector` for angles below pi."""
+    cos = np.clip((np.trace(R) - 1.0) / 2.0, -1.0, 1.0)
+    angle = float(np.arccos(cos))
+    axis_scaled = np.array([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]]) / 2.0
+    if angle < 1e-9:
+        return axis_scaled
+    return axis_scaled * (angle / np.sin(angle))
+
+
+def rigid(R: np.ndarray, t: np.ndarray) -> np.ndarray:
+    T = np.eye(4)
+    T[:3, :3], T[:3, 3] = R, t
+    return T
+
+
+def correction_size(C: np.ndarray) -> tuple[float, float]:
+    """(metres, degrees) of a world-frame correction, the translation measured at the origin."""
+    return float(np.linalg.norm(C[:3, 3])), float(np.degrees(np.linalg.norm(rotation_to_vector(C[:3, :3]))))
+
+
+def perturb_pose(T: np.ndarray, rng: np.random.Generator, translation_m: float, rotation_deg: float) -> np.ndarray:
+    """T with a random translation of norm `translation_m` and a rotation of `rotation_deg` about
+    a random axis through the camera centre: the pose noise of the benches and
+    `publish-dataset --pose-noise`."""
+    direction = rng.normal(size=3)
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    noisy = T.copy()
+    noisy[:3, :3] = rotation_from_vector(axis * np.deg2rad(rotation_deg)) @ T[:3, :3]
+    noisy[:3, 3] = T[:3, 3] + translation_m * direction / np.linalg.norm(direction)
+    return noisy
+
+
+# ---------------------------------------------------------------------------------------- ICP
+def _back_project(camera: Camera, depth: np.ndarray, cols: Optional[np.ndarray] = None,
+                  rows: Optional[np.ndarray] = None) -> np.ndarray:
+    """(H, W, 3) camera-frame points of a depth map whose pixels are the columns `cols` and rows
+    `rows` of `camera`'s image (default: all of them), through their pixel centres."""
+    h, w = depth.shape
+    cols = np.arange(w) if cols is None else cols
+    rows = np.arange(h) if rows is None else rows
+    u, v = np.meshgrid(cols + 0.5, rows + 0.5)
+    return np.stack([(u - camera.cx) / camera.fx * depth, (v - camera.cy) / camera.fy * depth, depth], -1)
+
+
+def _normals(points: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from instascene_ros.core.mapping import depth_normals  # the mapper's own (central differences)
+    return depth_normals(points, valid)
+
+
+def _sample_keyframe(camera: Camera, depth: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The keyframe's depth at about the density of `camera.scaled(scale)` (every 1/scale-th
+    pixel, no averaging across depth edges), back-projected through those pixels' own centres:
+    camera-frame points (M, 3) and normals (M, 3)."""
+    stride = max(1, int(round(1.0 / scale)))
+    cols = np.arange(stride // 2, camera.width, stride)
+    rows = np.arange(stride // 2, camera.height, stride)
+    sampled = depth[np.ix_(rows, cols)].astype(np.float64)
+    valid = np.isfinite(sampled) & (sampled > 0)
+    sampled = np.where(valid, sampled, 0.0)
+    points = _back_project(camera, sampled, cols, rows)
+    normals, ok = _normals(points, valid)
+    keep = valid & ok
+    return points[keep], normals[keep]
+
+
+def _mean_shift_px(camera: Camera, points_cam: np.ndarray, T_from: np.ndarray, T_to: np.ndarray) -> float:
+    """Mean pixel displacement of camera-frame points seen from `T_from` when the camera is
+    believed to be at `T_to` instead (their world positions move with the pose)."""
+    world = points_cam @ T_to[:3, :3].T + T_to[:3, 3]
+    back = (world - T_from[:3, 3]) @ T_from[:3, :3]  # into the T_from camera frame
+    z = np.maximum(back[:, 2], 1e-6)
+    du = camera.fx * (back[:, 0] / z - points_cam[:, 0] / points_cam[:, 2])
+    dv = camera.fy * (back[:, 1] / z - points_cam[:, 1] / points_cam[:, 2])
+    return float(np.mean(np.hypot(du, dv)))
+
+
+def refine_pose(camera: Camera, depth: np.ndarray,
+                render_model: Callable[[Camera], tuple[np.ndarray, np.ndarray]],
+                config: Optional[PoseRefinementConfig] = None) -> PoseRefinement:
+    """Correct `camera.T_world_cam` so the keyframe's `depth` (H, W metres, 0 = invalid) lies on
+    the map's surface.
+
+    `render_model(camera)` returns the map's alpha-normalised depth and alpha, (h, w) each, seen
+    from `camera` (called once, at `render_scale`). The correction is a world-frame rigid
+    transform C (the refined pose is C @ measured), estimated by Gauss-Newton on Huber-weighted
+    point-to-plane residuals with projective association into the measured view.
+    """
+    cfg = config or PoseRefinementConfig()
+    T0 = np.asarray(camera.T_world_cam, np.float64)
+    small = camera.scaled(cfg.render_scale)
+    model_depth, model_alpha = render_model(small)
+    model_depth = np.asarray(model_depth, np.float64)
+    opaque = (np.asarray(model_alpha) >= cfg.min_alpha) & (model_depth > 0)
+    model_points_cam = _back_project(small, np.where(opaque, model_depth, 0.0))
+    model_normals_cam, normal_ok = _normals(model_points_cam, opaque)
+    usable = opaque & normal_ok
+    if not usable.any():
+        return PoseRefinement(T0, False, "the map is not opaque anywhere in this view")
+    R0, t0 = T0[:3, :3], T0[:3, 3]
+    model_points = model_points_cam @ R0.T + t0  # world frame, (h, w, 3)
+    model_normals = model_normals_cam @ R0.T
+
+    points_cam, normals_cam = _sample_keyframe(camera, depth, cfg.render_scale)
+    if len(points_cam) < 100:
+        return PoseRefinement(T0, False, "too few valid depth samples")
+    median_depth = float(np.median(points_cam[:, 2]))
+    huber = cfg.huber_fraction * median_depth
+    world_to_model = rigid_inverse(T0)
+    K = small.K
+
+    def associate(T: np.ndarray, gate: float):
+        """Pairs of keyframe points (world frame, under pose T) and model surface elements."""
+        R, t = T[:3, :3], T[:3, 3]
+        X = points_cam @ R.T + t
+        normals = normals_cam @ R.T
+        in_model = X @ world_to_model[:3, :3].T + world_to_model[:3, 3]
+        z = in_model[:, 2]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # Continuous pixel-centre coordinates: the model surface is interpolated bilinearly
+            # between the four map pixels around the projection (nearest-pixel lookup leaves a
+            # half-pixel discretisation that biases the pose by millimetres at 128 px).
+            u = K[0, 0] * in_model[:, 0] / z + K[0, 2] - 0.5
+            v = K[1, 1] * in_model[:, 1] / z + K[1, 2] - 0.5
+        inside = (z > 1e-6) & (u >= 0) & (u < small.width - 1) & (v >= 0) & (v < small.height - 1)
+        idx = np.nonzero(inside)[0]
+        u0, v0 = np.floor(u[idx]).astype(int), np.floor(v[idx]).astype(int)
+        fu, fv = (u[idx] - u0)[:, None], (v[idx] - v0)[:, None]
+        corners = [(v0, u0), (v0, u0 + 1), (v0 + 1, u0), (v0 + 1, u0 + 1)]
+        keep = np.all([usable[r, c] for r, c in corners], axis=0)
+        depths = np.stack([model_depth[r, c] for r, c in corners])
+        # No interpolation across a depth edge (an oblique table is a few mm per pixel, an edge cm).
+        keep &= (depths.max(axis=0) - depths.min(axis=0)) < cfg.max_depth_step_fraction * median_depth
+        weights = [(1 - fu) * (1 - fv), (1 - fu) * fv, fu * (1 - fv), fu * fv]
+        weights = [weights[0], weights[2], weights[1], weights[3]]  # order of `corners`
+        target = sum(w * model_points[r, c] for w, (r, c) in zip(weights, corners))
+        n = sum(w * model_normals[r, c] for w, (r, c) in zip(weights, corners))
+        n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
+        idx, target, n = idx[keep], target[keep], n[keep]
+        close = (np.linalg.norm(X[idx] - target, axis=1) < gate) & (np.sum(normals[idx] * n, axis=1) > cfg.min_normal_cos)
+        idx = idx[close]
+        return X[idx], target[close], n[close]
+
+    def rms_mm(X, target, n) -> float:
+        return float(np.sqrt(np.mean(np.sum((X - target) * n, axis=1) ** 2))) * 1000.0
+
+    T = T0.copy()
+    X, target, n = associate(T, cfg.initial_gate_fraction * median_depth)
+    if len(X) < 100:
+        return PoseRefinement(T0, False, "too few keyframe points near the map surface")
+    rms_before = rms_mm(X, target, n)
+    iterations = 0
+    constrained = np.ones(6, bool)
+    for iteration in range(cfg.iterations):
+        progress = iteration / max(cfg.iterations - 1, 1)
+        gate = (cfg.initial_gate_fraction + (cfg.final_gate_fraction - cfg.initial_gate_fraction) * progress) * median_depth
+        X, target, n = associate(T, gate)
+        if len(X) < 100:
+            break
+        # Rotate about the paired points' centroid (well conditioned), then translate.
+        centre = X.mean(axis=0)
+        residual = np.sum((X - target) * n, axis=1)
+        J = np.concatenate([np.cross(X - centre, n) / median_depth, n], axis=1)  # rotation scaled to metres
+        weight = np.where(np.abs(residual) <= huber, 1.0, huber / np.maximum(np.abs(residual), 1e-12))
+        H = J.T @ (J * weight[:, None])
+        g = J.T @ (weight * residual)
+        # Degeneracy-aware step (Zhang, Kaess & Singh 2016): solve only along the directions the
+        # geometry constrains; the others keep the measured pose.
+        eigen, vectors = np.linalg.eigh(H)
+        constrained = eigen >= cfg.min_conditioning * max(eigen[-1], 1e-30)
+        step = -vectors[:, constrained] @ ((vectors[:, constrained].T @ g) / eigen[constrained])
+        omega, translation = step[:3] / median_depth, step[3:]
+        R_step = rotation_from_vector(omega)
+        update = rigid(R_step, centre - R_step @ centre + translation)
+        T = update @ T
+        iterations = iteration + 1
+        if np.linalg.norm(omega) * median_depth < 1e-6 and np.linalg.norm(translation) < 1e-6:
+            break
+    X, target, n = associate(T, cfg.final_gate_fraction * median_depth)
+    paired = len(X) / len(points_cam)
+    C = T @ rigid_inverse(T0)
+    moved_m = float(np.linalg.norm(T[:3, 3] - T0[:3, 3]))
+    turned = float(np.degrees(np.linalg.norm(rotation_to_vector(C[:3, :3]))))
+    result = PoseRefinement(T0, False, "", translation_m=moved_m, rotation_deg=turned, paired_fraction=paired,
+                            rms_before_mm=rms_before, rms_after_mm=rms_mm(X, target, n) if len(X) else None,
+                            iterations=iterations, constrained_dofs=int(constrained.sum()))
+    shift_px = _mean_shift_px(camera, points_cam, T0, T)
+    result.shift_px = shift_px
+    if paired < cfg.min_paired_fraction:
+        result.reason = f"only {paired:.0%} of the depth samples lie on the mapped surface"
+    elif not constrained.any():
+        result.reason = "the visible geometry constrains no direction of the pose"
+    elif moved_m > cfg.max_correction_m or turned > cfg.max_correction_deg:
+        result.reason = f"correction too large ({moved_m * 1000:.1f} mm, {turned:.2f} deg)"
+    elif result.rms_after_mm is None or result.rms_after_mm > rms_before:
+        result.reason = "the correction did not reduce the residual"
+    elif shift_px < cfg.min_correction_px:
+        result.reason = f"correction below the map's resolution ({shift_px:.2f} px)"
+    else:
+        result.T_world_cam, result.applied, result.reason = T, True, "refined"
+    return result
+
+
+# ---------------------------------------------------------------------------------------- gauge
+class Gauge:
+    """The mean correction over keyframes, and when to take it out of the map.
+
+    `corrections[index]` = refined pose @ inverse(measured pose) of each keyframe, world frame
+    (the identity for keyframes kept at their measured pose, the first one included: in the map's
+    frame those are exact by definition).
+    """
+
+    def __init__(self, config: PoseRefinementConfig):
+        self.config = config
+        self.corrections: dict[int, np.ndarray] = {}
+
+    def add(self, index: int, correction: np.ndarray) -> None:
+        self.corrections[index] = correction
+
+    def forget(self, kept: set) -> None:
+        for index in [i for i in self.corrections if i not in kept]:
+            del self.corrections[index]
+
+    def mean(self) -> np.ndarray:
+        """First-order mean of the corrections: averaged rotation vectors and translations."""
+        if not self.corrections:
+            return np.eye(4)
+        stack = list(self.corrections.values())
+        omega = np.mean([rotation_to_vector(C[:3, :3]) for C in stack], axis=0)
+        translation = np.mean([C[:3, 3] for C in stack], axis=0)
+        return rigid(rotation_from_vector(omega), translation)
+
+    def due(self) -> Optional[np.ndarray]:
+        """The transform to apply to the map (inverse mean correction), or None while the mean is
+        within the thresholds."""
+        cfg = self.config
+        if not cfg.gauge or len(self.corrections) < 2:
+            return None
+        mean = self.mean()
+        metres, degrees = correction_size(mean)
+        if metres < cfg.gauge_threshold_m and degrees < cfg.gauge_threshold_deg:
+            return None
+        return rigid_inverse(mean)
+
+    def moved(self, transform: np.ndarray) -> None:
+        """The map and every keyframe pose were moved by `transform` (world frame)."""
+        self.corrections = {i: transform @ C for i, C in self.corrections.items()}
