@@ -23,22 +23,7 @@ SPHERES = [(np.array([0.05, -0.04, 0.06]), 0.06), (np.array([-0.08, 0.07, 0.04])
 
 def table_depth(camera: Camera, spheres=SPHERES) -> np.ndarray:
     """Optical-axis depth of the plane z = 0 (|x|, |y| < 0.4) with spheres on it; 0 = nothing."""
-    origins, dirs = camera.pixel_rays()
-    t_best = np.full(len(dirs), np.inf)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t_plane = -origins[:, 2] / dirs[:, 2]
-    hit = origins + t_plane[:, None] * dirs
-    on_plane = (t_plane > 0) & (np.abs(hit[:, 0]) < 0.4) & (np.abs(hit[:, 1]) < 0.4)
-    t_best[on_plane] = t_plane[on_plane]
-    for centre, radius in spheres:
-        oc = origins - centre
-        b = np.sum(oc * dirs, axis=1)
-        disc = b * b - (np.sum(oc * oc, axis=1) - radius ** 2)
-        t = -b - np.sqrt(np.maximum(disc, 0.0))
-        hit_sphere = (disc > 0) & (t > 0) & (t < t_best)
-        t_best[hit_sphere] = t[hit_sphere]
-    z = t_best * (dirs @ camera.T_world_cam[:3, 2])
-    return np.where(np.isfinite(z), z, 0.0).reshape(camera.height, camera.width)
+    return AnalyticScene(spheres=spheres).frame(camera).depth.astype(np.float64)
 
 
 # Against the exact surface there is no map bias to stay above: every correction counts.

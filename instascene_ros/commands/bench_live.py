@@ -16,7 +16,9 @@ Protocol (one generated scene, the same data for every row):
    drops, keyframes, resident memory). When the stream ends the node gets `--settle-seconds`
    of idle refinement, then `~/save_map`; the saved map is scored exactly like the offline run
    (core/evaluation.evaluate_run). The second live row streams with pose noise (`--pose-noise`,
-   a fresh random error per frame on TF), scored against the true test cameras.
+   a fresh random error per frame on TF), scored against the true test cameras. An optional
+   fourth row, `live-pose-noise-unrefined`, repeats it with `refine_poses:=false` (the ablation of
+   keyframe pose refinement).
 
 Memory is "flat" when the resident memory's linear trend over the second half of the stream
 is below `--flat-mb-per-min`. JSON: {"scene", "rows": {name: {...}}, "targets": {...}}.
