@@ -184,3 +184,16 @@ def test_mapper_refines_a_noisy_keyframe_and_moves_map_and_poses_together():
     after_render = mapper.render_view(mapper.keyframes[2].camera).color
     assert torch.allclose(before_render, after_render, atol=2e-3), float((before_render - after_render).abs().max())
     assert mapper.gauge.due() is None
+
+
+def test_maps_saved_before_pose_refinement_load_with_its_defaults():
+    import copy
+
+    mapper = Mapper(small_config())
+    state = copy.deepcopy(mapper.__getstate__())
+    del state["gauge"], state["pose_stats"]
+    del state["config"].pose_refinement  # a MapperConfig pickled before the field existed
+    old = Mapper.__new__(Mapper)
+    old.__setstate__(state)
+    assert old.config.pose_refinement == PoseRefinementConfig()
+    assert old.pose_stats == {"refined": 0, "kept": 0} and old.gauge.due() is None
