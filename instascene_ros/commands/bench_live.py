@@ -16,9 +16,9 @@ Protocol (one generated scene, the same data for every row):
    drops, keyframes, resident memory). When the stream ends the node gets `--settle-seconds`
    of idle refinement, then `~/save_map`; the saved map is scored exactly like the offline run
    (core/evaluation.evaluate_run). The second live row streams with pose noise (`--pose-noise`,
-   a fresh random error per frame on TF), scored against the true test cameras. An optional
-   fourth row, `live-pose-noise-unrefined`, repeats it with `refine_poses:=false` (the ablation of
-   keyframe pose refinement).
+   a fresh random error per frame on TF), scored against the true test cameras. Optional rows
+   `live-unrefined` and `live-pose-noise-unrefined` repeat the live rows with `refine_poses:=false`
+   (the ablation of keyframe pose refinement).
 
 Memory is "flat" when the resident memory's linear trend over the second half of the stream
 is below `--flat-mb-per-min`. JSON: {"scene", "rows": {name: {...}}, "targets": {...}}.
@@ -38,8 +38,8 @@ import numpy as np
 
 from instascene_ros.commands.bench import _fmt
 
-# The last row is the ablation of keyframe pose refinement (node parameter refine_poses:=false).
-ROWS = ("offline", "live", "live-pose-noise", "live-pose-noise-unrefined")
+# The "-unrefined" rows are the ablation of keyframe pose refinement (refine_poses:=false).
+ROWS = ("offline", "live", "live-unrefined", "live-pose-noise", "live-pose-noise-unrefined")
 TARGETS = {"psnr_gap_db": 1.0, "miou_gap": 3.0, "p95_ms": 100.0, "pose_noise_miou_drop": 5.0}
 
 
@@ -222,17 +222,13 @@ def run_live(args) -> int:
             "psnr", "psnr_object", "ssim", "miou", "biou", "pq_scene", "cloud_precision", "n_instances",
             "keyframes", "wall_s", "n_gaussians")}
         save()
-    if "live" in wanted:
-        result["rows"]["live"] = live_row(scene, args.work / f"live-s{args.seed}", args, "")
-        save()
-    if "live-pose-noise" in wanted and args.pose_noise:
-        result["rows"]["live-pose-noise"] = live_row(scene, args.work / f"live-noise-s{args.seed}", args,
-                                                     args.pose_noise)
-        save()
-    if "live-pose-noise-unrefined" in wanted and args.pose_noise:
-        result["rows"]["live-pose-noise-unrefined"] = live_row(
-            scene, args.work / f"live-noise-unrefined-s{args.seed}", args, args.pose_noise, refine_poses=False)
-        save()
+    live_rows = {"live": ("live", "", True), "live-unrefined": ("live-unrefined", "", False),
+                 "live-pose-noise": ("live-noise", args.pose_noise, True),
+                 "live-pose-noise-unrefined": ("live-noise-unrefined", args.pose_noise, False)}
+    for name, (folder, pose_noise, refine) in live_rows.items():
+        if name in wanted and (pose_noise or "noise" not in name):
+            result["rows"][name] = live_row(scene, args.work / f"{folder}-s{args.seed}", args, pose_noise, refine)
+            save()
     print_table(result, args)
     return 0
 
