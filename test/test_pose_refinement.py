@@ -27,7 +27,7 @@ def table_depth(camera: Camera, spheres=SPHERES) -> np.ndarray:
 
 
 # Against the exact surface there is no map bias to stay above: every correction counts.
-EXACT = PoseRefinementConfig(min_correction_px=0.0)
+EXACT = PoseRefinementConfig(min_correction_px=0.0, min_residual_ratio=1.0)
 
 
 def exact_model(spheres=SPHERES):
@@ -113,6 +113,10 @@ def test_icp_keeps_the_pose_when_the_map_is_empty_or_the_correction_is_implausib
     assert exact.applied and 0.0 < exact.shift_px < 1.0
     small = refine_pose(camera_at(near), depth, exact_model(), PoseRefinementConfig(min_correction_px=1.0))
     assert not small.applied and "resolution" in small.reason and np.array_equal(small.T_world_cam, near)
+    # A correction that explains too little of the residual is the map's bias, not the pose's error.
+    demanding = PoseRefinementConfig(min_correction_px=0.0, min_residual_ratio=1e6)
+    weak = refine_pose(camera_at(near), depth, exact_model(), demanding)
+    assert not weak.applied and "explains too little" in weak.reason
 
 
 def test_gauge_takes_the_mean_correction_out():
@@ -144,7 +148,7 @@ def test_mapper_refines_a_noisy_keyframe_and_moves_map_and_poses_together():
     # At 64 px the 5 mm / 0.5 degree error is ~1.5 px: below the product's deadband, so it is
     # switched off here (this test is about what happens when a correction is applied).
     config.pose_refinement = dataclasses.replace(config.pose_refinement, render_scale=1.0, gauge=False,
-                                                 min_correction_px=0.0)
+                                                 min_correction_px=0.0, min_residual_ratio=1.0)
     mapper = Mapper(config)
     for az, el in zip(np.linspace(0, 315, 8), [30, 50, 35, 55, 30, 50, 35, 55]):
         mapper.add_frame(scene.frame(orbit_camera(size, az, el)))

@@ -59,6 +59,10 @@ class PoseRefinementConfig:
     # against it moves even an exact pose by ~0.5-1.2 px (measured on the bench scene at 256 px,
     # where 5 mm / 0.5 degree of TF error is 2-5 px).
     min_correction_px: float = 1.5
+    # ... and when it explains a good part of the residual: RMS before / after at least this.
+    # Against the same map, exact poses went only 1.29-1.46x lower (ICP fitting the map's bias)
+    # and poses with 5 mm / 0.5 degree of error 1.8-4.1x (15 keyframes each, bench scene).
+    min_residual_ratio: float = 1.6
     # Directions of the pose whose eigenvalue of the (scale-normalised) normal equations is below
     # this fraction of the largest are not corrected: a bare table plane fixes only height, roll
     # and pitch (sliding along it and turning about its normal keep their measured values); the
@@ -302,6 +306,9 @@ def refine_pose(camera: Camera, depth: np.ndarray,
         result.reason = "the correction did not reduce the residual"
     elif shift_px < cfg.min_correction_px:
         result.reason = f"correction below the map's resolution ({shift_px:.2f} px)"
+    elif rms_before < cfg.min_residual_ratio * result.rms_after_mm:
+        result.reason = (f"the correction explains too little of the residual ({rms_before:.2f} -> "
+                         f"{result.rms_after_mm:.2f} mm): the pose already fits the map as well as the map allows")
     else:
         result.T_world_cam, result.applied, result.reason = T, True, "refined"
     return result
