@@ -43,7 +43,9 @@ class PoseRefinementConfig:
     # to `final` over the iterations (coarse pairing first, then only the close ones).
     initial_gate_fraction: float = 0.04
     final_gate_fraction: float = 0.01
-    max_depth_step_fraction: float = 0.05  # between neighbouring map pixels: a depth edge beyond
+    # Neighbouring map pixels further apart in depth than this fraction of the median depth are
+    # a depth edge: the model surface is not interpolated across it.
+    max_depth_step_fraction: float = 0.05
     min_normal_cos: float = 0.7
     huber_fraction: float = 0.004  # robust loss threshold, fraction of the median depth
     # The correction is kept only when at least this fraction of the keyframe's depth samples
@@ -86,6 +88,8 @@ class PoseRefinement:
     translation_m: float = 0.0
     rotation_deg: float = 0.0
     paired_fraction: float = 0.0
+    # Point-to-plane RMS of the pairs at the measured pose (initial, wide gate) and at the refined
+    # one (final, narrow gate): the ratio the acceptance test reads, as measured for its threshold.
     rms_before_mm: Optional[float] = None
     rms_after_mm: Optional[float] = None
     iterations: int = 0
@@ -241,8 +245,7 @@ def refine_pose(camera: Camera, depth: np.ndarray,
         depths = np.stack([model_depth[r, c] for r, c in corners])
         # No interpolation across a depth edge (an oblique table is a few mm per pixel, an edge cm).
         keep &= (depths.max(axis=0) - depths.min(axis=0)) < cfg.max_depth_step_fraction * median_depth
-        weights = [(1 - fu) * (1 - fv), (1 - fu) * fv, fu * (1 - fv), fu * fv]
-        weights = [weights[0], weights[2], weights[1], weights[3]]  # order of `corners`
+        weights = [(1 - fu) * (1 - fv), fu * (1 - fv), (1 - fu) * fv, fu * fv]  # in the order of `corners`
         target = sum(w * model_points[r, c] for w, (r, c) in zip(weights, corners))
         n = sum(w * model_normals[r, c] for w, (r, c) in zip(weights, corners))
         n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
