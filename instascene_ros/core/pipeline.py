@@ -430,14 +430,14 @@ class Pipeline:
             return instance_id, similarity, None
         if instance_id == 0:
             return 0, similarity, np.zeros((camera.height, camera.width), dtype=bool)
-        return self._instance_mask_query(snapshot, camera, u, v, instance_id, similarity)
+        return self._instance_mask_query(snapshot, camera, u, v, instance_id)
 
-    def _instance_mask_query(self, snapshot: MapSnapshot, camera: Camera, u: float, v: float, instance_id: int,
-                             similarity: float) -> tuple[int, float, np.ndarray]:
-        """The mask of the instance found under (u, v): rendered only over the box its Gaussians
-        project to (plus QUERY_MASK_MARGIN_PX for their footprints), since no pixel outside it can
-        read as that instance; a tabletop object covers a small part of the view (~4x cheaper
-        than the whole view at 256 px, measured by `instascene bench live`)."""
+    def _instance_mask_query(self, snapshot: MapSnapshot, camera: Camera, u: float, v: float,
+                             instance_id: int) -> tuple[int, float, np.ndarray]:
+        """The mask of the instance found under (u, v), rendered only over the box its Gaussians
+        project to (plus QUERY_MASK_MARGIN_PX for their footprints); pixels outside it are not
+        that instance's. A tabletop object covers a small part of the view: the mask query's p95
+        while mapping went from 121-150 ms (whole view) to 71 ms (`instascene bench live`)."""
         height, width = camera.height, camera.width
         box = self._projected_box(snapshot.extraction[instance_id].points, camera)
         if box is not None:
