@@ -75,10 +75,6 @@ class PoseRefinementConfig:
     gauge: bool = True
     gauge_threshold_m: float = 0.0005
     gauge_threshold_deg: float = 0.05
-    # ... and only once this many keyframes were corrected: with exact poses a couple of
-    # corrections pass the acceptance tests (2 of 138 in a clean 10-minute live run), and their
-    # mean is not an offset of the map.
-    gauge_min_corrections: int = 8
 
 
 @dataclass
@@ -354,7 +350,7 @@ class Gauge:
         """The transform to apply to the map (inverse mean correction), or None while the mean is
         within the thresholds."""
         cfg = self.config
-        if not cfg.gauge or len(self.corrections) < max(2, cfg.gauge_min_corrections):
+        if not cfg.gauge or len(self.corrections) < 2:
             return None
         mean = self.mean()
         metres, degrees = correction_size(mean)
