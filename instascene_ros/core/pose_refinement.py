@@ -321,9 +321,9 @@ def refine_pose(camera: Camera, depth: np.ndarray,
 class Gauge:
     """The mean correction over keyframes, and when to take it out of the map.
 
-    `corrections[index]` = refined pose @ inverse(measured pose) of each keyframe, world frame
-    (the identity for keyframes kept at their measured pose, the first one included: in the map's
-    frame those are exact by definition).
+    `corrections[index]` = refined pose @ inverse(measured pose) of each corrected keyframe, world
+    frame, plus the identity for keyframes inserted into an empty map (the first one: in the map's
+    frame it is exact by definition). Keyframes whose correction was refused are not counted.
     """
 
     def __init__(self, config: PoseRefinementConfig):
@@ -332,10 +332,6 @@ class Gauge:
 
     def add(self, index: int, correction: np.ndarray) -> None:
         self.corrections[index] = correction
-
-    def forget(self, kept: set) -> None:
-        for index in [i for i in self.corrections if i not in kept]:
-            del self.corrections[index]
 
     def mean(self) -> np.ndarray:
         """First-order mean of the corrections: averaged rotation vectors and translations."""
