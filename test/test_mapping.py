@@ -18,9 +18,9 @@ import torch
 from scipy import ndimage
 
 from instascene_ros.core.camera import Camera, Frame, look_at
-from instascene_ros.core.mapping import (FrameResult, Mapper, MapperConfig, OptimisationConfig, RejectReason,
-                                         matrix_to_quaternion, psnr, ssim, ssim_map, triangulate_dlt)
-from instascene_ros.core.scene import SceneConfig
+from instascene_ros.core.mapping import (FrameResult, Mapper, MapperConfig, OptimisationConfig, RejectReason, psnr,
+                                         ssim, ssim_map, triangulate_dlt)
+from instascene_ros.core.scene import SceneConfig, matrix_to_quaternion
 
 TARGET = np.array([0.0, 0.0, 0.05])
 SPHERE_CENTRE = np.array([0.02, -0.03, 0.08])

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import signal
 import subprocess
@@ -91,7 +92,7 @@ def live_row(scene: pathlib.Path, out: pathlib.Path, args, pose_noise: str, refi
     from instascene_ros.core.io.dataset import load_dataset
     from instascene_ros.core.pipeline import Pipeline, PipelineConfig
     from instascene_ros.commands.demo import _wait_for_log
-    from instascene_ros.ros.environment import ros_environment
+    from instascene_ros.ros.environment import adopt_ros_environment, ros_environment
     from instascene_ros.ros.launcher import load_manifest, node_command, selected_nodes
     from instascene_ros.ros.live_probe import LiveProbe
 
@@ -100,10 +101,7 @@ def live_row(scene: pathlib.Path, out: pathlib.Path, args, pose_noise: str, refi
     train = [f for f in dataset.frames if f.meta.get("split", "train") == "train"]
     loops = max(1, math.ceil(args.minutes * 60.0 * args.rate / len(train)))
     env = ros_environment(domain_id=int(time.time()) % 100 + 20, log_dir=tempfile.mkdtemp(prefix="instascene-live-"))
-    import os
-    saved_env = dict(os.environ)
-    os.environ.update({k: env[k] for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOG_DIR",
-                                           "FASTDDS_DEFAULT_PROFILES_FILE", "RMW_IMPLEMENTATION") if k in env})
+    saved_env = adopt_ros_environment(env)
     arguments, nodes = load_manifest()
     arguments["with_segmenter"] = "false"
     spec = next(n for n in selected_nodes(nodes, arguments) if n.name == "instascene_node")

@@ -118,16 +118,14 @@ def ros_demo(args, scene_path: pathlib.Path, dataset, out: pathlib.Path) -> dict
     import trimesh
 
     from instascene_ros.ros.demo_client import DemoClient
-    from instascene_ros.ros.environment import ros_environment
+    from instascene_ros.ros.environment import adopt_ros_environment, ros_environment
     from instascene_ros.ros.launcher import load_manifest, node_command, selected_nodes
 
     stream = out / "stream"
     _subsample(scene_path, stream, args.every)
     n_frames = len(json.loads((stream / "transforms.json").read_text())["frames"])
     env = ros_environment(domain_id=int(time.time()) % 100 + 120, log_dir=tempfile.mkdtemp(prefix="instascene-ros-log-"))
-    import os
-    os.environ.update({k: env[k] for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOG_DIR",
-                                           "FASTDDS_DEFAULT_PROFILES_FILE", "RMW_IMPLEMENTATION")})
+    adopt_ros_environment(env)
     arguments, nodes = load_manifest()
     arguments["with_segmenter"] = "true" if args.masks == "segmenter" else "false"
     processes = {}

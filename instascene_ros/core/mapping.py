@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from instascene_ros.core.camera import Camera, Frame, InvalidFrameError
 from instascene_ros.core.pose_refinement import Gauge, PoseRefinement, PoseRefinementConfig, refine_pose
-from instascene_ros.core.scene import GaussianScene, SceneConfig
+from instascene_ros.core.scene import GaussianScene, SceneConfig, matrix_to_quaternion
 from instascene_ros.core.splat.types import Gaussians, RasterConfig, RenderOutput
 
 logger = logging.getLogger(__name__)
@@ -307,26 +307,6 @@ def rotation_angle_deg(R_a: np.ndarray, R_b: np.ndarray) -> np.ndarray:
     """Angle between rotations, from the trace of R_a^T R_b; R_a may be a (K, 3, 3) batch."""
     cos = (np.einsum("...ij,ij->...", R_a, R_b) - 1.0) / 2.0
     return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
-
-
-def matrix_to_quaternion(R: np.ndarray) -> np.ndarray:
-    """(N, 3, 3) rotation matrices -> (N, 4) unit quaternions (w, x, y, z), branch-free enough
-    for batches (Shepperd's method, choosing the largest diagonal term per row)."""
-    m = R
-    trace = m[:, 0, 0] + m[:, 1, 1] + m[:, 2, 2]
-    candidates = np.stack([
-        np.stack([1 + trace, m[:, 2, 1] - m[:, 1, 2], m[:, 0, 2] - m[:, 2, 0], m[:, 1, 0] - m[:, 0, 1]], -1),
-        np.stack([m[:, 2, 1] - m[:, 1, 2], 1 + m[:, 0, 0] - m[:, 1, 1] - m[:, 2, 2], m[:, 0, 1] + m[:, 1, 0],
-                  m[:, 0, 2] + m[:, 2, 0]], -1),
-        np.stack([m[:, 0, 2] - m[:, 2, 0], m[:, 0, 1] + m[:, 1, 0], 1 - m[:, 0, 0] + m[:, 1, 1] - m[:, 2, 2],
-                  m[:, 1, 2] + m[:, 2, 1]], -1),
-        np.stack([m[:, 1, 0] - m[:, 0, 1], m[:, 0, 2] + m[:, 2, 0], m[:, 1, 2] + m[:, 2, 1],
-                  1 - m[:, 0, 0] - m[:, 1, 1] + m[:, 2, 2]], -1),
-    ], axis=1)  # (N, 4 choices, 4)
-    diag = np.stack([trace, m[:, 0, 0], m[:, 1, 1], m[:, 2, 2]], -1)
-    q = candidates[np.arange(len(R)), np.argmax(diag, axis=1)]
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    return q * np.where(q[:, :1] < 0, -1.0, 1.0)
 
 
 def frames_from_normals(normals: np.ndarray) -> np.ndarray:

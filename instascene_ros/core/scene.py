@@ -132,6 +132,26 @@ def exponential_lr(step: int, lr_init: float, lr_final: float, max_steps: int,
     return delay_rate * math.exp(math.log(lr_init) * (1 - t) + math.log(lr_final) * t)
 
 
+def matrix_to_quaternion(R: np.ndarray) -> np.ndarray:
+    """(N, 3, 3) rotation matrices -> (N, 4) unit quaternions (w, x, y, z), branch-free enough
+    for batches (Shepperd's method, choosing the largest diagonal term per row)."""
+    m = R
+    trace = m[:, 0, 0] + m[:, 1, 1] + m[:, 2, 2]
+    candidates = np.stack([
+        np.stack([1 + trace, m[:, 2, 1] - m[:, 1, 2], m[:, 0, 2] - m[:, 2, 0], m[:, 1, 0] - m[:, 0, 1]], -1),
+        np.stack([m[:, 2, 1] - m[:, 1, 2], 1 + m[:, 0, 0] - m[:, 1, 1] - m[:, 2, 2], m[:, 0, 1] + m[:, 1, 0],
+                  m[:, 0, 2] + m[:, 2, 0]], -1),
+        np.stack([m[:, 0, 2] - m[:, 2, 0], m[:, 0, 1] + m[:, 1, 0], 1 - m[:, 0, 0] + m[:, 1, 1] - m[:, 2, 2],
+                  m[:, 1, 2] + m[:, 2, 1]], -1),
+        np.stack([m[:, 1, 0] - m[:, 0, 1], m[:, 0, 2] + m[:, 2, 0], m[:, 1, 2] + m[:, 2, 1],
+                  1 - m[:, 0, 0] - m[:, 1, 1] + m[:, 2, 2]], -1),
+    ], axis=1)  # (N, 4 choices, 4)
+    diag = np.stack([trace, m[:, 0, 0], m[:, 1, 1], m[:, 2, 2]], -1)
+    q = candidates[np.arange(len(R)), np.argmax(diag, axis=1)]
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    return q * np.where(q[:, :1] < 0, -1.0, 1.0)
+
+
 def quaternion_to_matrix(quats: torch.Tensor) -> torch.Tensor:
     """(N, 4) (w, x, y, z), any norm -> (N, 3, 3) rotation matrices."""
     q = quats / quats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -465,11 +485,8 @@ class GaussianScene:
             return
         R = torch.as_tensor(T[:3, :3], dtype=torch.float32, device=self.device)
         t = torch.as_tensor(T[:3, 3], dtype=torch.float32, device=self.device)
-        q_np = np.empty(4)
-        # Rotation matrix -> (w, x, y, z), valid for rotations well below 180 degrees.
-        q_np[0] = math.sqrt(max(1.0 + T[0, 0] + T[1, 1] + T[2, 2], 1e-12)) / 2.0
-        q_np[1:] = np.array([T[2, 1] - T[1, 2], T[0, 2] - T[2, 0], T[1, 0] - T[0, 1]]) / (4.0 * q_np[0])
-        w1, x1, y1, z1 = torch.as_tensor(q_np / np.linalg.norm(q_np), dtype=torch.float32, device=self.device)
+        q = matrix_to_quaternion(np.asarray(T, dtype=np.float64)[None, :3, :3])[0]
+        w1, x1, y1, z1 = torch.as_tensor(q, dtype=torch.float32, device=self.device)
         with torch.no_grad():
             self.means.copy_(self.means @ R.T + t)
             w2, x2, y2, z2 = self.quats.unbind(-1)

@@ -31,3 +31,15 @@ def ros_environment(domain_id: Optional[int] = None, log_dir: Optional[os.PathLi
         env["ROS_LOG_DIR"] = str(log_dir)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+ROS_VARIABLES = ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOG_DIR", "FASTDDS_DEFAULT_PROFILES_FILE",
+                 "RMW_IMPLEMENTATION")
+
+
+def adopt_ros_environment(env: dict) -> dict:
+    """Put env's ROS variables into this process's environment, so that rclpy in this process
+    talks to the nodes started with env. Returns the previous environment, for restoring."""
+    previous = dict(os.environ)
+    os.environ.update({key: env[key] for key in ROS_VARIABLES if key in env})
+    return previous
