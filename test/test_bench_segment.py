@@ -27,16 +27,18 @@ def test_each_variant_changes_only_its_own_settings():
     assert codebook.feature_lr == 2.5e-2  # the same feature rate as our field
     classifier = features["identity classifier on video-associated ids (baseline) lr x10"]
     assert classifier.objective == "classifier" and classifier.feature_lr == 2.5e-2
-    # Only the tracker rows change the tracker, and only its contact borders.
+    # Only the tracker rows change the tracker, each only its own rule.
+    tracker_rows = {"full with tracker tracing every mask pixel": {"mask_border_px": 0.0},
+                    "full without mutual-containment links": {"mutual_containment_link": False},
+                    "InstaScene as published": {"mask_border_px": 0.0, "mutual_containment_link": False}}
     for name, variant in variants.items():
-        expected = {"mask_border_px": 0.0} if name in ("full with tracker tracing every mask pixel",
-                                                        "InstaScene as published") else {}
-        assert _changed(tracker, variant.tracker) == expected, name
+        assert _changed(tracker, variant.tracker) == tracker_rows.get(name, {}), name
     # Only the input rows change the masks, each in its own way.
     inputs = {name: (v.mask_keyframes, v.clean_masks) for name, v in variants.items() if v.mask_keyframes or v.clean_masks}
     assert inputs == {"full with masks on 6 keyframes": (6, False), "full with masks on 16 keyframes": (16, False),
                       "full on clean masks (noise 0)": (0, True)}
     for name in inputs:
         assert _changed(base, variants[name].features) == {} and _changed(tracker, variants[name].tracker) == {}
-    assert base.mask_border_px > 0 and base.background_cluster  # the rows above switch real defaults off
+    # the rows above switch real defaults off
+    assert base.mask_border_px > 0 and base.background_cluster and tracker.mutual_containment_link
     assert all("," not in name for name in variants)  # --variants splits on commas

@@ -388,6 +388,46 @@ def test_dropped_masks_view_abstains_and_one_vote_in_four_does_not_link():
     assert tracker.solve().labels[0][1] != tracker.solve().labels[0][2]
 
 
+def test_masks_no_third_frame_observes_link_by_mutual_containment():
+    # The duck case: the segmenter merges D with its neighbour N in four views and segments them
+    # apart in two. The merged masks are split in 2 of 5 judging views (>= 30%): dropped, and
+    # their views abstain. The two clean D masks then share no third observer; each one's own
+    # view judges the other as held by its D mask, which links them (and the N masks likewise).
+    D, N = ids(0, 90), ids(90, 160)
+    both = np.concatenate([D, N])
+
+    def build(config=None):
+        tracker = SpatialTracker(config)
+        for frame in (0, 1):
+            tracker.add_frame(frame, None, {1: D, 2: N}, both)
+        for frame in range(2, 6):
+            tracker.add_frame(frame, None, {7: both}, both)
+        return tracker
+
+    tracker = build()
+    assert tracker.pair_consensus((0, 1), (1, 1)) == (0, 0)  # the vote is silent
+    result = tracker.solve()
+    assert {(frame, 7) for frame in range(2, 6)} <= set(result.undersegmented)
+    assert result.labels[0][1] == result.labels[1][1] != 0
+    assert result.labels[0][2] == result.labels[1][2] != 0
+    assert result.labels[0][1] != result.labels[0][2]
+    assert np.array_equal(result.instances[result.labels[0][1]].gaussian_ids, D)
+    # MaskClustering's rule (third frames only) finds no instance here.
+    plain = build(TrackerConfig(mutual_containment_link=False)).solve()
+    assert plain.labels[0][1] == 0 and not plain.instances
+
+    # A third view that observes both masks and holds them in two different masks vetoes it:
+    # tracker P = A + a0 (view 0), Q = A + a1 (view 1); view 2 sees only a0 and a1, apart.
+    A, a0, a1 = ids(0, 60), ids(60, 90), ids(90, 120)
+    tracker = SpatialTracker()
+    tracker.add_frame(0, None, {1: np.concatenate([A, a0])}, np.concatenate([A, a0]))
+    tracker.add_frame(1, None, {1: np.concatenate([A, a1])}, np.concatenate([A, a1]))
+    tracker.add_frame(2, None, {1: a0, 2: a1}, np.concatenate([a0, a1]))
+    assert tracker.pair_consensus((0, 1), (1, 1)) == (0, 1)
+    result = tracker.solve()
+    assert result.labels[0][1] == 0 or result.labels[0][1] != result.labels[1][1]
+
+
 # ------------------------------------------------------------------------------------------------
 # under-segmentation filter
 # ------------------------------------------------------------------------------------------------

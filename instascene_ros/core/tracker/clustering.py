@@ -87,6 +87,8 @@ def cluster_masks(valid: np.ndarray, observed: sparse.csr_matrix, contained: spa
     if n_valid < 2:
         return node_of, 0
     observed = observed[valid].astype(np.float32).tocsr()
+    # Containment among the valid trackers only, for the mutual-containment round.
+    contained_valid = contained[valid][:, valid].astype(np.float32).tocsr()
     contained = contained[valid].astype(np.float32).tocsr()
     rounds = 0
     previous_threshold, changed = None, True
@@ -113,8 +115,50 @@ def cluster_masks(valid: np.ndarray, observed: sparse.csr_matrix, contained: spa
         graph = sparse.csr_matrix((np.ones(int(link.sum())), (rows[link], cols[link])), shape=(n_nodes, n_nodes))
         _, component = connected_components(graph, directed=False)
         node_of = component[node_of]
+    if config.mutual_containment_link:
+        node_of, linked = _link_mutually_contained(node_of, observed, contained, contained_valid, config)
+        rounds += 1 if linked is not None else 0
     _, node_of = np.unique(node_of, return_inverse=True)
     return node_of.reshape(-1), rounds
+
+
+def _link_mutually_contained(node_of: np.ndarray, observed: sparse.csr_matrix, contained: sparse.csr_matrix,
+                             contained_valid: sparse.csr_matrix, config: TrackerConfig):
+    """The final round: link node pairs on which the third-frame vote is silent (fewer than
+    min_observers frames observe both, and none of those disagrees) when each node's own frames
+    contain the other (a mask of X holds a tracker of Y in X's frame, and the reverse).
+
+    Why: the vote only counts third frames, and a mask's own frame never observes it. When a
+    segmenter merges an object with a neighbour in most views, the under-segmentation filter
+    rightly drops those masks, their frames stop observing the object, and its few clean masks
+    share too few third frames to ever link; with masks on few keyframes (a ~1 Hz segmenter) the
+    same happens everywhere. The two masks' own frames still testify, each judging the other's
+    tracker as held by its mask (the same containment test a third frame uses).
+    Returns (node_of, the links made or None)."""
+    n_valid = node_of.size
+    n_nodes = int(node_of.max()) + 1
+    membership = sparse.csr_matrix((np.ones(n_valid, np.float32), (node_of, np.arange(n_valid))),
+                                   shape=(n_nodes, n_valid))
+    # holds[X, Y] > 0: some member mask of X contains some member tracker of Y.
+    holds = (membership @ contained_valid.T @ membership.T).tocsr()
+    holds.setdiag(0)
+    holds.eliminate_zeros()
+    mutual = sparse.triu(holds.multiply(holds.T), k=1).tocoo()
+    if mutual.nnz == 0:
+        return node_of, None
+    rows, cols = mutual.row.astype(np.int64), mutual.col.astype(np.int64)
+    node_observed = np.packbits((membership @ observed).toarray() > 0, axis=1)
+    node_contained = (membership @ contained).tocsr()
+    node_contained.data[:] = 1.0
+    n_vis = _common_bits(node_observed, rows, cols)
+    together = np.asarray(node_contained[rows].multiply(node_contained[cols]).sum(axis=1)).reshape(-1)
+    n_contain = np.minimum(np.rint(together).astype(np.int64), n_vis)
+    link = (n_vis < config.min_observers) & (n_contain >= n_vis)
+    if not link.any():
+        return node_of, None
+    graph = sparse.csr_matrix((np.ones(int(link.sum())), (rows[link], cols[link])), shape=(n_nodes, n_nodes))
+    _, component = connected_components(graph, directed=False)
+    return component[node_of], np.stack([rows[link], cols[link]], axis=1)
 
 
 def largest_dbscan_component(points: np.ndarray, config: TrackerConfig) -> np.ndarray:

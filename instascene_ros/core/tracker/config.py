@@ -53,6 +53,11 @@ class TrackerConfig:
     # MaskClustering iterative clustering: one round per observer-count threshold, the thresholds
     # being these percentiles of the pairwise observer counts, in this order.
     observer_percentiles: tuple[float, ...] = tuple(float(p) for p in range(95, -5, -5))
+    # Ours: after the schedule, pairs the third-frame vote cannot decide (fewer than
+    # min_observers frames observe both, none of them disagreeing) link when each one's own
+    # frame judges the other as contained by its mask (see `clustering._link_mutually_contained`).
+    # False = MaskClustering / InstaScene (third frames only).
+    mutual_containment_link: bool = True
 
     # Clusters. MaskClustering's post-processing ignores clusters of fewer than 2 masks.
     min_cluster_masks: int = 2
