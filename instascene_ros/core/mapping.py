@@ -721,16 +721,13 @@ class Mapper:
         if not cfg.enabled or frame.depth is None or self.scene.n == 0:
             return None
 
-        def render_model(camera: Camera) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        def render_model(camera: Camera) -> tuple[np.ndarray, np.ndarray]:
             with torch.no_grad():
                 out, _ = self._render_culled(camera, with_background=False)
-                alpha = out.alpha[0].clamp_min(1e-3)
-                # Composited over black: divide by alpha for the surface's own colour.
-                return (out.normalised_depth()[0].cpu().numpy(), out.alpha[0].cpu().numpy(),
-                        (out.color[0] / alpha[..., None]).cpu().numpy())
+                return out.normalised_depth()[0].cpu().numpy(), out.alpha[0].cpu().numpy()
 
         depth = np.where(self._valid_depth(frame.depth), frame.depth, 0.0)
-        result = refine_pose(frame.camera, depth, render_model, cfg, image=frame.rgb.astype(np.float32) / 255.0)
+        result = refine_pose(frame.camera, depth, render_model, cfg)
         self.pose_stats["refined" if result.applied else "kept"] += 1
         if result.applied:
             logger.debug("keyframe pose refined by %.1f mm, %.2f deg (residual %.2f -> %.2f mm)",

@@ -65,13 +65,6 @@ class PoseRefinementConfig:
     # Against the same map, exact poses went only 1.29-1.46x lower (ICP fitting the map's bias)
     # and poses with 5 mm / 0.5 degree of error 1.8-4.1x (15 keyframes each, bench scene).
     min_residual_ratio: float = 1.6
-    # ... and, when the keyframe's colour image and the map's colour are given, when the colours
-    # agree at least as well at the refined pose as at the measured one: mean absolute colour
-    # difference between keyframe samples and the map's colour where they land, over the samples
-    # paired at both poses, after / before <= this. A correction that only fits the map's depth
-    # bias moves the keyframe off the texture the map learned from exact poses; a real pose
-    # error is misaligned in colour too. None = no colour test.
-    max_photometric_ratio: Optional[float] = 1.0
     # Directions of the pose whose eigenvalue of the (scale-normalised) normal equations is below
     # this fraction of the largest are not corrected: a bare table plane fixes only height, roll
     # and pitch (sliding along it and turning about its normal keep their measured values); the
@@ -102,10 +95,6 @@ class PoseRefinement:
     iterations: int = 0
     constrained_dofs: int = 0  # directions of the pose the geometry fixed (6 = all)
     shift_px: float = 0.0  # mean image displacement of the keyframe's points under the correction
-    # Mean absolute colour difference (0-1 scale) of the keyframe against the map's colour at the
-    # measured and at the refined pose (None without colour).
-    colour_error_before: Optional[float] = None
-    colour_error_after: Optional[float] = None
 
 
 # ------------------------------------------------------------------------------ small SE(3) helpers
@@ -173,11 +162,10 @@ def _normals(points: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndar
     return depth_normals(points, valid)
 
 
-def _sample_keyframe(camera: Camera, depth: np.ndarray, scale: float,
-                     image: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+def _sample_keyframe(camera: Camera, depth: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
     """The keyframe's depth at about the density of `camera.scaled(scale)` (every 1/scale-th
     pixel, no averaging across depth edges), back-projected through those pixels' own centres:
-    camera-frame points (M, 3), normals (M, 3), and the image's colours there (M, C) or None."""
+    camera-frame points (M, 3) and normals (M, 3)."""
     stride = max(1, int(round(1.0 / scale)))
     cols = np.arange(stride // 2, camera.width, stride)
     rows = np.arange(stride // 2, camera.height, stride)
@@ -187,8 +175,7 @@ def _sample_keyframe(camera: Camera, depth: np.ndarray, scale: float,
     points = _back_project(camera, sampled, cols, rows)
     normals, ok = _normals(points, valid)
     keep = valid & ok
-    colours = None if image is None else np.asarray(image, np.float64)[np.ix_(rows, cols)][keep]
-    return points[keep], normals[keep], colours
+    return points[keep], normals[keep]
 
 
 def _mean_shift_px(camera: Camera, points_cam: np.ndarray, T_from: np.ndarray, T_to: np.ndarray) -> float:
@@ -202,26 +189,21 @@ def _mean_shift_px(camera: Camera, points_cam: np.ndarray, T_from: np.ndarray, T
     return float(np.mean(np.hypot(du, dv)))
 
 
-def refine_pose(camera: Camera, depth: np.ndarray, render_model: Callable[[Camera], tuple],
-                config: Optional[PoseRefinementConfig] = None, image: Optional[np.ndarray] = None) -> PoseRefinement:
+def refine_pose(camera: Camera, depth: np.ndarray,
+                render_model: Callable[[Camera], tuple[np.ndarray, np.ndarray]],
+                config: Optional[PoseRefinementConfig] = None) -> PoseRefinement:
     """Correct `camera.T_world_cam` so the keyframe's `depth` (H, W metres, 0 = invalid) lies on
     the map's surface.
 
     `render_model(camera)` returns the map's alpha-normalised depth and alpha, (h, w) each, seen
-    from `camera` (called once, at `render_scale`), and optionally its colour (h, w, C) as a
-    third item; with `image` (H, W, C, the keyframe's colours on the same 0-1 scale) the colour
-    test of `max_photometric_ratio` applies. The correction is a world-frame rigid transform C
-    (the refined pose is C @ measured), estimated by Gauss-Newton on Huber-weighted
+    from `camera` (called once, at `render_scale`). The correction is a world-frame rigid
+    transform C (the refined pose is C @ measured), estimated by Gauss-Newton on Huber-weighted
     point-to-plane residuals with projective association into the measured view.
     """
     cfg = config or PoseRefinementConfig()
     T0 = np.asarray(camera.T_world_cam, np.float64)
     small = camera.scaled(cfg.render_scale)
-    rendered = render_model(small)
-    model_depth, model_alpha = rendered[0], rendered[1]
-    model_colour = np.asarray(rendered[2], np.float64) if len(rendered) > 2 and rendered[2] is not None else None
-    if image is None or cfg.max_photometric_ratio is None:
-        model_colour = None
+    model_depth, model_alpha = render_model(small)
     model_depth = np.asarray(model_depth, np.float64)
     opaque = (np.asarray(model_alpha) >= cfg.min_alpha) & (model_depth > 0)
     model_points_cam = _back_project(small, np.where(opaque, model_depth, 0.0))
@@ -233,8 +215,7 @@ def refine_pose(camera: Camera, depth: np.ndarray, render_model: Callable[[Camer
     model_points = model_points_cam @ R0.T + t0  # world frame, (h, w, 3)
     model_normals = model_normals_cam @ R0.T
 
-    points_cam, normals_cam, colours = _sample_keyframe(camera, depth, cfg.render_scale,
-                                                        image if model_colour is not None else None)
+    points_cam, normals_cam = _sample_keyframe(camera, depth, cfg.render_scale)
     if len(points_cam) < 100:
         return PoseRefinement(T0, False, "too few valid depth samples")
     median_depth = float(np.median(points_cam[:, 2]))
@@ -242,9 +223,8 @@ def refine_pose(camera: Camera, depth: np.ndarray, render_model: Callable[[Camer
     world_to_model = rigid_inverse(T0)
     K = small.K
 
-    def associate(T: np.ndarray, gate: float, with_colour: bool = False):
-        """Pairs of keyframe points (world frame, under pose T) and model surface elements; with
-        `with_colour`, also the paired samples' indices and the map's colour where they land."""
+    def associate(T: np.ndarray, gate: float):
+        """Pairs of keyframe points (world frame, under pose T) and model surface elements."""
         R, t = T[:3, :3], T[:3, 3]
         X = points_cam @ R.T + t
         normals = normals_cam @ R.T
@@ -271,24 +251,8 @@ def refine_pose(camera: Camera, depth: np.ndarray, render_model: Callable[[Camer
         n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
         idx, target, n = idx[keep], target[keep], n[keep]
         close = (np.linalg.norm(X[idx] - target, axis=1) < gate) & (np.sum(normals[idx] * n, axis=1) > cfg.min_normal_cos)
-        if with_colour:
-            colour = sum(w * model_colour[r, c] for w, (r, c) in zip(weights, corners))[keep][close]
-            return idx[close], colour
         idx = idx[close]
         return X[idx], target[close], n[close]
-
-    def colour_errors(T: np.ndarray) -> tuple[Optional[float], Optional[float]]:
-        """Mean absolute colour difference at the measured pose and at T, over the samples paired
-        (final gate) at both."""
-        gate = cfg.final_gate_fraction * median_depth
-        before_idx, before_colour = associate(T0, gate, with_colour=True)
-        after_idx, after_colour = associate(T, gate, with_colour=True)
-        common, in_before, in_after = np.intersect1d(before_idx, after_idx, return_indices=True)
-        if common.size < 100:
-            return None, None
-        sample = colours[common]
-        return (float(np.mean(np.abs(sample - before_colour[in_before]))),
-                float(np.mean(np.abs(sample - after_colour[in_after]))))
 
     def rms_mm(X, target, n) -> float:
         return float(np.sqrt(np.mean(np.sum((X - target) * n, axis=1) ** 2))) * 1000.0
@@ -335,10 +299,6 @@ def refine_pose(camera: Camera, depth: np.ndarray, render_model: Callable[[Camer
                             iterations=iterations, constrained_dofs=int(constrained.sum()))
     shift_px = _mean_shift_px(camera, points_cam, T0, T)
     result.shift_px = shift_px
-    if model_colour is not None:
-        result.colour_error_before, result.colour_error_after = colour_errors(T)
-    colour_worse = (result.colour_error_before is not None
-                    and result.colour_error_after > cfg.max_photometric_ratio * result.colour_error_before)
     if paired < cfg.min_paired_fraction:
         result.reason = f"only {paired:.0%} of the depth samples lie on the mapped surface"
     elif not constrained.any():
@@ -352,9 +312,6 @@ def refine_pose(camera: Camera, depth: np.ndarray, render_model: Callable[[Camer
     elif rms_before < cfg.min_residual_ratio * result.rms_after_mm:
         result.reason = (f"the correction explains too little of the residual ({rms_before:.2f} -> "
                          f"{result.rms_after_mm:.2f} mm): the pose already fits the map as well as the map allows")
-    elif colour_worse:
-        result.reason = (f"the colours agree worse at the refined pose ({result.colour_error_before:.4f} -> "
-                         f"{result.colour_error_after:.4f}): the correction fits the map's depth, not the pose")
     else:
         result.T_world_cam, result.applied, result.reason = T, True, "refined"
     return result
