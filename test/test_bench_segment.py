@@ -30,9 +30,7 @@ def test_each_variant_changes_only_its_own_settings():
     # Only the tracker rows change the tracker, each only its own rule.
     tracker_rows = {"full with tracker tracing every mask pixel": {"mask_border_px": 0.0},
                     "full without mutual-containment links": {"mutual_containment_link": False},
-                    "full counting mask-edge Gaussians as seen": {"abstain_on_mask_edges": False},
-                    "InstaScene as published": {"mask_border_px": 0.0, "mutual_containment_link": False,
-                                                "abstain_on_mask_edges": False}}
+                    "InstaScene as published": {"mask_border_px": 0.0, "mutual_containment_link": False}}
     for name, variant in variants.items():
         assert _changed(tracker, variant.tracker) == tracker_rows.get(name, {}), name
     # Only the input rows change the masks, each in its own way.
@@ -43,5 +41,4 @@ def test_each_variant_changes_only_its_own_settings():
         assert _changed(base, variants[name].features) == {} and _changed(tracker, variants[name].tracker) == {}
     # the rows above switch real defaults off
     assert base.mask_border_px > 0 and base.background_cluster and tracker.mutual_containment_link
-    assert tracker.abstain_on_mask_edges
     assert all("," not in name for name in variants)  # --variants splits on commas

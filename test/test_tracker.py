@@ -257,26 +257,20 @@ def test_trackers_from_contributors_share_rule_and_persistent_ids():
     # 1 x 4 image: mask 5 on pixels 0-1, mask 6 on pixel 2, nothing on pixel 3.
     mask = np.array([[5, 5, 6, 0]], np.int32)
     # rows: 0 only in mask 5; 1 straddles (0.9 in mask 5, 0.1 in mask 6); 2 mostly outside masks;
-    # 3 only in mask 6; 4 split evenly between masks 5 and 6, a little outside.
-    per_pixel = [[(0, 0.5), (1, 0.45)], [(1, 0.45), (4, 0.3)], [(1, 0.1), (3, 0.6), (2, 0.2), (4, 0.3)],
-                 [(2, 0.7), (4, 0.1)]]
+    # 3 only in mask 6.
+    per_pixel = [[(0, 0.5), (1, 0.45)], [(1, 0.45)], [(1, 0.1), (3, 0.6), (2, 0.2)], [(2, 0.7)]]
     offsets = np.concatenate([[0], np.cumsum([len(p) for p in per_pixel])]).astype(np.int64)
     rows = np.array([r for p in per_pixel for r, _ in p], np.int64)
     weights = np.array([w for p in per_pixel for _, w in p], np.float32)
-    persistent = np.array([100, 101, 102, 103, 104], np.int64)
+    persistent = np.array([100, 101, 102, 103], np.int64)
     trackers, visible = trackers_from_contributors(mask, offsets, rows, weights, persistent, border_px=0.0)
     assert set(trackers) == {5, 6}
     assert trackers[5].tolist() == [100, 101]
     assert trackers[6].tolist() == [103]  # 102 lands 0.2 / 0.9 inside: out
-    # 102 is seen outside every mask (a vote against it); 104 sits on the edge between two
-    # masks, held by neither: the frame abstains on it.
     assert visible.tolist() == [100, 101, 102, 103]
-    _, counted = trackers_from_contributors(mask, offsets, rows, weights, persistent, border_px=0.0,
-                                            abstain_on_mask_edges=False)
-    assert counted.tolist() == [100, 101, 102, 103, 104]
     plain, _ = trackers_from_contributors(mask, offsets, rows, weights, persistent, min_pixel_share=0.0,
                                           border_px=0.0)
-    assert plain[5].tolist() == [100, 101, 104] and plain[6].tolist() == [101, 102, 103, 104]
+    assert plain[5].tolist() == [100, 101] and plain[6].tolist() == [101, 102, 103]
     with pytest.raises(ValueError):
         trackers_from_contributors(mask, offsets[:-1], rows, weights, persistent)
 

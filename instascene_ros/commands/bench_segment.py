@@ -19,11 +19,10 @@ Protocol (per seed; report seeds 11-15 are disjoint from the development seed 0)
    and those priors, extracted and scored the same way. The geometry is identical for all
    variants, so differences are the decomposition's. Variants, each the product's defaults with
    one part changed: InstaScene's ablation (noisy 2D masks only; 3D priors only; 3D priors + 2D
-   masks; + cross-view = full); our five additions switched off one at a time (pixels near a
+   masks; + cross-view = full); our four additions switched off one at a time (pixels near a
    change of mask id sampled by the field; no background cluster; the tracker tracing up to the
-   contact between two masks; no mutual-containment links, so only third frames vote; Gaussians
-   on the edge between masks counted as seen outside every mask) and all together ("InstaScene
-   as published"); the Unified-Lift
+   contact between two masks; no mutual-containment links, so only third frames vote) and all
+   together ("InstaScene as published"); the Unified-Lift
    object codebook (instances read from its slots, no clustering); and the fair
    baseline: Gaussian Grouping's identity classifier trained on the masks made consistent by
    the video associator (mask IoU propagated between consecutive keyframes, warped by depth),
@@ -109,13 +108,10 @@ def ablation_variants(features, tracker) -> dict:
         "full with tracker tracing every mask pixel": Variant(features, dataclasses.replace(tracker, mask_border_px=0.0)),
         "full without mutual-containment links": Variant(
             features, dataclasses.replace(tracker, mutual_containment_link=False)),
-        "full counting mask-edge Gaussians as seen": Variant(
-            features, dataclasses.replace(tracker, abstain_on_mask_edges=False)),
-        # All five off: InstaScene as published on these masks.
+        # All four off: InstaScene as published on these masks.
         "InstaScene as published": Variant(dataclasses.replace(features, mask_border_px=0.0, background_cluster=False),
                                            dataclasses.replace(tracker, mask_border_px=0.0,
-                                                               mutual_containment_link=False,
-                                                               abstain_on_mask_edges=False)),
+                                                               mutual_containment_link=False)),
         # Input: fewer masks (the robot case), clean masks (does the lifting lose information?).
         "full with masks on 6 keyframes": Variant(features, tracker, mask_keyframes=6),
         "full with masks on 16 keyframes": Variant(features, tracker, mask_keyframes=16),

@@ -234,8 +234,7 @@ class Pipeline:
                                               primitive=self.config.mapper.primitive, config=self.config.mapper.raster)
         return trackers_from_contributors(mask, offsets, rows, weights, self.mapper.scene.ids.cpu().numpy(),
                                           min_pixel_share=self.config.tracker.min_pixel_share,
-                                          border_px=self.config.tracker.mask_border_px,
-                                          abstain_on_mask_edges=self.config.tracker.abstain_on_mask_edges)
+                                          border_px=self.config.tracker.mask_border_px)
 
     def update_instances(self, feature_steps: int, retrace: Optional[int] = None) -> dict:
         """Re-trace, solve the tracker, train the field, extract instances, publish a snapshot."""

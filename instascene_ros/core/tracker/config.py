@@ -29,11 +29,6 @@ class TrackerConfig:
     # boundary error at 128-256 px; on development seeds 0-1 (128 px, noise 1) it found 2-3 more
     # objects than 0 px and 1 px (missed objects, not boundaries, are what mIoU loses).
     mask_border_px: float = 2.0
-    # Ours: a Gaussian that no tracker of the frame holds but that is drawn mostly on masked
-    # pixels (it straddles two masks, or a mask and a contact border) leaves the frame's visible
-    # set: the frame abstains on it. False = it counts as seen outside every mask, a vote against
-    # it in the prior's detection ratio (MaskClustering counts only points in no mask as such).
-    abstain_on_mask_edges: bool = True
 
     # Per-frame judgement. MaskClustering `mask_visible_threshold` = 0.3.
     visible_fraction: float = 0.3

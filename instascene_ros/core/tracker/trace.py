@@ -12,7 +12,6 @@ def trackers_from_contributors(mask: np.ndarray, pixel_offsets: np.ndarray, gaus
                                weights: np.ndarray, row_to_persistent_id: np.ndarray, *,
                                min_pixel_share: float = TrackerConfig.min_pixel_share,
                                border_px: float = TrackerConfig.mask_border_px,
-                               abstain_on_mask_edges: bool = TrackerConfig.abstain_on_mask_edges,
                                ) -> tuple[dict[int, np.ndarray], np.ndarray]:
     """Trackers of one frame's masks, and the frame's visible set.
 
@@ -27,9 +26,7 @@ def trackers_from_contributors(mask: np.ndarray, pixel_offsets: np.ndarray, gaus
     (with 0: when it contributes to any pixel of m). Masks that keep no Gaussian are left out.
     Pixels within `border_px` of another mask's pixels (`without_contact_borders`) are in no
     tracker, and a Gaussian drawn mostly on them leaves the visible set: the frame cannot tell
-    which of the touching objects it belongs to, so it abstains on it. With
-    `abstain_on_mask_edges`, so does a Gaussian that no tracker holds but that is drawn mostly on
-    masked pixels (it straddles the edge between two masks, or a mask and a contact border).
+    which of the touching objects it belongs to, so it abstains on it.
     """
     mask = np.asarray(mask)
     pixel_offsets = np.asarray(pixel_offsets, dtype=np.int64)
@@ -75,16 +72,6 @@ def trackers_from_contributors(mask: np.ndarray, pixel_offsets: np.ndarray, gaus
         # abstains on it (it leaves the visible set), as it does for the Gaussian's tracker.
         on_contact = (mask_ids[pair_mask] == contact_id) & (pair_weight > 0.5 * total_weight[pair_row])
         seen[pair_row[on_contact]] = False
-    if abstain_on_mask_edges:
-        # Seen outside every tracker only when drawn mostly outside every mask: that is the
-        # frame saying "not this object here" (a missed or ragged mask). A Gaussian split
-        # between masks is no such evidence, and counting it as seen would vote against it in
-        # every cluster's detection ratio (small objects, mostly edge, lost their priors so).
-        in_masks = mask_ids[pair_mask] != 0  # the contact id too
-        masked_weight = np.bincount(pair_row[in_masks], weights=pair_weight[in_masks], minlength=rows.size)
-        held = np.zeros(rows.size, dtype=bool)
-        held[pair_row[member]] = True
-        seen &= held | (masked_weight <= 0.5 * total_weight)
     visible = unique_sorted(row_to_persistent_id[rows[seen]])
     order = np.argsort(pair_mask[member], kind="stable")
     member_mask = pair_mask[member][order]
