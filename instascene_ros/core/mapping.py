@@ -470,7 +470,8 @@ class Mapper:
         self._log_iteration = 0
         self._recent_psnr: list[float] = []
         self.gauge = Gauge(self.config.pose_refinement)
-        self.pose_stats = {"refined": 0, "kept": 0}
+        self.pose_stats = {"refined": 0, "kept": 0, "reverted": 0}
+        self._revisited: dict[int, int] = {}  # keyframe index -> keyframes_made at its last revisit
 
     def __setstate__(self, state: dict) -> None:
         """Unpickle maps saved before pose refinement existed: they get its defaults."""
@@ -480,6 +481,8 @@ class Mapper:
         if "gauge" not in state:
             self.gauge = Gauge(self.config.pose_refinement)
             self.pose_stats = {"refined": 0, "kept": 0}
+        self.pose_stats.setdefault("reverted", 0)  # maps saved before revisits existed
+        self.__dict__.setdefault("_revisited", {})
 
     def __getstate__(self) -> dict:
         """Pickle (torch.save of a whole map) without the callables: the render function is
@@ -696,6 +699,8 @@ class Mapper:
         self.keyframes.append(kf)
         self._thin_keyframes()
         map_moved = self._apply_gauge(kf, refinement)
+        self._revisited[kf.index] = self.keyframes_made  # just judged: the older ones come first
+        map_moved |= self._revisit_poses(self.config.pose_refinement.revisit_per_keyframe)
         self._update_extent(kf)
         self._update_background(kf)
         added = self._insert(kf)
@@ -720,14 +725,8 @@ class Mapper:
         cfg = self.config.pose_refinement
         if not cfg.enabled or frame.depth is None or self.scene.n == 0:
             return None
-
-        def render_model(camera: Camera) -> tuple[np.ndarray, np.ndarray]:
-            with torch.no_grad():
-                out, _ = self._render_culled(camera, with_background=False)
-                return out.normalised_depth()[0].cpu().numpy(), out.alpha[0].cpu().numpy()
-
         depth = np.where(self._valid_depth(frame.depth), frame.depth, 0.0)
-        result = refine_pose(frame.camera, depth, render_model, cfg)
+        result = refine_pose(frame.camera, depth, self._render_model_depth, cfg)
         self.pose_stats["refined" if result.applied else "kept"] += 1
         if result.applied:
             logger.debug("keyframe pose refined by %.1f mm, %.2f deg (residual %.2f -> %.2f mm)",
@@ -735,6 +734,44 @@ class Mapper:
         else:
             logger.debug("keyframe keeps its measured pose: %s", result.reason)
         return result
+
+    def _render_model_depth(self, camera: Camera) -> tuple[np.ndarray, np.ndarray]:
+        """The map's alpha-normalised depth and alpha from `camera` (refine_pose's render_model)."""
+        with torch.no_grad():
+            out, _ = self._render_culled(camera, with_background=False)
+            return out.normalised_depth()[0].cpu().numpy(), out.alpha[0].cpu().numpy()
+
+    def _revisit_poses(self, count: Optional[int]) -> bool:
+        """Re-check up to `count` corrected keyframes (all with None), least recently checked
+        first: ICP from the current pose against the map as it is now, accepted by the same
+        tests against the measured pose, else back to the measured pose (see
+        `PoseRefinementConfig.revisit_per_keyframe`). True when the gauge then moved the map."""
+        cfg = self.config.pose_refinement
+        if not cfg.enabled or cfg.revisit_per_keyframe <= 0 or self.scene.n == 0:
+            return False
+        corrected = [kf for kf in self.keyframes if kf.index in self.gauge.corrections
+                     and kf.depth is not None and kf.measured_T_world_cam is not None]
+        corrected.sort(key=lambda kf: self._revisited.get(kf.index, -1))
+        for kf in corrected if count is None else corrected[:count]:
+            self._revisited[kf.index] = self.keyframes_made
+            measured = Camera(K=kf.camera.K, width=kf.camera.width, height=kf.camera.height,
+                              T_world_cam=kf.measured_T_world_cam)
+            result = refine_pose(measured, kf.depth.cpu().numpy(), self._render_model_depth, cfg,
+                                 initial=kf.camera.T_world_cam)
+            if result.applied:
+                pose = result.T_world_cam
+                self.gauge.add(kf.index, pose @ np.linalg.inv(kf.measured_T_world_cam))
+            else:
+                pose = kf.measured_T_world_cam
+                self.gauge.corrections.pop(kf.index, None)  # like a keyframe refused at insertion
+                self.pose_stats["reverted"] += 1
+                logger.debug("keyframe %d back to its measured pose: %s", kf.index, result.reason)
+            kf.camera = Camera(K=kf.camera.K, width=kf.camera.width, height=kf.camera.height, T_world_cam=pose)
+        transform = self.gauge.due()
+        if transform is None:
+            return False
+        self._move_map(transform)
+        return True
 
     def _apply_gauge(self, kf: Keyframe, refinement: Optional[PoseRefinement]) -> bool:
         """Record the keyframe's correction; when the mean correction over keyframes has grown
@@ -1225,6 +1262,7 @@ class Mapper:
         if time_budget_s is None:
             time_budget_s = opt.finish_time_budget_s
         deadline = None if time_budget_s is None else start + time_budget_s
+        self._revisit_poses(None)  # every correction judged once more, against the whole map
         order: list[Keyframe] = []
 
         def view_for(_: int) -> Keyframe:
