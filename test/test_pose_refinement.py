@@ -218,9 +218,13 @@ def test_revisits_undo_corrections_the_grown_map_does_not_support_and_keep_the_o
     corrected.measured_T_world_cam = perturb_pose(truth_corrected, rng, 0.015, 1.5)
     for kf in (pushed, corrected):
         mapper.gauge.add(kf.index, kf.camera.T_world_cam @ np.linalg.inv(kf.measured_T_world_cam))
+    # keyframe 6: its correction was refused, but a gauge move carried it 10 mm / 1 deg along.
+    moved = mapper.keyframes[6]
+    truth_moved = moved.camera.T_world_cam.copy()
+    moved.camera = dataclasses.replace(moved.camera, T_world_cam=perturb_pose(truth_moved, rng, 0.010, 1.0))
     reverted_before = mapper.pose_stats["reverted"]
     # Online: one revisit per keyframe, least recently judged first.
-    mapper._revisited = {pushed.index: 0, corrected.index: 1}
+    mapper._revisited = {pushed.index: 0, corrected.index: 1, moved.index: 2}
     mapper._revisit_poses(1)
     np.testing.assert_array_equal(pushed.camera.T_world_cam, truth_pushed)
     assert pushed.index not in mapper.gauge.corrections
@@ -233,6 +237,8 @@ def test_revisits_undo_corrections_the_grown_map_does_not_support_and_keep_the_o
     assert scene_shift_mm(corrected.camera.T_world_cam, truth_corrected, depth, at_truth) < 3.0
     assert scene_shift_mm(corrected.measured_T_world_cam, truth_corrected, depth, at_truth) > 8.0
     np.testing.assert_array_equal(pushed.camera.T_world_cam, truth_pushed)
+    np.testing.assert_array_equal(moved.camera.T_world_cam, truth_moved)
+    assert mapper.pose_stats["reverted"] == reverted_before + 2
     # Switched off: nothing is judged again.
     mapper.config.pose_refinement.revisit_per_keyframe = 0
     pushed.camera = dataclasses.replace(pushed.camera, T_world_cam=perturb_pose(truth_pushed, rng, 0.015, 1.5))

@@ -742,15 +742,18 @@ class Mapper:
             return out.normalised_depth()[0].cpu().numpy(), out.alpha[0].cpu().numpy()
 
     def _revisit_poses(self, count: Optional[int]) -> bool:
-        """Re-check up to `count` corrected keyframes (all with None), least recently checked
-        first: ICP from the current pose against the map as it is now, accepted by the same
+        """Re-check up to `count` keyframes not at their TF pose (all with None), least recently
+        checked first: ICP from the current pose against the map as it is now, accepted by the same
         tests against the measured pose, else back to the measured pose (see
         `PoseRefinementConfig.revisit_per_keyframe`). True when the gauge then moved the map."""
         cfg = self.config.pose_refinement
         if not cfg.enabled or cfg.revisit_per_keyframe <= 0 or self.scene.n == 0:
             return False
-        corrected = [kf for kf in self.keyframes if kf.index in self.gauge.corrections
-                     and kf.depth is not None and kf.measured_T_world_cam is not None]
+        # Corrected keyframes, and keyframes the gauge moved with the map (a refused keyframe
+        # inserted before a gauge move sits at the move times its TF pose).
+        corrected = [kf for kf in self.keyframes if kf.depth is not None and kf.measured_T_world_cam is not None
+                     and (kf.index in self.gauge.corrections
+                          or not np.array_equal(kf.camera.T_world_cam, kf.measured_T_world_cam))]
         corrected.sort(key=lambda kf: self._revisited.get(kf.index, -1))
         for kf in corrected if count is None else corrected[:count]:
             self._revisited[kf.index] = self.keyframes_made

@@ -70,8 +70,9 @@ class PoseRefinementConfig:
     # and pitch (sliding along it and turning about its normal keep their measured values); the
     # objects on it fix the rest.
     min_conditioning: float = 1e-3
-    # Revisits: each new keyframe re-checks this many earlier corrected keyframes (least recently
-    # checked first), and `Mapper.finish` re-checks all of them: ICP from the keyframe's current
+    # Revisits: each new keyframe re-checks this many earlier keyframes that are not at their
+    # TF pose (corrected, or moved with the map by the gauge; least recently checked first), and
+    # `Mapper.finish` re-checks all of them: ICP from the keyframe's current
     # pose against the map as it is now, judged by the tests above against its *measured* pose;
     # a keyframe that fails them goes back to its measured pose. Why: a correction is made against
     # the map of its moment, and early in a run that map is immature (a few keyframes, its depth
