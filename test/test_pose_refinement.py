@@ -197,7 +197,8 @@ def test_revisits_undo_corrections_the_grown_map_does_not_support_and_keep_the_o
     scene = AnalyticScene(spheres=SPHERES)
     size = 64
     config = small_config()
-    config.pose_refinement = dataclasses.replace(config.pose_refinement, render_scale=1.0, gauge=False)
+    config.pose_refinement = dataclasses.replace(config.pose_refinement, render_scale=1.0, gauge=False,
+                                                 revisit_per_keyframe=1)
     mapper = Mapper(config)
     for az, el in zip(np.linspace(0, 315, 8), [30, 50, 35, 55, 30, 50, 35, 55]):
         mapper.add_frame(scene.frame(orbit_camera(size, az, el)))
