@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import rclpy
-from rclpy.executors import ExternalShutdownException
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 
@@ -60,9 +60,13 @@ class SmokeServer(Node):
 def main():
     rclpy.init()
     node = SmokeServer()
+    # The executor exists before READY: a SIGINT right after READY shuts the context down, and an
+    # executor created after that fails (rclpy.spin creating one raced with the test's signal).
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
     try:
         print("READY", flush=True)  # inside the try: the test may send SIGINT right after reading it
-        rclpy.spin(node)
+        executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
