@@ -97,11 +97,7 @@ def cluster_masks(valid: np.ndarray, observed: sparse.csr_matrix, contained: spa
             continue  # same graph as the last round, which merged nothing
         previous_threshold = threshold
         n_nodes = int(node_of.max()) + 1
-        membership = sparse.csr_matrix((np.ones(n_valid, np.float32), (node_of, np.arange(n_valid))),
-                                       shape=(n_nodes, n_valid))
-        node_observed = np.packbits((membership @ observed).toarray() > 0, axis=1)
-        node_contained = (membership @ contained).tocsr()
-        node_contained.data[:] = 1.0
+        _, node_observed, node_contained = _node_matrices(node_of, observed, contained)
         # Only pairs sharing a container can link (no supporter, no consensus).
         supporters = sparse.triu(node_contained @ node_contained.T, k=1).tocoo()
         rows, cols = supporters.row.astype(np.int64), supporters.col.astype(np.int64)
@@ -117,9 +113,21 @@ def cluster_masks(valid: np.ndarray, observed: sparse.csr_matrix, contained: spa
         node_of = component[node_of]
     if config.mutual_containment_link:
         node_of, linked = _link_mutually_contained(node_of, observed, contained, contained_valid, config)
-        rounds += 1 if linked is not None else 0
+        rounds += int(linked)
     _, node_of = np.unique(node_of, return_inverse=True)
     return node_of.reshape(-1), rounds
+
+
+def _node_matrices(node_of: np.ndarray, observed: sparse.csr_matrix, contained: sparse.csr_matrix):
+    """(membership node x tracker, frames observing each node as packed bits, containers of each
+    node as 0/1): a node observes / is contained by the union of its members' frames / masks."""
+    n_valid = node_of.size
+    membership = sparse.csr_matrix((np.ones(n_valid, np.float32), (node_of, np.arange(n_valid))),
+                                   shape=(int(node_of.max()) + 1, n_valid))
+    node_observed = np.packbits((membership @ observed).toarray() > 0, axis=1)
+    node_contained = (membership @ contained).tocsr()
+    node_contained.data[:] = 1.0
+    return membership, node_observed, node_contained
 
 
 def _link_mutually_contained(node_of: np.ndarray, observed: sparse.csr_matrix, contained: sparse.csr_matrix,
@@ -134,31 +142,26 @@ def _link_mutually_contained(node_of: np.ndarray, observed: sparse.csr_matrix, c
     share too few third frames to ever link; with masks on few keyframes (a ~1 Hz segmenter) the
     same happens everywhere. The two masks' own frames still testify, each judging the other's
     tracker as held by its mask (the same containment test a third frame uses).
-    Returns (node_of, the links made or None)."""
-    n_valid = node_of.size
+    Returns (node_of, whether any pair linked)."""
     n_nodes = int(node_of.max()) + 1
-    membership = sparse.csr_matrix((np.ones(n_valid, np.float32), (node_of, np.arange(n_valid))),
-                                   shape=(n_nodes, n_valid))
+    membership, node_observed, node_contained = _node_matrices(node_of, observed, contained)
     # holds[X, Y] > 0: some member mask of X contains some member tracker of Y.
     holds = (membership @ contained_valid.T @ membership.T).tocsr()
     holds.setdiag(0)
     holds.eliminate_zeros()
     mutual = sparse.triu(holds.multiply(holds.T), k=1).tocoo()
     if mutual.nnz == 0:
-        return node_of, None
+        return node_of, False
     rows, cols = mutual.row.astype(np.int64), mutual.col.astype(np.int64)
-    node_observed = np.packbits((membership @ observed).toarray() > 0, axis=1)
-    node_contained = (membership @ contained).tocsr()
-    node_contained.data[:] = 1.0
     n_vis = _common_bits(node_observed, rows, cols)
     together = np.asarray(node_contained[rows].multiply(node_contained[cols]).sum(axis=1)).reshape(-1)
     n_contain = np.minimum(np.rint(together).astype(np.int64), n_vis)
     link = (n_vis < config.min_observers) & (n_contain >= n_vis)
     if not link.any():
-        return node_of, None
+        return node_of, False
     graph = sparse.csr_matrix((np.ones(int(link.sum())), (rows[link], cols[link])), shape=(n_nodes, n_nodes))
     _, component = connected_components(graph, directed=False)
-    return component[node_of], np.stack([rows[link], cols[link]], axis=1)
+    return component[node_of], True
 
 
 def largest_dbscan_component(points: np.ndarray, config: TrackerConfig) -> np.ndarray:
