@@ -119,6 +119,40 @@ def test_icp_keeps_the_pose_when_the_map_is_empty_or_the_correction_is_implausib
     assert not weak.applied and "explains too little" in weak.reason
 
 
+def test_icp_refuses_a_correction_toward_a_biased_map_that_the_neighbours_depth_contradicts():
+    """A young map's rendered depth is biased; ICP against it "corrects" even an exact pose. The
+    sensor depth of the overlapping keyframes is not biased: the correction takes the keyframe away
+    from it, and is refused. A truly noisy pose is brought closer to the neighbours and kept."""
+    truth = look_at(np.array([0.4, 0.1, 0.35]), np.zeros(3))
+    bias = rigid(rotation_from_vector(np.radians([0.3, -0.2, 0.4])), np.array([0.004, -0.003, 0.002]))
+
+    def biased_model(camera: Camera):  # the surface displaced by `bias`, rendered from `camera`
+        depth = table_depth(dataclasses.replace(camera, T_world_cam=np.linalg.inv(bias) @ camera.T_world_cam))
+        return depth, (depth > 0).astype(np.float32)
+
+    neighbours = []
+    for azimuth in (0.25, 0.45, 0.6):
+        T = look_at(np.array([0.42 * math.cos(azimuth), 0.42 * math.sin(azimuth), 0.36]), np.zeros(3))
+        neighbours.append((camera_at(T), table_depth(camera_at(T))))
+    depth = table_depth(camera_at(truth))
+    alone = refine_pose(camera_at(truth), depth, biased_model, EXACT)
+    assert alone.applied and scene_shift_mm(alone.T_world_cam, truth, depth) > 2.0, alone.reason
+    checked = refine_pose(camera_at(truth), depth, biased_model, EXACT, neighbours=neighbours)
+    assert not checked.applied and "neighbours" in checked.reason, checked.reason
+    assert checked.neighbour_after_mm > checked.neighbour_before_mm
+    np.testing.assert_array_equal(checked.T_world_cam, truth)
+    # Without the test (no neighbours asked for) the same call corrects.
+    off = refine_pose(camera_at(truth), depth, biased_model, dataclasses.replace(EXACT, min_neighbour_gain=0.0),
+                      neighbours=neighbours)
+    assert off.applied
+
+    measured = perturb_pose(truth, np.random.default_rng(4), 0.005, 0.5)
+    noisy = refine_pose(camera_at(measured), depth, exact_model(), EXACT, neighbours=neighbours)
+    assert noisy.applied, noisy.reason
+    assert noisy.neighbour_after_mm < 0.5 * noisy.neighbour_before_mm
+    assert scene_shift_mm(noisy.T_world_cam, truth, depth) < 0.6
+
+
 def test_gauge_takes_the_mean_correction_out():
     gauge = Gauge(PoseRefinementConfig(gauge_threshold_m=0.001, gauge_threshold_deg=0.1))
     offset = rigid(rotation_from_vector(np.radians([0.0, 0.0, 0.4])), np.array([0.004, 0.0, 0.0]))
@@ -166,6 +200,14 @@ def test_mapper_refines_a_noisy_keyframe_and_moves_map_and_poses_together():
     np.testing.assert_array_equal(keyframe.measured_T_world_cam, measured_T)
     assert not np.allclose(keyframe.camera.T_world_cam, measured_T)
     assert result.pose.rms_after_mm < 0.5 * result.pose.rms_before_mm
+    # The neighbour test ran against the keyframes that see the same table, and the correction
+    # brought the keyframe closer to their depth.
+    assert result.pose.neighbour_after_mm < result.pose.neighbour_before_mm
+    neighbours = mapper._overlapping_keyframes(frame.camera, frame.depth, 3)
+    assert len(neighbours) == 3
+    centres = [np.linalg.norm(cam.T_world_cam[:3, 3] - measured_T[:3, 3]) for cam, _ in neighbours]
+    others = [np.linalg.norm(kf.camera.T_world_cam[:3, 3] - measured_T[:3, 3]) for kf in mapper.keyframes[:-1]]
+    assert max(centres) <= sorted(others)[4], "the overlapping keyframes are among the nearest viewpoints"
     # Switched off, the keyframe keeps the measured pose and nothing is attempted.
     plain = Mapper(dataclasses.replace(config, pose_refinement=dataclasses.replace(config.pose_refinement,
                                                                                    enabled=False)))

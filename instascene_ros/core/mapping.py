@@ -726,7 +726,8 @@ class Mapper:
         if not cfg.enabled or frame.depth is None or self.scene.n == 0:
             return None
         depth = np.where(self._valid_depth(frame.depth), frame.depth, 0.0)
-        result = refine_pose(frame.camera, depth, self._render_model_depth, cfg)
+        result = refine_pose(frame.camera, depth, self._render_model_depth, cfg,
+                             neighbours=self._overlapping_keyframes(frame.camera, depth, cfg.neighbour_keyframes))
         self.pose_stats["refined" if result.applied else "kept"] += 1
         if result.applied:
             logger.debug("keyframe pose refined by %.1f mm, %.2f deg (residual %.2f -> %.2f mm)",
@@ -734,6 +735,42 @@ class Mapper:
         else:
             logger.debug("keyframe keeps its measured pose: %s", result.reason)
         return result
+
+    def _overlapping_keyframes(self, camera: Camera, depth: np.ndarray, count: int,
+                               exclude: Optional[int] = None) -> list[tuple[Camera, np.ndarray]]:
+        """(camera, depth) of the `count` keyframes with depth that see most of the surface in
+        `depth` seen from `camera` (its points land in their image at the depth they measured
+        there, within 2 cm), for the neighbour test of `refine_pose`."""
+        if count <= 0:
+            return []
+        stride = max(1, min(camera.width, camera.height) // 32)  # ~32x32 probe points
+        rows, cols = np.mgrid[stride // 2:camera.height:stride, stride // 2:camera.width:stride]
+        z = depth[rows, cols]
+        valid = z > 0
+        if not valid.any():
+            return []
+        u, v, z = cols[valid] + 0.5, rows[valid] + 0.5, z[valid]
+        points = np.stack([(u - camera.cx) / camera.fx * z, (v - camera.cy) / camera.fy * z, z], -1)
+        T = camera.T_world_cam
+        world = points @ T[:3, :3].T + T[:3, 3]
+        scored = []
+        for kf in self.keyframes:
+            if kf.depth is None or kf.index == exclude:
+                continue
+            cam = kf.camera
+            local = (world - cam.T_world_cam[:3, 3]) @ cam.T_world_cam[:3, :3]
+            front = local[:, 2] > 1e-6
+            local_z = np.where(front, local[:, 2], 1.0)
+            px = np.floor(np.where(front, cam.fx * local[:, 0] / local_z + cam.cx, -1.0)).astype(np.int64)
+            py = np.floor(np.where(front, cam.fy * local[:, 1] / local_z + cam.cy, -1.0)).astype(np.int64)
+            inside = front & (px >= 0) & (px < cam.width) & (py >= 0) & (py < cam.height)
+            if not inside.any():
+                continue
+            kf_depth = kf.depth.cpu().numpy()
+            seen = np.abs(kf_depth[py[inside], px[inside]] - local[inside, 2]) < 0.02
+            scored.append((int(seen.sum()), kf.index, kf))
+        scored.sort(key=lambda item: (-item[0], -item[1]))
+        return [(kf.camera, kf.depth.cpu().numpy()) for seen, _, kf in scored[:count] if seen > 0]
 
     def _render_model_depth(self, camera: Camera) -> tuple[np.ndarray, np.ndarray]:
         """The map's alpha-normalised depth and alpha from `camera` (refine_pose's render_model)."""
@@ -759,8 +796,10 @@ class Mapper:
             self._revisited[kf.index] = self.keyframes_made
             measured = Camera(K=kf.camera.K, width=kf.camera.width, height=kf.camera.height,
                               T_world_cam=kf.measured_T_world_cam)
-            result = refine_pose(measured, kf.depth.cpu().numpy(), self._render_model_depth, cfg,
-                                 initial=kf.camera.T_world_cam)
+            depth = kf.depth.cpu().numpy()
+            result = refine_pose(measured, depth, self._render_model_depth, cfg, initial=kf.camera.T_world_cam,
+                                 neighbours=self._overlapping_keyframes(measured, depth, cfg.neighbour_keyframes,
+                                                                        exclude=kf.index))
             if result.applied:
                 pose = result.T_world_cam
                 self.gauge.add(kf.index, pose @ np.linalg.inv(kf.measured_T_world_cam))

@@ -19,7 +19,7 @@ on average, as it would without refinement, but sharp.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -60,16 +60,23 @@ class PoseRefinementConfig:
     # depth is biased by a millimetre or two (splats composited at grazing angles), and ICP
     # against it moves even an exact pose by ~0.5-1.2 px (measured on the bench scene at 256 px,
     # where 5 mm / 0.5 degree of TF error is 2-5 px).
-    min_correction_px: float = 1.5
+    min_correction_px: float = 0.5
     # ... and when it explains a good part of the residual: RMS before / after at least this.
     # Against the same map, exact poses went only 1.29-1.46x lower (ICP fitting the map's bias)
     # and poses with 5 mm / 0.5 degree of error 1.8-4.1x (15 keyframes each, bench scene).
-    min_residual_ratio: float = 1.6
+    min_residual_ratio: float = 1.2
     # Directions of the pose whose eigenvalue of the (scale-normalised) normal equations is below
     # this fraction of the largest are not corrected: a bare table plane fixes only height, roll
     # and pitch (sliding along it and turning about its normal keep their measured values); the
     # objects on it fix the rest.
     min_conditioning: float = 1e-3
+    # ... and when it brings the keyframe closer to the sensor depth of the keyframes that overlap
+    # it most (this many, at their current poses): their median point-to-plane distance must fall
+    # by this factor. The rendered map is biased where it is young (few views, few iterations);
+    # a neighbour's measured depth is not, so an exact pose is already at the neighbours' minimum
+    # and a map-induced "correction" moves away from it. 0 keyframes = no neighbour test.
+    neighbour_keyframes: int = 4
+    min_neighbour_gain: float = 1.0
     # Revisits: each new keyframe re-checks this many earlier keyframes that are not at their
     # TF pose (corrected, or moved with the map by the gauge; least recently checked first), and
     # `Mapper.finish` re-checks all of them: ICP from the keyframe's current
@@ -109,6 +116,10 @@ class PoseRefinement:
     iterations: int = 0
     constrained_dofs: int = 0  # directions of the pose the geometry fixed (6 = all)
     shift_px: float = 0.0  # mean image displacement of the keyframe's points under the correction
+    # Median point-to-plane distance to the overlapping keyframes' depth at the measured and the
+    # refined pose (None when not checked).
+    neighbour_before_mm: Optional[float] = None
+    neighbour_after_mm: Optional[float] = None
 
 
 # ------------------------------------------------------------------------------ small SE(3) helpers
@@ -203,10 +214,64 @@ def _mean_shift_px(camera: Camera, points_cam: np.ndarray, T_from: np.ndarray, T
     return float(np.mean(np.hypot(du, dv)))
 
 
+@dataclass
+class _Surface:
+    """A depth map seen from `camera` as a surface to pair points with: per pixel, the world-frame
+    point and normal, and whether both are usable (valid depth, all four neighbours valid)."""
+
+    camera: Camera
+    depth: np.ndarray  # (h, w) metres along the optical axis
+    points: np.ndarray  # (h, w, 3) world frame
+    normals: np.ndarray  # (h, w, 3) world frame
+    usable: np.ndarray  # (h, w) bool
+
+    @classmethod
+    def from_depth(cls, camera: Camera, depth: np.ndarray, valid: np.ndarray) -> "_Surface":
+        depth = np.where(valid, np.asarray(depth, np.float64), 0.0)
+        points_cam = _back_project(camera, depth)
+        normals_cam, normal_ok = _normals(points_cam, valid)
+        T = np.asarray(camera.T_world_cam, np.float64)
+        return cls(camera, depth, points_cam @ T[:3, :3].T + T[:3, 3], normals_cam @ T[:3, :3].T,
+                   valid & normal_ok)
+
+    def pair(self, X: np.ndarray, normals: np.ndarray, gate: float, max_depth_step: float,
+             min_normal_cos: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Projective association of world-frame points X (with normals) into this view: the
+        paired points, their surface targets and the surface normals, for pairs closer than
+        `gate` whose normals agree."""
+        world_to_cam = rigid_inverse(np.asarray(self.camera.T_world_cam, np.float64))
+        in_view = X @ world_to_cam[:3, :3].T + world_to_cam[:3, 3]
+        z = in_view[:, 2]
+        K = self.camera.K
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # Continuous pixel-centre coordinates: the surface is interpolated bilinearly between
+            # the four pixels around the projection (nearest-pixel lookup leaves a half-pixel
+            # discretisation that biases the pose by millimetres at 128 px).
+            u = K[0, 0] * in_view[:, 0] / z + K[0, 2] - 0.5
+            v = K[1, 1] * in_view[:, 1] / z + K[1, 2] - 0.5
+        inside = (z > 1e-6) & (u >= 0) & (u < self.camera.width - 1) & (v >= 0) & (v < self.camera.height - 1)
+        idx = np.nonzero(inside)[0]
+        u0, v0 = np.floor(u[idx]).astype(int), np.floor(v[idx]).astype(int)
+        fu, fv = (u[idx] - u0)[:, None], (v[idx] - v0)[:, None]
+        corners = [(v0, u0), (v0, u0 + 1), (v0 + 1, u0), (v0 + 1, u0 + 1)]
+        keep = np.all([self.usable[r, c] for r, c in corners], axis=0)
+        depths = np.stack([self.depth[r, c] for r, c in corners])
+        # No interpolation across a depth edge (an oblique table is a few mm per pixel, an edge cm).
+        keep &= (depths.max(axis=0) - depths.min(axis=0)) < max_depth_step
+        weights = [(1 - fu) * (1 - fv), fu * (1 - fv), (1 - fu) * fv, fu * fv]  # in the order of `corners`
+        target = sum(w * self.points[r, c] for w, (r, c) in zip(weights, corners))
+        n = sum(w * self.normals[r, c] for w, (r, c) in zip(weights, corners))
+        n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
+        idx, target, n = idx[keep], target[keep], n[keep]
+        close = (np.linalg.norm(X[idx] - target, axis=1) < gate) & (np.sum(normals[idx] * n, axis=1) > min_normal_cos)
+        return X[idx[close]], target[close], n[close]
+
+
 def refine_pose(camera: Camera, depth: np.ndarray,
                 render_model: Callable[[Camera], tuple[np.ndarray, np.ndarray]],
                 config: Optional[PoseRefinementConfig] = None,
-                initial: Optional[np.ndarray] = None) -> PoseRefinement:
+                initial: Optional[np.ndarray] = None,
+                neighbours: Sequence[tuple[Camera, np.ndarray]] = ()) -> PoseRefinement:
     """Correct `camera.T_world_cam` so the keyframe's `depth` (H, W metres, 0 = invalid) lies on
     the map's surface.
 
@@ -217,6 +282,9 @@ def refine_pose(camera: Camera, depth: np.ndarray,
 
     `initial`: start the iterations from this pose instead of the measured one (a revisit starts
     from the keyframe's current pose); the acceptance tests still compare with the measured pose.
+
+    `neighbours`: (camera at its current pose, depth) of keyframes that overlap this one; a
+    correction must bring the keyframe's depth closer to theirs (`min_neighbour_gain`).
     """
     cfg = config or PoseRefinementConfig()
     T0 = np.asarray(camera.T_world_cam, np.float64)
@@ -224,53 +292,21 @@ def refine_pose(camera: Camera, depth: np.ndarray,
     model_depth, model_alpha = render_model(small)
     model_depth = np.asarray(model_depth, np.float64)
     opaque = (np.asarray(model_alpha) >= cfg.min_alpha) & (model_depth > 0)
-    model_points_cam = _back_project(small, np.where(opaque, model_depth, 0.0))
-    model_normals_cam, normal_ok = _normals(model_points_cam, opaque)
-    usable = opaque & normal_ok
-    if not usable.any():
+    model = _Surface.from_depth(small, model_depth, opaque)
+    if not model.usable.any():
         return PoseRefinement(T0, False, "the map is not opaque anywhere in this view")
-    R0, t0 = T0[:3, :3], T0[:3, 3]
-    model_points = model_points_cam @ R0.T + t0  # world frame, (h, w, 3)
-    model_normals = model_normals_cam @ R0.T
 
     points_cam, normals_cam = _sample_keyframe(camera, depth, cfg.render_scale)
     if len(points_cam) < 100:
         return PoseRefinement(T0, False, "too few valid depth samples")
     median_depth = float(np.median(points_cam[:, 2]))
     huber = cfg.huber_fraction * median_depth
-    world_to_model = rigid_inverse(T0)
-    K = small.K
 
-    def associate(T: np.ndarray, gate: float):
-        """Pairs of keyframe points (world frame, under pose T) and model surface elements."""
+    def associate(T: np.ndarray, gate: float, surface: _Surface = model):
+        """Pairs of keyframe points (world frame, under pose T) and surface elements."""
         R, t = T[:3, :3], T[:3, 3]
-        X = points_cam @ R.T + t
-        normals = normals_cam @ R.T
-        in_model = X @ world_to_model[:3, :3].T + world_to_model[:3, 3]
-        z = in_model[:, 2]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            # Continuous pixel-centre coordinates: the model surface is interpolated bilinearly
-            # between the four map pixels around the projection (nearest-pixel lookup leaves a
-            # half-pixel discretisation that biases the pose by millimetres at 128 px).
-            u = K[0, 0] * in_model[:, 0] / z + K[0, 2] - 0.5
-            v = K[1, 1] * in_model[:, 1] / z + K[1, 2] - 0.5
-        inside = (z > 1e-6) & (u >= 0) & (u < small.width - 1) & (v >= 0) & (v < small.height - 1)
-        idx = np.nonzero(inside)[0]
-        u0, v0 = np.floor(u[idx]).astype(int), np.floor(v[idx]).astype(int)
-        fu, fv = (u[idx] - u0)[:, None], (v[idx] - v0)[:, None]
-        corners = [(v0, u0), (v0, u0 + 1), (v0 + 1, u0), (v0 + 1, u0 + 1)]
-        keep = np.all([usable[r, c] for r, c in corners], axis=0)
-        depths = np.stack([model_depth[r, c] for r, c in corners])
-        # No interpolation across a depth edge (an oblique table is a few mm per pixel, an edge cm).
-        keep &= (depths.max(axis=0) - depths.min(axis=0)) < cfg.max_depth_step_fraction * median_depth
-        weights = [(1 - fu) * (1 - fv), fu * (1 - fv), (1 - fu) * fv, fu * fv]  # in the order of `corners`
-        target = sum(w * model_points[r, c] for w, (r, c) in zip(weights, corners))
-        n = sum(w * model_normals[r, c] for w, (r, c) in zip(weights, corners))
-        n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
-        idx, target, n = idx[keep], target[keep], n[keep]
-        close = (np.linalg.norm(X[idx] - target, axis=1) < gate) & (np.sum(normals[idx] * n, axis=1) > cfg.min_normal_cos)
-        idx = idx[close]
-        return X[idx], target[close], n[close]
+        return surface.pair(points_cam @ R.T + t, normals_cam @ R.T, gate, cfg.max_depth_step_fraction * median_depth,
+                            cfg.min_normal_cos)
 
     def rms_mm(X, target, n) -> float:
         return float(np.sqrt(np.mean(np.sum((X - target) * n, axis=1) ** 2))) * 1000.0
@@ -332,6 +368,23 @@ def refine_pose(camera: Camera, depth: np.ndarray,
                          f"{result.rms_after_mm:.2f} mm): the pose already fits the map as well as the map allows")
     else:
         result.T_world_cam, result.applied, result.reason = T, True, "refined"
+    if neighbours and result.applied:
+        surfaces = [_Surface.from_depth(cam, d, np.isfinite(d) & (d > 0)) for cam, d in neighbours]
+        gate = cfg.initial_gate_fraction * median_depth
+
+        def neighbour_mm(pose: np.ndarray) -> Optional[float]:
+            residuals = [np.sum((X - target) * n, axis=1) for X, target, n in
+                         (associate(pose, gate, surface) for surface in surfaces)]
+            residuals = np.abs(np.concatenate(residuals))
+            return float(np.median(residuals)) * 1000.0 if len(residuals) >= 100 else None
+
+        result.neighbour_before_mm, result.neighbour_after_mm = neighbour_mm(T0), neighbour_mm(T)
+        if result.neighbour_before_mm is not None and result.neighbour_after_mm is not None and \
+                result.neighbour_after_mm * cfg.min_neighbour_gain > result.neighbour_before_mm:
+            result.T_world_cam, result.applied = T0, False
+            result.reason = (f"the correction takes the keyframe away from its neighbours' depth "
+                             f"({result.neighbour_before_mm:.2f} -> {result.neighbour_after_mm:.2f} mm): the map "
+                             f"is biased here, not the pose")
     return result
 
 
