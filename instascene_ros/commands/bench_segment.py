@@ -108,10 +108,6 @@ def ablation_variants(features, tracker) -> dict:
         "full with tracker tracing every mask pixel": Variant(features, dataclasses.replace(tracker, mask_border_px=0.0)),
         "full without mutual-containment links": Variant(
             features, dataclasses.replace(tracker, mutual_containment_link=False)),
-        # On trial (off by default until measured): frames whose mask holding a Gaussian was
-        # judged under-segmented abstain from the prior's detection ratio.
-        "full with under-segmented masks abstaining": Variant(
-            features, dataclasses.replace(tracker, undersegmented_masks_abstain=True)),
         # All four off: InstaScene as published on these masks.
         "InstaScene as published": Variant(dataclasses.replace(features, mask_border_px=0.0, background_cluster=False),
                                            dataclasses.replace(tracker, mask_border_px=0.0,

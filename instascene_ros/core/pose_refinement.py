@@ -56,14 +56,16 @@ class PoseRefinementConfig:
     max_correction_m: float = 0.03
     max_correction_deg: float = 3.0
     # ... and when it moves the keyframe's surface points by at least this many pixels on average
-    # (at the keyframe's resolution). Below that the map cannot tell the poses apart: its own
-    # depth is biased by a millimetre or two (splats composited at grazing angles), and ICP
-    # against it moves even an exact pose by ~0.5-1.2 px (measured on the bench scene at 256 px,
-    # where 5 mm / 0.5 degree of TF error is 2-5 px).
+    # (at the keyframe's resolution) ...
     min_correction_px: float = 0.5
-    # ... and when it explains a good part of the residual: RMS before / after at least this.
-    # Against the same map, exact poses went only 1.29-1.46x lower (ICP fitting the map's bias)
-    # and poses with 5 mm / 0.5 degree of error 1.8-4.1x (15 keyframes each, bench scene).
+    # ... and when it explains a good part of the residual against the map: RMS before / after at
+    # least this. These two were the only guard against the map's bias (1.5 px and 1.6 until the
+    # neighbour test below): its rendered depth is biased by millimetres (splats composited at
+    # grazing angles, few views early in a run), and ICP against it moves even an exact pose by
+    # 0.5-4 px with RMS ratios up to 2.8 (dev scene 0, 128 px: 11 of 39 exact keyframes
+    # "corrected" by up to 10 mm). The neighbour test refuses those (0 of 39), so the deadband
+    # only skips corrections too small to matter: with 5 mm / 0.5 degree of noise it corrects
+    # 34 of 39 keyframes instead of 22 (mean keyframe error 4.65 instead of 4.98 mm).
     min_residual_ratio: float = 1.2
     # Directions of the pose whose eigenvalue of the (scale-normalised) normal equations is below
     # this fraction of the largest are not corrected: a bare table plane fixes only height, roll
@@ -71,10 +73,12 @@ class PoseRefinementConfig:
     # objects on it fix the rest.
     min_conditioning: float = 1e-3
     # ... and when it brings the keyframe closer to the sensor depth of the keyframes that overlap
-    # it most (this many, at their current poses): their median point-to-plane distance must fall
-    # by this factor. The rendered map is biased where it is young (few views, few iterations);
-    # a neighbour's measured depth is not, so an exact pose is already at the neighbours' minimum
-    # and a map-induced "correction" moves away from it. 0 keyframes = no neighbour test.
+    # it most (this many, at their current poses): the median point-to-plane distance to their
+    # surfaces must fall by this factor. The rendered map is biased where it is young (few views,
+    # few iterations); a neighbour's measured depth is not, so an exact pose already sits at the
+    # neighbours' minimum and a map-induced "correction" moves away from it (dev scene 0, exact
+    # poses: 0.18 mm before, 1.4-3.8 mm after every such correction; with 5 mm / 0.5 degree of
+    # noise, 2-8 mm before and 1-3.6 mm after the accepted ones). 0 keyframes = no test.
     neighbour_keyframes: int = 4
     min_neighbour_gain: float = 1.0
     # Revisits: each new keyframe re-checks this many earlier keyframes that are not at their
@@ -85,7 +89,8 @@ class PoseRefinementConfig:
     # the map of its moment, and early in a run that map is immature (a few keyframes, its depth
     # biased by millimetres where few views saw it). On exact poses (dev scenes 0-1, 128 px, 40
     # views) 10-12 of the first 17-22 keyframes were "corrected" that way, and the maps ended with
-    # those keyframes 0.5-10 mm off; corrections were never revisited. 0 = never, the default:
+    # those keyframes 0.5-10 mm off; corrections were never revisited (that was before the
+    # neighbour test, which now refuses those corrections in the first place). 0 = never, the default:
     # on development scene 0 revisits raised held-out PSNR 19.42 -> 19.83 dB (refinement off:
     # 20.40), but online in the node on the 14-frame test scene they pushed an instance cloud off
     # its object (test_ros_node: 0.71 of its points within 1 cm, 0.8 required; it passes with

@@ -214,15 +214,6 @@ def cluster_priors(problem: Problem, valid: np.ndarray, cluster_of: np.ndarray, 
         table_positions = positions[1]
     clusters: list[Cluster] = []
     dropped: list[int] = []
-    labelled = problem.labelled_by_gaussian
-    if config.undersegmented_masks_abstain:
-        # A frame whose mask holding the Gaussian was judged under-segmented says nothing about
-        # which object the Gaussian belongs to: it neither detects nor misses it.
-        is_valid = np.zeros(problem.n_trackers, dtype=bool)
-        is_valid[valid] = True
-        labelled = sparse.csc_matrix((is_valid[problem.labelled_tracker].astype(np.int8), labelled.indices,
-                                      labelled.indptr), shape=labelled.shape)
-        labelled.eliminate_zeros()
     order = np.argsort(cluster_of, kind="stable")
     for group in np.split(order, np.flatnonzero(np.diff(cluster_of[order])) + 1):
         members = valid[group]
@@ -252,7 +243,7 @@ def cluster_priors(problem: Problem, valid: np.ndarray, cluster_of: np.ndarray, 
         in_cluster_frame = np.zeros(problem.n_frames, dtype=bool)
         in_cluster_frame[frames] = True
         seen = np.zeros(candidates.size, np.int64)
-        for by_gaussian in (labelled, problem.unlabelled_by_gaussian):
+        for by_gaussian in (problem.labelled_by_gaussian, problem.unlabelled_by_gaussian):
             columns_of = by_gaussian[:, candidates]
             seen += segment_sum(in_cluster_frame[columns_of.indices], columns_of.indptr)
         columns = candidates[detected > config.prior_support * np.maximum(seen, 1)]

@@ -69,10 +69,6 @@ class TrackerConfig:
     # see it (strictly more, as MaskClustering's code: a Gaussian seen twice must be held twice,
     # which keeps a neighbour's edge caught by one bleeding mask out of the prior).
     prior_support: float = 0.5
-    # Ours: frames in which the Gaussian lies in a mask judged under-segmented (a merge of two
-    # objects) abstain from the detection ratio instead of counting as frames that see it without
-    # detecting it. False = MaskClustering (every frame that sees it counts).
-    undersegmented_masks_abstain: bool = False
     # MaskClustering DBSCAN: `dbscan_threshold` 0.1 m (ScanNet rooms), open3d min_points = 4.
     # Room scale: table-top scenes want ~0.02 m (set it in the YAML).
     dbscan_eps: float = 0.1

@@ -48,8 +48,6 @@ class Problem:
     # the frame / it is visible in the frame but in no mask or in several.
     labelled_by_gaussian: Optional[sparse.csc_matrix] = None
     unlabelled_by_gaussian: Optional[sparse.csc_matrix] = None
-    # The mask (tracker index) behind each stored entry of labelled_by_gaussian, in its order.
-    labelled_tracker: Optional[np.ndarray] = None
 
     @classmethod
     def build(cls, frames: Mapping[int, FrameRecord]) -> "Problem":
@@ -128,7 +126,6 @@ def _gaussian_major_lists(problem: Problem) -> tuple[np.ndarray, ...]:
     labelled_tracker = entry_tracker[single].astype(np.int32)
     problem.labelled_by_gaussian = sparse.csc_matrix(
         (np.ones(labelled_tracker.size, np.int8), entry_frame[single], labelled_ptr), shape=problem.visibility.shape)
-    problem.labelled_tracker = labelled_tracker
 
     # Visible but in no mask of the frame, or in several: one pass per frame over its trackers.
     holders = np.zeros(n_gaussians, np.int32)
