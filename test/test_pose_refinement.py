@@ -232,6 +232,36 @@ def test_mapper_refines_a_noisy_keyframe_and_moves_map_and_poses_together():
     assert mapper.gauge.due() is None
 
 
+def test_exact_poses_stay_exact_in_a_young_map_because_the_neighbours_disagree():
+    """Streamed at their exact poses into a young 64 px map, keyframes would be "corrected" toward
+    its biased depth if the map were the only judge (deadband and residual ratio off here, so the
+    map tests alone accept anything that fits it better); the neighbour test refuses those, counts
+    them, and every keyframe keeps its exact pose."""
+    scene = AnalyticScene(spheres=SPHERES)
+    size = 64
+    poses = list(zip(np.linspace(0, 315, 8), [30, 50, 35, 55, 30, 50, 35, 55]))
+
+    def stream(neighbour_keyframes: int) -> Mapper:
+        config = small_config()
+        config.pose_refinement = dataclasses.replace(config.pose_refinement, render_scale=1.0, min_correction_px=0.0,
+                                                     min_residual_ratio=1.0, neighbour_keyframes=neighbour_keyframes)
+        mapper = Mapper(config)
+        for az, el in poses:
+            mapper.add_frame(scene.frame(orbit_camera(size, az, el)))
+        return mapper
+
+    def worst_shift_mm(mapper: Mapper) -> float:
+        return max(scene_shift_mm(kf.camera.T_world_cam, orbit_camera(size, az, el).T_world_cam, kf.depth.numpy(),
+                                  orbit_camera(size, az, el)) for kf, (az, el) in zip(mapper.keyframes, poses))
+
+    judged = stream(4)
+    assert judged.pose_stats["refined"] == 0 and judged.pose_stats["kept_by_neighbours"] > 0, judged.pose_stats
+    assert worst_shift_mm(judged) < 1e-6
+    unjudged = stream(0)  # the map alone: exact poses are pushed off
+    assert unjudged.pose_stats["refined"] > 0 and unjudged.pose_stats["kept_by_neighbours"] == 0
+    assert worst_shift_mm(unjudged) > 1.0
+
+
 def test_revisits_undo_corrections_the_grown_map_does_not_support_and_keep_the_others():
     """A correction made against an immature map is judged again against the map as it is now,
     from the keyframe's current pose but against its measured pose: an exact keyframe that was
@@ -299,4 +329,4 @@ def test_maps_saved_before_pose_refinement_load_with_its_defaults():
     old = Mapper.__new__(Mapper)
     old.__setstate__(state)
     assert old.config.pose_refinement == PoseRefinementConfig()
-    assert old.pose_stats == {"refined": 0, "kept": 0, "reverted": 0} and old.gauge.due() is None
+    assert old.pose_stats == {"refined": 0, "kept": 0, "reverted": 0, "kept_by_neighbours": 0} and old.gauge.due() is None

@@ -470,7 +470,9 @@ class Mapper:
         self._log_iteration = 0
         self._recent_psnr: list[float] = []
         self.gauge = Gauge(self.config.pose_refinement)
-        self.pose_stats = {"refined": 0, "kept": 0, "reverted": 0}
+        # kept_by_neighbours: of the kept, those whose correction fitted the map but moved the
+        # keyframe away from its neighbours' depth (the map was biased there).
+        self.pose_stats = {"refined": 0, "kept": 0, "reverted": 0, "kept_by_neighbours": 0}
         self._revisited: dict[int, int] = {}  # keyframe index -> keyframes_made at its last revisit
 
     def __setstate__(self, state: dict) -> None:
@@ -482,6 +484,7 @@ class Mapper:
             self.gauge = Gauge(self.config.pose_refinement)
             self.pose_stats = {"refined": 0, "kept": 0}
         self.pose_stats.setdefault("reverted", 0)  # maps saved before revisits existed
+        self.pose_stats.setdefault("kept_by_neighbours", 0)  # ... before the neighbour test
         self.__dict__.setdefault("_revisited", {})
 
     def __getstate__(self) -> dict:
@@ -729,6 +732,8 @@ class Mapper:
         result = refine_pose(frame.camera, depth, self._render_model_depth, cfg,
                              neighbours=self._overlapping_keyframes(frame.camera, depth, cfg.neighbour_keyframes))
         self.pose_stats["refined" if result.applied else "kept"] += 1
+        if not result.applied and result.neighbour_after_mm is not None:
+            self.pose_stats["kept_by_neighbours"] += 1
         if result.applied:
             logger.debug("keyframe pose refined by %.1f mm, %.2f deg (residual %.2f -> %.2f mm)",
                          result.translation_m * 1000, result.rotation_deg, result.rms_before_mm, result.rms_after_mm)
