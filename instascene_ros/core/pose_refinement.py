@@ -67,11 +67,6 @@ class PoseRefinementConfig:
     # only skips corrections too small to matter: with 5 mm / 0.5 degree of noise it corrects
     # 34 of 39 keyframes instead of 22 (mean keyframe error 4.65 instead of 4.98 mm).
     min_residual_ratio: float = 1.2
-    # Directions of the pose whose eigenvalue of the (scale-normalised) normal equations is below
-    # this fraction of the largest are not corrected: a bare table plane fixes only height, roll
-    # and pitch (sliding along it and turning about its normal keep their measured values); the
-    # objects on it fix the rest.
-    min_conditioning: float = 1e-3
     # ... and when it brings the keyframe closer to the sensor depth of the keyframes that overlap
     # it most (this many, at their current poses): the median point-to-plane distance to their
     # surfaces must fall by this factor. The rendered map is biased where it is young (few views,
@@ -81,6 +76,11 @@ class PoseRefinementConfig:
     # noise, 2-8 mm before and 1-3.6 mm after the accepted ones). 0 keyframes = no test.
     neighbour_keyframes: int = 4
     min_neighbour_gain: float = 1.0
+    # Directions of the pose whose eigenvalue of the (scale-normalised) normal equations is below
+    # this fraction of the largest are not corrected: a bare table plane fixes only height, roll
+    # and pitch (sliding along it and turning about its normal keep their measured values); the
+    # objects on it fix the rest.
+    min_conditioning: float = 1e-3
     # Revisits: each new keyframe re-checks this many earlier keyframes that are not at their
     # TF pose (corrected, or moved with the map by the gauge; least recently checked first), and
     # `Mapper.finish` re-checks all of them: ICP from the keyframe's current
