@@ -255,7 +255,7 @@ class InstaSceneNode(Node):
                   "n_instances": len(snapshot.instances), "map_version": snapshot.map_version,
                   "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
                   "rss_mb": _resident_mb()}
-        # Reads two ints of the mapper's counters (no lock needed for a diagnostic).
+        # Reads a few ints of the mapper's counters (no lock needed for a diagnostic).
         pose_stats = dict(self.pipeline.mapper.pose_stats)
         values.update({"keyframe_poses_refined": pose_stats["refined"], "keyframe_poses_kept": pose_stats["kept"],
                        "keyframe_poses_reverted": pose_stats.get("reverted", 0),
