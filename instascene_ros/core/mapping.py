@@ -36,8 +36,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from instascene_ros.core.camera import Camera, Frame, InvalidFrameError
-from instascene_ros.core.pose_refinement import Gauge, PoseRefinement, PoseRefinementConfig, refine_pose
+from instascene_ros.core.camera import Camera, Frame, InvalidFrameError, transform_points
+from instascene_ros.core.pose_refinement import (Gauge, PoseRefinement, PoseRefinementConfig, back_project,
+                                                 refine_pose)
 from instascene_ros.core.scene import GaussianScene, SceneConfig, matrix_to_quaternion
 from instascene_ros.core.splat.types import Gaussians, RasterConfig, RenderOutput
 
@@ -749,30 +750,26 @@ class Mapper:
         if count <= 0:
             return []
         stride = max(1, min(camera.width, camera.height) // 32)  # ~32x32 probe points
-        rows, cols = np.mgrid[stride // 2:camera.height:stride, stride // 2:camera.width:stride]
-        z = depth[rows, cols]
-        valid = z > 0
+        rows, cols = np.arange(stride // 2, camera.height, stride), np.arange(stride // 2, camera.width, stride)
+        probe = depth[np.ix_(rows, cols)]
+        valid = probe > 0
         if not valid.any():
             return []
-        u, v, z = cols[valid] + 0.5, rows[valid] + 0.5, z[valid]
-        points = np.stack([(u - camera.cx) / camera.fx * z, (v - camera.cy) / camera.fy * z, z], -1)
-        T = camera.T_world_cam
-        world = points @ T[:3, :3].T + T[:3, 3]
+        world = transform_points(camera.T_world_cam, back_project(camera, probe, cols, rows)[valid])
         scored = []
         for kf in self.keyframes:
             if kf.depth is None or kf.index == exclude:
                 continue
-            cam = kf.camera
-            local = (world - cam.T_world_cam[:3, 3]) @ cam.T_world_cam[:3, :3]
-            front = local[:, 2] > 1e-6
-            local_z = np.where(front, local[:, 2], 1.0)
-            px = np.floor(np.where(front, cam.fx * local[:, 0] / local_z + cam.cx, -1.0)).astype(np.int64)
-            py = np.floor(np.where(front, cam.fy * local[:, 1] / local_z + cam.cy, -1.0)).astype(np.int64)
-            inside = front & (px >= 0) & (px < cam.width) & (py >= 0) & (py < cam.height)
+            uv, z = kf.camera.project(world)
+            front = z > 1e-6
+            px, py = np.floor(np.where(front[:, None], uv, -1.0)).astype(np.int64).T
+            inside = front & (px >= 0) & (px < kf.camera.width) & (py >= 0) & (py < kf.camera.height)
             if not inside.any():
                 continue
-            kf_depth = kf.depth.cpu().numpy()
-            seen = np.abs(kf_depth[py[inside], px[inside]] - local[inside, 2]) < 0.02
+            # Only the probed pixels leave the device, not the keyframe's whole depth map.
+            measured = kf.depth[torch.from_numpy(py[inside]).to(kf.depth.device),
+                                torch.from_numpy(px[inside]).to(kf.depth.device)].cpu().numpy()
+            seen = np.abs(measured - z[inside]) < 0.02
             scored.append((int(seen.sum()), kf.index, kf))
         scored.sort(key=lambda item: (-item[0], -item[1]))
         return [(kf.camera, kf.depth.cpu().numpy()) for seen, _, kf in scored[:count] if seen > 0]

@@ -176,7 +176,7 @@ def perturb_pose(T: np.ndarray, rng: np.random.Generator, translation_m: float, 
 
 
 # ---------------------------------------------------------------------------------------- ICP
-def _back_project(camera: Camera, depth: np.ndarray, cols: Optional[np.ndarray] = None,
+def back_project(camera: Camera, depth: np.ndarray, cols: Optional[np.ndarray] = None,
                   rows: Optional[np.ndarray] = None) -> np.ndarray:
     """(H, W, 3) camera-frame points of a depth map whose pixels are the columns `cols` and rows
     `rows` of `camera`'s image (default: all of them), through their pixel centres."""
@@ -202,7 +202,7 @@ def _sample_keyframe(camera: Camera, depth: np.ndarray, scale: float) -> tuple[n
     sampled = depth[np.ix_(rows, cols)].astype(np.float64)
     valid = np.isfinite(sampled) & (sampled > 0)
     sampled = np.where(valid, sampled, 0.0)
-    points = _back_project(camera, sampled, cols, rows)
+    points = back_project(camera, sampled, cols, rows)
     normals, ok = _normals(points, valid)
     keep = valid & ok
     return points[keep], normals[keep]
@@ -233,7 +233,7 @@ class _Surface:
     @classmethod
     def from_depth(cls, camera: Camera, depth: np.ndarray, valid: np.ndarray) -> "_Surface":
         depth = np.where(valid, np.asarray(depth, np.float64), 0.0)
-        points_cam = _back_project(camera, depth)
+        points_cam = back_project(camera, depth)
         normals_cam, normal_ok = _normals(points_cam, valid)
         T = np.asarray(camera.T_world_cam, np.float64)
         return cls(camera, depth, points_cam @ T[:3, :3].T + T[:3, 3], normals_cam @ T[:3, :3].T,
