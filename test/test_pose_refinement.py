@@ -12,8 +12,8 @@ import torch
 
 from instascene_ros.core.camera import Camera, look_at
 from instascene_ros.core.mapping import Mapper
-from instascene_ros.core.pose_refinement import (Gauge, PoseRefinementConfig, correction_size, perturb_pose,
-                                                 refine_pose, rigid, rotation_from_vector)
+from instascene_ros.core.pose_refinement import (Gauge, PoseRefinementConfig, back_project, correction_size,
+                                                 perturb_pose, refine_pose, rigid, rotation_from_vector, sub_grid)
 
 from test_mapping import AnalyticScene, orbit_camera, small_config
 
@@ -151,6 +151,29 @@ def test_icp_refuses_a_correction_toward_a_biased_map_that_the_neighbours_depth_
     assert noisy.applied, noisy.reason
     assert noisy.neighbour_after_mm < 0.5 * noisy.neighbour_before_mm
     assert scene_shift_mm(noisy.T_world_cam, truth, depth) < 0.6
+
+
+@pytest.mark.parametrize("size, scale", [(128, 0.5), (129, 0.5), (96, 1 / 3), (64, 1.0)])
+def test_sub_grid_camera_puts_each_pixel_on_the_full_pixel_it_samples(size, scale):
+    """The neighbour surfaces and the keyframe samples live on a sub-grid of the full image; its
+    camera must back-project and project each sub-pixel exactly as the full pixel it was taken
+    from (`Camera.scaled` is a quarter of a coarse pixel off for this at stride 2)."""
+    camera = camera_at(look_at(np.array([0.4, 0.1, 0.35]), np.zeros(3)), size)
+    depth = table_depth(camera)
+    grid, rows, cols = sub_grid(camera, scale)
+    assert (grid.height, grid.width) == (len(rows), len(cols)) and rows[0] == cols[0] == int(round(1 / scale)) // 2
+    np.testing.assert_allclose(back_project(grid, depth[np.ix_(rows, cols)]),
+                               back_project(camera, depth)[np.ix_(rows, cols)], atol=1e-12)
+    points = back_project(camera, depth)[np.ix_(rows, cols)][depth[np.ix_(rows, cols)] > 0]
+    world = points @ camera.T_world_cam[:3, :3].T + camera.T_world_cam[:3, 3]
+    uv_grid, _ = grid.project(world)
+    uv_full, _ = camera.project(world)
+    stride = int(round(1 / scale))
+    np.testing.assert_allclose((uv_grid - 0.5) * stride + stride // 2 + 0.5, uv_full, atol=1e-6)
+    if stride % 2 == 0:  # the scaled camera's centres fall between full pixels (for odd strides they agree)
+        scaled = camera.scaled(scale)
+        assert not np.allclose(back_project(scaled, depth[np.ix_(rows, cols)]),
+                               back_project(camera, depth)[np.ix_(rows, cols)], atol=1e-6)
 
 
 def test_gauge_takes_the_mean_correction_out():

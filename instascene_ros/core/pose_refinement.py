@@ -192,13 +192,26 @@ def _normals(points: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndar
     return depth_normals(points, valid)
 
 
-def _sample_keyframe(camera: Camera, depth: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """The keyframe's depth at about the density of `camera.scaled(scale)` (every 1/scale-th
-    pixel, no averaging across depth edges), back-projected through those pixels' own centres:
-    camera-frame points (M, 3) and normals (M, 3)."""
+def sub_grid(camera: Camera, scale: float) -> tuple[Camera, np.ndarray, np.ndarray]:
+    """Every 1/scale-th pixel of `camera`'s image (no averaging across depth edges): the rows and
+    columns picked, and a camera whose pixel (j, i) *is* full pixel (rows[j], cols[i]), centre on
+    centre. `camera.scaled(scale)` is not for even strides: its pixel centres fall between full
+    pixels, and a depth map decimated onto it would sit a quarter of a coarse pixel off at 1/2."""
     stride = max(1, int(round(1.0 / scale)))
     cols = np.arange(stride // 2, camera.width, stride)
     rows = np.arange(stride // 2, camera.height, stride)
+    K = np.array(camera.K, np.float64)
+    K[0, 0], K[1, 1] = K[0, 0] / stride, K[1, 1] / stride
+    # Full pixel c has its centre at u = c + 0.5; sub pixel i = (c - stride // 2) / stride.
+    K[0, 2] = (K[0, 2] - 0.5 - stride // 2) / stride + 0.5
+    K[1, 2] = (K[1, 2] - 0.5 - stride // 2) / stride + 0.5
+    return Camera(K=K, width=len(cols), height=len(rows), T_world_cam=camera.T_world_cam), rows, cols
+
+
+def _sample_keyframe(camera: Camera, depth: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The keyframe's depth on its `sub_grid` at `scale`, back-projected through those pixels'
+    own centres: camera-frame points (M, 3) and normals (M, 3)."""
+    _, rows, cols = sub_grid(camera, scale)
     sampled = depth[np.ix_(rows, cols)].astype(np.float64)
     valid = np.isfinite(sampled) & (sampled > 0)
     sampled = np.where(valid, sampled, 0.0)
@@ -374,7 +387,13 @@ def refine_pose(camera: Camera, depth: np.ndarray,
     else:
         result.T_world_cam, result.applied, result.reason = T, True, "refined"
     if neighbours and result.applied:
-        surfaces = [_Surface.from_depth(cam, d, np.isfinite(d) & (d > 0)) for cam, d in neighbours]
+        # On the same sub-grid as the keyframe's samples: full resolution cost four times as much
+        # per neighbour (at 256 px, 4 neighbours) for surfaces the bilinear pairing interpolates.
+        surfaces = []
+        for neighbour_camera, neighbour_depth in neighbours:
+            grid_camera, rows, cols = sub_grid(neighbour_camera, cfg.render_scale)
+            sampled = np.asarray(neighbour_depth)[np.ix_(rows, cols)]
+            surfaces.append(_Surface.from_depth(grid_camera, sampled, np.isfinite(sampled) & (sampled > 0)))
         gate = cfg.initial_gate_fraction * median_depth
 
         def neighbour_mm(pose: np.ndarray) -> Optional[float]:
