@@ -46,7 +46,7 @@ def test_save_is_atomic_and_round_trips(tmp_path):
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
 
-def _decomposed_blob_pipeline() -> Pipeline:
+def _decomposed_blob_pipeline(primitive: str = "3dgs") -> Pipeline:
     """A pipeline holding the synthetic blob scene as its map, its views as keyframes with their
     noisy masks traced, and instances extracted after a short field fit (no mapping: fast)."""
     import torch
@@ -59,7 +59,9 @@ def _decomposed_blob_pipeline() -> Pipeline:
 
     blob = make_blob_scene(size=48, n_cameras=6, table=True)
     # The blob objects are sampled ~3 cm apart: DBSCAN at the room-scale 0.1 m keeps them whole.
-    pipeline = Pipeline(PipelineConfig(tracker=TrackerConfig(dbscan_eps=0.1)))
+    config = PipelineConfig(tracker=TrackerConfig(dbscan_eps=0.1))
+    config.set_primitive(primitive)
+    pipeline = Pipeline(config)
     pipeline.mapper.scene = blob.scene
     for index, (camera, mask) in enumerate(zip(blob.cameras, blob.masks)):
         pipeline.mapper.keyframes.append(Keyframe(index=index, name=str(float(index)), camera=camera,
@@ -71,6 +73,29 @@ def _decomposed_blob_pipeline() -> Pipeline:
         pipeline.traced_at[index] = 0
     pipeline.update_instances(feature_steps=40)
     return pipeline
+
+
+def test_a_surfel_map_is_traced_trained_and_labelled_as_surfels(monkeypatch):
+    """With `set_primitive("2dgs")` the tracer, the feature field and the instance masks render
+    the map's own primitive (real renders, only counted), and the decomposition still finds the
+    objects. An unknown primitive is refused by name."""
+    import instascene_ros.core.features.field as field_module
+    from instascene_ros.core.pipeline import PipelineConfig
+
+    used = []
+    real_render = field_module.render
+    monkeypatch.setattr(field_module, "render", lambda *args, **kwargs: used.append(kwargs.get("primitive"))
+                        or real_render(*args, **kwargs))
+    pipeline = _decomposed_blob_pipeline("2dgs")
+    assert pipeline.snapshot.instances, "the surfel blob scene has objects"
+    camera = pipeline.mapper.keyframes[0].camera
+    labels = pipeline.instance_mask(camera)
+    assert used and set(used) == {"2dgs"}
+    assert pipeline.mapper.render_view(camera).median_depth is not None
+    truth = pipeline.masks[0] > 0
+    assert ((labels > 0) & truth).sum() > 0.5 * truth.sum()
+    with pytest.raises(ValueError, match="unknown primitive '3d'"):
+        PipelineConfig().set_primitive("3d")
 
 
 def test_idle_step_renders_the_newest_view_so_pixel_queries_answer_from_cache(monkeypatch):

@@ -3,8 +3,9 @@
 - `bench splat`: forward+backward time and peak RSS of the numba kernel vs the chunked
   pure-torch implementation (and gsplat on a CUDA machine), 3 colour + 16 feature channels +
   depth, each case in a fresh process.
-- `bench map`: `instascene run` on generated scenes (RGB-D and RGB-only), held-out PSNR /
-  object PSNR / SSIM / depth error / keyframe latency against the targets.
+- `bench map`: `instascene run` on generated scenes (RGB-D and RGB-only, 3DGS and 2DGS), held-out
+  PSNR / object PSNR / SSIM / depth error (and the 2DGS median depth's) / keyframe latency against
+  the targets.
 - `bench segment`: decomposition on noisy masks over report seeds (mIoU, boundary IoU,
   PQ^scene, cloud precision), mean and standard deviation, with InstaScene's ablation retrained
   on each saved map (bench_segment.py).
@@ -47,6 +48,9 @@ def add_parser(subparsers) -> None:
     sub.add_argument("--work", type=pathlib.Path, default=pathlib.Path("runs/bench"), help="scenes and run folders")
     sub.add_argument("--finish-seconds", type=float, default=None, help="cap of the final refinement per run")
     sub.add_argument("--inputs", default="rgbd,rgb", help="which inputs to map: rgbd, rgb or both")
+    sub.add_argument("--primitives", default="3dgs,2dgs",
+                     help="3D Gaussians and/or 2D surfels (depth error of the expected depth for both, and of "
+                          "the 2DGS median depth)")
     sub.set_defaults(run=run_map)
 
     from instascene_ros.commands import bench_segment
@@ -118,26 +122,33 @@ def _fmt(value, digits=2) -> str:
 
 
 def run_map(args) -> int:
+    """Every (seed, input, primitive) combination mapped by `instascene run --no-masks`, one row each."""
     seeds = [int(s) for s in args.seeds.split(",")]
+    inputs = {"rgbd": ["--no-masks"], "rgb": ["--no-masks", "--no-depth"]}
+    primitives = args.primitives.split(",")
+    for name in [*args.inputs.split(","), *primitives]:
+        if name not in (*inputs, "3dgs", "2dgs"):
+            raise SystemExit(f"bench map: unknown input or primitive '{name}' (inputs: rgbd, rgb; primitives: 3dgs, 2dgs)")
     rows = []
     for seed in seeds:
         scene = _scene(args.work, seed, args.res, args.views)
-        inputs = {"rgbd": ["--no-masks"], "rgb": ["--no-masks", "--no-depth"]}
         for label in args.inputs.split(","):
-            extra = inputs[label]
-            metrics = _run(scene, args.work / f"map-{label}-s{seed}", extra, args.finish_seconds)
-            rows.append({"seed": seed, "input": label, **{k: metrics.get(k) for k in (
-                "psnr", "psnr_object", "ssim", "depth_error_mm", "n_gaussians", "wall_s", "keyframe_s_median",
-                "keyframe_s_max")}})
+            for primitive in primitives:
+                # 3DGS keeps the run folder name it always had, so earlier runs stay comparable.
+                out = args.work / (f"map-{label}-s{seed}" if primitive == "3dgs" else f"map-{label}-{primitive}-s{seed}")
+                metrics = _run(scene, out, [*inputs[label], "--primitive", primitive], args.finish_seconds)
+                rows.append({"seed": seed, "input": label, "primitive": primitive, **{k: metrics.get(k) for k in (
+                    "psnr", "psnr_object", "ssim", "depth_error_mm", "depth_error_median_depth_mm", "n_gaussians",
+                    "wall_s", "keyframe_s_median", "keyframe_s_max")}})
     targets = {"rgbd": ("PSNR >= 27 dB in <= 360 s, depth < 3 mm", 27.0, 360.0),
                "rgb": ("PSNR >= 23 dB in <= 720 s", 23.0, 720.0)}
-    print(f"{'seed':>4} {'input':>5} {'PSNR':>6} {'obj PSNR':>8} {'SSIM':>5} {'depth mm':>8} {'N':>7} {'wall s':>7} "
-          f"{'kf med s':>8} {'kf max s':>8}  target")
+    print(f"{'seed':>4} {'input':>5} {'prim':>5} {'PSNR':>6} {'obj PSNR':>8} {'SSIM':>5} {'depth mm':>8} "
+          f"{'median-depth mm':>15} {'N':>7} {'wall s':>7} {'kf med s':>8} {'kf max s':>8}  target")
     for row in rows:
-        print(f"{row['seed']:>4} {row['input']:>5} {_fmt(row['psnr']):>6} {_fmt(row['psnr_object']):>8} "
-              f"{_fmt(row['ssim']):>5} {_fmt(row['depth_error_mm']):>8} {row['n_gaussians']:>7} "
-              f"{_fmt(row['wall_s'], 0):>7} {_fmt(row['keyframe_s_median']):>8} {_fmt(row['keyframe_s_max']):>8}"
-              f"  {targets[row['input']][0]}")
+        print(f"{row['seed']:>4} {row['input']:>5} {row['primitive']:>5} {_fmt(row['psnr']):>6} "
+              f"{_fmt(row['psnr_object']):>8} {_fmt(row['ssim']):>5} {_fmt(row['depth_error_mm']):>8} "
+              f"{_fmt(row['depth_error_median_depth_mm']):>15} {row['n_gaussians']:>7} {_fmt(row['wall_s'], 0):>7} "
+              f"{_fmt(row['keyframe_s_median']):>8} {_fmt(row['keyframe_s_max']):>8}  {targets[row['input']][0]}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"runs": rows}, indent=2))

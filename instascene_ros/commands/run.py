@@ -33,6 +33,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", type=pathlib.Path, required=True, help="run folder to write")
     parser.add_argument("--preset", default="cpu", choices=["cpu", "paper"], help="mapper budgets")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: numba kernels; cuda: gsplat")
+    parser.add_argument("--primitive", default="3dgs", choices=["3dgs", "2dgs"],
+                        help="3D Gaussians, or 2D Gaussian surfels (2DGS: median depth and normals; metrics.json "
+                             "then also scores the median depth)")
     parser.add_argument("--no-depth", action="store_true", help="ignore depth (RGB-only mapping)")
     parser.add_argument("--no-masks", action="store_true", help="ignore 2D masks (no instances)")
     parser.add_argument("--instance-field", default="instascene", choices=["instascene", "codebook", "classifier"],
@@ -139,6 +142,7 @@ def run(args) -> int:
 
     config = PipelineConfig.from_preset(args.preset, args.device)
     config.features = instance_field_config(args.instance_field, config.features)
+    config.set_primitive(args.primitive)
     config.mapper.pose_refinement.enabled = not args.no_pose_refinement
     if args.finish_feature_steps is not None:
         config.cadence.finish_feature_steps = args.finish_feature_steps
@@ -193,7 +197,7 @@ def run(args) -> int:
                     "stage_s": {k: round(v, 2) for k, v in stage_s.items()},
                     # The decomposition's own share of the wall time (it runs beside the mapper).
                     "decomposition_s": round(sum(stage_s.get(k, 0.0) for k in DECOMPOSITION_STAGES), 2),
-                    "preset": args.preset, "rgb_only": bool(args.no_depth),
+                    "preset": args.preset, "primitive": args.primitive, "rgb_only": bool(args.no_depth),
                     "pose_noise_mm_deg": list(args.pose_noise),
                     "keyframe_poses": dict(pipeline.mapper.pose_stats)})
     if args.complete:

@@ -59,6 +59,7 @@ class InstanceConfig:
     query_instance_threshold: float = 0.75
     backend: str = "auto"
     raster: RasterConfig = field(default_factory=RasterConfig)
+    primitive: str = "3dgs"  # the map's (PipelineConfig.set_primitive keeps them together)
 
 
 def instance_color(instance_id: int) -> tuple[int, int, int]:
@@ -313,7 +314,8 @@ def render_instance_masks(scene_gaussians, features, instances: Instances, camer
     """
     if not isinstance(features, torch.Tensor):
         features = torch.from_numpy(np.asarray(features, dtype=np.float32))
-    out = render_features(scene_gaussians, features.detach(), [camera], config.raster, config.backend)
+    out = render_features(scene_gaussians, features.detach(), [camera], config.raster, config.backend,
+                          config.primitive)
     return masks_from_feature_image(out.features[0], out.alpha[0], instances, config)
 
 

@@ -86,6 +86,14 @@ class PipelineConfig:
         mapper.device = device
         return cls(mapper=mapper, completion=COMPLETION_PRESETS[preset]())
 
+    def set_primitive(self, primitive: str) -> None:
+        """Map with 3D Gaussians or 2D surfels; the tracer, the feature field and the instance
+        masks render the same primitives as the map (a surfel map rendered as 3D Gaussians has
+        different footprints and depths)."""
+        if primitive not in ("3dgs", "2dgs"):
+            raise ValueError(f"unknown primitive '{primitive}' (choose 3dgs or 2dgs)")
+        self.mapper.primitive = self.features.primitive = self.instances.primitive = primitive
+
     @classmethod
     def from_node_parameters(cls, params) -> "PipelineConfig":
         config = cls.from_preset(params.preset, params.device)
@@ -474,7 +482,7 @@ class Pipeline:
         """Rendered (H, W, F) unit-feature blend and (H, W) alpha of a snapshot's frozen Gaussians."""
         gaussians = snapshot.query_gaussians
         out = render_features(gaussians, gaussians.features, [camera], self.field.config.raster,
-                              self.field.config.backend)
+                              self.field.config.backend, self.field.config.primitive)
         return out.features[0].cpu().numpy(), out.alpha[0].cpu().numpy()
 
     def _cached_features(self, keyframe, snapshot: MapSnapshot) -> tuple:

@@ -182,6 +182,7 @@ class FeatureConfig:
 
     backend: str = "auto"
     raster: RasterConfig = field(default_factory=RasterConfig)
+    primitive: str = "3dgs"  # the map's (PipelineConfig.set_primitive keeps them together)
     seed: int = 0
 
     @property

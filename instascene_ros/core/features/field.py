@@ -124,7 +124,8 @@ def scene_gaussians(scene, features: Optional[torch.Tensor] = None, means: Optio
 
 @torch.no_grad()
 def render_features(scene, features: torch.Tensor, cameras: Union[Camera, Sequence[Camera]],
-                    raster: RasterConfig = RasterConfig(), backend: str = "auto") -> RenderOutput:
+                    raster: RasterConfig = RasterConfig(), backend: str = "auto",
+                    primitive: str = "3dgs") -> RenderOutput:
     """Render per-Gaussian unit features (rows aligned with the scene) without gradient.
 
     Returns the RenderOutput; `features` (C, H, W, F) is a blend of unit vectors (divide by
@@ -132,7 +133,7 @@ def render_features(scene, features: torch.Tensor, cameras: Union[Camera, Sequen
     """
     features = torch.as_tensor(features, dtype=torch.float32, device=scene.means.device)
     unit = F.normalize(features.detach(), dim=-1)
-    return render(scene_gaussians(scene, unit), cameras, backend=backend, config=raster)
+    return render(scene_gaussians(scene, unit), cameras, primitive=primitive, backend=backend, config=raster)
 
 
 class FeatureField:
@@ -263,7 +264,8 @@ class FeatureField:
     def render(self, scene, cameras: Union[Camera, Sequence[Camera]]) -> RenderOutput:
         """No-gradient render of the field (after syncing with the scene)."""
         self.sync(scene)
-        return render_features(scene, self.features.detach(), cameras, self.config.raster, self.config.backend)
+        return render_features(scene, self.features.detach(), cameras, self.config.raster, self.config.backend,
+                               self.config.primitive)
 
     # ------------------------------------------------------------------ prototypes
     def prior_rows(self, priors: Priors) -> tuple[list[int], list[np.ndarray]]:
@@ -327,7 +329,7 @@ class FeatureField:
         unit = F.normalize(self.features, dim=-1)
         gaussians = scene_gaussians(scene, unit, means)
         camera = _camera_of(keyframes[view])
-        out = render(gaussians, [camera], backend=c.backend, config=c.raster)
+        out = render(gaussians, [camera], primitive=c.primitive, backend=c.backend, config=c.raster)
         visible = (out.radii[0] > 0).all(dim=-1)
         image = out.features[0]  # (H, W, D)
         alpha = out.alpha[0].detach().cpu().numpy()
@@ -419,8 +421,8 @@ class FeatureField:
         if others:
             cams = [_camera_of(keyframes[j]) for j in others]
             same_size = all((cam.width, cam.height) == (cams[0].width, cams[0].height) for cam in cams)
-            outs = [render(gaussians, cams, backend=c.backend, config=c.raster)] if same_size else \
-                [render(gaussians, [cam], backend=c.backend, config=c.raster) for cam in cams]
+            outs = [render(gaussians, cams, primitive=c.primitive, backend=c.backend, config=c.raster)] if same_size \
+                else [render(gaussians, [cam], primitive=c.primitive, backend=c.backend, config=c.raster) for cam in cams]
             rendered = [(o.features[i], o.alpha[i]) for o in outs for i in range(o.features.shape[0])]
         else:
             rendered = []
