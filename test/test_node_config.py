@@ -97,6 +97,19 @@ def test_instance_field_parameter_selects_the_decomposition_and_rejects_unknown_
         validate(replace(NodeParameters(), instance_field="sam"))
 
 
+def test_primitive_parameter_reaches_mapper_field_and_instances_and_rejects_unknown_names():
+    from dataclasses import replace
+
+    from instascene_ros.core.pipeline import PipelineConfig
+
+    config = PipelineConfig.from_node_parameters(NodeParameters())
+    assert (config.mapper.primitive, config.features.primitive, config.instances.primitive) == ("3dgs",) * 3
+    config = PipelineConfig.from_node_parameters(NodeParameters(primitive="2dgs"))
+    assert (config.mapper.primitive, config.features.primitive, config.instances.primitive) == ("2dgs",) * 3
+    with pytest.raises(ValueError, match="primitive must be '3dgs' or '2dgs'"):
+        validate(replace(NodeParameters(), primitive="3dgs+"))
+
+
 def test_contact_border_parameter_reaches_the_tracker_and_rejects_negatives():
     from dataclasses import replace
 

@@ -98,6 +98,7 @@ class PipelineConfig:
     def from_node_parameters(cls, params) -> "PipelineConfig":
         config = cls.from_preset(params.preset, params.device)
         config.workspace_min, config.workspace_max = tuple(params.workspace_min), tuple(params.workspace_max)
+        config.set_primitive(params.primitive)
         config.mapper.pose_refinement.enabled = bool(params.refine_poses)
         config.features = instance_field_config(params.instance_field, config.features)
         config.tracker = dataclasses.replace(config.tracker, mask_border_px=float(params.mask_contact_border_px))

@@ -105,7 +105,8 @@ class InstaSceneNode(Node):
         self._worker = threading.Thread(target=self._work, name="instascene-mapper", daemon=True)
         self._worker.start()
         self.get_logger().info(f"ready: preset={self.params.preset} device={self.params.device} "
-                               f"pose_source={self.params.pose_source} global_frame={self.params.global_frame}")
+                               f"primitive={self.params.primitive} pose_source={self.params.pose_source} "
+                               f"global_frame={self.params.global_frame}")
 
     @staticmethod
     def _load_self_filter(path: str):

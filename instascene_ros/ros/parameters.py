@@ -19,6 +19,7 @@ class NodeParameters:
     refine_poses: bool = True  # correct keyframe poses against the map by depth ICP (core/pose_refinement.py)
     preset: str = "cpu"  # mapper preset: "cpu" (2 cores) or "paper" (GPU, published schedule)
     device: str = "cpu"  # "cpu" (numba kernels) or "cuda" (gsplat)
+    primitive: str = "3dgs"  # "3dgs" (3D Gaussians) or "2dgs" (2D surfels)
     numba_threads: int = 1
     sync_slop_s: float = 0.02
     mask_wait_s: float = 1.5
@@ -50,6 +51,7 @@ DESCRIPTIONS = {
     "use_masks": "wait for 2D instance masks on 'mask' (optional per frame: frames without one are still mapped)",
     "preset": "mapper budgets: 'cpu' (2 cores) or 'paper' (GPU, published iteration counts)",
     "device": "'cpu' (numba kernels) or 'cuda' (gsplat)",
+    "primitive": "'3dgs' (3D Gaussians, the default by the mapping bench) or '2dgs' (2D surfels: median depth and normals); the instance layer renders the same",
     "numba_threads": "threads for the CPU splatting kernels (leave one core to the executor)",
     "sync_slop_s": "max stamp difference between an image and its camera_info / depth / mask",
     "mask_wait_s": "how long an image waits for a late mask from a slow segmenter",
@@ -100,6 +102,8 @@ def validate(parameters: NodeParameters) -> None:
         raise ValueError(f"preset must be 'cpu' or 'paper', not '{parameters.preset}'")
     if parameters.device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', not '{parameters.device}'")
+    if parameters.primitive not in ("3dgs", "2dgs"):
+        raise ValueError(f"primitive must be '3dgs' or '2dgs', not '{parameters.primitive}'")
     if parameters.instance_field not in ("instascene", "codebook", "classifier"):
         raise ValueError(f"instance_field must be 'instascene', 'codebook' or 'classifier', not '{parameters.instance_field}'")
     if not parameters.mask_contact_border_px >= 0.0:
