@@ -27,6 +27,19 @@ def test_each_variant_changes_only_its_own_settings():
     assert codebook.feature_lr == 2.5e-2  # the same feature rate as our field
     classifier = features["identity classifier on video-associated ids (baseline) lr x10"]
     assert classifier.objective == "classifier" and classifier.feature_lr == 2.5e-2
+    # The GradiSeg rows change only the GradiSeg options, on a schedule scaled to the steps.
+    steps = 300
+    scaled = ablation_variants(base, tracker, steps)
+    schedule = {"start_step": steps // 2, "igd_start_step": steps // 2, "igd_interval": steps // 6}
+    expected = {"full + GradiSeg LA-KNN": {"laknn": True},
+                "full + GradiSeg IGD p90": {"igd": True, "igd_percentile": 90.0},
+                "full + GradiSeg IGD p95": {"igd": True},  # 95 is GradiSegConfig's default
+                "full + GradiSeg IGD p99": {"igd": True, "igd_percentile": 99.0},
+                "full + GradiSeg LA-KNN + IGD p95": {"laknn": True, "igd": True}}
+    for name, changes in expected.items():
+        assert _changed(base, scaled[name].features) == {"gradiseg": scaled[name].features.gradiseg}, name
+        assert _changed(base.gradiseg, scaled[name].features.gradiseg) == {**schedule, **changes}, name
+    assert not (base.gradiseg.laknn or base.gradiseg.igd)  # both off in the product
     # Only the tracker rows change the tracker, each only its own rule.
     tracker_rows = {"full with tracker tracing every mask pixel": {"mask_border_px": 0.0},
                     "full without mutual-containment links": {"mutual_containment_link": False},

@@ -98,6 +98,38 @@ def test_a_surfel_map_is_traced_trained_and_labelled_as_surfels(monkeypatch):
         PipelineConfig().set_primitive("3d")
 
 
+def test_identity_gradient_densification_splits_boundary_gaussians_once_mapping_densification_is_over():
+    """GradiSeg's IGD in the pipeline: every `igd_interval` field steps (from `igd_start_step`)
+    the Gaussians with the largest identity gradient are split in two; the field carries the
+    parents' features to the children; nothing is split while the mapper still densifies."""
+    import dataclasses
+
+    from instascene_ros.core.features import GradiSegConfig
+
+    pipeline = _decomposed_blob_pipeline()
+    gradiseg = GradiSegConfig(igd=True, igd_start_step=0, igd_interval=10, igd_percentile=99.0)
+    pipeline.field.config = dataclasses.replace(pipeline.field.config, gradiseg=gradiseg)
+    assert pipeline.mapper.iteration < pipeline.config.mapper.optimisation.densify_until
+    n = pipeline.mapper.scene.n
+    pipeline.update_instances(feature_steps=20)
+    assert pipeline.identity_splits == 0 and pipeline.mapper.scene.n == n, "the mapper still densifies"
+
+    pipeline.config.mapper.optimisation.densify_until = 0
+    pipeline.update_instances(feature_steps=10)  # field steps 60 -> 70: one IGD pass
+    scene = pipeline.mapper.scene
+    first = pipeline.identity_splits
+    assert first > 0 and scene.n == n + first
+    children = scene.parent_ids >= 0
+    assert int(children.sum()) == 2 * first
+    assert not torch.isin(scene.parent_ids[children], scene.ids).any(), "parents are replaced"
+    assert torch.equal(pipeline.field.ids, scene.ids.cpu())
+    assert pipeline.snapshot.instances, "instances are extracted on the split map"
+    pipeline.update_instances(feature_steps=5)  # 70 -> 75: none due
+    assert pipeline.identity_splits == first
+    pipeline.update_instances(feature_steps=5)
+    assert pipeline.identity_splits > first and scene.n == n + pipeline.identity_splits
+
+
 def test_idle_step_renders_the_newest_view_so_pixel_queries_answer_from_cache(monkeypatch):
     pipeline = _decomposed_blob_pipeline()
     assert pipeline.snapshot.instances, "the blob scene has objects"

@@ -141,6 +141,56 @@ def test_full_budget_densification_evicts_the_least_important_to_make_room():
     assert set(keep_ids) <= set(scene.ids.tolist())
 
 
+def _covariance(scene: GaussianScene, rows) -> torch.Tensor:
+    from instascene_ros.core.scene import quaternion_to_matrix
+    R = quaternion_to_matrix(scene.quats[rows].detach())
+    S = torch.diag_embed(scene.scales[rows].detach() ** 2)
+    return R @ S @ R.transpose(1, 2)
+
+
+def test_identity_gradient_split_places_two_children_across_the_boundary_and_keeps_the_moments():
+    """IGD (GradiSeg): a Gaussian straddling a boundary becomes two, one on either side along the
+    boundary normal; the pair keeps the parent's mean and covariance (for a direction along one of
+    its axes), its colour and opacity, and gets new ids that name the parent."""
+    from instascene_ros.core.scene import matrix_to_quaternion
+    scene = make_scene(4)
+    angle = 0.7  # the parent's long axis, turned about z
+    R = np.array([[math.cos(angle), -math.sin(angle), 0], [math.sin(angle), math.cos(angle), 0], [0, 0, 1.0]])
+    with torch.no_grad():
+        scene.quats[1] = torch.as_tensor(matrix_to_quaternion(R[None])[0], dtype=torch.float32)
+        scene.log_scales[1] = torch.log(torch.tensor([0.1, 0.02, 0.01]))
+    parent_mean, parent_cov = scene.means[1].detach().clone(), _covariance(scene, [1])[0]
+    parent_colour, parent_opacity = scene.sh[1].detach().clone(), scene.opacities[1].detach().clone()
+    direction = torch.as_tensor(-3.0 * R[:, 0], dtype=torch.float32)  # along the long axis; sign and length free
+    counts = scene.split_along(torch.tensor([1, 99]), torch.stack([direction, torch.ones(3)]))  # 99: gone
+    assert counts == {"split": 1, "evicted": 0} and scene.n == 5
+    assert 1 not in scene.ids.tolist()
+    children = torch.nonzero(scene.parent_ids == 1).squeeze(1)
+    assert len(children) == 2 and min(scene.ids[children].tolist()) >= 4
+    means = scene.means[children].detach()
+    along = (means - parent_mean) @ torch.as_tensor(R[:, 0], dtype=torch.float32)
+    assert torch.allclose(along.sort().values, torch.tensor([-1.0, 1.0]) * 0.1 * math.sqrt(2 / math.pi), atol=1e-6)
+    assert torch.allclose(means.mean(0), parent_mean, atol=1e-6)
+    offsets = means - means.mean(0)
+    mixture = _covariance(scene, children).mean(0) + (offsets[:, :, None] * offsets[:, None, :]).mean(0)
+    assert torch.allclose(mixture, parent_cov, atol=1e-7)
+    for row in children:
+        assert torch.allclose(scene.sh[row], parent_colour) and torch.allclose(scene.opacities[row], parent_opacity)
+    with pytest.raises(ValueError, match="2 ids but 1 directions"):
+        scene.split_along(torch.tensor([0, 2]), torch.ones(1, 3))
+
+
+def test_identity_gradient_split_under_a_full_budget_evicts_others_then_splits_what_fits():
+    scene = make_scene(10, max_gaussians=10, densify_turnover=0.1)  # room for one eviction
+    keep_ids = scene.ids[:9].tolist()
+    counts = scene.split_along(torch.tensor([0, 1, 2]), torch.tensor([[1.0, 0, 0]] * 3),
+                               importance_fn=lambda s: torch.isin(s.ids, torch.tensor(keep_ids)).float())
+    assert counts == {"split": 1, "evicted": 1} and scene.n == 10
+    assert 9 not in scene.ids.tolist()  # the least important non-candidate made room ...
+    assert 0 not in scene.ids.tolist() and {1, 2} <= set(scene.ids.tolist())  # ... for the first candidate
+    assert (scene.parent_ids == 0).sum() == 2
+
+
 def test_state_dict_round_trip_is_exact_and_training_continues_identically():
     scene = make_scene(10, sh_degree=1, feature_dim=4)
     scene.extent = 2.5

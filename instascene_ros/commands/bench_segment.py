@@ -26,10 +26,13 @@ Protocol (per seed; report seeds 11-15 are disjoint from the development seed 0)
    object codebook (instances read from its slots, no clustering); and the fair
    baseline: Gaussian Grouping's identity classifier trained on the masks made consistent by
    the video associator (mask IoU propagated between consecutive keyframes, warped by depth),
-   not by our tracker. Label-reading options draw their masks by reading each rendered pixel
+   not by our tracker; GradiSeg's LA-KNN regulariser and identity-gradient-guided densification
+   (IGD, threshold percentile swept over 90 / 95 / 99) on our field, started half-way through
+   the variant's steps as GradiSeg starts them half-way through its schedule. Label-reading options draw their masks by reading each rendered pixel
    the way they read Gaussians. The
    rendering PSNR cannot change between variants: the field's loss never reaches the
-   geometry (its gradient stops at the rendered features; test_features checks it).
+   geometry (its gradient stops at the rendered features; test_features checks it), except in
+   the IGD rows, which split Gaussians.
 
 Means and sample standard deviations over seeds. JSON: {"summary": {miou, biou, pq_scene,
 cloud_precision, decomposition_s, wall_s (+ _std), identical_separated}, "scenes": [...], "ablation": {variant: {mean,
@@ -86,11 +89,22 @@ class Variant:
     clean_masks: bool = False
 
 
-def ablation_variants(features, tracker) -> dict:
+IGD_PERCENTILES = (90.0, 95.0, 99.0)  # the IGD threshold sweep (GradiSeg leaves it open)
+
+
+def ablation_variants(features, tracker, steps: int = 300) -> dict:
     """name -> Variant. Every row is the product's defaults (`features`, `tracker`, the `cpu`
-    preset) with only the named part changed."""
+    preset) with only the named part changed. `steps`: the ablation's field steps, which the
+    GradiSeg rows' schedule is scaled to."""
     def field(**changes) -> Variant:
         return Variant(dataclasses.replace(features, **changes), tracker)
+
+    def field_gradiseg(**changes) -> Variant:
+        # GradiSeg starts LA-KNN half-way through its 30k schedule (15k; the paper also says
+        # 12k) and IGD once 3DGS densification ends (15k): half of this row's steps, then an
+        # IGD pass every sixth of them (GradiSeg gives no interval).
+        schedule = dict(start_step=steps // 2, igd_start_step=steps // 2, igd_interval=max(steps // 6, 1))
+        return field(gradiseg=dataclasses.replace(features.gradiseg, **schedule, **changes))
 
     def field_codebook(**changes) -> Variant:
         return Variant(dataclasses.replace(features, codebook=dataclasses.replace(features.codebook, **changes)),
@@ -126,6 +140,12 @@ def ablation_variants(features, tracker) -> dict:
         "identity classifier on video-associated ids (baseline) lr x10": field(
             objective="classifier", classifier=dataclasses.replace(
                 features.classifier, lr=10 * features.classifier.lr, feature_lr=10 * features.classifier.feature_lr)),
+        # GradiSeg's boundary refinements on our field (softmax over the instance prototypes in
+        # place of its classifier). IGD splits Gaussians, so these rows change the geometry too.
+        "full + GradiSeg LA-KNN": field_gradiseg(laknn=True),
+        **{f"full + GradiSeg IGD p{percentile:g}": field_gradiseg(igd=True, igd_percentile=percentile)
+           for percentile in IGD_PERCENTILES},
+        "full + GradiSeg LA-KNN + IGD p95": field_gradiseg(laknn=True, igd=True, igd_percentile=95.0),
     }
 
 
@@ -232,7 +252,7 @@ def run_segment(args) -> int:
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     defaults = PipelineConfig.from_preset("cpu")
-    variants = ablation_variants(defaults.features, defaults.tracker)
+    variants = ablation_variants(defaults.features, defaults.tracker, args.ablation_steps)
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()] or list(variants)
     unknown = [name for name in chosen if name not in variants]
     if unknown:  # before hours of mapping, not after

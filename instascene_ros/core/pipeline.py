@@ -201,6 +201,7 @@ class Pipeline:
         self.consistent_labels: dict[int, dict[int, int]] = {}
         self.forgotten: set[int] = set()
         self.keyframes_since_solve = 0
+        self.identity_splits = 0  # Gaussians split by GradiSeg's IGD (option; 0 when off)
         self._feature_cache: dict[int, tuple] = {}  # keyframe index -> (map_version, features, alpha)
         self._completion_cache: dict[tuple, tuple] = {}  # (id, map version, generator, faces) -> (result, message)
         version = getattr(self, "snapshot", None)
@@ -278,13 +279,37 @@ class Pipeline:
                     consistent = [result.label_image(kf.index, self.masks[kf.index]) for kf in masked]
                 labels = [KeyframeLabels(consistent=ids, masks=self.masks[kf.index])
                           for kf, ids in zip(masked, consistent)]
-                self.field.train(masked, labels, self.priors, scene, feature_steps)
+                self.identity_splits += self._train_field(masked, labels, feature_steps)
             timings["features"] = time.perf_counter() - tic
             tic = time.perf_counter()
             self._publish_snapshot(result.events)
             timings["instances"] = time.perf_counter() - tic
             self.keyframes_since_solve = 0
         return timings
+
+    def _train_field(self, keyframes, labels, steps: int) -> int:
+        """Train the feature field `steps` steps. With GradiSeg's IGD on and the mapper's
+        densification over, training pauses every `igd_interval` field steps from
+        `igd_start_step` on, and the Gaussians with the largest identity gradient are split
+        across the boundary they straddle (`GaussianScene.split_along`); the field inherits the
+        parents' features for the children. Returns the number of Gaussians split."""
+        g = self.field.config.gradiseg
+        scene = self.mapper.scene
+        igd = g.igd and self.mapper.iteration >= self.config.mapper.optimisation.densify_until
+        split, remaining = 0, steps
+        while remaining > 0:
+            chunk = remaining
+            if igd:
+                step, interval = self.field.step_count, max(g.igd_interval, 1)
+                next_pass = max(g.igd_start_step, (step // interval + 1) * interval)
+                chunk = min(remaining, max(next_pass - step, 1))
+            self.field.train(keyframes, labels, self.priors, scene, chunk)
+            remaining -= chunk
+            if igd and self.field.step_count >= g.igd_start_step and self.field.step_count % max(g.igd_interval, 1) == 0:
+                ids, directions = self.field.igd_candidates()
+                split += scene.split_along(torch.from_numpy(ids), torch.from_numpy(directions))["split"]
+                self.field.sync(scene)
+        return split
 
     def _video_associated(self, keyframes) -> list[np.ndarray]:
         """The identity-classifier baseline's training ids: the keyframes' masks made consistent

@@ -582,18 +582,11 @@ class GaussianScene:
             cost = torch.where(small, 1, c.split_children - 1)
             wanted = int(cost[candidates].sum())
             room = c.max_gaussians - self.n
-            if wanted > room and c.densify_turnover > 0:
-                importance = importance_fn(self) if importance_fn is not None else None
-                order = self.eviction_order(importance)
-                order = order[~candidates[order]]
-                n_evict = min(int(c.densify_turnover * c.max_gaussians), wanted - room, len(order))
-                if n_evict > 0:
-                    evict = torch.zeros(self.n, dtype=torch.bool, device=self.device)
-                    evict[order[:n_evict]] = True
-                    keep = ~evict
-                    grads, candidates, small, cost = grads[keep], candidates[keep], small[keep], cost[keep]
-                    counts["evicted"] = self.remove(evict)
-                    room = c.max_gaussians - self.n
+            if wanted > room:
+                keep = self._evict_for_densification(wanted - room, candidates, importance_fn)
+                grads, candidates, small, cost = grads[keep], candidates[keep], small[keep], cost[keep]
+                counts["evicted"] = int((~keep).sum())
+                room = c.max_gaussians - self.n
             if wanted > room:
                 by_gradient = torch.argsort(torch.where(candidates, grads, torch.full_like(grads, -1.0)),
                                             descending=True, stable=True)
@@ -634,6 +627,79 @@ class GaussianScene:
                 counts["split"] = len(split_idx)
             counts["evicted"] += self.enforce_budget()  # a no-op unless the config changed under us
             self._reset_stats(self.n)
+        return counts
+
+    def _evict_for_densification(self, needed: int, protected: torch.Tensor,
+                                 importance_fn: Optional[Callable[["GaussianScene"], torch.Tensor]]) -> torch.Tensor:
+        """Evict up to `needed` (at most `densify_turnover` x budget) of the least important
+        Gaussians that are not `protected` (N,) bool; returns the (N,) keep mask of the rows as
+        they were, for the caller to filter its per-row arrays."""
+        c = self.config
+        keep = torch.ones(self.n, dtype=torch.bool, device=self.device)
+        if c.densify_turnover <= 0 or needed <= 0:
+            return keep
+        order = self.eviction_order(importance_fn(self) if importance_fn is not None else None)
+        order = order[~protected[order]]
+        n_evict = min(int(c.densify_turnover * c.max_gaussians), needed, len(order))
+        if n_evict > 0:
+            keep[order[:n_evict]] = False
+            self.remove(~keep)
+        return keep
+
+    def split_along(self, ids: torch.Tensor, directions: torch.Tensor,
+                    importance_fn: Optional[Callable[["GaussianScene"], torch.Tensor]] = None) -> dict[str, int]:
+        """GradiSeg's identity-gradient-guided densification (IGD): each Gaussian `ids[i]` becomes
+        two children, one on either side of the plane through its mean normal to `directions[i]`
+        (world frame; in GradiSeg the accumulated position gradient of the identity loss, which
+        points across the instance boundary the Gaussian straddles; a zero direction means its
+        largest axis), not a random 3DGS split.
+
+        The children sit at the centroids of the parent's two halves, +-sigma_d sqrt(2/pi) along d
+        (sigma_d: the parent's standard deviation along d), and each local axis shrinks toward a
+        half's spread (sqrt(1 - 2/pi) sigma) by how much it points along d; colour, opacity,
+        orientation and features are the parent's. Each split costs one Gaussian of the budget:
+        as in `densify_and_prune`, up to `densify_turnover` x budget of the least important other
+        Gaussians are evicted for room, then only the first `ids` (the caller's priority order)
+        that fit are split. Returns {"split", "evicted"}; children get new ids, parent_ids = the
+        parent's."""
+        counts = {"split": 0, "evicted": 0}
+        with torch.no_grad():
+            ids = torch.as_tensor(ids, dtype=torch.int64, device=self.device).reshape(-1)
+            directions = torch.as_tensor(directions, dtype=torch.float32, device=self.device).reshape(-1, 3)
+            if ids.shape[0] != directions.shape[0]:
+                raise ValueError(f"split_along: {ids.shape[0]} ids but {directions.shape[0]} directions")
+            present = self.index_of(ids) >= 0
+            ids, directions = ids[present], directions[present]
+            if ids.numel() == 0:
+                return counts
+            room = self.config.max_gaussians - self.n
+            if ids.numel() > room:
+                keep = self._evict_for_densification(ids.numel() - room, torch.isin(self.ids, ids), importance_fn)
+                counts["evicted"] = int((~keep).sum())
+                room = self.config.max_gaussians - self.n
+            ids, directions = ids[:max(room, 0)], directions[:max(room, 0)]
+            if ids.numel() == 0:
+                return counts
+            rows = self.index_of(ids)
+            rotations = quaternion_to_matrix(self.quats[rows])
+            scales = self.scales[rows]
+            # No direction (no position gradient reached it): split along its largest axis.
+            largest = rotations[torch.arange(len(rows)), :, scales.argmax(dim=1)]
+            d = torch.nn.functional.normalize(torch.where(directions.norm(dim=1, keepdim=True) > 0, directions, largest),
+                                              dim=1)
+            d_local = torch.einsum("mji,mj->mi", rotations, d)  # R^T d: the direction on the local axes
+            sigma_d = (scales * d_local).norm(dim=1, keepdim=True)
+            offset = math.sqrt(2.0 / math.pi) * sigma_d * d
+            shrink = 1.0 - (1.0 - math.sqrt(1.0 - 2.0 / math.pi)) * d_local ** 2
+            log_scales = self.log_scales[rows] + torch.log(shrink)
+            means = torch.cat([self.means[rows] + offset, self.means[rows] - offset])
+            twice = lambda t: None if t is None else torch.cat([t, t])  # noqa: E731
+            self.add(means, sh=twice(self.sh[rows].detach()), log_scales=twice(log_scales),
+                     quats=twice(self.quats[rows]), opacities=twice(self.opacities[rows]),
+                     features=None if self.features is None else twice(self.features[rows]),
+                     parent_ids=twice(ids), enforce_budget=False, new_importance=twice(self.importance[rows] / 2))
+            self.remove(torch.isin(self.ids, ids))
+            counts["split"] = int(ids.numel())
         return counts
 
     def prune(self, min_opacity: Optional[float] = None) -> int:

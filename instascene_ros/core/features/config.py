@@ -71,6 +71,9 @@ class GradiSegConfig:
     igd_percentile: float = 95.0
     igd_min_views: int = 1  # a Gaussian must have been seen this often to be a candidate
     igd_start_step: int = 5000
+    # Field steps between IGD passes once started (Pipeline: only after the mapper's
+    # densification has ended, as GradiSeg runs IGD after 3DGS densification).
+    igd_interval: int = 100
 
 
 @dataclass

@@ -81,10 +81,12 @@ def neighbour_kl_loss(sample_probs: torch.Tensor, neighbour_probs: torch.Tensor,
 def igd_select(mean_gradient_norm: np.ndarray, views_seen: np.ndarray, percentile: float,
                min_views: int = 1) -> np.ndarray:
     """Rows whose mean feature-gradient norm is above the `percentile` of the rows seen at least
-    `min_views` times (strictly above, so a flat field selects nothing)."""
+    `min_views` times (strictly above, so a flat field selects nothing), largest first (a full
+    budget splits the strongest boundaries)."""
     seen = np.asarray(views_seen) >= max(min_views, 1)
     if not seen.any():
         return np.zeros(0, dtype=np.int64)
     values = np.asarray(mean_gradient_norm)
     threshold = np.percentile(values[seen], percentile)
-    return np.flatnonzero(seen & (values > threshold)).astype(np.int64)
+    rows = np.flatnonzero(seen & (values > threshold))
+    return rows[np.argsort(-values[rows], kind="stable")].astype(np.int64)
