@@ -112,7 +112,7 @@ def evaluate_run(pipeline, dataset, out: pathlib.Path, progress: bool = True) ->
         contact_sheet(sheet_rows[:8], row_titles=names[:8],
                       col_titles=["ground truth", "render", "instances (render)", "ground-truth instances"],
                       out_path=out / "overlays.png")
-    _write_instance_clouds(pipeline, out / "instances")
+    write_instance_clouds(pipeline, out / "instances")
     if ground_truth and all(g is not None for g in ground_truth):
         result.update(score_instances(pipeline, dataset, predicted, ground_truth))
     return result
@@ -154,7 +154,7 @@ def score_clouds(pipeline, dataset, mapping: dict[int, int]) -> dict:
             "clouds": per_object}
 
 
-def _write_instance_clouds(pipeline, folder: pathlib.Path) -> None:
+def write_instance_clouds(pipeline, folder: pathlib.Path) -> None:
     import trimesh
 
     folder.mkdir(exist_ok=True)
