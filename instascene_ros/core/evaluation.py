@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import pathlib
+from typing import Optional
+
 import numpy as np
 from PIL import Image
 from scipy import ndimage
@@ -58,6 +60,15 @@ def choose_instance_ids(pipeline, dataset) -> dict[int, int]:
     return mapping
 
 
+def _median_depth_error_mm(rendered: Optional[np.ndarray], truth: np.ndarray, objects: np.ndarray) -> Optional[float]:
+    """Median |rendered - true| depth in mm over the object pixels where both are valid; None
+    when there is no rendered depth of this kind or no such pixel."""
+    if rendered is None:
+        return None
+    valid = objects & (truth > 0) & np.isfinite(truth) & (rendered > 0)
+    return float(np.median(np.abs(rendered[valid] - truth[valid]))) * 1000.0 if valid.any() else None
+
+
 def evaluate_run(pipeline, dataset, out: pathlib.Path, progress: bool = True) -> dict:
     """Render and score every held-out frame; write renders, instance masks, clouds and a sheet."""
     from tqdm.auto import tqdm
@@ -83,14 +94,10 @@ def evaluate_run(pipeline, dataset, out: pathlib.Path, progress: bool = True) ->
         if objects is not None and objects.any():
             object_psnrs.append(metrics.psnr(color, frame.rgb, mask=objects))
             if frame.depth is not None:
-                valid = objects & (frame.depth > 0) & np.isfinite(frame.depth) & (depth > 0)
-                if valid.any():
-                    depth_errors.append(float(np.median(np.abs(depth[valid] - frame.depth[valid]))) * 1000.0)
-                if median_depth is not None:
-                    valid = objects & (frame.depth > 0) & np.isfinite(frame.depth) & (median_depth > 0)
-                    if valid.any():
-                        median_depth_errors.append(
-                            float(np.median(np.abs(median_depth[valid] - frame.depth[valid]))) * 1000.0)
+                for rendered_depth, errors in ((depth, depth_errors), (median_depth, median_depth_errors)):
+                    error = _median_depth_error_mm(rendered_depth, frame.depth, objects)
+                    if error is not None:
+                        errors.append(error)
         instance_ids = pipeline.instance_mask(frame.camera)
         stem = pathlib.Path(frame.meta.get("file_path", frame.name)).stem
         Image.fromarray(instance_ids.astype(np.uint16)).save(out / "instance_masks" / f"{stem}.png")

@@ -296,16 +296,17 @@ class Pipeline:
         g = self.field.config.gradiseg
         scene = self.mapper.scene
         igd = g.igd and self.mapper.iteration >= self.config.mapper.optimisation.densify_until
+        interval = max(g.igd_interval, 1)
         split, remaining = 0, steps
         while remaining > 0:
             chunk = remaining
-            if igd:
-                step, interval = self.field.step_count, max(g.igd_interval, 1)
+            if igd:  # train up to the next pass, then split
+                step = self.field.step_count
                 next_pass = max(g.igd_start_step, (step // interval + 1) * interval)
                 chunk = min(remaining, max(next_pass - step, 1))
             self.field.train(keyframes, labels, self.priors, scene, chunk)
             remaining -= chunk
-            if igd and self.field.step_count >= g.igd_start_step and self.field.step_count % max(g.igd_interval, 1) == 0:
+            if igd and self.field.step_count >= g.igd_start_step and self.field.step_count % interval == 0:
                 ids, directions = self.field.igd_candidates()
                 split += scene.split_along(torch.from_numpy(ids), torch.from_numpy(directions))["split"]
                 self.field.sync(scene)
