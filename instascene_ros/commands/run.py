@@ -165,10 +165,12 @@ def run(args) -> int:
     rejected, keyframes, keyframe_seconds = 0, 0, []
     stage_s: dict[str, float] = {}  # seconds per pipeline stage, streaming and finish together
     for index, frame in enumerate(tqdm(train, desc="mapping", unit="frame", disable=args.no_progress)):
+        # Copies, not edits: evaluation still reads the dataset's training depth (which pixels of
+        # a held-out view some training view saw).
         if args.no_depth:
-            frame.depth = None
+            frame = dataclasses.replace(frame, depth=None)
         if args.no_masks or index % max(1, args.mask_every):
-            frame.mask = None
+            frame = dataclasses.replace(frame, mask=None)
         tic = time.perf_counter()
         report = pipeline.add_frame(frame)
         for stage, seconds in report.timings.items():

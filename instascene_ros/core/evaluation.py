@@ -69,6 +69,37 @@ def _median_depth_error_mm(rendered: Optional[np.ndarray], truth: np.ndarray, ob
     return float(np.median(np.abs(rendered[valid] - truth[valid]))) * 1000.0 if valid.any() else None
 
 
+def observed_pixels(frame, views, relative_tolerance: float = 0.02) -> Optional[np.ndarray]:
+    """EVALUATION ONLY: (H, W) bool, True where the surface a held-out `frame` sees at a pixel
+    (its true depth) is also seen by at least one of `views` (training frames with true depth):
+    it projects inside that view's image and lands within `relative_tolerance` x its depth of
+    that view's own depth, i.e. it is not behind something there. Pixels without a valid depth
+    (nothing within sensor range: the learned background) count as observed. None when the frame
+    or every view lacks depth. No map can know what no view saw; this splits the held-out
+    error into the part a better map could remove and the part that needs extrapolation."""
+    from instascene_ros.core.complete.warp import backproject
+
+    views = [view for view in views if view.depth is not None]
+    if frame.depth is None or not views:
+        return None
+    depth = np.asarray(frame.depth, np.float64)
+    valid = np.isfinite(depth) & (depth > 0)
+    points_cam = backproject(frame.camera, np.where(valid, depth, 0.0))[valid]
+    points = points_cam @ frame.camera.T_world_cam[:3, :3].T + frame.camera.T_world_cam[:3, 3]
+    seen = np.zeros(len(points), bool)
+    for view in views:
+        uv, z = view.camera.project(points)
+        with np.errstate(invalid="ignore"):
+            cols, rows = np.floor(uv[:, 0]), np.floor(uv[:, 1])
+            inside = (z > 0) & (cols >= 0) & (cols < view.camera.width) & (rows >= 0) & (rows < view.camera.height)
+        view_depth = np.zeros(len(points))
+        view_depth[inside] = view.depth[rows[inside].astype(int), cols[inside].astype(int)]
+        seen |= inside & (np.abs(view_depth - z) < relative_tolerance * z)
+    observed = np.ones(depth.shape, bool)
+    observed[valid] = seen
+    return observed
+
+
 def evaluate_run(pipeline, dataset, out: pathlib.Path, progress: bool = True) -> dict:
     """Render and score every held-out frame; write renders, instance masks, clouds and a sheet."""
     from tqdm.auto import tqdm
@@ -79,6 +110,8 @@ def evaluate_run(pipeline, dataset, out: pathlib.Path, progress: bool = True) ->
     gt_masks = dataset.ground_truth_masks()
     test = [i for i, frame in enumerate(dataset.frames) if frame.meta.get("split") == "test"]
     psnrs, object_psnrs, ssims, depth_errors = [], [], [], []
+    observed_psnrs, observed_fractions = [], []
+    training = [frame for frame in dataset.frames if frame.meta.get("split") != "test"]
     median_depth_errors = []  # 2DGS only: its median depth (where transmittance crosses 0.5)
     predicted, ground_truth, sheet_rows, names = [], [], [], []
     for index in tqdm(test, desc="evaluating", unit="view", disable=not progress):
@@ -89,6 +122,10 @@ def evaluate_run(pipeline, dataset, out: pathlib.Path, progress: bool = True) ->
         median_depth = rendered.median_depth[0].cpu().numpy() if rendered.median_depth is not None else None
         psnrs.append(metrics.psnr(color, frame.rgb))
         ssims.append(metrics.ssim(color, frame.rgb))
+        observed = observed_pixels(frame, training)
+        if observed is not None and observed.any():
+            observed_psnrs.append(metrics.psnr(color, frame.rgb, mask=observed))
+            observed_fractions.append(float(observed.mean()))
         gt = gt_masks[index]
         objects = gt > 0 if gt is not None else None
         if objects is not None and objects.any():
@@ -111,6 +148,9 @@ def evaluate_run(pipeline, dataset, out: pathlib.Path, progress: bool = True) ->
                     "psnr": float(np.mean(psnrs)) if psnrs else None,
                     "ssim": float(np.mean(ssims)) if ssims else None,
                     "psnr_object": float(np.mean(object_psnrs)) if object_psnrs else None,
+                    # Only the pixels some training view saw (observed_pixels), and their share.
+                    "psnr_observed": float(np.mean(observed_psnrs)) if observed_psnrs else None,
+                    "observed_fraction": float(np.mean(observed_fractions)) if observed_fractions else None,
                     "depth_error_mm": float(np.median(depth_errors)) if depth_errors else None,
                     # The 2DGS median depth on the same pixels (None for 3DGS, which has none).
                     "depth_error_median_depth_mm": float(np.median(median_depth_errors)) if median_depth_errors else None,

@@ -1,0 +1,79 @@
+"""Scoring a run: which held-out pixels a training view saw, and `instascene run`'s output contract
+on a small generated scene (a real pybullet render, the real mapper, no ROS)."""
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import trimesh
+
+from instascene_ros.core.camera import Camera, Frame
+from instascene_ros.core.evaluation import observed_pixels
+
+
+def _frame(camera: Camera, depth: np.ndarray) -> Frame:
+    return Frame(rgb=np.zeros((camera.height, camera.width, 3), np.uint8), camera=camera, depth=depth.astype(np.float32))
+
+
+def _camera(size: int, focal: float, x: float = 0.0) -> Camera:
+    pose = np.eye(4)
+    pose[0, 3] = x
+    return Camera(K=np.array([[focal, 0, size / 2], [0, focal, size / 2], [0, 0, 1.0]]), width=size, height=size,
+                  T_world_cam=pose)
+
+
+def test_observed_pixels_needs_a_view_that_sees_the_surface_unoccluded():
+    # A wall at z = 1 m. The training view (same pose, half the field of view: focal 40 on 40 px
+    # against focal 20 on 40 px) sees only the centre 20 x 20 pixels of the held-out view, and a
+    # card at 0.5 m hides its own centre 10 x 10 pixels (held-out pixels 15..24) of the wall.
+    held_out = _frame(_camera(40, 20.0), np.full((40, 40), 1.0))
+    held_out.depth[0, 0] = 0.0  # no return: the learned background, counted as observed
+    training_depth = np.full((40, 40), 1.0)
+    training_depth[10:30, 10:30] = 0.5
+    training = _frame(_camera(40, 40.0), training_depth)
+    observed = observed_pixels(held_out, [training])
+    expected = np.zeros((40, 40), bool)
+    expected[10:30, 10:30] = True
+    expected[15:25, 15:25] = False
+    expected[0, 0] = True
+    assert (observed == expected).all()
+    # A second view moved sideways sees the wall behind the card: those pixels become observed.
+    beside = _frame(_camera(40, 40.0, x=0.2), np.full((40, 40), 1.0))
+    observed = observed_pixels(held_out, [training, beside])
+    assert observed[15:25, 15:25].all() and not observed[1, 1]
+    # Without depth (RGB-only datasets) there is nothing to decide with.
+    assert observed_pixels(held_out, [Frame(rgb=training.rgb, camera=training.camera)]) is None
+
+
+@pytest.fixture(scope="module")
+def small_scene(tmp_path_factory):
+    path = tmp_path_factory.mktemp("run_scene") / "scene"
+    subprocess.run([sys.executable, "-m", "instascene_ros.cli", "make-scene", str(path), "--seed", "3", "--views", "10",
+                    "--test-views", "3", "--res", "64", "--objects", "4", "--mask-noise", "0", "--no-progress"],
+                   check=True, capture_output=True, timeout=300)
+    return path
+
+
+def test_run_writes_the_metrics_contract_and_keeps_the_training_depth_for_scoring(small_scene, tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "instascene_ros.cli", "run", str(small_scene), "--out", str(out),
+                             "--no-masks", "--no-depth", "--finish-seconds", "3", "--no-progress"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    transforms = json.loads((small_scene / "transforms.json").read_text())
+    test_paths = [f["file_path"] for f in transforms["frames"] if f.get("split") == "test"]
+    assert len(test_paths) == 3 and [p.split("/")[-1] for p in metrics["held_out"]] == [p.split("/")[-1]
+                                                                                       for p in test_paths]
+    for key in ("psnr", "ssim", "psnr_object", "wall_s", "psnr_observed", "observed_fraction"):
+        assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), key
+    assert metrics["rgb_only"] is True
+    # RGB-only mapping must not strip the dataset's depth before scoring: the observed-pixel
+    # PSNR is computed from the training views' true depth.
+    assert 0.5 < metrics["observed_fraction"] <= 1.0
+    assert metrics["psnr"] > 10.0 and 0.0 < metrics["ssim"] <= 1.0
+    assert metrics["n_gaussians"] > 0
+    assert len(trimesh.load(out / "scene.ply").vertices) == metrics["n_gaussians"]
+    assert sorted(p.name for p in (out / "renders").iterdir()) == sorted(p.split("/")[-1] for p in test_paths)
