@@ -14,7 +14,7 @@ import trimesh
 
 from instascene_ros.core.complete import CompletionError, build_context, complete_object
 from instascene_ros.core.complete.evaluate import evaluate_completion
-from instascene_ros.core.complete.frame import fit_support_plane
+from instascene_ros.core.complete.frame import fit_support_plane, refine_plane_on_surface
 from instascene_ros.core.complete.raster import rasterise_mesh
 from instascene_ros.core.camera import Camera, intrinsics_from_fov, look_at
 
@@ -110,6 +110,41 @@ def test_support_plane_of_a_tilted_table():
     assert source == "ransac"
     assert np.rad2deg(np.arccos(fitted @ normal)) < 1.0
     assert offset == pytest.approx(0.3, abs=0.002)
+
+
+def test_support_plane_moves_from_the_gaussian_means_onto_the_seen_surface():
+    # The map's table Gaussians sit 3 mm below the table their renders (and the depth sensor)
+    # show; the surface the cameras saw decides the plane. A neighbour's top (4 cm up) and its
+    # lowest rim (in the band, few points) must not move it.
+    rng = np.random.default_rng(5)
+    normal = np.array([0.05, 0.02, 1.0])
+    normal /= np.linalg.norm(normal)
+    u = np.cross(normal, [1.0, 0, 0])
+    u /= np.linalg.norm(u)
+    v = np.cross(normal, u)
+    def on_plane(n, height, half=0.15):
+        return rng.uniform(-half, half, (n, 2)) @ np.stack([u, v]) + height * normal
+    surface = np.concatenate([on_plane(3000, 0.300) + rng.normal(0, 0.0003, (3000, 3)),
+                              on_plane(400, 0.340, half=0.03), on_plane(60, 0.304, half=0.03)])
+    obj = on_plane(200, 0.32, half=0.02)
+    coarse = normal + np.array([0.01, 0.0, 0.0])  # RANSAC on the means: a little tilted, 3 mm low
+    coarse /= np.linalg.norm(coarse)
+    fitted, offset, refined = refine_plane_on_surface(coarse, 0.297, surface, obj)
+    assert refined
+    assert offset == pytest.approx(0.300, abs=0.0005)
+    assert np.rad2deg(np.arccos(fitted @ normal)) < 0.3
+    # Too little seen surface in the band: the plane stays as it was.
+    same, same_offset, refined = refine_plane_on_surface(coarse, 0.297, surface[:20], obj)
+    assert not refined and same_offset == 0.297 and np.allclose(same, coarse)
+    # A surface tilted by 8 degrees (more than `max_tilt_deg`) keeps the means' normal, but the
+    # plane still moves to the surface's height.
+    tilt = np.deg2rad(8.0)
+    tilted_normal = np.cos(tilt) * normal + np.sin(tilt) * u
+    along = np.cross(tilted_normal, v)
+    plane_points = rng.uniform(-0.03, 0.03, (3000, 2)) @ np.stack([along, v]) + 0.3 * normal
+    kept, kept_offset, refined = refine_plane_on_surface(normal, 0.297, plane_points, obj)
+    assert refined and np.allclose(kept, normal)
+    assert kept_offset == pytest.approx(0.300, abs=0.001)
 
 
 def test_mesh_rasteriser_matches_a_ray_cast():

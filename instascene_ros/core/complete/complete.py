@@ -17,13 +17,14 @@ import torch
 
 from instascene_ros.core.camera import Camera
 from instascene_ros.core.complete.config import CompletionConfig
-from instascene_ros.core.complete.frame import fit_support_plane, object_frame, recentre
+from instascene_ros.core.complete.frame import fit_support_plane, object_frame, recentre, refine_plane_on_surface
 from instascene_ros.core.complete.generators import make_generator
 from instascene_ros.core.complete.meshing import mesh_from_gaussians, vertex_generated_flags
 from instascene_ros.core.complete.optimise import optimise_object
 from instascene_ros.core.complete.types import (CompletionContext, CompletionError, CompletionView, GeneratedViews,
                                                 Generator, ObservedView)
 from instascene_ros.core.complete.views import alpha_normalised_depth, select_views
+from instascene_ros.core.complete.warp import backproject
 from instascene_ros.core.splat.types import Gaussians
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,16 @@ def observe_keyframes(object_gaussians: Gaussians, scene_gaussians: Gaussians, k
     return observations
 
 
+def _surface_off_object(observations: Sequence[ObservedView]) -> np.ndarray:
+    """(N, 3) world points of the keyframes' depth where the object is not: table and neighbours."""
+    points = []
+    for view in observations:
+        keep = (view.depth > 0) & np.isfinite(view.depth) & ~view.object_mask & ~view.occluded
+        camera_points = backproject(view.camera, np.where(keep, view.depth, 0.0))[keep]
+        points.append(camera_points @ view.camera.T_world_cam[:3, :3].T + view.camera.T_world_cam[:3, 3])
+    return np.concatenate(points) if points else np.zeros((0, 3))
+
+
 def build_context(scene_gaussians: Gaussians, object_rows: np.ndarray, other_rows: np.ndarray, keyframes: Sequence,
                   config: CompletionConfig, instance_id: int, seed: int = 0, oracle=None,
                   max_keyframes: int = 16, keyframe_side: int = 160) -> CompletionContext:
@@ -151,15 +162,21 @@ def build_context(scene_gaussians: Gaussians, object_rows: np.ndarray, other_row
     object_points = object_gaussians.means.numpy().astype(float)
     lo, hi = np.percentile(object_points, 1, axis=0), np.percentile(object_points, 99, axis=0)
     object_size = float(np.linalg.norm(hi - lo))
-    normal, offset, plane_source = fit_support_plane(means[background], object_points, seed=seed)
-    frame = object_frame(object_points, normal, offset)
-    # Other instances near the object, and the table itself (background lying on the plane). Not
-    # the rest of the background: with imperfect segmentation part of the object (a side the
-    # masks missed) is background, and must not push the object's volume away.
-    near = np.linalg.norm(means - object_points.mean(axis=0), axis=1) < 1.5 * object_size
-    not_object = background & (np.abs(means @ normal - offset) < TABLE_BAND_M)
-    not_object[np.asarray(other_rows, np.int64)] = True
     observations = observe_keyframes(object_gaussians, scene, keyframes, object_size, max_keyframes, keyframe_side)
+    means_normal, means_offset, plane_source = fit_support_plane(means[background], object_points, seed=seed)
+    normal, offset = means_normal, means_offset
+    if plane_source == "ransac":
+        normal, offset, refined = refine_plane_on_surface(means_normal, means_offset,
+                                                          _surface_off_object(observations), object_points)
+        plane_source += "+surface" if refined else ""
+    frame = object_frame(object_points, normal, offset)
+    # Other instances near the object, and the table itself (background Gaussians lying on the
+    # plane through their means). Not the rest of the background: with imperfect segmentation
+    # part of the object (a side the masks missed) is background, and must not push the object's
+    # volume away.
+    near = np.linalg.norm(means - object_points.mean(axis=0), axis=1) < 1.5 * object_size
+    not_object = background & (np.abs(means @ means_normal - means_offset) < TABLE_BAND_M)
+    not_object[np.asarray(other_rows, np.int64)] = True
     centre = frame.T_world_normalised[:3, 3]
     directions = np.array([o.camera.position - centre for o in observations if o.object_mask.any()]).reshape(-1, 3)
     directions /= np.maximum(np.linalg.norm(directions, axis=1, keepdims=True), 1e-12)
