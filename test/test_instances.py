@@ -124,6 +124,28 @@ def test_dbscan_drops_far_away_look_alikes():
     assert instances[7].n_gaussians == 60 and not np.isin([60, 61], instances[7].gaussian_ids).any()
 
 
+def test_hysteresis_growth_takes_connected_boundary_gaussians_only():
+    # A 6 x 6 sheet at 1 cm spacing with the prior's feature; beside it a chain of "boundary"
+    # Gaussians (cosine 0.8: below the 0.9 claim, above the 0.7 growth threshold) leading 4 cm
+    # away. Not taken: a look-alike group (cosine 0.8) 30 cm away, and Gaussians next to the
+    # sheet that are less similar (cosine 0.6).
+    grid = np.arange(6) * 0.01
+    sheet = np.stack(np.meshgrid(grid, grid, [0.0]), axis=-1).reshape(-1, 3)
+    chain = np.array([[0.06 + 0.01 * i, 0.02, 0.0] for i in range(4)])
+    far = np.array([[0.4, 0.0, 0.0], [0.41, 0.0, 0.0]])
+    unlike = np.array([[0.0, -0.01, 0.0], [0.01, -0.01, 0.0]])
+    positions = np.concatenate([sheet, chain, far, unlike])
+    core, boundary, other = np.array([1.0, 0.0]), np.array([0.8, 0.6]), np.array([0.6, 0.8])
+    features = np.concatenate([np.tile(core, (36, 1)), np.tile(boundary, (6, 1)), np.tile(other, (2, 1))])
+    ids = np.arange(len(positions))
+    grown = extract_instances(features, ids, {3: ids[:20]}, positions, np.zeros((len(ids), 3)))
+    assert sorted(grown[3].gaussian_ids.tolist()) == list(range(40))
+    assert grown.labels[36:40].tolist() == [3] * 4 and not grown.labels[40:].any()
+    plain = extract_instances(features, ids, {3: ids[:20]}, positions, np.zeros((len(ids), 3)),
+                              InstanceConfig(grow_similarity=None))
+    assert sorted(plain[3].gaussian_ids.tolist()) == list(range(36))
+
+
 def test_row_masks_forget_and_exclude(world):
     blobs, field, instances = world
     ids = blobs.scene.ids.numpy()

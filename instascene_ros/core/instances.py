@@ -2,7 +2,8 @@
 
 - `extract_instances`: a 3D prior's instance = the Gaussians whose feature has cosine > 0.9 to
   the prior's mean feature (a Gaussian claimed by several goes to the most similar), cleaned
-  by DBSCAN on the Gaussian centres. `instances_from_labels` does the same from per-Gaussian
+  by DBSCAN on the Gaussian centres, then grown by hysteresis into the unclaimed Gaussians
+  connected to it (cosine > 0.7). `instances_from_labels` does the same from per-Gaussian
   labels read straight from the codebook or the classifier (no priors, no clustering of
   features).
 - `render_instance_masks`: per-view instance masks by rendering the features.
@@ -52,6 +53,18 @@ class InstanceConfig:
     dbscan_eps_factor: float = 8.0
     dbscan_min_samples: int = 5
     min_gaussians: int = 10  # smaller instances (after clean-up) are dropped
+    # Hysteresis growth after the clean-up: a Gaussian no instance holds joins one when its
+    # cosine to that instance's prototype exceeds `grow_similarity` (and to no other prototype
+    # more) and a chain of such Gaussians, each within `grow_radius_factor` x the instance's
+    # median spacing of the next, connects it to the instance. Boundary Gaussians carry blended
+    # features (cosine 0.7-0.9) and were left out: end-to-end instances held 75-90% of their
+    # object. On 10 objects of the completion report maps 0.7 / 3 spacings added 25% of the
+    # missing ones with none from another object or the table, and completion from the grown
+    # instances gained 0.02 F1@2% and cut the worst position error from 10.6% to 4.6% (5 spacings
+    # started to take Gaussians of neighbours). None disables.
+    grow_similarity: Optional[float] = 0.7
+    grow_radius_factor: float = 3.0
+    grow_max_rounds: int = 50
     # Rendered masks: a pixel is drawn by the map when alpha > this, and joins the most similar
     # prototype when the cosine of its (blended) feature exceeds `mask_similarity_threshold`.
     # Blends at object borders mix two features, so this is looser than the per-Gaussian 0.9.
@@ -204,6 +217,51 @@ def _dbscan_keep(points: np.ndarray, anchors: Optional[np.ndarray], config: Inst
     return cluster == np.bincount(labelled).argmax()
 
 
+def _grow(rows: np.ndarray, candidates: np.ndarray, positions: np.ndarray, config: InstanceConfig) -> np.ndarray:
+    """The `candidates` (row indices) reachable from `rows` by hops shorter than the growth radius."""
+    if rows.size < 2 or candidates.size == 0:
+        return np.zeros(0, np.int64)
+    spacing = cKDTree(positions[rows]).query(positions[rows], k=2)[0][:, 1]
+    radius = config.grow_radius_factor * float(np.median(spacing))
+    tree = cKDTree(positions[candidates])
+    taken = np.zeros(candidates.size, dtype=bool)
+    frontier = positions[rows]
+    for _ in range(config.grow_max_rounds):
+        hits = tree.query_ball_point(frontier, radius)
+        reached = np.unique(np.fromiter((i for hit in hits for i in hit), dtype=np.int64))
+        reached = reached[~taken[reached]]
+        if reached.size == 0:
+            break
+        taken[reached] = True
+        frontier = positions[candidates[reached]]
+    return candidates[taken]
+
+
+def _grow_instances(items: dict, labels: np.ndarray, unit: np.ndarray, ids: np.ndarray, positions: np.ndarray,
+                    colors: np.ndarray, config: InstanceConfig) -> None:
+    """Hysteresis growth of every instance into the Gaussians none holds (see InstanceConfig);
+    updates `items` and `labels` in place. A Gaussian goes to the instance whose prototype it is
+    most similar to, so growth never takes from one instance what another could claim."""
+    if config.grow_similarity is None or not items:
+        return
+    keys = list(items)
+    prototypes = np.stack([items[k].prototype for k in keys])
+    similarity = unit @ prototypes.T
+    best = similarity.argmax(axis=1)
+    free = (labels == 0) & (similarity[np.arange(len(unit)), best] > config.grow_similarity)
+    for k, instance_id in enumerate(keys):
+        rows = np.flatnonzero(labels == instance_id)
+        added = _grow(rows, np.flatnonzero(free & (best == k)), positions, config)
+        if added.size == 0:
+            continue
+        rows = np.concatenate([rows, added])
+        labels[added] = instance_id
+        free[added] = False
+        old = items[instance_id]
+        items[instance_id] = _make_instance(instance_id, rows, unit, ids, positions, colors, old.prototype,
+                                            old.confidence)
+
+
 def _make_instance(instance_id: int, rows: np.ndarray, unit: np.ndarray, ids: np.ndarray, positions: np.ndarray,
                    colors: np.ndarray, prototype: Optional[np.ndarray], confidence: float) -> Instance:
     if prototype is None:
@@ -263,6 +321,7 @@ def extract_instances(features, ids, priors: Mapping[int, np.ndarray], positions
         confidence = float(best_similarity[rows].mean()) * recall
         items[instance_id] = _make_instance(instance_id, rows, unit, ids, positions, colors, prototypes[k], confidence)
         labels[rows] = instance_id
+    _grow_instances(items, labels, unit, ids, positions, colors, config)
     return Instances(items=items, ids=ids, labels=labels, forgotten=excluded)
 
 
@@ -288,6 +347,7 @@ def instances_from_labels(labels, features, ids, positions, colors, probabilitie
         items[int(instance_id)] = _make_instance(int(instance_id), rows, unit, ids, positions, colors, None,
                                                  float(probabilities[rows].mean()))
         out[rows] = instance_id
+    _grow_instances(items, out, unit, ids, positions, colors, config)
     return Instances(items=items, ids=ids, labels=out, forgotten=excluded)
 
 
