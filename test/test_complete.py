@@ -147,6 +147,27 @@ def test_support_plane_moves_from_the_gaussian_means_onto_the_seen_surface():
     assert kept_offset == pytest.approx(0.300, abs=0.001)
 
 
+def test_marching_cubes_keeps_vertices_that_lie_a_nanometre_apart():
+    # An exact zero at a grid corner whose neighbours on three axes are inside: the surface passes
+    # ~1e-6 voxel from that corner on three edges, three distinct vertices 1e-9 m apart at 1 mm
+    # voxels. Merging them (trimesh's 1e-8 tolerance in metres) leaves non-manifold edges; the
+    # surface must stay closed.
+    from instascene_ros.core.complete.volume import VoxelGrid, extract_surface
+
+    field = np.ones((12, 12, 12))
+    field[6:9, 5:9, 5:9] = -1.0
+    field[5, 6:9, 5:9] = -1.0
+    field[5:9, 5, 6:9] = -1.0
+    field[5, 5, 5] = 0.0
+    field[6, 5, 5] = field[5, 6, 5] = field[5, 5, 6] = -1.0
+    grid = VoxelGrid(T_world_object=np.eye(4), origin=np.array([-0.03, 0.01, 0.0]), voxel_size=0.001,
+                     shape=field.shape)
+    mesh = extract_surface(field, grid)
+    assert len(mesh.faces) > 0 and mesh.is_watertight and mesh.volume > 0
+    # Index to metres: the level set lies half-way between voxels 4 (+1) and 5 (-1).
+    assert mesh.bounds[0] == pytest.approx([-0.03 + 0.0045, 0.01 + 0.0045, 0.0045], abs=1e-6)
+
+
 def test_mesh_rasteriser_matches_a_ray_cast():
     box = trimesh.creation.box(extents=[0.1, 0.06, 0.04])
     box.apply_translation([0.01, -0.02, 0.02])
