@@ -161,6 +161,9 @@ def largest_inside_component(field: np.ndarray, seeds: Optional[np.ndarray] = No
     return cleaned
 
 
+NEAR_LEVEL = 1e-3  # field values closer than this to the iso-level are moved to it (extract_surface)
+
+
 def extract_surface(field: np.ndarray, grid: VoxelGrid, smooth_sigma: float = 0.0):
     """Closed triangle mesh (object frame) of the field's zero level set, via marching cubes.
 
@@ -171,17 +174,17 @@ def extract_surface(field: np.ndarray, grid: VoxelGrid, smooth_sigma: float = 0.
     from skimage import measure
 
     values = ndimage.gaussian_filter(field, smooth_sigma) if smooth_sigma > 0 else field.astype(float)
-    # A vertex exactly on the level makes marching cubes emit degenerate triangles; merging them
-    # away opens holes. Nudge exact zeros outward.
-    values = np.where(values == 0.0, 1e-6, values)
+    # A grid value at or next to the level puts the surface's vertices on its edges all at that
+    # grid point: degenerate triangles, and distinct vertices nanometres apart that anything
+    # reading the mesh (trimesh's 1e-8 merge, float32 files) fuses into non-manifold edges.
+    # Values within 1e-3 of the level move to +-1e-3 (a vertex shift of at most 1e-3 voxel), so
+    # vertices around a grid point stay >= ~1e-3 voxel apart.
+    values = np.where(np.abs(values) < NEAR_LEVEL, np.where(values < 0.0, -NEAR_LEVEL, NEAR_LEVEL), values)
     if values.min() >= 0.0 or values.max() <= 0.0:
         return trimesh.Trimesh(np.zeros((0, 3)), np.zeros((0, 3), np.int64))
     vertices, faces, _, _ = measure.marching_cubes(values, level=0.0)
     # marching_cubes orients faces towards increasing values (outside): that is already outward.
-    # It already shares each vertex between its faces, so nothing is merged (process=False):
-    # merging in metres fused distinct vertices closer than trimesh's 1e-8 tolerance (a nudged
-    # zero puts several within ~1e-6 voxel = 1e-9 m of a grid corner) and left non-manifold
-    # edges, which failed ~1 in 28 completions of the bench on an otherwise closed surface.
+    # It already shares each vertex between its faces, so nothing needs merging (process=False).
     mesh = trimesh.Trimesh(vertices * grid.voxel_size + grid.origin, faces[:, ::-1], process=False)
     if mesh.volume < 0:
         mesh.invert()
