@@ -104,7 +104,7 @@ class CompletionContext:
     oracle: Optional[object] = None
     # Object-only renders of the views (object_rgb, object_depth, object_alpha, scene_depth), for pictures.
     view_renders: dict = field(default_factory=dict)
-    plane_source: str = ""  # "ransac" or the fallback used for the support plane
+    plane_source: str = ""  # "ransac", "ransac+surface" (moved onto the seen surface) or the fallback used
 
     def observed_surface_points(self) -> np.ndarray:
         """(P, 3) world points back-projected from the object's pixels in the real keyframes."""
