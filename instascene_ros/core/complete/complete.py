@@ -22,9 +22,8 @@ from instascene_ros.core.complete.generators import make_generator
 from instascene_ros.core.complete.meshing import mesh_from_gaussians, vertex_generated_flags
 from instascene_ros.core.complete.optimise import optimise_object
 from instascene_ros.core.complete.types import (CompletionContext, CompletionError, CompletionView, GeneratedViews,
-                                                Generator, ObservedView)
+                                                Generator, ObservedView, observed_points)
 from instascene_ros.core.complete.views import alpha_normalised_depth, select_views
-from instascene_ros.core.complete.warp import backproject
 from instascene_ros.core.splat.types import Gaussians
 
 log = logging.getLogger(__name__)
@@ -129,16 +128,6 @@ def observe_keyframes(object_gaussians: Gaussians, scene_gaussians: Gaussians, k
     return observations
 
 
-def _surface_off_object(observations: Sequence[ObservedView]) -> np.ndarray:
-    """(N, 3) world points of the keyframes' depth where the object is not: table and neighbours."""
-    points = []
-    for view in observations:
-        keep = (view.depth > 0) & np.isfinite(view.depth) & ~view.object_mask & ~view.occluded
-        camera_points = backproject(view.camera, np.where(keep, view.depth, 0.0))[keep]
-        points.append(camera_points @ view.camera.T_world_cam[:3, :3].T + view.camera.T_world_cam[:3, 3])
-    return np.concatenate(points) if points else np.zeros((0, 3))
-
-
 def build_context(scene_gaussians: Gaussians, object_rows: np.ndarray, other_rows: np.ndarray, keyframes: Sequence,
                   config: CompletionConfig, instance_id: int, seed: int = 0, oracle=None,
                   max_keyframes: int = 16, keyframe_side: int = 160) -> CompletionContext:
@@ -166,8 +155,9 @@ def build_context(scene_gaussians: Gaussians, object_rows: np.ndarray, other_row
     means_normal, means_offset, plane_source = fit_support_plane(means[background], object_points, seed=seed)
     normal, offset = means_normal, means_offset
     if plane_source == "ransac":
-        normal, offset, refined = refine_plane_on_surface(means_normal, means_offset,
-                                                          _surface_off_object(observations), object_points)
+        # The table and the neighbours as the keyframes saw them: everywhere but on the object.
+        seen_around = observed_points(observations, lambda view: ~view.object_mask & ~view.occluded)
+        normal, offset, refined = refine_plane_on_surface(means_normal, means_offset, seen_around, object_points)
         plane_source += "+surface" if refined else ""
     frame = object_frame(object_points, normal, offset)
     # Other instances near the object, and the table itself (background Gaussians lying on the

@@ -15,6 +15,16 @@ from instascene_ros.core.complete.types import ObjectFrame
 log = logging.getLogger(__name__)
 
 
+def _around_object(points: np.ndarray, object_points: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """Bool mask of `points` within twice the object's extent (at least 5 cm) of its centre,
+    measured across `up`: the table under and beside the object, whatever their heights."""
+    centre = object_points.mean(axis=0)
+    extent = float(np.linalg.norm(np.ptp(object_points, axis=0))) + 1e-6
+    horizontal = points - centre
+    horizontal -= np.outer(horizontal @ up, up)
+    return np.linalg.norm(horizontal, axis=1) < max(2.0 * extent, 0.05)
+
+
 def fit_support_plane(background: np.ndarray, object_points: np.ndarray, *, inlier_distance: float = 0.004,
                       iterations: int = 300, seed: int = 0,
                       fallback_up: np.ndarray = np.array([0.0, 0.0, 1.0])) -> tuple[np.ndarray, float, str]:
@@ -26,14 +36,8 @@ def fit_support_plane(background: np.ndarray, object_points: np.ndarray, *, inli
     """
     object_points = np.asarray(object_points, float)
     centre = object_points.mean(axis=0)
-    extent = float(np.linalg.norm(np.ptp(object_points, axis=0))) + 1e-6
     background = np.asarray(background, float)
-    if len(background):
-        horizontal = background - centre
-        horizontal -= np.outer(horizontal @ fallback_up, fallback_up)
-        near = background[np.linalg.norm(horizontal, axis=1) < max(2.0 * extent, 0.05)]
-    else:
-        near = background
+    near = background[_around_object(background, object_points, fallback_up)] if len(background) else background
     if len(near) >= 30:
         rng = np.random.default_rng(seed)
         best_count, best = -1, None
@@ -79,13 +83,8 @@ def refine_plane_on_surface(normal: np.ndarray, offset: float, surface_points: n
     than `min_points` points in the band.
     """
     normal = np.asarray(normal, float) / np.linalg.norm(normal)
-    object_points = np.asarray(object_points, float)
     surface_points = np.asarray(surface_points, float).reshape(-1, 3)
-    centre = object_points.mean(axis=0)
-    extent = float(np.linalg.norm(np.ptp(object_points, axis=0))) + 1e-6
-    horizontal = surface_points - centre
-    horizontal -= np.outer(horizontal @ normal, normal)
-    near = surface_points[(np.linalg.norm(horizontal, axis=1) < max(2.0 * extent, 0.05))
+    near = surface_points[_around_object(surface_points, np.asarray(object_points, float), normal)
                           & (np.abs(surface_points @ normal - offset) < search_band)]
     if len(near) < min_points:
         return normal, float(offset), False

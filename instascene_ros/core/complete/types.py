@@ -9,7 +9,7 @@ z-depth along the camera's optical axis in metres (world units), 0 = no surface.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -86,6 +86,22 @@ class GeneratedViews:
     info: dict = field(default_factory=dict)  # generator-specific facts (symmetry found, seeds, ...)
 
 
+def observed_points(observations: Sequence[ObservedView], select: Callable[[ObservedView], np.ndarray]) -> np.ndarray:
+    """(P, 3) world points back-projected from each observation's depth at the pixels where
+    `select(view)` is True and the depth is valid (finite, > 0)."""
+    points = []
+    for view in observations:
+        mask = select(view) & (view.depth > 0) & np.isfinite(view.depth)
+        if not mask.any():
+            continue
+        rows, cols = np.nonzero(mask)
+        z = view.depth[rows, cols].astype(float)
+        camera = view.camera
+        local = np.stack([(cols + 0.5 - camera.cx) / camera.fx * z, (rows + 0.5 - camera.cy) / camera.fy * z, z], 1)
+        points.append(local @ camera.T_world_cam[:3, :3].T + camera.T_world_cam[:3, 3])
+    return np.concatenate(points) if points else np.zeros((0, 3))
+
+
 @dataclass
 class CompletionContext:
     """Everything a generator may look at. Tensors are detached copies: the map is never touched."""
@@ -108,17 +124,7 @@ class CompletionContext:
 
     def observed_surface_points(self) -> np.ndarray:
         """(P, 3) world points back-projected from the object's pixels in the real keyframes."""
-        points = []
-        for o in self.observations:
-            mask = o.object_mask & (o.depth > 0)
-            if not mask.any():
-                continue
-            rows, cols = np.nonzero(mask)
-            z = o.depth[rows, cols].astype(float)
-            camera = o.camera
-            local = np.stack([(cols + 0.5 - camera.cx) / camera.fx * z, (rows + 0.5 - camera.cy) / camera.fy * z, z], 1)
-            points.append(local @ camera.T_world_cam[:3, :3].T + camera.T_world_cam[:3, 3])
-        return np.concatenate(points) if points else np.zeros((0, 3))
+        return observed_points(self.observations, lambda view: view.object_mask)
 
     @property
     def unseen_indices(self) -> list[int]:

@@ -161,7 +161,7 @@ def largest_inside_component(field: np.ndarray, seeds: Optional[np.ndarray] = No
     return cleaned
 
 
-NEAR_LEVEL = 1e-3  # field values closer than this to the iso-level are moved to it (extract_surface)
+NEAR_LEVEL = 1e-3  # extract_surface moves field values closer than this to the iso-level out to +-NEAR_LEVEL
 
 
 def extract_surface(field: np.ndarray, grid: VoxelGrid, smooth_sigma: float = 0.0):
