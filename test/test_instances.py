@@ -10,7 +10,8 @@ from scipy.ndimage import distance_transform_edt
 from instascene_ros.core.features import FeatureConfig, FeatureField, KeyframeLabels
 from instascene_ros.core.features.synthetic import make_blob_scene
 from instascene_ros.core.instances import (InstanceConfig, Instances, export_instance_ply, extract_instances,
-                                           instance_color, render_instance_masks, segment_at_pixel)
+                                           instance_color, render_instance_masks, render_label_masks,
+                                           segment_at_pixel)
 from instascene_ros.core.scene import GaussianScene
 
 
@@ -63,6 +64,24 @@ def test_rendered_masks_match_ground_truth_on_a_held_out_view(world):
         predicted, truth = masks == instance_id, blobs.heldout_labels == instance_id
         iou = (predicted & truth).sum() / (predicted | truth).sum()
         assert iou >= 0.8, (instance_id, iou)
+
+
+def test_label_masks_render_per_gaussian_labels_through_the_geometry(world):
+    blobs = world[0]
+    # Sparse label values (not 1..K): the image must carry the values given, not slot numbers.
+    labels = np.where(blobs.gaussian_labels > 0, 10 * blobs.gaussian_labels + 5, 0)
+    (image,) = render_label_masks(blobs.scene, labels, [blobs.heldout])
+    assert image.dtype == np.int32 and image.shape == blobs.heldout_labels.shape
+    assert set(np.unique(image).tolist()) <= set(np.unique(labels).tolist()) | {0}
+    for object_id in range(1, 5):
+        predicted, truth = image == 10 * object_id + 5, blobs.heldout_labels == object_id
+        iou = (predicted & truth).sum() / (predicted | truth).sum()
+        assert iou >= 0.9, (object_id, iou)  # ground-truth labels: sharper than any learned field
+    # One object's Gaussians unlabelled: its pixels are drawn (alpha) but carry no label.
+    without_first = np.where(blobs.gaussian_labels == 1, 0, labels)
+    (image,) = render_label_masks(blobs.scene, without_first, blobs.heldout)
+    assert not (image == 15).any() and (image[blobs.heldout_labels == 2] == 25).mean() >= 0.9
+    assert not render_label_masks(blobs.scene, np.zeros_like(labels), [blobs.heldout])[0].any()
 
 
 def test_segment_at_pixel_names_the_object_under_the_cursor(world):

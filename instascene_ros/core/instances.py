@@ -7,6 +7,7 @@
   labels read straight from the codebook or the classifier (no priors, no clustering of
   features).
 - `render_instance_masks`: per-view instance masks by rendering the features.
+- `render_label_masks`: per-view label images of any per-Gaussian labelling (one-hot blend).
 - `segment_at_pixel`: pixel -> rendered feature -> most similar instance, and the mask of
   pixels whose feature resembles that pixel's.
 - Object extraction / removal: row masks `gaussians_of` / `gaussians_without`, `.ply` export
@@ -382,6 +383,30 @@ def render_instance_masks(scene_gaussians, features, instances: Instances, camer
     out = render_features(scene_gaussians, features.detach(), [camera], config.raster, config.backend,
                           config.primitive)
     return masks_from_feature_image(out.features[0], out.alpha[0], instances, config)
+
+
+def render_label_masks(scene_gaussians, labels, cameras, config: InstanceConfig = InstanceConfig()) -> list[np.ndarray]:
+    """(H, W) int32 label images of per-Gaussian integer `labels` (0 = none), one per camera.
+
+    Each Gaussian carries a one-hot vector over the labels present (plus "none"); a pixel takes
+    the label with the largest blended weight where alpha > mask_alpha_threshold. Unlike a
+    blended feature, a blend of one-hot vectors cannot land between two labels, so this shows
+    what a given per-Gaussian labelling looks like through the map's own geometry (used for the
+    geometry bound of the decomposition bench)."""
+    labels = np.asarray(labels, np.int64)
+    values, slots = np.unique(labels, return_inverse=True)
+    if not (values == 0).any():  # slot 0 must mean "none"
+        values, slots = np.concatenate([[0], values]), slots + 1
+    one_hot = torch.zeros(len(labels), len(values))
+    one_hot[torch.arange(len(labels)), torch.from_numpy(slots.reshape(-1))] = 1.0
+    cameras = [cameras] if isinstance(cameras, Camera) else list(cameras)
+    images = []
+    for camera in cameras:  # one view at a time: K + 1 channels of a full view add up
+        out = render_features(scene_gaussians, one_hot, [camera], config.raster, config.backend, config.primitive)
+        best = out.features[0].argmax(dim=-1).cpu().numpy()
+        drawn = out.alpha[0].cpu().numpy() > config.mask_alpha_threshold
+        images.append(np.where(drawn, values[best], 0).astype(np.int32))
+    return images
 
 
 FeatureSource = Union[np.ndarray, torch.Tensor, Callable[[], object]]
