@@ -10,7 +10,7 @@ import pytest
 import trimesh
 
 from instascene_ros.core.camera import Camera, Frame
-from instascene_ros.core.evaluation import ground_truth_gaussian_labels, observed_pixels
+from instascene_ros.core.evaluation import observed_pixels
 
 
 def _frame(camera: Camera, depth: np.ndarray) -> Frame:
@@ -45,23 +45,6 @@ def test_observed_pixels_needs_a_view_that_sees_the_surface_unoccluded():
     assert observed[15:25, 15:25].all() and not observed[1, 1]
     # Without depth (RGB-only datasets) there is nothing to decide with.
     assert observed_pixels(held_out, [Frame(rgb=training.rgb, camera=training.camera)]) is None
-
-
-def test_ground_truth_gaussian_labels_take_the_containing_or_nearest_object(tmp_path):
-    # Two 4 cm boxes 1 cm apart along x (faces at x = 0.02 and x = 0.03).
-    paths = {}
-    for gt_id, centre in ((3, (0.0, 0.0, 0.0)), (7, (0.05, 0.0, 0.0))):
-        paths[gt_id] = tmp_path / f"{gt_id}.ply"
-        trimesh.creation.box((0.04, 0.04, 0.04), trimesh.transformations.translation_matrix(centre)).export(paths[gt_id])
-    means = np.array([[0.0, 0.0, 0.0],        # deep inside box 3 (1 cm beyond any tolerance)
-                      [0.019, 0.0, 0.0],      # inside box 3, 1 mm under its face
-                      [0.022, 0.0, 0.0],      # 2 mm outside box 3, 8 mm from box 7
-                      [0.028, 0.0, 0.0],      # 2 mm outside box 7
-                      [0.024, 0.0, 0.0],      # 4 and 6 mm away: beyond the 3 mm tolerance
-                      [0.05, 0.0, 0.0],       # centre of box 7
-                      [0.0, 0.1, 0.0]])       # far from both
-    np.testing.assert_array_equal(ground_truth_gaussian_labels(means, paths, tolerance=0.003), [3, 3, 3, 7, 0, 7, 0])
-    assert ground_truth_gaussian_labels(means, paths, tolerance=0.0065)[4] == 3  # both in reach: the nearer
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from instascene_ros.core.features import FeatureConfig, FeatureField, KeyframeLa
 from instascene_ros.core.features.synthetic import make_blob_scene
 from instascene_ros.core.instances import (InstanceConfig, Instances, export_instance_ply, extract_instances,
                                            instance_color, render_instance_masks, render_label_masks,
-                                           segment_at_pixel)
+                                           segment_at_pixel, vote_gaussian_labels)
 from instascene_ros.core.scene import GaussianScene
 
 
@@ -82,6 +82,25 @@ def test_label_masks_render_per_gaussian_labels_through_the_geometry(world):
     (image,) = render_label_masks(blobs.scene, without_first, blobs.heldout)
     assert not (image == 15).any() and (image[blobs.heldout_labels == 2] == 25).mean() >= 0.9
     assert not render_label_masks(blobs.scene, np.zeros_like(labels), [blobs.heldout])[0].any()
+
+
+def test_vote_lifts_label_images_onto_the_gaussians(world):
+    blobs = world[0]
+    gaussians = blobs.scene.to_gaussians(with_features=False)
+    # Sparse values, and one view's object-2 pixels marked unlabelled (< 0): they cast no vote.
+    images = [np.where(labels > 0, 10 * labels + 5, 0) for labels in blobs.labels]
+    images[0] = np.where(blobs.labels[0] == 2, -1, images[0])
+    lifted = vote_gaussian_labels(gaussians, blobs.cameras, images)
+    truth = np.where(blobs.gaussian_labels > 0, 10 * blobs.gaussian_labels + 5, 0)
+    seen = lifted != 0  # a Gaussian no view composites gets no label
+    assert seen.mean() >= 0.9
+    assert (lifted[seen] == truth[seen]).mean() >= 0.97
+    # Swapping two objects' labels in every view swaps them on the Gaussians: the vote reads the
+    # images, not the geometry.
+    swapped = vote_gaussian_labels(gaussians, blobs.cameras,
+                                   [np.select([image == 15, image == 25], [25, 15], image) for image in images])
+    assert (swapped[seen & (truth == 15)] == 25).mean() >= 0.97 and (swapped[seen & (truth == 25)] == 15).mean() >= 0.97
+    assert not vote_gaussian_labels(gaussians, blobs.cameras, [np.zeros_like(i) for i in images]).any()
 
 
 def test_segment_at_pixel_names_the_object_under_the_cursor(world):

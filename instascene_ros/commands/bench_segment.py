@@ -13,9 +13,9 @@ Protocol (per seed; report seeds 11-15 are disjoint from the development seed 0)
    object its own id, matched at IoU >= 0.5). `decomposition_s` is the time the run spent in
    the decomposition's stages (tracing, tracker, feature field, extraction), `wall_s` the
    whole run's, mapping included (the decomposition runs beside the mapper). Beside it, the
-   map's geometry bound: every Gaussian labelled with the ground-truth object it lies in (or
-   within 3 mm of), those labels rendered through the map and scored the same way: what a
-   perfect decomposition of this map would score. The gap between the two is segmentation's;
+   map's geometry bound: the training views' ground-truth masks lifted onto the Gaussians by
+   blend-weight vote, rendered back through the map and scored the same way: what a perfect
+   decomposition of this map would score. The gap between the two is segmentation's;
    what the bound misses is the map's.
 3. Ablation on the same map: RUN/map.instascene is loaded, and for every variant the tracker
    re-traces every keyframe on the final map and is solved with the variant's tracker config,

@@ -225,52 +225,31 @@ def score_decomposition(pipeline, dataset) -> dict:
     return result
 
 
-# A Gaussian belongs to a ground-truth object for the geometry bound when its centre lies inside
-# the object's mesh or within this distance of its surface. 3 mm: on dev seed 0 (128 px) the
-# bound was 90.5 / 88.4 / 85.1 mIoU at 3 / 6 / 10 mm (looser takes table and neighbour Gaussians
-# at contacts; the centres of an object's own Gaussians sit 1-4 mm inside it, where `contains`
-# already finds them).
-GEOMETRY_BOUND_TOLERANCE = 0.003
+def geometry_bound(pipeline, dataset) -> dict:
+    """mIoU / BIoU that a perfect decomposition of this map would score: the ground-truth masks
+    of the training views lifted onto the Gaussians by blend-weight vote (`vote_gaussian_labels`:
+    perfect masks, perfect association), rendered back through the map's own geometry
+    (`render_label_masks`) and scored on the held-out views with the identity mapping. What
+    stays below 100 is the map's (silhouettes off by a pixel, floaters, Gaussians straddling two
+    objects), not the segmentation's. Not a hard ceiling: a learned field can beat the vote by
+    a point where it labels Gaussians the training views barely saw."""
+    from instascene_ros.core.instances import render_label_masks, vote_gaussian_labels
 
-
-def ground_truth_gaussian_labels(means: np.ndarray, mesh_paths: dict, tolerance: float = GEOMETRY_BOUND_TOLERANCE) -> np.ndarray:
-    """(N,) ground-truth object id of each Gaussian centre (0 = none): the object whose mesh
-    contains it or, failing that, whose surface is nearest within `tolerance`."""
-    import trimesh
-
-    means = np.asarray(means, np.float64).reshape(-1, 3)
-    best_distance = np.full(len(means), np.inf)
-    labels = np.zeros(len(means), np.int64)
-    for gt_id, path in sorted(mesh_paths.items()):
-        mesh = trimesh.load(path, force="mesh")
-        distance = metrics.distances_to_surface(means, mesh, within=tolerance)
-        if mesh.is_watertight:
-            near = np.flatnonzero(np.isfinite(distance) | (np.abs(means - mesh.bounds.mean(0)) <= np.ptp(mesh.bounds, 0) / 2).all(1))
-            distance[near[mesh.contains(means[near])]] = 0.0
-        closer = distance < best_distance
-        labels[closer], best_distance[closer] = gt_id, distance[closer]
-    return labels
-
-
-def geometry_bound(pipeline, dataset, tolerance: float = GEOMETRY_BOUND_TOLERANCE) -> dict:
-    """mIoU / BIoU that a perfect decomposition of this map would score: every Gaussian labelled
-    with its ground-truth object (`ground_truth_gaussian_labels`), the labels rendered through
-    the map's own geometry (`render_label_masks`) and scored on the held-out views with the
-    identity mapping. What stays below 100 is the map's (silhouettes off by a pixel, floaters,
-    Gaussians straddling two objects), not the segmentation's."""
-    from instascene_ros.core.instances import render_label_masks
-
-    paths = dataset.ground_truth_mesh_paths()
     gt_masks = dataset.ground_truth_masks()
     test = [i for i, frame in enumerate(dataset.frames) if frame.meta.get("split") == "test"]
-    if not paths or not test or any(gt_masks[i] is None for i in test):
+    training = [i for i, frame in enumerate(dataset.frames) if frame.meta.get("split") != "test"]
+    if not test or not training or any(gt_masks[i] is None for i in test + training):
         return {}
+    config = pipeline.config.instances
     with pipeline.lock:
         scene = pipeline.mapper.scene
-        labels = ground_truth_gaussian_labels(scene.means.detach().cpu().numpy(), paths, tolerance)
-        predicted = render_label_masks(scene, labels, [dataset.frames[i].camera for i in test], pipeline.config.instances)
-    scores = metrics.object_mask_scores([gt_masks[i] for i in test], predicted, {gt_id: gt_id for gt_id in paths})
-    return {"miou": 100.0 * scores.miou_zero, "biou": 100.0 * scores.mbiou_zero, "tolerance": tolerance,
+        gaussians = scene.to_gaussians(with_features=False)
+        labels = vote_gaussian_labels(gaussians, [dataset.frames[i].camera for i in training],
+                                      [gt_masks[i] for i in training], config)
+        predicted = render_label_masks(scene, labels, [dataset.frames[i].camera for i in test], config)
+    objects = sorted({int(v) for i in test for v in np.unique(gt_masks[i]) if v > 0})
+    scores = metrics.object_mask_scores([gt_masks[i] for i in test], predicted, {k: k for k in objects})
+    return {"miou": 100.0 * scores.miou_zero, "biou": 100.0 * scores.mbiou_zero,
             "per_object_iou": {str(k): float(v.iou_zero) for k, v in scores.categories.items()}}
 
 

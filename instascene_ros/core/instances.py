@@ -7,7 +7,8 @@
   labels read straight from the codebook or the classifier (no priors, no clustering of
   features).
 - `render_instance_masks`: per-view instance masks by rendering the features.
-- `render_label_masks`: per-view label images of any per-Gaussian labelling (one-hot blend).
+- `render_label_masks`: per-view label images of any per-Gaussian labelling (one-hot blend);
+  `vote_gaussian_labels` lifts 2D label images to the Gaussians (blend-weight vote).
 - `segment_at_pixel`: pixel -> rendered feature -> most similar instance, and the mask of
   pixels whose feature resembles that pixel's.
 - Object extraction / removal: row masks `gaussians_of` / `gaussians_without`, `.ply` export
@@ -383,6 +384,32 @@ def render_instance_masks(scene_gaussians, features, instances: Instances, camer
     out = render_features(scene_gaussians, features.detach(), [camera], config.raster, config.backend,
                           config.primitive)
     return masks_from_feature_image(out.features[0], out.alpha[0], instances, config)
+
+
+def vote_gaussian_labels(gaussians, cameras: Iterable[Camera], label_images: Iterable[np.ndarray],
+                         config: InstanceConfig = InstanceConfig(), t_min: float = 1e-3) -> np.ndarray:
+    """(N,) label of each Gaussian row lifted from 2D label images by blend-weight vote.
+
+    Every pixel of every view gives its label (0 = none counts as a label; < 0 = unlabelled,
+    no vote) to the Gaussians composited there while transmittance > t_min, weighted by their
+    blend weight; each Gaussian takes the label with the largest total (0 when it never
+    contributes). With perfect masks this is a perfect lifting, against which learned ones
+    are measured (the geometry bound of the decomposition bench)."""
+    from instascene_ros.core.splat import contributors
+
+    n = int(gaussians.means.shape[0])
+    views = [(camera, np.asarray(image)) for camera, image in zip(cameras, label_images)]
+    values = np.unique(np.concatenate([[0]] + [image[image >= 0].ravel() for _, image in views]))
+    votes = np.zeros(n * len(values))
+    for camera, image in views:
+        offsets, rows, weights = contributors(gaussians, camera, t_min=t_min, primitive=config.primitive,
+                                              config=config.raster)
+        pixel_labels = np.repeat(image.reshape(-1), np.diff(offsets))
+        labelled = pixel_labels >= 0
+        slots = np.searchsorted(values, pixel_labels[labelled])
+        votes += np.bincount(rows[labelled] * len(values) + slots, weights=weights[labelled], minlength=votes.size)
+    votes = votes.reshape(n, len(values))
+    return np.where(votes.max(axis=1) > 0, values[votes.argmax(axis=1)], 0).astype(np.int64)
 
 
 def render_label_masks(scene_gaussians, labels, cameras, config: InstanceConfig = InstanceConfig()) -> list[np.ndarray]:
