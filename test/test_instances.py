@@ -162,6 +162,21 @@ def test_dbscan_drops_far_away_look_alikes():
     assert instances[7].n_gaussians == 60 and not np.isin([60, 61], instances[7].gaussian_ids).any()
 
 
+def test_a_prior_of_a_few_gaussians_makes_no_instance():
+    # A 60-Gaussian "table" whose feature a 4-Gaussian prior shares (the field could not give
+    # so few Gaussians a feature of their own): it must not become a table-sized instance,
+    # while a prior of min_gaussians on its own object still does.
+    grid = np.arange(10) * 0.01
+    table = np.stack(np.meshgrid(grid, grid[:6], [0.0]), axis=-1).reshape(-1, 3)
+    cube = table[:12] + [0.0, 0.0, 0.05]
+    positions = np.concatenate([table, cube])
+    features = np.concatenate([np.tile([1.0, 0.0], (60, 1)), np.tile([0.0, 1.0], (12, 1))])
+    ids = np.arange(72)
+    instances = extract_instances(features, ids, {5: ids[:4], 6: ids[60:70]}, positions, np.zeros((72, 3)))
+    assert instances.instance_ids == [6] and instances[6].n_gaussians == 12
+    assert not instances.labels[:60].any()
+
+
 def test_hysteresis_growth_takes_connected_boundary_gaussians_only():
     # A 6 x 6 sheet at 1 cm spacing with the prior's feature; beside it a chain of "boundary"
     # Gaussians (cosine 0.8: below the 0.9 claim, above the 0.7 growth threshold) leading 4 cm
