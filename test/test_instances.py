@@ -175,6 +175,14 @@ def test_a_prior_of_a_few_gaussians_makes_no_instance():
     instances = extract_instances(features, ids, {5: ids[:4], 6: ids[60:70]}, positions, np.zeros((72, 3)))
     assert instances.instance_ids == [6] and instances[6].n_gaussians == 12
     assert not instances.labels[:60].any()
+    # A 12-Gaussian prior whose feature is the table's: its instance takes all 72 Gaussians, 6x
+    # the prior. Kept under the default 10x cap, dropped under a 5x cap (then nothing is labelled).
+    features[60:] = [1.0, 0.0]
+    flood = extract_instances(features, ids, {6: ids[60:72]}, positions, np.zeros((72, 3)))
+    assert flood.instance_ids == [6] and flood[6].n_gaussians == 72  # 6x
+    flood = extract_instances(features, ids, {6: ids[60:72]}, positions, np.zeros((72, 3)),
+                              InstanceConfig(max_instance_to_prior=5.0))
+    assert flood.instance_ids == [] and not flood.labels.any()
 
 
 def test_hysteresis_growth_takes_connected_boundary_gaussians_only():
