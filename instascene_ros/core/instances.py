@@ -57,9 +57,9 @@ class InstanceConfig:
     min_gaussians: int = 10  # smaller instances (after clean-up) and smaller priors are dropped
     # An instance holding more than this many times its prior's Gaussians (after growth) is
     # dropped: the field gave a small object the background's feature, and the 0.9 test or the
-    # growth claimed the table. On the
-    # decomposition report maps (and dev seeds 0-1) instances hold 0.7-2.6x their prior; the
-    # floods held 328x (a 36-Gaussian prior, clean masks, report seed 11) and 3854x.
+    # growth claimed the table. On the decomposition report maps (and dev seeds 0-1) instances
+    # hold 0.7-2.6x their prior; the floods held 328x (a 36-Gaussian prior, clean masks, report
+    # seed 11) and 3854x.
     max_instance_to_prior: float = 10.0
     # Hysteresis growth after the clean-up: a Gaussian no instance holds joins one when its
     # cosine to that instance's prototype exceeds `grow_similarity` (and to no other prototype
