@@ -43,7 +43,8 @@ def test_each_variant_changes_only_its_own_settings():
     # Only the tracker rows change the tracker, each only its own rule.
     tracker_rows = {"full with tracker tracing every mask pixel": {"mask_border_px": 0.0},
                     "full without mutual-containment links": {"mutual_containment_link": False},
-                    "InstaScene as published": {"mask_border_px": 0.0, "mutual_containment_link": False}}
+                    "InstaScene as published": {"mask_border_px": 0.0, "mutual_containment_link": False},
+                    "full with under-segmentation filter at 15% of frames": {"undersegment_frame_ratio": 0.15}}
     for name, variant in variants.items():
         assert _changed(tracker, variant.tracker) == tracker_rows.get(name, {}), name
     # Only the input rows change the masks, each in its own way.
