@@ -486,6 +486,61 @@ def test_frames_meeting_one_mask_are_fine_and_missed_frames_abstain():
     assert (0, 7) not in result.undersegmented
 
 
+def _hub_object_views(tracker):
+    """A small object H between A and B that the segmenter never shows alone: frames 0-3 merge it
+    with A, frames 4-7 with B (the other neighbour always apart)."""
+    A, B, H = ids(0, 100), ids(100, 200), ids(200, 240)
+    everything = np.concatenate([A, B, H])
+    for frame in range(4):
+        tracker.add_frame(frame, None, {1: np.concatenate([A, H]), 2: B}, everything)
+    for frame in range(4, 8):
+        tracker.add_frame(frame, None, {1: A, 2: np.concatenate([B, H])}, everything)
+    return A, B, H
+
+
+@pytest.mark.parametrize("passes", [0, 1, 2])
+def test_residual_masks_find_an_object_never_segmented_alone(passes):
+    tracker = SpatialTracker(TrackerConfig(residual_passes=passes))
+    A, B, H = _hub_object_views(tracker)
+    result = tracker.solve()
+    # Every merged mask is under-segmented (split by the 4 views of the other kind), whatever
+    # the passes: its pixels never label an instance.
+    assert {(f, 1) for f in range(4)} | {(f, 2) for f in range(4, 8)} <= result.undersegmented
+    assert all(result.labels[f][1] == 0 for f in range(4)) and all(result.labels[f][2] == 0 for f in range(4, 8))
+    priors = sorted((np.asarray(g) for g in result.priors.values()), key=lambda g: int(g[0]))
+    # A and B come from their clean masks either way, whole and pure.
+    assert np.array_equal(priors[0], A) and np.array_equal(priors[1], B)
+    if passes == 0:  # InstaScene: H's evidence went with the merged masks
+        assert len(priors) == 2 and result.stats["residual_masks"] == 0
+    else:  # each merged mask minus A's or B's prior leaves H, 8 times
+        assert len(priors) == 3 and np.array_equal(priors[2], H)
+        assert result.stats["residual_masks"] == 8
+        members = next(i for i in result.instances.values() if i.gaussian_ids[0] == H[0]).masks
+        assert sorted(members) == sorted([(f, -1 - (1 << 32)) for f in range(4)] + [(f, -2 - (1 << 32)) for f in range(4, 8)])
+
+
+def test_a_merge_of_two_known_objects_leaves_no_residual():
+    # X and Y each segmented apart in 6 views, merged in 4: the merged masks hold nothing the
+    # priors do not claim, so no residual mask, and no third instance.
+    tracker = SpatialTracker(TrackerConfig(residual_passes=1))
+    _merged_then_split(tracker, 0, 4, 6)
+    result = tracker.solve()
+    assert len(result.instances) == 2 and result.stats["residual_masks"] == 0
+
+
+def test_a_small_residual_is_not_split_off():
+    # The merged masks hold 10 Gaussians outside the priors: under residual_min_gaussians (20).
+    A, B, H = ids(0, 100), ids(100, 200), ids(200, 210)
+    tracker = SpatialTracker(TrackerConfig(residual_passes=1))
+    everything = np.concatenate([A, B, H])
+    for frame in range(4):
+        tracker.add_frame(frame, None, {1: np.concatenate([A, H]), 2: B}, everything)
+    for frame in range(4, 8):
+        tracker.add_frame(frame, None, {1: A, 2: np.concatenate([B, H])}, everything)
+    result = tracker.solve()
+    assert len(result.instances) == 2 and result.stats["residual_masks"] == 0
+
+
 # ------------------------------------------------------------------------------------------------
 # synthetic scene: K objects, 12 cameras, noisy per-view masks
 # ------------------------------------------------------------------------------------------------

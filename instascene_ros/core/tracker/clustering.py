@@ -197,6 +197,9 @@ def largest_dbscan_component(points: np.ndarray, config: TrackerConfig) -> np.nd
 class Cluster:
     members: np.ndarray  # tracker indices of the kept member masks
     columns: np.ndarray  # Gaussian columns of the 3D prior
+    # Gaussian columns the cluster's masks hold in >= residual_claim_support of its frames that
+    # see them: what residual masks leave out (see `TrackerConfig.residual_passes`)
+    claimed: np.ndarray
 
 
 def cluster_priors(problem: Problem, valid: np.ndarray, cluster_of: np.ndarray, config: TrackerConfig,
@@ -246,12 +249,14 @@ def cluster_priors(problem: Problem, valid: np.ndarray, cluster_of: np.ndarray, 
         for by_gaussian in (problem.labelled_by_gaussian, problem.unlabelled_by_gaussian):
             columns_of = by_gaussian[:, candidates]
             seen += segment_sum(in_cluster_frame[columns_of.indices], columns_of.indptr)
-        columns = candidates[detected > config.prior_support * np.maximum(seen, 1)]
+        ratio = detected / np.maximum(seen, 1)
+        columns = candidates[ratio > config.prior_support]
+        claimed = candidates[ratio >= config.residual_claim_support]
         if where is not None:
             columns = columns[where[columns] >= 0]  # pruned from the map since
             columns = columns[largest_dbscan_component(table_positions[where[columns]], config)]
         if columns.size == 0:
             dropped.extend(members.tolist())
             continue
-        clusters.append(Cluster(members=members, columns=columns))
+        clusters.append(Cluster(members=members, columns=columns, claimed=claimed))
     return clusters, dropped

@@ -71,6 +71,52 @@ def _positions_table(positions_by_id: Optional[PositionsById]) -> Optional[tuple
     return ids[order], positions[order]
 
 
+# A split mask's parts get negative ids, which no pixel of a mask holds: the part the priors
+# claim keeps -id, the residual -id - RESIDUAL_ID_OFFSET.
+RESIDUAL_ID_OFFSET = 1 << 32
+
+
+def _split_residuals(frames: Mapping[int, FrameRecord], problem: Problem, undersegmented: np.ndarray,
+                     clusters: list, config: TrackerConfig) -> Optional[tuple[dict[int, FrameRecord], set]]:
+    """Each under-segmented mask whose Gaussians outside every prior of `clusters` make a large
+    enough residual is split in two trackers of its frame: the part the priors claim and the
+    residual. Returns (the frames with those splits, the (frame, mask id) split) or None when none
+    qualifies.
+
+    Why two parts and not the residual alone: every Gaussian stays in exactly one mask of the
+    frame, so the frame judges every other tracker as before; the claimed part, when it holds a
+    single object, becomes a clean mask of that object, and otherwise is found under-segmented
+    again.
+    """
+    indptr, indices = problem.incidence.indptr, problem.incidence.indices
+    claimed = np.zeros(problem.gaussian_ids.size, dtype=bool)
+    for cluster in clusters:
+        claimed[cluster.claimed] = True
+    splits: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+    for tracker in undersegmented.tolist():
+        frame_index, mask_id = problem.key(tracker)
+        if mask_id < 0:
+            continue  # a part of an earlier split
+        columns = indices[indptr[tracker]:indptr[tracker + 1]]
+        rest = columns[~claimed[columns]]
+        if rest.size == columns.size or rest.size < max(config.residual_min_gaussians,
+                                                          config.residual_min_share * columns.size):
+            continue
+        splits.setdefault(frame_index, {})[mask_id] = (problem.gaussian_ids[columns[claimed[columns]]],
+                                                       problem.gaussian_ids[rest])
+    if not splits:
+        return None
+    out = dict(frames)
+    for frame_index, parts in splits.items():
+        record = frames[frame_index]
+        trackers = {m: ids for m, ids in record.trackers.items() if m not in parts}
+        for mask_id, (kept, rest) in parts.items():
+            trackers[-mask_id] = kept
+            trackers[-mask_id - RESIDUAL_ID_OFFSET] = rest
+        out[frame_index] = FrameRecord(mask_ids=record.mask_ids, trackers=trackers, visible=record.visible)
+    return out, {(frame_index, mask_id) for frame_index, parts in splits.items() for mask_id in parts}
+
+
 class SpatialTracker:
     """Cross-view mask association by view consensus over persistent Gaussian ids.
 
@@ -195,38 +241,62 @@ class SpatialTracker:
         config = self.config
         start = time.perf_counter()
         positions = _positions_table(positions_by_id)
-        problem = Problem.build(self._frames)
+        frames = self._frames
+        problem = Problem.build(frames)
         stats = {"frames": float(problem.n_frames), "trackers": float(problem.n_trackers),
                  "gaussians": float(problem.gaussian_ids.size), "time_build_s": time.perf_counter() - start}
-        clusters, undersegmented, dropped = [], np.zeros(0, np.int64), []
-        if problem.n_trackers:
-            tic = time.perf_counter()
-            observations = judge(problem, config)
-            undersegmented = np.flatnonzero(observations.undersegmented)
-            stats["time_statistics_s"] = time.perf_counter() - tic
-            tic = time.perf_counter()
-            valid = np.flatnonzero(~observations.undersegmented)
-            cluster_of, rounds = cluster_masks(valid, observations.observed, observations.contained, config)
-            stats["rounds"] = float(rounds)
-            stats["time_clustering_s"] = time.perf_counter() - tic
-            tic = time.perf_counter()
-            clusters, dropped = cluster_priors(problem, valid, cluster_of, config, positions)
-            stats["time_priors_s"] = time.perf_counter() - tic
+        clusters, undersegmented, dropped = self._associate(problem, positions, stats)
+        split_masks: set[tuple[int, int]] = set()  # the frames' own masks split into parts
+        for _ in range(int(config.residual_passes)):
+            split = _split_residuals(frames, problem, undersegmented, clusters, config)
+            if split is None:
+                break
+            frames, keys = split
+            split_masks |= keys
+            problem = Problem.build(frames)
+            clusters, undersegmented, dropped = self._associate(problem, positions, stats)
         priors = [problem.gaussian_ids[c.columns] for c in clusters]
         ids, events = self._ids.assign(priors, None if positions is None else positions[0])
 
+        # Labels cover the frames' own mask ids; the parts of a split mask (negative ids) label no
+        # pixels: which of its pixels each part covers is not known here.
         labels = {int(f): dict.fromkeys(self._frames[int(f)].mask_ids.tolist(), 0) for f in problem.frame_indices}
         instances: dict[int, Instance] = {}
         for instance_id, cluster, gaussians in zip(ids, clusters, priors):
             masks = [problem.key(t) for t in cluster.members.tolist()]
             instances[instance_id] = Instance(instance_id=instance_id, gaussian_ids=gaussians, masks=masks)
             for frame_index, mask_id in masks:
-                labels[frame_index][mask_id] = instance_id
+                if mask_id in labels[frame_index]:
+                    labels[frame_index][mask_id] = instance_id
+        stats["residual_masks"] = float(len(split_masks))
         stats["instances"] = float(len(instances))
         stats["time_total_s"] = time.perf_counter() - start
+        # Reported in the frames' own mask ids: a split mask stays under-segmented (its pixels
+        # label nothing), its parts are internal.
+        own = [problem.key(t) for t in undersegmented.tolist()]
         return TrackerResult(instances=instances, labels=labels, events=events,
-                             undersegmented={problem.key(t) for t in undersegmented.tolist()},
-                             filtered={problem.key(t) for t in dropped}, stats=stats)
+                             undersegmented={key for key in own if key[1] > 0} | split_masks,
+                             filtered={key for key in map(problem.key, dropped) if key[1] > 0}, stats=stats)
+
+    def _associate(self, problem: Problem, positions, stats: dict):
+        """Judge, cluster and make priors over one problem. Returns (clusters, tracker indices
+        found under-segmented, tracker indices dropped inside their cluster); adds timings to stats."""
+        config = self.config
+        if not problem.n_trackers:
+            return [], np.zeros(0, np.int64), []
+        tic = time.perf_counter()
+        observations = judge(problem, config)
+        undersegmented = np.flatnonzero(observations.undersegmented)
+        stats["time_statistics_s"] = stats.get("time_statistics_s", 0.0) + time.perf_counter() - tic
+        tic = time.perf_counter()
+        valid = np.flatnonzero(~observations.undersegmented)
+        cluster_of, rounds = cluster_masks(valid, observations.observed, observations.contained, config)
+        stats["rounds"] = stats.get("rounds", 0.0) + float(rounds)
+        stats["time_clustering_s"] = stats.get("time_clustering_s", 0.0) + time.perf_counter() - tic
+        tic = time.perf_counter()
+        clusters, dropped = cluster_priors(problem, valid, cluster_of, config, positions)
+        stats["time_priors_s"] = stats.get("time_priors_s", 0.0) + time.perf_counter() - tic
+        return clusters, undersegmented, dropped
 
     def pair_consensus(self, first: tuple[int, int], second: tuple[int, int]) -> tuple[int, int]:
         """(N_contain, N_vis) of two masks, each (frame_index, mask_id), as the first clustering
