@@ -24,7 +24,9 @@ class Instance:
 
     instance_id: int
     gaussian_ids: np.ndarray  # (n,) int64 persistent ids, sorted
-    masks: list[tuple[int, int]]  # (frame_index, mask_id) of the kept member masks
+    # (frame_index, mask_id) of the kept member masks; a negative id is a part of a split mask
+    # (see `_split_residuals`)
+    masks: list[tuple[int, int]]
 
 
 @dataclass
