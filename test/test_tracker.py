@@ -15,6 +15,7 @@ from scipy.sparse.csgraph import connected_components
 from instascene_ros.core.camera import look_at, rigid_inverse
 from instascene_ros.core.tracker import (SpatialTracker, TrackerConfig, TrackerEvent,
                                          trackers_from_contributors)
+from instascene_ros.core.tracker.spatial import RESIDUAL_PART_OFFSET, is_split_part
 from instascene_ros.core.tracker.trace import without_contact_borders
 
 # ------------------------------------------------------------------------------------------------
@@ -516,7 +517,26 @@ def test_residual_masks_find_an_object_never_segmented_alone(passes):
         assert len(priors) == 3 and np.array_equal(priors[2], H)
         assert result.stats["residual_masks"] == 8
         members = next(i for i in result.instances.values() if i.gaussian_ids[0] == H[0]).masks
-        assert sorted(members) == sorted([(f, -1 - (1 << 32)) for f in range(4)] + [(f, -2 - (1 << 32)) for f in range(4, 8)])
+        assert sorted(members) == sorted([(f, 1 - RESIDUAL_PART_OFFSET) for f in range(4)]
+                                         + [(f, 2 - RESIDUAL_PART_OFFSET) for f in range(4, 8)])
+        assert all(is_split_part(m) for _, m in members)
+
+
+def test_residual_masks_with_negative_segmenter_ids():
+    # Some segmenters number masks from -1: the split parts' ids must not collide with them, and
+    # the merged masks are still reported under their own ids.
+    A, B, H = ids(0, 100), ids(100, 200), ids(200, 240)
+    everything = np.concatenate([A, B, H])
+    tracker = SpatialTracker(TrackerConfig(residual_passes=1))
+    for frame in range(4):
+        tracker.add_frame(frame, None, {-1: np.concatenate([A, H]), -2: B}, everything)
+    for frame in range(4, 8):
+        tracker.add_frame(frame, None, {-1: A, -2: np.concatenate([B, H])}, everything)
+    result = tracker.solve()
+    assert len(result.instances) == 3
+    assert {(f, -1) for f in range(4)} | {(f, -2) for f in range(4, 8)} <= result.undersegmented
+    assert all(not is_split_part(m) for _, m in result.undersegmented)
+    assert sorted(result.labels[0]) == [-2, -1]
 
 
 def test_a_merge_of_two_known_objects_leaves_no_residual():

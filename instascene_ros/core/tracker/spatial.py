@@ -24,8 +24,8 @@ class Instance:
 
     instance_id: int
     gaussian_ids: np.ndarray  # (n,) int64 persistent ids, sorted
-    # (frame_index, mask_id) of the kept member masks; a negative id is a part of a split mask
-    # (see `_split_residuals`)
+    # (frame_index, mask_id) of the kept member masks; `is_split_part(mask_id)` for a part of a
+    # split mask (see `_split_residuals`)
     masks: list[tuple[int, int]]
 
 
@@ -73,9 +73,15 @@ def _positions_table(positions_by_id: Optional[PositionsById]) -> Optional[tuple
     return ids[order], positions[order]
 
 
-# A split mask's parts get negative ids, which no pixel of a mask holds: the part the priors
-# claim keeps -id, the residual -id - RESIDUAL_ID_OFFSET.
-RESIDUAL_ID_OFFSET = 1 << 32
+# A split mask's parts get ids below any int32 mask value (a segmenter's ids may be negative):
+# mask m's claimed part is m - CLAIMED_PART_OFFSET, its residual m - RESIDUAL_PART_OFFSET.
+CLAIMED_PART_OFFSET = 1 << 33
+RESIDUAL_PART_OFFSET = 1 << 34
+
+
+def is_split_part(mask_id: int) -> bool:
+    """Whether a tracker id is a part of a split mask rather than one of the frame's own masks."""
+    return mask_id <= -(1 << 32)
 
 
 def _split_residuals(frames: Mapping[int, FrameRecord], problem: Problem, undersegmented: np.ndarray,
@@ -97,7 +103,7 @@ def _split_residuals(frames: Mapping[int, FrameRecord], problem: Problem, unders
     splits: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
     for tracker in undersegmented.tolist():
         frame_index, mask_id = problem.key(tracker)
-        if mask_id < 0:
+        if is_split_part(mask_id):
             continue  # a part of an earlier split
         columns = indices[indptr[tracker]:indptr[tracker + 1]]
         rest = columns[~claimed[columns]]
@@ -113,8 +119,8 @@ def _split_residuals(frames: Mapping[int, FrameRecord], problem: Problem, unders
         record = frames[frame_index]
         trackers = {m: ids for m, ids in record.trackers.items() if m not in parts}
         for mask_id, (kept, rest) in parts.items():
-            trackers[-mask_id] = kept
-            trackers[-mask_id - RESIDUAL_ID_OFFSET] = rest
+            trackers[mask_id - CLAIMED_PART_OFFSET] = kept
+            trackers[mask_id - RESIDUAL_PART_OFFSET] = rest
         out[frame_index] = FrameRecord(mask_ids=record.mask_ids, trackers=trackers, visible=record.visible)
     return out, {(frame_index, mask_id) for frame_index, parts in splits.items() for mask_id in parts}
 
@@ -260,8 +266,8 @@ class SpatialTracker:
         priors = [problem.gaussian_ids[c.columns] for c in clusters]
         ids, events = self._ids.assign(priors, None if positions is None else positions[0])
 
-        # Labels cover the frames' own mask ids; the parts of a split mask (negative ids) label no
-        # pixels: which of its pixels each part covers is not known here.
+        # Labels cover the frames' own mask ids; the parts of a split mask label no pixels: which
+        # of its pixels each part covers is not known here.
         labels = {int(f): dict.fromkeys(self._frames[int(f)].mask_ids.tolist(), 0) for f in problem.frame_indices}
         instances: dict[int, Instance] = {}
         for instance_id, cluster, gaussians in zip(ids, clusters, priors):
@@ -277,8 +283,9 @@ class SpatialTracker:
         # label nothing), its parts are internal.
         own = [problem.key(t) for t in undersegmented.tolist()]
         return TrackerResult(instances=instances, labels=labels, events=events,
-                             undersegmented={key for key in own if key[1] > 0} | split_masks,
-                             filtered={key for key in map(problem.key, dropped) if key[1] > 0}, stats=stats)
+                             undersegmented={key for key in own if not is_split_part(key[1])} | split_masks,
+                             filtered={key for key in map(problem.key, dropped) if not is_split_part(key[1])},
+                             stats=stats)
 
     def _associate(self, problem: Problem, positions, stats: dict):
         """Judge, cluster and make priors over one problem. Returns (clusters, tracker indices
