@@ -487,15 +487,17 @@ def test_frames_meeting_one_mask_are_fine_and_missed_frames_abstain():
     assert (0, 7) not in result.undersegmented
 
 
-def _hub_object_views(tracker):
-    """A small object H between A and B that the segmenter never shows alone: frames 0-3 merge it
-    with A, frames 4-7 with B (the other neighbour always apart)."""
-    A, B, H = ids(0, 100), ids(100, 200), ids(200, 240)
+def _hub_object_views(tracker, h_size=40, mask_ids=(1, 2)):
+    """A small object H (h_size Gaussians) between A and B that the segmenter never shows alone:
+    frames 0-3 merge it with A, frames 4-7 with B (the other neighbour always apart). A's masks
+    carry mask_ids[0], B's mask_ids[1]."""
+    A, B, H = ids(0, 100), ids(100, 200), ids(200, 200 + h_size)
+    first, second = mask_ids
     everything = np.concatenate([A, B, H])
     for frame in range(4):
-        tracker.add_frame(frame, None, {1: np.concatenate([A, H]), 2: B}, everything)
+        tracker.add_frame(frame, None, {first: np.concatenate([A, H]), second: B}, everything)
     for frame in range(4, 8):
-        tracker.add_frame(frame, None, {1: A, 2: np.concatenate([B, H])}, everything)
+        tracker.add_frame(frame, None, {first: A, second: np.concatenate([B, H])}, everything)
     return A, B, H
 
 
@@ -525,13 +527,8 @@ def test_residual_masks_find_an_object_never_segmented_alone(passes):
 def test_residual_masks_with_negative_segmenter_ids():
     # Some segmenters number masks from -1: the split parts' ids must not collide with them, and
     # the merged masks are still reported under their own ids.
-    A, B, H = ids(0, 100), ids(100, 200), ids(200, 240)
-    everything = np.concatenate([A, B, H])
     tracker = SpatialTracker(TrackerConfig(residual_passes=1))
-    for frame in range(4):
-        tracker.add_frame(frame, None, {-1: np.concatenate([A, H]), -2: B}, everything)
-    for frame in range(4, 8):
-        tracker.add_frame(frame, None, {-1: A, -2: np.concatenate([B, H])}, everything)
+    _hub_object_views(tracker, mask_ids=(-1, -2))
     result = tracker.solve()
     assert len(result.instances) == 3
     assert {(f, -1) for f in range(4)} | {(f, -2) for f in range(4, 8)} <= result.undersegmented
@@ -550,13 +547,8 @@ def test_a_merge_of_two_known_objects_leaves_no_residual():
 
 def test_a_small_residual_is_not_split_off():
     # The merged masks hold 10 Gaussians outside the priors: under residual_min_gaussians (20).
-    A, B, H = ids(0, 100), ids(100, 200), ids(200, 210)
     tracker = SpatialTracker(TrackerConfig(residual_passes=1))
-    everything = np.concatenate([A, B, H])
-    for frame in range(4):
-        tracker.add_frame(frame, None, {1: np.concatenate([A, H]), 2: B}, everything)
-    for frame in range(4, 8):
-        tracker.add_frame(frame, None, {1: A, 2: np.concatenate([B, H])}, everything)
+    _hub_object_views(tracker, h_size=10)
     result = tracker.solve()
     assert len(result.instances) == 2 and result.stats["residual_masks"] == 0
 

@@ -86,8 +86,8 @@ def is_split_part(mask_id: int) -> bool:
 
 def _split_residuals(frames: Mapping[int, FrameRecord], problem: Problem, undersegmented: np.ndarray,
                      clusters: list, config: TrackerConfig) -> Optional[tuple[dict[int, FrameRecord], set]]:
-    """Each under-segmented mask whose Gaussians outside every prior of `clusters` make a large
-    enough residual is split in two trackers of its frame: the part the priors claim and the
+    """Each under-segmented mask whose Gaussians that no cluster claims (`Cluster.claimed`) make
+    a large enough residual is split in two trackers of its frame: the claimed part and the
     residual. Returns (the frames with those splits, the (frame, mask id) split) or None when none
     qualifies.
 
