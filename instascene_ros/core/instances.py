@@ -83,6 +83,21 @@ class InstanceConfig:
     # `query_instance_threshold`.
     query_similarity: float = 0.9
     query_instance_threshold: float = 0.75
+    # Instance clouds are surface points, not Gaussian centres. What a camera sees of a 3D
+    # Gaussian map is the Gaussians' footprints, so their centres sit about one scale inside
+    # the surface (dev seed 0, 128 px: median 4 mm inside the soccer ball and the ducks, a
+    # quarter of a duck's centres more than 5 mm from its mesh). `on_rendered_surface` moves each
+    # centre along the rays of the keyframes that see it onto their rendered depth, which the
+    # mapper trains against the sensor's (median difference 0.2 mm there): cloud precision
+    # within 5 mm went 0.937 -> 0.996 on that map. `surface_views` keyframes, spread evenly over
+    # the run, are rendered (longer side at most `surface_render_size` px) at each snapshot
+    # (0: the clouds are the centres). A view sees a centre when the rendered alpha at its pixel
+    # exceeds `surface_min_alpha` and the rendered depth there is within `surface_tolerance` of
+    # the centre's own: a centre farther behind belongs to a surface that view does not see.
+    surface_views: int = 12
+    surface_render_size: int = 256
+    surface_tolerance: float = 0.01
+    surface_min_alpha: float = 0.95
     backend: str = "auto"
     raster: RasterConfig = field(default_factory=RasterConfig)
     primitive: str = "3dgs"  # the map's (PipelineConfig.set_primitive keeps them together)
@@ -102,7 +117,7 @@ class Instance:
     id: int
     gaussian_ids: np.ndarray  # (M,) int64 persistent Gaussian ids
     prototype: np.ndarray  # (F,) unit mean feature
-    points: np.ndarray  # (M, 3) float32 Gaussian centres, world frame
+    points: np.ndarray  # (M, 3) float32, world frame: one per Gaussian, its centre or its surface point (see InstanceConfig.surface_views)
     colors: np.ndarray  # (M, 3) the Gaussians' colours, as given to the extractor
     confidence: float  # in [0, 1]; see the extractor that made it
     color: tuple[int, int, int] = (0, 0, 0)  # display colour (palette by id)
@@ -113,7 +128,7 @@ class Instance:
 
     @property
     def bbox(self) -> np.ndarray:
-        """(2, 3) axis-aligned box [min, max] of the centres."""
+        """(2, 3) axis-aligned box [min, max] of the points."""
         if self.points.shape[0] == 0:
             return np.zeros((2, 3), np.float32)
         return np.stack([self.points.min(axis=0), self.points.max(axis=0)])
@@ -158,6 +173,15 @@ class Instances:
             return np.zeros(ids.shape[0], dtype=bool)
         return np.isin(ids, self.items[int(instance_id)].gaussian_ids)
 
+    def set_points(self, positions: np.ndarray) -> None:
+        """Every instance's points from `positions` ((N, 3), row-aligned with `self.ids`), e.g.
+        the centres moved onto the rendered surface (`on_rendered_surface`)."""
+        positions = np.asarray(positions, np.float32)
+        if positions.shape != (self.ids.shape[0], 3):
+            raise ValueError(f"positions {positions.shape} do not match the {self.ids.shape[0]} extraction rows")
+        for instance in self.items.values():
+            instance.points = positions[_rows_of(self.ids, instance.gaussian_ids)]
+
     def gaussians_without(self, instance_ids: Union[int, Iterable[int]],
                           ids: Optional[np.ndarray] = None) -> np.ndarray:
         """(N,) bool row mask of every Gaussian *not* in the given instances (object removal)."""
@@ -201,6 +225,48 @@ def _rows_of(ids: np.ndarray, query: np.ndarray) -> np.ndarray:
     pos = np.clip(np.searchsorted(sorted_ids, query), 0, sorted_ids.size - 1)
     found = sorted_ids[pos] == query
     return order[pos[found]]
+
+
+@dataclass(frozen=True)
+class SurfaceView:
+    """What one keyframe sees of the map: its camera and the rendered normalised depth and alpha
+    ((H, W) each, at the camera's size)."""
+
+    camera: Camera
+    depth: np.ndarray
+    alpha: np.ndarray
+
+
+def on_rendered_surface(points: np.ndarray, views: Iterable[SurfaceView], tolerance: float,
+                        min_alpha: float) -> np.ndarray:
+    """(N, 3) points moved along the rays of the views that see them onto the rendered depth,
+    averaged over those views; points that no view sees are returned unchanged.
+
+    A view sees a point when the point is in front of the camera, inside the image, the rendered
+    alpha at its pixel exceeds `min_alpha` (no blend with the background) and the rendered depth
+    there lies within `tolerance` of the point's depth (farther behind, the point is on a surface
+    that the view does not see, e.g. the back of the object)."""
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    total = np.zeros_like(points)
+    count = np.zeros(len(points))
+    for view in views:
+        pixels, z = view.camera.project(points)
+        with np.errstate(invalid="ignore"):
+            cols, rows = np.floor(pixels[:, 0]), np.floor(pixels[:, 1])
+            seen = (z > 1e-6) & (cols >= 0) & (rows >= 0) & (cols < view.camera.width) & (rows < view.camera.height)
+        index = np.flatnonzero(seen)
+        rows, cols = rows[index].astype(np.int64), cols[index].astype(np.int64)
+        surface = np.asarray(view.depth, np.float64)[rows, cols]
+        keep = (np.asarray(view.alpha)[rows, cols] > min_alpha) & (np.abs(surface - z[index]) < tolerance)
+        index, surface = index[keep], surface[keep]
+        centre = view.camera.position
+        # Along the ray through the camera centre, depth scales linearly with distance.
+        total[index] += centre + (points[index] - centre) * (surface / z[index])[:, None]
+        count[index] += 1
+    out = points.copy()
+    seen = count > 0
+    out[seen] = total[seen] / count[seen, None]
+    return out.astype(np.float32)
 
 
 def _dbscan_keep(points: np.ndarray, anchors: Optional[np.ndarray], config: InstanceConfig) -> np.ndarray:

@@ -32,10 +32,12 @@ from instascene_ros.core.complete.config import COMPLETION_PRESETS, CompletionCo
 from instascene_ros.core.features import FeatureConfig, FeatureField, KeyframeLabels, instance_field_config
 from instascene_ros.core.features.field import render_features, scene_gaussians
 from instascene_ros.core.features.baseline import video_associate
-from instascene_ros.core.instances import (InstanceConfig, Instances, extract_instances, instances_from_labels,
-                                           masks_from_feature_image, segment_at_pixel)
+from instascene_ros.core.instances import (InstanceConfig, Instances, SurfaceView, extract_instances,
+                                           instances_from_labels, masks_from_feature_image, on_rendered_surface,
+                                           segment_at_pixel)
 from instascene_ros.core.mapping import PRESETS, Mapper, MapperConfig
 from instascene_ros.core.scene import sh_dc_to_rgb
+from instascene_ros.core.splat import render
 from instascene_ros.core.splat.types import Gaussians
 from instascene_ros.core.tracker import SpatialTracker, TrackerConfig, trackers_from_contributors
 
@@ -341,6 +343,10 @@ class Pipeline:
         else:
             extraction = extract_instances(features, ids, self.priors, positions, colors, self.config.instances,
                                            exclude=self.forgotten)
+        views = self._surface_views()
+        if views:
+            extraction.set_points(on_rendered_surface(positions, views, self.config.instances.surface_tolerance,
+                                                      self.config.instances.surface_min_alpha))
         lo, hi = np.asarray(self.config.workspace_min, float), np.asarray(self.config.workspace_max, float)
         summaries, points, point_colors, point_ids = [], [], [], []
         for instance in extraction:
@@ -364,6 +370,27 @@ class Pipeline:
         for event in tracker_events:
             kind = {"created": "created", "merged": "merged", "removed": "forgotten"}[event.kind]
             self._events.append(InstanceEventInfo(kind, int(event.instance_id), tuple(event.sources), version))
+
+    def _surface_views(self) -> list:
+        """`InstanceConfig.surface_views` keyframes, evenly spread, rendered without gradient."""
+        config = self.config.instances
+        keyframes = self.mapper.keyframes
+        if config.surface_views <= 0 or not keyframes or self.mapper.scene.n == 0:
+            return []
+        chosen = np.unique(np.round(np.linspace(0, len(keyframes) - 1, min(config.surface_views, len(keyframes)))))
+        gaussians = self.mapper.scene.to_gaussians(with_features=False)
+        views = []
+        with torch.no_grad():
+            for index in chosen.astype(int).tolist():
+                camera = keyframes[index].camera
+                longer = max(camera.width, camera.height)
+                if longer > config.surface_render_size:
+                    camera = camera.scaled(config.surface_render_size / longer)
+                out = render(gaussians, [camera], primitive=self.config.mapper.primitive,
+                             backend=self.config.mapper.backend, config=self.config.mapper.raster)
+                views.append(SurfaceView(camera, out.normalised_depth()[0].cpu().numpy(),
+                                         out.alpha[0].cpu().numpy()))
+        return views
 
     def _frozen_query_gaussians(self, scene, rows: np.ndarray) -> Gaussians:
         """Copies (not views: the optimiser updates the scene in place) of the scene's geometry
