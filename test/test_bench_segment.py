@@ -21,10 +21,7 @@ def test_each_variant_changes_only_its_own_settings():
     assert _changed(base, features["3D priors + 2D masks"]) == {"lambda_cross": 0.0}
     assert _changed(base, features["full without background cluster"]) == {"background_cluster": False}
     assert _changed(base, features["full with every mask pixel sampled"]) == {"mask_border_px": 0.0}
-    assert _changed(base, features["full with under-segmented masks in the intra-view loss"]) == {
-        "skip_undersegmented_masks": False}
-    assert _changed(base, features["InstaScene as published"]) == {"mask_border_px": 0.0, "background_cluster": False,
-                                                                 "skip_undersegmented_masks": False}
+    assert _changed(base, features["InstaScene as published"]) == {"mask_border_px": 0.0, "background_cluster": False}
     codebook = features["Unified-Lift object codebook (lr x10)"]
     assert codebook.codebook.enabled and codebook.codebook.feature_lr == 10 * base.codebook.feature_lr
     assert codebook.feature_lr == 2.5e-2  # the same feature rate as our field

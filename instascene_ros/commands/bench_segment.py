@@ -129,10 +129,8 @@ def ablation_variants(features, tracker, steps: int = 300) -> dict:
         "full without mutual-containment links": Variant(
             features, dataclasses.replace(tracker, mutual_containment_link=False)),
         "full without residual masks": Variant(features, dataclasses.replace(tracker, residual_passes=0)),
-        "full with under-segmented masks in the intra-view loss": field(skip_undersegmented_masks=False),
         # All five off: InstaScene as published on these masks.
-        "InstaScene as published": Variant(dataclasses.replace(features, mask_border_px=0.0, background_cluster=False,
-                                                               skip_undersegmented_masks=False),
+        "InstaScene as published": Variant(dataclasses.replace(features, mask_border_px=0.0, background_cluster=False),
                                            dataclasses.replace(tracker, mask_border_px=0.0,
                                                                mutual_containment_link=False, residual_passes=0)),
         # InstaScene's (and MaskClustering's) under-segmentation filter drops a mask split by

@@ -279,11 +279,7 @@ class Pipeline:
                     consistent = self._video_associated(masked)
                 else:
                     consistent = [result.label_image(kf.index, self.masks[kf.index]) for kf in masked]
-                merged: dict[int, list[int]] = {}
-                for frame_index, mask_id in result.undersegmented:
-                    merged.setdefault(frame_index, []).append(mask_id)
-                labels = [KeyframeLabels(consistent=ids, masks=self.masks[kf.index],
-                                         undersegmented=tuple(merged.get(kf.index, ())))
+                labels = [KeyframeLabels(consistent=ids, masks=self.masks[kf.index])
                           for kf, ids in zip(masked, consistent)]
                 self.identity_splits += self._train_field(masked, labels, feature_steps)
             timings["features"] = time.perf_counter() - tic

@@ -169,11 +169,6 @@ class FeatureConfig:
     # border pixels of a noisy mask are often wrong, and at low resolution a rendered border
     # pixel blends two objects, so its feature belongs to neither.
     mask_border_px: float = 1.0
-    # Masks the tracker judged under-segmented (one mask over several objects) are left out of
-    # the intra-view loss: InfoNCE on such a mask pulls the objects it covers towards one
-    # feature, against the 3D priors that hold them apart. The cross-view loss already skips
-    # them (the tracker's consistent labels leave them at 0).
-    skip_undersegmented_masks: bool = True
     min_mask_pixels: int = 16  # smaller masks are noise for a 1024-sample prototype
     min_pixel_alpha: float = 0.5  # only pixels the map actually covers are sampled
     # New Gaussians (inserted or split by the mapper) without a known parent start from the

@@ -92,7 +92,6 @@ class KeyframeLabels:
 
     consistent: Optional[np.ndarray] = None  # (H, W) int32 cross-view cluster ids; 0 = none / dropped
     masks: Optional[np.ndarray] = None  # (H, W) int32 raw per-view masks; ids meaningful in this view only
-    undersegmented: tuple = ()  # ids of `masks` that the tracker judged to cover several objects
 
 
 def _camera_of(keyframe) -> Camera:
@@ -103,8 +102,7 @@ def _as_labels(item) -> KeyframeLabels:
     if isinstance(item, KeyframeLabels):
         return item
     if isinstance(item, Mapping):
-        return KeyframeLabels(consistent=item.get("consistent"), masks=item.get("masks"),
-                              undersegmented=tuple(item.get("undersegmented", ())))
+        return KeyframeLabels(consistent=item.get("consistent"), masks=item.get("masks"))
     consistent, masks = item
     return KeyframeLabels(consistent=consistent, masks=masks)
 
@@ -348,10 +346,7 @@ class FeatureField:
                 masks = labels[view].masks
                 clusters = with_background(masks, masks, c.background_margin_px) if c.background_cluster else masks
                 interior = away_from_borders(masks, c.mask_border_px)
-                allowed = covered if interior is None else covered & interior
-                if c.skip_undersegmented_masks and labels[view].undersegmented:
-                    allowed = allowed & ~np.isin(masks, np.asarray(labels[view].undersegmented, dtype=masks.dtype))
-                sample = sample_clusters(clusters, allowed,
+                sample = sample_clusters(clusters, covered if interior is None else covered & interior,
                                          c.intra_masks, c.intra_pixels,
                                          c.min_mask_pixels, self.rng, keep=BACKGROUND_LABEL)
                 samples = F.normalize(image.reshape(-1, c.dim)[self._index(sample.indices)], dim=-1)
