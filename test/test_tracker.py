@@ -545,34 +545,6 @@ def test_a_merge_of_two_known_objects_leaves_no_residual():
     assert len(result.instances) == 2 and result.stats["residual_masks"] == 0
 
 
-@pytest.mark.parametrize("share", [0.0, 0.5])
-def test_table_in_merged_masks_stays_out_of_the_residual(share):
-    # The hub scene, and the merged masks of frames 0-5 also hold 30 table Gaussians T (a ragged
-    # border); frames 6-12 see T outside every mask, so T is in a mask in 6 of its 13 frames. No
-    # prior claims T: without the in-mask rule it joins H's residual and, held in 6 of the 8
-    # residual frames, H's prior.
-    tracker = SpatialTracker(TrackerConfig(residual_passes=1, residual_min_in_mask_share=share))
-    A, B, H = ids(0, 100), ids(100, 200), ids(200, 240)
-    T = ids(300, 330)
-    everything = np.concatenate([A, B, H, T])
-    for frame in range(8):
-        bleed = T if frame < 6 else ids(0, 0)
-        if frame < 4:
-            masks = {1: np.concatenate([A, H, bleed]), 2: B}
-        else:
-            masks = {1: A, 2: np.concatenate([B, H, bleed])}
-        tracker.add_frame(frame, None, masks, everything)
-    for frame in range(8, 13):
-        tracker.add_frame(frame, None, {}, T)
-    result = tracker.solve()
-    priors = sorted((np.asarray(g) for g in result.priors.values()), key=lambda g: int(g[0]))
-    assert len(priors) == 3 and np.array_equal(priors[0], A) and np.array_equal(priors[1], B)
-    if share:
-        assert np.array_equal(priors[2], H)
-    else:  # the failure the rule exists for
-        assert np.array_equal(priors[2], np.concatenate([H, T]))
-
-
 def test_a_small_residual_is_not_split_off():
     # The merged masks hold 10 Gaussians outside the priors: under residual_min_gaussians (20).
     tracker = SpatialTracker(TrackerConfig(residual_passes=1))

@@ -74,11 +74,6 @@ class TrackerConfig:
     residual_min_share: float = 0.2
     residual_min_gaussians: int = 20
     residual_claim_support: float = 0.25
-    # A residual keeps only the Gaussians that fall in a mask in >= this share of the frames that
-    # see them. A merged mask's ragged border holds table Gaussians that no object claims, and as
-    # a residual they joined the missed object's prior (report seed 12: 23 of 263 Gaussians, and
-    # its instance then answered no pixel query). 0 keeps every unclaimed Gaussian.
-    residual_min_in_mask_share: float = 0.5
 
     # Clusters. MaskClustering's post-processing ignores clusters of fewer than 2 masks.
     min_cluster_masks: int = 2
@@ -110,7 +105,7 @@ class TrackerConfig:
         for name in ("trace_t_min", "visible_fraction", "min_labelled_share", "contained_fraction",
                      "undersegment_share", "undersegment_frame_ratio", "consensus_threshold", "member_overlap",
                      "prior_support", "match_min_share", "residual_min_share",
-                     "residual_claim_support", "residual_min_in_mask_share"):
+                     "residual_claim_support"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"TrackerConfig.{name} must be in [0, 1], got {value}")

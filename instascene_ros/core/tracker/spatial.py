@@ -91,31 +91,24 @@ def _split_residuals(frames: Mapping[int, FrameRecord], problem: Problem, unders
     residual. Returns (the frames with those splits, the (frame, mask id) split) or None when none
     qualifies.
 
-    Why two parts and not the residual alone: every Gaussian of an object stays in exactly one
-    mask of the frame, so the frame judges every other tracker as before; the claimed part, when
-    it holds a single object, becomes a clean mask of that object, and otherwise is found
-    under-segmented again. Unclaimed Gaussians that most frames see outside every mask
-    (`residual_min_in_mask_share`) are background and go in neither part.
+    Why two parts and not the residual alone: every Gaussian stays in exactly one mask of the
+    frame, so the frame judges every other tracker as before; the claimed part, when it holds a
+    single object, becomes a clean mask of that object, and otherwise is found under-segmented
+    again.
     """
     indptr, indices = problem.incidence.indptr, problem.incidence.indices
     claimed = np.zeros(problem.gaussian_ids.size, dtype=bool)
     for cluster in clusters:
         claimed[cluster.claimed] = True
-    # Frames that see each Gaussian inside exactly one mask / outside any (filled by the judge).
-    labelled = np.diff(problem.labelled_by_gaussian.indptr)
-    unlabelled = np.diff(problem.unlabelled_by_gaussian.indptr)
-    in_masks = labelled >= config.residual_min_in_mask_share * np.maximum(labelled + unlabelled, 1)
     splits: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
     for tracker in undersegmented.tolist():
         frame_index, mask_id = problem.key(tracker)
         if is_split_part(mask_id):
             continue  # a part of an earlier split
         columns = indices[indptr[tracker]:indptr[tracker + 1]]
-        unclaimed = columns[~claimed[columns]]
-        if unclaimed.size == columns.size:
-            continue  # no known object in this mask: nothing to split it from
-        rest = unclaimed[in_masks[unclaimed]]  # the others are background: in neither part
-        if rest.size < max(config.residual_min_gaussians, config.residual_min_share * columns.size):
+        rest = columns[~claimed[columns]]
+        if rest.size == columns.size or rest.size < max(config.residual_min_gaussians,
+                                                          config.residual_min_share * columns.size):
             continue
         splits.setdefault(frame_index, {})[mask_id] = (problem.gaussian_ids[columns[claimed[columns]]],
                                                        problem.gaussian_ids[rest])
