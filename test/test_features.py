@@ -376,4 +376,3 @@ def test_classifier_baseline_on_associated_ids_produces_instances(blobs):
     for object_id, label in by_object.items():
         on_object = blobs.heldout_labels == object_id
         assert (pixel_labels[on_object] == label).mean() >= 0.8, object_id
-

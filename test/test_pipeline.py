@@ -261,3 +261,27 @@ def test_scene_cloud_waits_for_a_mapping_step_and_never_sees_half_replaced_tenso
     worker.join()
     assert time.perf_counter() - tic >= 0.25, "scene_cloud read the scene while the mapping step held it"
     assert len(points) == len(colors) == n - 7
+
+
+def test_published_clouds_are_the_gaussians_moved_onto_the_rendered_surface():
+    pipeline = _decomposed_blob_pipeline()
+    scene = pipeline.mapper.scene
+    row_of = {int(i): r for r, i in enumerate(scene.ids.numpy())}
+    means = scene.means.detach().numpy()
+
+    def points_and_centres():
+        extraction = pipeline.snapshot.extraction
+        assert len(extraction) >= 3
+        points = np.concatenate([instance.points for instance in extraction])
+        centres = np.concatenate([means[[row_of[int(i)] for i in instance.gaussian_ids]] for instance in extraction])
+        assert np.array_equal(np.sort(pipeline.snapshot.cloud_points, axis=0), np.sort(points, axis=0))
+        return points, centres
+
+    points, centres = points_and_centres()
+    moved = np.linalg.norm(points - centres, axis=1)
+    assert (moved > 1e-6).mean() > 0.5  # the keyframes see most of the objects' Gaussians
+    assert moved.max() < 0.02  # along a ray, at most the 1 cm depth tolerance (x its slant)
+    pipeline.config.instances.surface_views = 0  # off: the clouds are the centres
+    pipeline.update_instances(feature_steps=0)
+    points, centres = points_and_centres()
+    np.testing.assert_array_equal(points, centres.astype(np.float32))

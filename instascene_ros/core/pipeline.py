@@ -339,7 +339,7 @@ class Pipeline:
         else:
             extraction = extract_instances(features, ids, self.priors, positions, colors, self.config.instances,
                                            exclude=self.forgotten)
-        views = self._surface_views()
+        views = self._surface_views() if len(extraction) else []
         if views:
             extraction.set_points(on_rendered_surface(positions, views, self.config.instances.surface_tolerance,
                                                       self.config.instances.surface_min_alpha))
