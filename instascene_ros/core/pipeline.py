@@ -29,6 +29,7 @@ import torch
 
 from instascene_ros.core.camera import Camera, Frame
 from instascene_ros.core.complete.config import COMPLETION_PRESETS, CompletionConfig
+from instascene_ros.core.complete.generators.geometric import evenly
 from instascene_ros.core.features import FeatureConfig, FeatureField, KeyframeLabels, instance_field_config
 from instascene_ros.core.features.field import render_features, scene_gaussians
 from instascene_ros.core.features.baseline import video_associate
@@ -37,7 +38,6 @@ from instascene_ros.core.instances import (InstanceConfig, Instances, SurfaceVie
                                            segment_at_pixel)
 from instascene_ros.core.mapping import PRESETS, Mapper, MapperConfig
 from instascene_ros.core.scene import sh_dc_to_rgb
-from instascene_ros.core.splat import render
 from instascene_ros.core.splat.types import Gaussians
 from instascene_ros.core.tracker import SpatialTracker, TrackerConfig, trackers_from_contributors
 
@@ -373,19 +373,14 @@ class Pipeline:
         keyframes = self.mapper.keyframes
         if config.surface_views <= 0 or not keyframes or self.mapper.scene.n == 0:
             return []
-        chosen = np.unique(np.round(np.linspace(0, len(keyframes) - 1, min(config.surface_views, len(keyframes)))))
-        gaussians = self.mapper.scene.to_gaussians(with_features=False)
         views = []
-        with torch.no_grad():
-            for index in chosen.astype(int).tolist():
-                camera = keyframes[index].camera
-                longer = max(camera.width, camera.height)
-                if longer > config.surface_render_size:
-                    camera = camera.scaled(config.surface_render_size / longer)
-                out = render(gaussians, [camera], primitive=self.config.mapper.primitive,
-                             backend=self.config.mapper.backend, config=self.config.mapper.raster)
-                views.append(SurfaceView(camera, out.normalised_depth()[0].cpu().numpy(),
-                                         out.alpha[0].cpu().numpy()))
+        for keyframe in evenly(keyframes, config.surface_views):
+            camera = keyframe.camera
+            longer = max(camera.width, camera.height)
+            if longer > config.surface_render_size:
+                camera = camera.scaled(config.surface_render_size / longer)
+            out = self.mapper.render_view(camera)
+            views.append(SurfaceView(camera, out.normalised_depth()[0].cpu().numpy(), out.alpha[0].cpu().numpy()))
         return views
 
     def _frozen_query_gaussians(self, scene, rows: np.ndarray) -> Gaussians:
