@@ -59,3 +59,13 @@ def test_each_variant_changes_only_its_own_settings():
     assert base.mask_border_px > 0 and base.background_cluster and tracker.mutual_containment_link
     assert tracker.residual_passes >= 1
     assert all("," not in name for name in variants)  # --variants splits on commas
+
+
+def test_rescore_without_saved_maps_is_refused_before_any_work(tmp_path):
+    import pytest
+
+    from instascene_ros.cli import main
+
+    with pytest.raises(SystemExit, match="--reuse"):
+        main(["bench", "segment", "--rescore", "--seeds", "1", "--work", str(tmp_path)])
+    assert not any(tmp_path.iterdir())  # no scene was generated

@@ -1,5 +1,6 @@
 """Instance extraction, rendered masks, the interactive query and object export, on a feature
 field trained on the tiny synthetic scene (and on hand data)."""
+import dataclasses
 import time
 
 import numpy as np
@@ -12,7 +13,8 @@ from instascene_ros.core.features.synthetic import make_blob_scene
 from instascene_ros.core.camera import Camera, intrinsics_from_fov, look_at
 from instascene_ros.core.features.synthetic import fibonacci_sphere
 from instascene_ros.core.instances import (InstanceConfig, Instances, SurfaceView, export_instance_ply,
-                                           extract_instances, instance_color, on_rendered_surface,
+                                           extract_instances, instance_color, nearest_majority_pixel,
+                                           on_rendered_surface,
                                            render_instance_masks, render_label_masks, segment_at_pixel,
                                            vote_gaussian_labels)
 from instascene_ros.core.splat import Gaussians, render
@@ -125,6 +127,47 @@ def test_segment_at_pixel_names_the_object_under_the_cursor(world):
     # A render callback works like a cached image.
     found, _, _ = segment_at_pixel(lambda: (features, alpha), col + 0.5, row + 0.5, instances)
     assert found == instances.instance_ids[-1]
+
+
+def test_a_click_between_two_prototypes_snaps_to_the_instance_around_it():
+    # Two instances with orthogonal features. Instance 2 is a 9x9 square in a 14x14 view of
+    # instance 1; its centre pixel carries the blend of both (cosine 0.71 to each, under the 0.75
+    # query threshold), as a thin object's pixel can.
+    e1, e2 = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+    ids = np.arange(20)
+    positions = np.concatenate([np.zeros((10, 3)), np.ones((10, 3))]) + np.arange(20)[:, None] * 1e-3
+    config = InstanceConfig(dbscan_eps=10.0, dbscan_min_samples=1, min_gaussians=1, grow_similarity=None,
+                            query_snap_radius_px=3)
+    instances = extract_instances(np.repeat([e1, e2], 10, axis=0), ids, {1: ids[:10], 2: ids[10:]}, positions,
+                                  np.zeros((20, 3)), config)
+    image = np.tile(e1, (14, 14, 1))
+    image[1:10, 1:10] = e2
+    image[5, 5] = (e1 + e2) / np.sqrt(2.0)
+    alpha = np.ones((14, 14))
+    found, similarity, mask = segment_at_pixel(image, 5.5, 5.5, instances, alpha=alpha, config=config)
+    assert found == 2 and similarity > 0.99
+    assert mask.sum() == 80 and mask[1:10, 1:10].sum() == 80  # the square without the blended pixel
+    found, similarity, _ = segment_at_pixel(image, 5.5, 5.5, instances, alpha=alpha,
+                                            config=dataclasses.replace(config, query_snap_radius_px=0))
+    assert found == 0 and similarity < 0.75
+    # Nothing confidently named within the radius: still no instance.
+    image[1:10, 1:10] = (e1 + e2) / np.sqrt(2.0)
+    assert segment_at_pixel(image, 5.5, 5.5, instances, alpha=alpha, config=config)[0] == 0
+    # An empty pixel (the background) never snaps to the object around it.
+    image[1:10, 1:10] = e2
+    alpha[5, 5] = 0.0
+    assert segment_at_pixel(image, 5.5, 5.5, instances, alpha=alpha, config=config)[0] == 0
+
+
+def test_nearest_majority_pixel():
+    labels = np.array([[0, 3, 3],
+                       [5, 0, 3],
+                       [5, 5, 0]])
+    # 3 and 5 tie (three pixels each): the nearest pixel of either.
+    assert nearest_majority_pixel(labels, 0, 2) == (0, 2) and nearest_majority_pixel(labels, 2, 0) == (2, 0)
+    labels[2, 2] = 5  # 5 now holds the most pixels: its nearest one, though a 3 is nearer
+    assert nearest_majority_pixel(labels, 0, 2) == (2, 2)
+    assert nearest_majority_pixel(np.zeros((3, 3), int), 1, 1) is None
 
 
 def test_segment_at_pixel_is_fast_on_a_cached_256_image(world):
