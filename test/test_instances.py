@@ -153,10 +153,16 @@ def test_a_click_between_two_prototypes_snaps_to_the_instance_around_it():
     # Nothing confidently named within the radius: still no instance.
     image[1:10, 1:10] = (e1 + e2) / np.sqrt(2.0)
     assert segment_at_pixel(image, 5.5, 5.5, instances, alpha=alpha, config=config)[0] == 0
-    # An empty pixel (the background) never snaps to the object around it.
+    # An empty pixel never snaps to the object around it, nor does a drawn pixel whose feature
+    # resembles no instance (the table right beside an object).
     image[1:10, 1:10] = e2
     alpha[5, 5] = 0.0
     assert segment_at_pixel(image, 5.5, 5.5, instances, alpha=alpha, config=config)[0] == 0
+    alpha[5, 5] = 1.0
+    image[5, 5] = [0.0, 0.0, 1.0]
+    assert segment_at_pixel(image, 5.5, 5.5, instances, alpha=alpha, config=config)[0] == 0
+    image[5, 5] = [0.6, 0.0, 0.8]  # resembles instance 1 a little (0.6): snaps to the square's 2
+    assert segment_at_pixel(image, 5.5, 5.5, instances, alpha=alpha, config=config)[0] == 2
 
 
 def test_nearest_majority_pixel():

@@ -94,6 +94,11 @@ class InstanceConfig:
     # 79.9 at 3 px (one more object named on each); report seed 13 66.1 -> 70.4 at 2 and 3 px,
     # seeds 11, 12, 14, 15 unchanged. 0 = the clicked pixel only.
     query_snap_radius_px: int = 3
+    # Only a pixel whose best cosine exceeds this snaps: a blend that holds some instance's
+    # feature (two unit features mixed half and half are at 0.71 to each), not the table beside
+    # an object, whose feature resembles no prototype. The codebook and classifier readings
+    # name every pixel by a slot and do not snap.
+    query_snap_min_similarity: float = 0.5
     # Instance clouds are surface points, not Gaussian centres. What a camera sees of a 3D
     # Gaussian map is the Gaussians' footprints, so their centres sit about one scale inside
     # the surface (dev seed 0, 128 px: median 4 mm inside the soccer ball and the ducks, a
@@ -542,8 +547,9 @@ def segment_at_pixel(rendered_features: FeatureSource, u: float, v: float, insta
     prototype: instance_id is the most similar one (0 when its cosine is below
     query_instance_threshold or the pixel is empty); the mask holds the pixels whose feature has
     cosine > query_similarity to the clicked pixel's feature (and alpha > mask_alpha_threshold
-    when alpha is known). A drawn pixel that names no instance is read at the nearest pixel of
-    the instance most pixels within query_snap_radius_px name, when there is one.
+    when alpha is known). A drawn pixel that names no instance but resembles one (best cosine
+    above query_snap_min_similarity) is read at the nearest pixel of the instance most pixels
+    within query_snap_radius_px name, when there is one.
     Returns (instance_id, similarity, (H, W) bool mask).
     """
     source = rendered_features() if callable(rendered_features) else rendered_features
@@ -563,8 +569,9 @@ def segment_at_pixel(rendered_features: FeatureSource, u: float, v: float, insta
         return 0, 0.0, np.zeros((height, width), dtype=bool)
     keys, prototypes = instances.prototypes()
     similarity = prototypes @ (pixel / pixel_norm) if keys.size else np.zeros(0, np.float32)
-    if keys.size and similarity.max() <= config.query_instance_threshold and config.query_snap_radius_px > 0:
-        window = pixel_window(height, width, row, col, config.query_snap_radius_px)
+    if (keys.size and config.query_snap_min_similarity < similarity.max() <= config.query_instance_threshold
+            and config.query_snap_radius_px > 0):
+        window = _pixel_window(height, width, row, col, config.query_snap_radius_px)
         named = _named_pixels(image[window], None if alpha is None else alpha[window], prototypes, config)
         snapped = nearest_majority_pixel(named, row - window[0].start, col - window[1].start)
         if snapped is not None:
@@ -587,7 +594,7 @@ def segment_at_pixel(rendered_features: FeatureSource, u: float, v: float, insta
     return int(keys[best]), float(similarity[best]), mask
 
 
-def pixel_window(height: int, width: int, row: int, col: int, radius: int) -> tuple[slice, slice]:
+def _pixel_window(height: int, width: int, row: int, col: int, radius: int) -> tuple[slice, slice]:
     """The (rows, cols) slices of the square of half-size `radius` about (row, col), clipped to the image."""
     return (slice(max(0, row - radius), min(height, row + radius + 1)),
             slice(max(0, col - radius), min(width, col + radius + 1)))

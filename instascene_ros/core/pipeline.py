@@ -34,8 +34,8 @@ from instascene_ros.core.features import FeatureConfig, FeatureField, KeyframeLa
 from instascene_ros.core.features.field import render_features, scene_gaussians
 from instascene_ros.core.features.baseline import video_associate
 from instascene_ros.core.instances import (InstanceConfig, Instances, SurfaceView, extract_instances,
-                                           instances_from_labels, masks_from_feature_image, nearest_majority_pixel,
-                                           on_rendered_surface, pixel_window, segment_at_pixel)
+                                           instances_from_labels, masks_from_feature_image, on_rendered_surface,
+                                           segment_at_pixel)
 from instascene_ros.core.mapping import PRESETS, Mapper, MapperConfig
 from instascene_ros.core.scene import sh_dc_to_rgb
 from instascene_ros.core.splat.types import Gaussians
@@ -565,14 +565,6 @@ class Pipeline:
             raise ValueError(f"pixel ({u}, {v}) is outside the {width}x{height} image")
         labels, probability = self.field.read_labels(features)
         drawn = (alpha > self.config.instances.mask_alpha_threshold) & np.isin(labels, extraction.instance_ids)
-        radius = self.config.instances.query_snap_radius_px
-        if not drawn[row, col] and alpha[row, col] > self.config.instances.mask_alpha_threshold and radius > 0:
-            # The same snap as the contrastive query: a drawn pixel the reading names no instance at.
-            rows, cols = pixel_window(labels.shape[0], labels.shape[1], row, col, radius)
-            snapped = nearest_majority_pixel(np.where(drawn[rows, cols], labels[rows, cols], 0),
-                                             row - rows.start, col - cols.start)
-            if snapped is not None:
-                row, col = snapped[0] + rows.start, snapped[1] + cols.start
         instance_id = int(labels[row, col]) if drawn[row, col] else 0
         if instance_id == 0:
             return 0, 0.0, np.zeros((height, width), dtype=bool)
