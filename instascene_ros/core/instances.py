@@ -90,14 +90,15 @@ class InstanceConfig:
     # where the user clicks (report seed 13: a domino whose held-out pixels were 66% its own
     # instance scored IoU 0, because the click that names it landed on a blend, cosine 0.71 /
     # 0.66 to two prototypes). The bench picks each object's id by such a click. Same retrained
-    # fields, id choice only: development seeds 0-1 75.7 / 78.2 mIoU at 0 px and 2 px, 77.5 /
-    # 79.9 at 3 px (one more object named on each); report seed 13 66.1 -> 70.4 at 2 and 3 px,
-    # seeds 11, 12, 14, 15 unchanged. 0 = the clicked pixel only.
+    # fields, id choice only (with the 0.5 gate below): development seed 1 78.2 -> 79.9 mIoU at
+    # 3 px (an object named that was missed; 2 px: no change), seed 0 75.7 unchanged; report
+    # seed 13 66.1 -> 70.4, seeds 11, 12, 14, 15 unchanged. 0 = the clicked pixel only.
     query_snap_radius_px: int = 3
     # Only a pixel whose best cosine exceeds this snaps: a blend that holds some instance's
     # feature (two unit features mixed half and half are at 0.71 to each), not the table beside
-    # an object, whose feature resembles no prototype. The codebook and classifier readings
-    # name every pixel by a slot and do not snap.
+    # an object, whose feature resembles no prototype. Without this gate development seed 0's
+    # missed object took its neighbour's id at 3 px (75.7 -> 77.5, a gain for the wrong reason).
+    # The codebook and classifier readings name every pixel by a slot and do not snap.
     query_snap_min_similarity: float = 0.5
     # Instance clouds are surface points, not Gaussian centres. What a camera sees of a 3D
     # Gaussian map is the Gaussians' footprints, so their centres sit about one scale inside
