@@ -90,8 +90,10 @@ def test_default_split_holds_out_every_eighth_frame(tmp_path):
     for frame in frames:
         frame.meta.pop("split")
     write_dataset(tmp_path, frames)
-    splits = load_dataset(tmp_path).splits
-    assert [i for i, split in enumerate(splits) if split == "test"] == [0, 8, 16]
+    dataset = load_dataset(tmp_path)
+    assert [i for i, split in enumerate(dataset.splits) if split == "test"] == [0, 8, 16]
+    assert dataset.held_out_indices() == [0, 8, 16]
+    assert dataset.training_indices() == [i for i in range(17) if i not in (0, 8, 16)]
 
 
 def test_float_npy_depth_and_per_frame_intrinsics(tmp_path):

@@ -37,8 +37,8 @@ def choose_instance_ids(pipeline, dataset) -> dict[int, int]:
     """gt id -> predicted instance id, from training views only (then frozen for every view)."""
     gt_masks = dataset.ground_truth_masks()
     best: dict[int, tuple[int, int]] = {}  # gt id -> (area, frame index)
-    for index, frame in enumerate(dataset.frames):
-        if frame.meta.get("split") == "test" or gt_masks[index] is None:
+    for index in dataset.training_indices():
+        if gt_masks[index] is None:
             continue
         ids, counts = np.unique(gt_masks[index], return_counts=True)
         for gt_id, count in zip(ids.tolist(), counts.tolist()):
@@ -108,10 +108,10 @@ def evaluate_run(pipeline, dataset, out: pathlib.Path, progress: bool = True) ->
     (out / "renders").mkdir(exist_ok=True)
     (out / "instance_masks").mkdir(exist_ok=True)
     gt_masks = dataset.ground_truth_masks()
-    test = [i for i, frame in enumerate(dataset.frames) if frame.meta.get("split") == "test"]
+    test = dataset.held_out_indices()
     psnrs, object_psnrs, ssims, depth_errors = [], [], [], []
     observed_psnrs, observed_fractions = [], []
-    training = [frame for frame in dataset.frames if frame.meta.get("split") != "test"]
+    training = [dataset.frames[i] for i in dataset.training_indices()]
     median_depth_errors = []  # 2DGS only: its median depth (where transmittance crosses 0.5)
     predicted, ground_truth, sheet_rows, names = [], [], [], []
     for index in tqdm(test, desc="evaluating", unit="view", disable=not progress):
@@ -218,7 +218,7 @@ def score_decomposition(pipeline, dataset) -> dict:
     """Instance scores of the pipeline's current extraction on the dataset's held-out views
     (the `evaluate_run` protocol, without renders or files)."""
     gt_masks = dataset.ground_truth_masks()
-    test = [i for i, frame in enumerate(dataset.frames) if frame.meta.get("split") == "test"]
+    test = dataset.held_out_indices()
     predicted = [pipeline.instance_mask(dataset.frames[i].camera) for i in test]
     result = score_instances(pipeline, dataset, predicted, [gt_masks[i] for i in test])
     result["n_instances"] = len(pipeline.snapshot.instances)
@@ -236,8 +236,7 @@ def geometry_bound(pipeline, dataset) -> dict:
     from instascene_ros.core.instances import render_label_masks, vote_gaussian_labels
 
     gt_masks = dataset.ground_truth_masks()
-    test = [i for i, frame in enumerate(dataset.frames) if frame.meta.get("split") == "test"]
-    training = [i for i, frame in enumerate(dataset.frames) if frame.meta.get("split") != "test"]
+    test, training = dataset.held_out_indices(), dataset.training_indices()
     if not test or not training or any(gt_masks[i] is None for i in test + training):
         return {}
     config = pipeline.config.instances

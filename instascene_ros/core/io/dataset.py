@@ -66,6 +66,14 @@ class Dataset:
     def splits(self) -> list[str]:
         return [frame.meta["split"] for frame in self.frames]
 
+    def held_out_indices(self) -> list[int]:
+        """Indices of the held-out frames (split "test"): rendered and scored, never fitted."""
+        return [i for i, frame in enumerate(self.frames) if frame.meta.get("split") == "test"]
+
+    def training_indices(self) -> list[int]:
+        """Indices of the frames a run may fit (every frame that is not held out)."""
+        return [i for i, frame in enumerate(self.frames) if frame.meta.get("split") != "test"]
+
     def ground_truth_masks(self) -> list[Optional[np.ndarray]]:
         """EVALUATION ONLY: per-frame GT instance masks (int32, ids consistent across views,
         0 = background), aligned with `frames`; None where a frame has none."""
