@@ -161,8 +161,12 @@ def test_a_click_between_two_prototypes_snaps_to_the_instance_around_it():
     alpha[5, 5] = 1.0
     image[5, 5] = [0.0, 0.0, 1.0]
     assert segment_at_pixel(image, 5.5, 5.5, instances, alpha=alpha, config=config)[0] == 0
-    image[5, 5] = [0.6, 0.0, 0.8]  # resembles instance 1 a little (0.6): snaps to the square's 2
-    assert segment_at_pixel(image, 5.5, 5.5, instances, alpha=alpha, config=config)[0] == 2
+    # A pixel that resembles instance 1 only (0.6) inside instance 2's square: not snapped to
+    # the neighbour drawn around it, which its feature does not hold.
+    image[5, 5] = [0.6, 0.0, 0.8]
+    assert segment_at_pixel(image, 5.5, 5.5, instances, alpha=alpha, config=config)[0] == 0
+    image[3, 3] = e1  # ... but to instance 1 once it is drawn within the radius, though outnumbered
+    assert segment_at_pixel(image, 5.5, 5.5, instances, alpha=alpha, config=config)[0] == 1
 
 
 def test_nearest_majority_pixel():

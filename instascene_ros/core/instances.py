@@ -94,11 +94,15 @@ class InstanceConfig:
     # 3 px (an object named that was missed; 2 px: no change), seed 0 75.7 unchanged; report
     # seed 13 66.1 -> 70.4, seeds 11, 12, 14, 15 unchanged. 0 = the clicked pixel only.
     query_snap_radius_px: int = 3
-    # Only a pixel whose best cosine exceeds this snaps: a blend that holds some instance's
-    # feature (two unit features mixed half and half are at 0.71 to each), not the table beside
-    # an object, whose feature resembles no prototype. Without this gate development seed 0's
-    # missed object took its neighbour's id at 3 px (75.7 -> 77.5, a gain for the wrong reason).
-    # The codebook and classifier readings name every pixel by a slot and do not snap.
+    # A click snaps only to an instance its own blended feature resembles, with cosine above
+    # this (two unit features mixed half and half are at 0.71 to each): not to the table beside
+    # an object, whose feature resembles no prototype, and not to a neighbour drawn around the
+    # pixel but absent from its feature. Without the first, development seed 0's missed object
+    # took its neighbour's id at 3 px (75.7 -> 77.5, a gain for the wrong reason); without the
+    # second, report seed 11's ring, which has no instance (its clicked pixel: 0.73 to the mug's
+    # instance), was named as the U-block's drawn around it, and the ring's cloud precision
+    # counted that instance (seed 11 precision 0.998 -> 0.915). The codebook and classifier
+    # readings name every pixel by a slot and do not snap.
     query_snap_min_similarity: float = 0.5
     # Instance clouds are surface points, not Gaussian centres. What a camera sees of a 3D
     # Gaussian map is the Gaussians' footprints, so their centres sit about one scale inside
@@ -548,8 +552,8 @@ def segment_at_pixel(rendered_features: FeatureSource, u: float, v: float, insta
     prototype: instance_id is the most similar one (0 when its cosine is below
     query_instance_threshold or the pixel is empty); the mask holds the pixels whose feature has
     cosine > query_similarity to the clicked pixel's feature (and alpha > mask_alpha_threshold
-    when alpha is known). A drawn pixel that names no instance but resembles one (best cosine
-    above query_snap_min_similarity) is read at the nearest pixel of the instance most pixels
+    when alpha is known). A drawn pixel that names no instance but resembles some (cosine above
+    query_snap_min_similarity) is read at the nearest pixel of the one of those that most pixels
     within query_snap_radius_px name, when there is one.
     Returns (instance_id, similarity, (H, W) bool mask).
     """
@@ -574,6 +578,9 @@ def segment_at_pixel(rendered_features: FeatureSource, u: float, v: float, insta
             and config.query_snap_radius_px > 0):
         window = _pixel_window(height, width, row, col, config.query_snap_radius_px)
         named = _named_pixels(image[window], None if alpha is None else alpha[window], prototypes, config)
+        # Only the instances the clicked blend itself resembles: a neighbour drawn around the
+        # pixel but absent from its feature is not what was clicked.
+        named[~np.isin(named - 1, np.flatnonzero(similarity > config.query_snap_min_similarity))] = 0
         snapped = nearest_majority_pixel(named, row - window[0].start, col - window[1].start)
         if snapped is not None:
             row, col = snapped[0] + window[0].start, snapped[1] + window[1].start
