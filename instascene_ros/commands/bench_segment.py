@@ -302,7 +302,7 @@ def run_segment(args) -> int:
         saved, dataset = _load_map(run_dir), load_dataset(scene)
         query_ms, query_mask_ms = _pixel_query_ms(saved, dataset, QUERY_SIZE)
         if reused and args.rescore:
-            metrics = {**metrics, **score_decomposition(saved, dataset), "rescored": True}
+            metrics = {**metrics, **score_decomposition(saved, dataset)}
         separated, pairs = identical_pairs_separated(scene, metrics)
         bound = geometry_bound(saved, dataset)  # what a perfect decomposition of this map scores
         scenes.append({"seed": seed, "run": str(run_dir), "scene": str(scene), **{k: metrics.get(k) for k in (
@@ -310,7 +310,7 @@ def run_segment(args) -> int:
             "identical_separated": separated, "identical_pairs": pairs, "segment_at_pixel_ms": query_ms,
             "segment_at_pixel_mask_ms": query_mask_ms, "miou_geometry_bound": bound.get("miou"),
             "biou_geometry_bound": bound.get("biou"), "per_object_iou": metrics.get("per_object_iou"),
-            "per_object_iou_geometry_bound": bound.get("per_object_iou"), "rescored": bool(metrics.get("rescored"))})
+            "per_object_iou_geometry_bound": bound.get("per_object_iou"), "rescored": bool(reused and args.rescore)})
         print(f"[bench segment] seed {seed}: product run mIoU {_fmt(metrics.get('miou'), 1)} (geometry bound "
               f"{_fmt(bound.get('miou'), 1)}), {_fmt(metrics.get('wall_s'), 0)} s, segment_at_pixel at {QUERY_SIZE} "
               f"px {query_ms:.0f} ms ({query_mask_ms:.0f} ms with its mask)", flush=True)

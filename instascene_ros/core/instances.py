@@ -84,8 +84,8 @@ class InstanceConfig:
     query_similarity: float = 0.9
     query_instance_threshold: float = 0.75
     # Ours: a click on a drawn pixel that names no instance (its blended feature sits between
-    # two prototypes, cosine <= query_instance_threshold to both) snaps to the instance most of
-    # the confidently drawn pixels within this many pixels name, and reads the nearest of them.
+    # two prototypes, cosine <= query_instance_threshold to both) snaps to the instance the
+    # rendered masks draw on most pixels within this many pixels, and reads the nearest of them.
     # Thin objects and contacts have such pixels inside them, and one of them can be exactly
     # where the user clicks (report seed 13: a domino whose held-out pixels were 66% its own
     # instance scored IoU 0, because the click that names it landed on a blend, cosine 0.71 /
@@ -460,9 +460,9 @@ def instances_from_labels(labels, features, ids, positions, colors, probabilitie
 # ---------------------------------------------------------------------------------------- masks and query
 def masks_from_feature_image(feature_image, alpha, instances: Instances,
                              config: InstanceConfig = InstanceConfig()) -> np.ndarray:
-    """(H, W) int32 instance ids from a rendered (H, W, F) feature image and (H, W) alpha."""
+    """(H, W) int32 instance ids from a rendered (H, W, F) feature image and (H, W) alpha (None:
+    every pixel is drawn)."""
     feature_image = _numpy(feature_image)
-    alpha = _numpy(alpha)
     out = np.zeros(feature_image.shape[:2], dtype=np.int32)
     keys, prototypes = instances.prototypes()
     if keys.size == 0:
@@ -470,7 +470,9 @@ def masks_from_feature_image(feature_image, alpha, instances: Instances,
     similarity = _unit(feature_image) @ prototypes.T  # (H, W, K)
     best = similarity.argmax(axis=-1)
     best_similarity = np.take_along_axis(similarity, best[..., None], axis=-1)[..., 0]
-    drawn = (alpha > config.mask_alpha_threshold) & (best_similarity > config.mask_similarity_threshold)
+    drawn = best_similarity > config.mask_similarity_threshold
+    if alpha is not None:
+        drawn &= _numpy(alpha) > config.mask_alpha_threshold
     out[drawn] = keys[best[drawn]]
     return out
 
@@ -553,8 +555,8 @@ def segment_at_pixel(rendered_features: FeatureSource, u: float, v: float, insta
     query_instance_threshold or the pixel is empty); the mask holds the pixels whose feature has
     cosine > query_similarity to the clicked pixel's feature (and alpha > mask_alpha_threshold
     when alpha is known). A drawn pixel that names no instance but resembles some (cosine above
-    query_snap_min_similarity) is read at the nearest pixel of the one of those that most pixels
-    within query_snap_radius_px name, when there is one.
+    query_snap_min_similarity) is read at the nearest pixel of the one of those that the masks
+    (`masks_from_feature_image`) draw on most pixels within query_snap_radius_px, when there is one.
     Returns (instance_id, similarity, (H, W) bool mask).
     """
     source = rendered_features() if callable(rendered_features) else rendered_features
@@ -577,10 +579,11 @@ def segment_at_pixel(rendered_features: FeatureSource, u: float, v: float, insta
     if (keys.size and config.query_snap_min_similarity < similarity.max() <= config.query_instance_threshold
             and config.query_snap_radius_px > 0):
         window = _pixel_window(height, width, row, col, config.query_snap_radius_px)
-        named = _named_pixels(image[window], None if alpha is None else alpha[window], prototypes, config)
-        # Only the instances the clicked blend itself resembles: a neighbour drawn around the
-        # pixel but absent from its feature is not what was clicked.
-        named[~np.isin(named - 1, np.flatnonzero(similarity > config.query_snap_min_similarity))] = 0
+        # The instances the masks draw around the click, among those the clicked blend itself
+        # resembles: a neighbour drawn around the pixel but absent from its feature is not what
+        # was clicked.
+        named = masks_from_feature_image(image[window], None if alpha is None else alpha[window], instances, config)
+        named[~np.isin(named, keys[similarity > config.query_snap_min_similarity])] = 0
         snapped = nearest_majority_pixel(named, row - window[0].start, col - window[1].start)
         if snapped is not None:
             row, col = snapped[0] + window[0].start, snapped[1] + window[1].start
@@ -606,18 +609,6 @@ def _pixel_window(height: int, width: int, row: int, col: int, radius: int) -> t
     """The (rows, cols) slices of the square of half-size `radius` about (row, col), clipped to the image."""
     return (slice(max(0, row - radius), min(height, row + radius + 1)),
             slice(max(0, col - radius), min(width, col + radius + 1)))
-
-
-def _named_pixels(features: np.ndarray, alpha: Optional[np.ndarray], prototypes: np.ndarray,
-                  config: InstanceConfig) -> np.ndarray:
-    """(h, w) int: 1 + index of the prototype a drawn pixel names with cosine above
-    query_instance_threshold, 0 where it names none (empty, or between prototypes)."""
-    similarity = _unit(features) @ prototypes.T
-    best = similarity.argmax(axis=-1)
-    named = np.take_along_axis(similarity, best[..., None], axis=-1)[..., 0] > config.query_instance_threshold
-    if alpha is not None:
-        named &= alpha > config.mask_alpha_threshold
-    return np.where(named, best + 1, 0)
 
 
 def nearest_majority_pixel(labels: np.ndarray, row: int, col: int) -> Optional[tuple[int, int]]:
