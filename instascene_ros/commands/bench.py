@@ -38,6 +38,10 @@ def add_parser(subparsers) -> None:
     splat.add_argument("--threads", type=int, default=1, help="numba / torch threads")
     splat.add_argument("--repeats", type=int, default=3, help="best of this many runs per case")
     splat.add_argument("--quick", action="store_true", help="only the smallest case")
+    splat.add_argument("--backends", default=None,
+                       help="comma-separated subset of numba, torch-reference, gsplat (default: numba and "
+                            "torch-reference, plus gsplat where CUDA is available)")
+    splat.add_argument("--primitives", default="3dgs", help="3dgs and/or 2dgs, comma-separated")
     splat.set_defaults(run=run_splat)
 
     sub = benches.add_parser(
@@ -72,29 +76,41 @@ def run_splat(args) -> int:
     from instascene_ros.core.splat.bench import benchmark_case
 
     cases = SPLAT_CASES[:1] if args.quick else SPLAT_CASES
-    backends = ["numba", "torch-reference"]
     try:
         import torch
-        if torch.cuda.is_available():
-            backends.append("gsplat")
+        cuda = torch.cuda.is_available()
     except ImportError:
-        pass
+        cuda = False
+    backends = args.backends.split(",") if args.backends else ["numba", "torch-reference"] + (["gsplat"] if cuda else [])
+    primitives = args.primitives.split(",")
+    for name in backends:
+        if name not in ("numba", "torch-reference", "gsplat"):
+            raise SystemExit(f"bench splat: unknown backend '{name}' (numba, torch-reference, gsplat)")
+    for name in primitives:
+        if name not in ("3dgs", "2dgs"):
+            raise SystemExit(f"bench splat: unknown primitive '{name}' (3dgs, 2dgs)")
+    if "gsplat" in backends and not cuda:
+        raise SystemExit("bench splat: the gsplat backend needs a CUDA device and none is available")
     results = []
-    print(f"{'N':>7} {'size':>8} {'backend':>16} {'fwd+bwd s':>10} {'peak MB':>8} {'vs numba':>9}")
+    # peak MB: the process's RSS; for gsplat also the CUDA allocator's peak during the timed runs
+    print(f"{'N':>7} {'size':>8} {'prim':>5} {'backend':>16} {'fwd+bwd s':>10} {'peak MB':>8} {'cuda MB':>8} "
+          f"{'vs numba':>9}")
     for n, width, height in cases:
-        numba_s = None
-        for backend in backends:
-            record = benchmark_case(n, width, height, FEATURE_CHANNELS, backend, repeats=args.repeats,
-                                    num_threads=args.threads)
-            entry = {"backend": backend, "n_gaussians": n, "width": width, "height": height,
-                     "channels": 3 + FEATURE_CHANNELS + 1, "fwd_bwd_s": record["fwd_bwd_s"],
-                     "fwd_bwd_cpu_s": record.get("fwd_bwd_cpu_s"), "peak_rss_mb": record["peak_rss_mb"],
-                     "threads": args.threads}
-            results.append(entry)
-            numba_s = entry["fwd_bwd_s"] if backend == "numba" else numba_s
-            ratio = entry["fwd_bwd_s"] / numba_s if numba_s else float("nan")
-            print(f"{n:>7} {width}x{height:<4} {backend:>16} {entry['fwd_bwd_s']:>10.3f} "
-                  f"{entry['peak_rss_mb']:>8.0f} {ratio:>8.1f}x", flush=True)
+        for primitive in primitives:
+            numba_s = None
+            for backend in backends:
+                record = benchmark_case(n, width, height, FEATURE_CHANNELS, backend, repeats=args.repeats,
+                                        num_threads=args.threads, primitive=primitive)
+                entry = {"backend": backend, "primitive": primitive, "n_gaussians": n, "width": width,
+                         "height": height, "channels": 3 + FEATURE_CHANNELS + 1, "fwd_bwd_s": record["fwd_bwd_s"],
+                         "fwd_bwd_cpu_s": record.get("fwd_bwd_cpu_s"), "peak_rss_mb": record["peak_rss_mb"],
+                         "peak_cuda_mb": record.get("peak_cuda_mb"), "threads": args.threads}
+                results.append(entry)
+                numba_s = entry["fwd_bwd_s"] if backend == "numba" else numba_s
+                ratio = entry["fwd_bwd_s"] / numba_s if numba_s else float("nan")
+                cuda_mb = f"{entry['peak_cuda_mb']:>8.0f}" if entry["peak_cuda_mb"] is not None else f"{'-':>8}"
+                print(f"{n:>7} {width}x{height:<4} {primitive:>5} {backend:>16} {entry['fwd_bwd_s']:>10.4f} "
+                      f"{entry['peak_rss_mb']:>8.0f} {cuda_mb} {ratio:>8.2f}x", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"cases": results}, indent=2))

@@ -65,7 +65,19 @@ def _run_case(n: int, width: int, height: int, n_features: int, backend: str, re
 
     torch.set_num_threads(max(1, num_threads))
     config = RasterConfig(num_threads=num_threads)
-    gaussians, camera = synthetic_scene(n, width, height, n_features)
+    # gsplat renders CUDA tensors; its kernels run asynchronously, so every timed span ends in a
+    # synchronize (otherwise the clock would stop when the launches are queued, not done)
+    on_cuda = backend == "gsplat"
+    device = torch.device("cuda" if on_cuda else "cpu")
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+
+    def placed(scene: Gaussians) -> Gaussians:
+        return Gaussians(*(None if t is None else t.to(device) for t in
+                           (scene.means, scene.quats, scene.log_scales, scene.opacity_logits, scene.sh,
+                            scene.features)))
+
+    scene, camera = synthetic_scene(n, width, height, n_features)
+    gaussians = placed(scene)
     params = [gaussians.means, gaussians.quats, gaussians.log_scales, gaussians.opacity_logits, gaussians.sh]
     if gaussians.features is not None:
         params.append(gaussians.features)
@@ -73,27 +85,35 @@ def _run_case(n: int, width: int, height: int, n_features: int, backend: str, re
         p.requires_grad_(True)
 
     def step() -> tuple[float, float, float]:
+        sync()
         start, start_cpu = time.perf_counter(), time.process_time()
         out = render(gaussians, [camera], backend=backend, config=config, primitive=primitive)
+        sync()
         forward = time.perf_counter() - start
         loss = out.color.sum() + out.depth.sum() + out.alpha.sum()
         for extra in (out.features, out.normals, out.median_depth):
             if extra is not None:
                 loss = loss + extra.sum()
         loss.backward()
+        sync()
         for p in params:
             p.grad = None
         return time.perf_counter() - start, forward, time.process_time() - start_cpu
 
     # warm-up: JIT compilation (or the numba cache load) and allocator growth are not the kernel
     warm_scene, warm_camera = synthetic_scene(64, 32, 32, n_features)
-    render(warm_scene, [warm_camera], backend=backend, config=config, primitive=primitive)
+    render(placed(warm_scene), [warm_camera], backend=backend, config=config, primitive=primitive)
     step()
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = [step() for _ in range(repeats)]
     best = min(times)
-    return {"n": n, "width": width, "height": height, "n_features": n_features, "backend": backend,
-            "primitive": primitive, "num_threads": num_threads, "fwd_bwd_s": best[0], "forward_s": best[1],
-            "fwd_bwd_cpu_s": min(t[2] for t in times), "peak_rss_mb": _peak_rss_mb()}
+    record = {"n": n, "width": width, "height": height, "n_features": n_features, "backend": backend,
+              "primitive": primitive, "num_threads": num_threads, "fwd_bwd_s": best[0], "forward_s": best[1],
+              "fwd_bwd_cpu_s": min(t[2] for t in times), "peak_rss_mb": _peak_rss_mb()}
+    if on_cuda:
+        record["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return record
 
 
 def benchmark_case(n: int, width: int, height: int, n_features: int, backend: str = "numba", *,
