@@ -357,6 +357,33 @@ def test_surfel_compositing_matches_gsplat_torch(gsplat_torch_on_cpu):
 # --------------------------------------------------------------------------------------------
 # The real CUDA path
 # --------------------------------------------------------------------------------------------
+def _inside_gsplat_boxes(g: Gaussians, cams) -> torch.Tensor:
+    """Surfels whose gsplat CUDA footprint (the plain 3.33-sigma box of its projection) holds
+    ours in every camera, and which both cull alike.
+
+    Ours also covers perspective and the low-pass filter's reach (gsplat_backend's docstring), so
+    outside these surfels the two renders differ on a few edge pixels by design; inside them a
+    difference is a convention bug. gsplat's torch projection computes the CUDA kernel's radii."""
+    viewmats = projection.view_matrices(cams, torch.float32, torch.device("cpu"))
+    Ks = projection.intrinsics(cams, torch.float32, torch.device("cpu"))
+    w, h = cams[0].width, cams[0].height
+    theirs = _2dgs.torch_impl_2dgs._fully_fused_projection_2dgs(
+        g.means, g.quats, torch.exp(g.log_scales), viewmats, Ks, w, h, near_plane=0.01, far_plane=1e10)[0]
+    ours = projection.project_surfels(g.means, g.quats, g.log_scales, g.opacity_logits, viewmats, Ks, w, h).radii
+    same_cull = (ours > 0).all(-1) == (theirs > 0).all(-1)
+    return ((ours <= theirs).all(-1) & same_cull).all(0)
+
+
+def _subset(g: Gaussians, keep: torch.Tensor) -> Gaussians:
+    return Gaussians(*(None if t is None else t.detach()[keep].clone() for t in
+                       (g.means, g.quats, g.log_scales, g.opacity_logits, g.sh, g.features)))
+
+
+def _on_cuda(g: Gaussians) -> Gaussians:
+    return Gaussians(*(None if t is None else t.detach().cuda() for t in
+                       (g.means, g.quats, g.log_scales, g.opacity_logits, g.sh, g.features)))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("n_features,primitive", [(0, "3dgs"), (16, "3dgs"), (0, "2dgs"), (16, "2dgs")])
 def test_gsplat_cuda_matches_numba(n_features, primitive):
@@ -364,17 +391,35 @@ def test_gsplat_cuda_matches_numba(n_features, primitive):
         make_surfels(400, n_features=n_features, seed=5)
     cams = make_cameras(64, 48)
     background = torch.tensor([0.1, 0.2, 0.3])
+    if primitive == "2dgs":
+        keep = _inside_gsplat_boxes(g, cams)
+        assert keep.sum() > 150  # still a crowded scene
+        g = _subset(g, keep)
     cpu_params = requires_grad(g)
     ours = render(g, cams, backend="numba", background=background, primitive=primitive)
-    g_cuda = Gaussians(*(None if t is None else t.detach().cuda() for t in
-                         (g.means, g.quats, g.log_scales, g.opacity_logits, g.sh, g.features)))
+    g_cuda = _on_cuda(g)
     cuda_params = requires_grad(g_cuda)
     theirs = render(g_cuda, cams, backend="auto", background=background.cuda(), primitive=primitive)
+    assert float(ours.alpha.detach().max()) > 0.9
     names = ["color", "depth", "alpha"] + (["features"] if n_features else [])
     names += ["normals", "median_depth"] if primitive == "2dgs" else []
     for name in names:
-        torch.testing.assert_close(getattr(theirs, name).cpu(), getattr(ours, name), rtol=0, atol=1e-4, msg=name)
+        torch.testing.assert_close(getattr(theirs, name).cpu(), getattr(ours, name), rtol=0, atol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
     weights = {name: torch.randn(getattr(ours, name).shape) for name in names}
     cuda_weights = {name: w.cuda() for name, w in weights.items()}
     for a, b in zip(_grads(ours, weights, cpu_params), _grads(theirs, cuda_weights, cuda_params)):
         torch.testing.assert_close(b.cpu(), a, rtol=0, atol=2e-3 * float(a.abs().max()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_gsplat_cuda_surfel_footprint_difference_is_edge_pixels_only():
+    """The whole scene, known footprint difference included: a few edge pixels, never a blob."""
+    g = make_surfels(400, n_features=0, seed=5)
+    cams = make_cameras(64, 48)
+    assert not bool(_inside_gsplat_boxes(g, cams).all())  # the difference is really exercised
+    ours = render(g, cams, backend="numba", primitive="2dgs")
+    theirs = render(_on_cuda(g), cams, backend="auto", primitive="2dgs")
+    difference = (theirs.color.cpu() - ours.color).abs().amax(-1)
+    assert float((difference > 1e-4).float().mean()) < 0.02
+    assert float(difference.max()) < 0.05
