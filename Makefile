@@ -9,13 +9,19 @@ STAMP := $(VENV)/.setup-done
 export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test demo clean-venv
+.PHONY: setup setup-gpu test demo clean-venv
 
 setup: $(STAMP)
 
 $(STAMP): $(SETUP_INPUTS)
-	bash tools/setup.sh
+	VENV=$(abspath $(VENV)) bash tools/setup.sh
 	@touch $@
+
+# The GPU path in its own venv: CUDA torch + gsplat with its extension compiled now, for this GPU.
+# Then `make test VENV=.venv-gpu` (the CUDA parity tests run) or `make demo VENV=.venv-gpu`.
+setup-gpu:
+	INSTASCENE_GPU=1 VENV=$(CURDIR)/.venv-gpu bash tools/setup.sh
+	@touch .venv-gpu/.setup-done
 
 test: setup
 	$(PY) -m pytest test

@@ -120,3 +120,18 @@ def test_contact_border_parameter_reaches_the_tracker_and_rejects_negatives():
     assert config.tracker.mask_border_px == 0.0 and config.tracker.dbscan_eps == 0.02  # the rest kept
     with pytest.raises(ValueError, match="mask_contact_border_px must be >= 0"):
         validate(replace(NodeParameters(), mask_contact_border_px=-1.0))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is present")
+def test_cuda_device_without_a_gpu_is_refused_before_any_frame_with_the_reason():
+    from dataclasses import replace
+
+    from instascene_ros.core.mapping import Mapper, MapperConfig
+
+    with pytest.raises(ValueError, match=r"device 'cuda': torch .* sees no CUDA device; use device 'cpu'"):
+        validate(replace(NodeParameters(), device="cuda"))
+    validate(NodeParameters())  # the default (cpu) stays valid
+    config = MapperConfig.cpu()
+    config.device = "cuda"
+    with pytest.raises(RuntimeError, match="make setup-gpu"):
+        Mapper(config)

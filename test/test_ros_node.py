@@ -123,3 +123,13 @@ def test_node_end_to_end(small_scene, ros_env, ros_processes, tmp_path):
     record = json.loads(exported.with_suffix(".glb.json").read_text())
     assert np.linalg.norm(glb.bounds.mean(0) - truth.bounds.mean(0)) < 0.15 * np.linalg.norm(truth.extents)
     assert record["watertight"] and len(record["T_world_object"]) == 4
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is present")
+def test_node_asked_for_cuda_without_a_gpu_exits_2_with_the_reason(ros_env):
+    """A robot configured for a GPU it lacks: one fatal line at start-up, exit code 2, no traceback."""
+    node = subprocess.run([sys.executable, "-m", "instascene_ros.ros.mapper_node", "--ros-args", "-p", "device:=cuda"],
+                          env=ros_env, capture_output=True, text=True, timeout=120)
+    assert node.returncode == 2, node.stderr[-2000:]
+    assert "cannot start: device 'cuda'" in node.stderr and "sees no CUDA device" in node.stderr, node.stderr[-2000:]
+    assert "Traceback" not in node.stderr

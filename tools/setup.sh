@@ -7,12 +7,34 @@
 #   3. the rosidl build of our msg/srv/action (and of tf2_msgs when it is absent) installed
 #      into the venv, where `instascene_ros.msg` etc. join the source package;
 #   4. the project itself, editable, for the `instascene` command.
+# With INSTASCENE_GPU=1 (`make setup-gpu`, venv .venv-gpu) the same, but with the CUDA torch
+# build and gsplat's CUDA extension compiled here for this machine's GPU, so that a node with
+# `device: cuda` loads it at start-up instead of compiling for minutes on its first frame. A venv
+# remembers its mode (.instascene_gpu), so a later plain `make setup` on it stays a GPU set-up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=${VENV:-$ROOT/.venv}
 PYTHON=${PYTHON:-python3}
 log() { printf '[setup] %s\n' "$*"; }
+GPU=${INSTASCENE_GPU:-0}
+[ -f "$VENV/.instascene_gpu" ] && GPU=1
+
+# --- 0. GPU set-up: refuse before downloading anything when the machine cannot use it ----------
+if [ "$GPU" = 1 ]; then
+  if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+    echo "[setup] GPU set-up asked for, but no NVIDIA GPU is visible here (nvidia-smi missing or lists none);" \
+         "use \`make setup\` (CPU, numba kernels)" >&2
+    exit 1
+  fi
+  NVCC=$(command -v nvcc || true)
+  [ -z "$NVCC" ] && [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ] && NVCC=$CUDA_HOME/bin/nvcc
+  if [ -z "$NVCC" ]; then
+    echo "[setup] GPU set-up needs the CUDA toolkit's nvcc to compile gsplat's extension (not on PATH," \
+         "CUDA_HOME unset); install the toolkit matching torch's CUDA version (Debian: nvidia-cuda-toolkit)" >&2
+    exit 1
+  fi
+fi
 
 # --- 1. system packages -------------------------------------------------------------------
 need_apt=()
@@ -38,12 +60,33 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 log "installing Python dependencies (torch pinned to the CPU build by constraints.txt)"
+if [ "$GPU" = 1 ]; then
+  # the same torch version, but PyPI's default Linux x86_64 wheel of it: the CUDA build
+  log "installing Python dependencies (GPU: the CUDA build of torch $(grep -oP '^torch==\K\S+' constraints.txt))"
+  touch "$VENV/.instascene_gpu"
+else
+  log "installing Python dependencies (torch pinned to the CPU build by constraints.txt)"
+fi
 "${PIP[@]}" install -c constraints.txt -r requirements.txt 2> >(grep -v "is ignored: it is neither" >&2)
 "${PIP[@]}" install --no-deps -c constraints.txt -r requirements-nodeps.txt 2> >(grep -v "is ignored: it is neither" >&2)
-"$VENV/bin/python" - <<'PY'
+if [ "$GPU" = 1 ]; then
+  "$VENV/bin/python" - <<'PY'
+import torch
+assert torch.cuda.is_available(), f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU; check the driver"
+PY
+  arch=$("$VENV/bin/python" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
+  log "compiling gsplat's CUDA extension for compute capability $arch (a few minutes, once)"
+  start=$(date +%s)
+  TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=${MAX_JOBS:-$(nproc)} "$VENV/bin/python" -c \
+    'from gsplat.cuda._backend import _C; assert _C is not None, "gsplat built no extension"' \
+    || { echo "[setup] gsplat's CUDA extension did not build (output above)" >&2; exit 1; }
+  log "gsplat's extension built in $(( $(date +%s) - start )) s"
+else
+  "$VENV/bin/python" - <<'PY'
 import torch
 assert not torch.version.cuda, f"a CUDA torch {torch.__version__} was installed; constraints.txt must hold torch to the CPU build"
 PY
+fi
 
 # --- 3. the project, editable ----------------------------------------------------------------
 # compat mode puts the source root on sys.path (a .pth line), so the generated interfaces in

@@ -128,6 +128,13 @@ def run(args) -> int:
     from instascene_ros.core.features import instance_field_config
     from instascene_ros.core.pipeline import Pipeline, PipelineConfig
 
+    if args.device == "cuda":
+        from instascene_ros.core.splat.gsplat_backend import cuda_unavailable_reason
+
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            print(f"instascene run: device 'cuda': {reason}")
+            return 2
     try:
         dataset = load_dataset(args.dataset)
     except DatasetError as error:

@@ -40,6 +40,7 @@ from instascene_ros.core.camera import Camera, Frame, InvalidFrameError, transfo
 from instascene_ros.core.pose_refinement import (Gauge, PoseRefinement, PoseRefinementConfig, back_project,
                                                  refine_pose)
 from instascene_ros.core.scene import GaussianScene, SceneConfig, matrix_to_quaternion
+from instascene_ros.core.splat import gsplat_backend
 from instascene_ros.core.splat.types import Gaussians, RasterConfig, RenderOutput
 
 logger = logging.getLogger(__name__)
@@ -452,6 +453,10 @@ class Mapper:
                  on_progress: Optional[Callable[[dict], None]] = None):
         self.config = config or MapperConfig.cpu()
         self.device = torch.device(self.config.device)
+        if self.device.type == "cuda":
+            reason = gsplat_backend.cuda_unavailable_reason()
+            if reason is not None:
+                raise RuntimeError(f"device 'cuda': {reason}")
         self.scene = scene if scene is not None else GaussianScene(self.config.scene, device=self.device)
         self._render_fn = render_fn
         self.progress_bar = progress_bar

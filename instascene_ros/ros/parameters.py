@@ -102,6 +102,12 @@ def validate(parameters: NodeParameters) -> None:
         raise ValueError(f"preset must be 'cpu' or 'paper', not '{parameters.preset}'")
     if parameters.device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', not '{parameters.device}'")
+    if parameters.device == "cuda":
+        from instascene_ros.core.splat.gsplat_backend import cuda_unavailable_reason
+
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            raise ValueError(f"device 'cuda': {reason}")
     if parameters.primitive not in ("3dgs", "2dgs"):
         raise ValueError(f"primitive must be '3dgs' or '2dgs', not '{parameters.primitive}'")
     if parameters.instance_field not in ("instascene", "codebook", "classifier"):

@@ -39,6 +39,29 @@ GSPLAT_MIN_TRANSMITTANCE = 1e-4
 CUDA_ONLY_ARGS = {"packed": False}
 
 
+def cuda_unavailable_reason() -> Optional[str]:
+    """None when device 'cuda' can render here; else what is missing, in words a user can act on.
+
+    Checked before any frame is mapped (node start-up, `instascene run`, the Mapper), so a robot
+    configured for a GPU it lacks fails at once with this sentence, not deep in the first frame.
+    gsplat's extension is expected to be built already (`make setup-gpu`): importing it here only
+    loads it, or builds it once where the toolkit exists and the install step was skipped."""
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        return (f"torch {torch.__version__} ({build}) sees no CUDA device; use device 'cpu' (the numba "
+                f"kernels), or set up the GPU path with `make setup-gpu` on a machine with an NVIDIA GPU")
+    try:
+        from gsplat.cuda._backend import _C
+    except ImportError as error:
+        return f"gsplat is not importable ({error}); install it with `make setup-gpu`"
+    except Exception as error:  # the JIT build failed: compiler errors, toolkit/torch mismatch
+        return f"gsplat's CUDA extension failed to build or load ({type(error).__name__}: {error})"
+    if _C is None:
+        return ("gsplat found no CUDA toolkit (nvcc) to build its extension; install the toolkit that matches "
+                f"torch's CUDA {torch.version.cuda} and run `make setup-gpu`")
+    return None
+
+
 def check_config(config: RasterConfig) -> None:
     """gsplat fixes some compositing constants in CUDA: refuse a config it cannot honour."""
     fixed = {"min_alpha": GSPLAT_MIN_ALPHA, "max_alpha": GSPLAT_MAX_ALPHA,
