@@ -56,6 +56,9 @@ def add_parser(subparsers) -> None:
     sub.add_argument("--views", type=int, default=60, help="training views")
     sub.add_argument("--work", type=pathlib.Path, default=pathlib.Path("runs/bench"), help="scenes and run folders")
     sub.add_argument("--finish-seconds", type=float, default=None, help="cap of the final refinement per run")
+    sub.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: numba kernels; cuda: gsplat")
+    sub.add_argument("--preset", default="cpu", choices=["cpu", "paper"],
+                     help="mapper budgets (paper: the published 30k-iteration schedule, for a GPU)")
     sub.add_argument("--inputs", default="rgbd,rgb", help="which inputs to map: rgbd, rgb or both")
     sub.add_argument("--primitives", default="3dgs,2dgs",
                      help="3D Gaussians and/or 2D surfels (depth error of the expected depth for both, and of "
@@ -146,6 +149,12 @@ def run_map(args) -> int:
     """Every (seed, input, primitive) combination mapped by `instascene run --no-masks`, one row each."""
     seeds = [int(s) for s in args.seeds.split(",")]
     inputs = {"rgbd": ["--no-masks"], "rgb": ["--no-masks", "--no-depth"]}
+    if args.device == "cuda":
+        from instascene_ros.core.splat.gsplat_backend import cuda_unavailable_reason
+
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            raise SystemExit(f"bench map: device 'cuda': {reason}")
     primitives = args.primitives.split(",")
     for name in [*args.inputs.split(","), *primitives]:
         if name not in (*inputs, "3dgs", "2dgs"):
@@ -157,8 +166,12 @@ def run_map(args) -> int:
             for primitive in primitives:
                 # 3DGS keeps the run folder name it always had, so earlier runs stay comparable.
                 out = args.work / (f"map-{label}-s{seed}" if primitive == "3dgs" else f"map-{label}-{primitive}-s{seed}")
-                metrics = _run(scene, out, [*inputs[label], "--primitive", primitive], args.finish_seconds)
-                rows.append({"seed": seed, "input": label, "primitive": primitive, **{k: metrics.get(k) for k in (
+                if args.device != "cpu" or args.preset != "cpu":  # CPU runs keep their folder names
+                    out = out.with_name(f"{out.name}-{args.preset}-{args.device}")
+                metrics = _run(scene, out, [*inputs[label], "--primitive", primitive, "--device", args.device,
+                                            "--preset", args.preset], args.finish_seconds)
+                rows.append({"seed": seed, "input": label, "primitive": primitive, "device": args.device,
+                             "preset": args.preset, **{k: metrics.get(k) for k in (
                     "psnr", "psnr_object", "psnr_observed", "observed_fraction", "ssim", "depth_error_mm",
                     "depth_error_median_depth_mm", "n_gaussians", "wall_s", "keyframe_s_median", "keyframe_s_max")}})
     targets = {"rgbd": ("PSNR >= 27 dB in <= 360 s, depth < 3 mm", 27.0, 360.0),
