@@ -162,10 +162,16 @@ def test_a_click_between_two_prototypes_snaps_to_the_instance_around_it():
     image[5, 5] = [0.0, 0.0, 1.0]
     assert segment_at_pixel(image, 5.5, 5.5, instances, alpha=alpha, config=config)[0] == 0
     # A pixel that resembles instance 1 only (0.6) inside instance 2's square: not snapped to
-    # the neighbour drawn around it, which its feature does not hold.
+    # the neighbour drawn around it, which its feature does not hold ...
     image[5, 5] = [0.6, 0.0, 0.8]
     assert segment_at_pixel(image, 5.5, 5.5, instances, alpha=alpha, config=config)[0] == 0
-    image[3, 3] = e1  # ... but to instance 1 once it is drawn within the radius, though outnumbered
+    # ... nor to instance 1 when one pixel of it touches the window that instance 2 fills (an
+    # object without an instance of its own between two others: report seed 11's ring) ...
+    image[3, 3] = e1
+    assert segment_at_pixel(image, 5.5, 5.5, instances, alpha=alpha, config=config)[0] == 0
+    # ... but to instance 1 when it is what the masks draw most around the click.
+    image[2:9, 2:5] = e1
+    image[2:9, 6:9] = e1
     assert segment_at_pixel(image, 5.5, 5.5, instances, alpha=alpha, config=config)[0] == 1
 
 

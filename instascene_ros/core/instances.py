@@ -101,8 +101,12 @@ class InstanceConfig:
     # took its neighbour's id at 3 px (75.7 -> 77.5, a gain for the wrong reason); without the
     # second, report seed 11's ring, which has no instance (its clicked pixel: 0.73 to the mug's
     # instance), was named as the U-block's drawn around it, and the ring's cloud precision
-    # counted that instance (seed 11 precision 0.998 -> 0.915). The codebook and classifier
-    # readings name every pixel by a slot and do not snap.
+    # counted that instance (seed 11 precision 0.998 -> 0.915). The instance snapped to must
+    # also be the one drawn most in the window, not merely the most drawn of the resembled ones:
+    # on a fresh map of seed 11 (and on both GPU maps of it) the ring's click (0.67 to the mug's
+    # instance) had one mug pixel in a window the U-block filled, and was named as the mug
+    # (precision 0.998 -> 0.92); seed 13 (70.4) and development seed 1 (79.9) keep their gains.
+    # The codebook and classifier readings name every pixel by a slot and do not snap.
     query_snap_min_similarity: float = 0.5
     # Instance clouds are surface points, not Gaussian centres. What a camera sees of a 3D
     # Gaussian map is the Gaussians' footprints, so their centres sit about one scale inside
@@ -554,9 +558,10 @@ def segment_at_pixel(rendered_features: FeatureSource, u: float, v: float, insta
     prototype: instance_id is the most similar one (0 when its cosine is below
     query_instance_threshold or the pixel is empty); the mask holds the pixels whose feature has
     cosine > query_similarity to the clicked pixel's feature (and alpha > mask_alpha_threshold
-    when alpha is known). A drawn pixel that names no instance but resembles some (cosine above
-    query_snap_min_similarity) is read at the nearest pixel of the one of those that the masks
-    (`masks_from_feature_image`) draw on most pixels within query_snap_radius_px, when there is one.
+    when alpha is known). A drawn pixel that names no instance is read at the nearest pixel of
+    the instance that the masks (`masks_from_feature_image`) draw on most pixels within
+    query_snap_radius_px, when its own feature resembles that instance (cosine above
+    query_snap_min_similarity).
     Returns (instance_id, similarity, (H, W) bool mask).
     """
     source = rendered_features() if callable(rendered_features) else rendered_features
@@ -579,12 +584,14 @@ def segment_at_pixel(rendered_features: FeatureSource, u: float, v: float, insta
     if (keys.size and config.query_snap_min_similarity < similarity.max() <= config.query_instance_threshold
             and config.query_snap_radius_px > 0):
         window = _pixel_window(height, width, row, col, config.query_snap_radius_px)
-        # The instances the masks draw around the click, among those the clicked blend itself
-        # resembles: a neighbour drawn around the pixel but absent from its feature is not what
-        # was clicked.
+        # The instance the masks draw most around the click, and only if the clicked blend itself
+        # resembles it: a neighbour drawn around the pixel but absent from its feature is not what
+        # was clicked, and neither is an instance that merely touches the window while most of it
+        # is drawn as another one (an object without an instance of its own, next to two others).
         named = masks_from_feature_image(image[window], None if alpha is None else alpha[window], instances, config)
-        named[~np.isin(named, keys[similarity > config.query_snap_min_similarity])] = 0
         snapped = nearest_majority_pixel(named, row - window[0].start, col - window[1].start)
+        if snapped is not None and similarity[keys == named[snapped]].max() <= config.query_snap_min_similarity:
+            snapped = None
         if snapped is not None:
             row, col = snapped[0] + window[0].start, snapped[1] + window[1].start
             pixel = flat[row * width + col]
