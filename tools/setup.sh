@@ -59,7 +59,6 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
-log "installing Python dependencies (torch pinned to the CPU build by constraints.txt)"
 if [ "$GPU" = 1 ]; then
   # the same torch version, but PyPI's default Linux x86_64 wheel of it: the CUDA build
   log "installing Python dependencies (GPU: the CUDA build of torch $(grep -oP '^torch==\K\S+' constraints.txt))"
@@ -76,8 +75,11 @@ assert torch.cuda.is_available(), f"torch {torch.__version__} (CUDA {torch.versi
 PY
   arch=$("$VENV/bin/python" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
   log "compiling gsplat's CUDA extension for compute capability $arch (a few minutes, once)"
+  # Built with the flags a node's import will derive itself (torch reads the GPU's capability when
+  # TORCH_CUDA_ARCH_LIST is unset): other flags here would make that import rebuild everything,
+  # which a lent H200 did for 73 s on the first keyframe after a build made with the variable set.
   start=$(date +%s)
-  TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=${MAX_JOBS:-$(nproc)} "$VENV/bin/python" -c \
+  env -u TORCH_CUDA_ARCH_LIST MAX_JOBS=${MAX_JOBS:-$(nproc)} "$VENV/bin/python" -c \
     'from gsplat.cuda._backend import _C; assert _C is not None, "gsplat built no extension"' \
     || { echo "[setup] gsplat's CUDA extension did not build (output above)" >&2; exit 1; }
   log "gsplat's extension built in $(( $(date +%s) - start )) s"
