@@ -27,7 +27,7 @@ test: setup
 	$(PY) -m pytest test
 
 demo: setup
-	$(VENV)/bin/instascene demo
+	$(VENV)/bin/instascene demo $(if $(wildcard $(VENV)/.instascene_gpu),--device cuda)
 
 clean-venv:
 	rm -rf $(VENV) build

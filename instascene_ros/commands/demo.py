@@ -39,6 +39,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--masks", choices=["segmenter", "dataset"], default="dataset",
                         help="2D masks: the dataset's simulated noisy class-agnostic segmenter (default), or the segmenter node (geometric backend; it also segments the tray walls)")
     parser.add_argument("--timeout", type=float, default=1500.0, help="give up waiting for the map after this")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="the mapper node's device: cpu (numba kernels) or cuda (gsplat; `make demo` picks it "
+                             "in a venv made by `make setup-gpu`)")
     parser.set_defaults(run=run)
 
 
@@ -82,6 +85,13 @@ def input_contact_sheet(dataset, out_path: pathlib.Path, n_views: int) -> pathli
 def run(args) -> int:
     from instascene_ros.core.io import load_dataset
 
+    if args.device == "cuda" and not args.no_ros:
+        from instascene_ros.core.splat.gsplat_backend import cuda_unavailable_reason
+
+        reason = cuda_unavailable_reason()
+        if reason is not None:  # the node would refuse to start; say why now, not after a timeout
+            print(f"instascene demo: device 'cuda': {reason}")
+            return 2
     start = time.time()
     out = args.out or pathlib.Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
@@ -138,6 +148,7 @@ def ros_demo(args, scene_path: pathlib.Path, dataset, out: pathlib.Path) -> dict
         command = node_command(node, arguments)
         if node.name == "instascene_node":
             command += ["-p", "queue_size:=100"]  # the demo streams faster than a CPU maps: keep every frame
+            command += ["-p", f"device:={args.device}"]
         log.info("starting %s", node.name)
         processes[node.name] = subprocess.Popen(command, env=env, stdout=open(logs / f"{node.name}.log", "w"),
                                                 stderr=subprocess.STDOUT)
