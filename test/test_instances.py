@@ -270,6 +270,29 @@ def test_hysteresis_growth_takes_connected_boundary_gaussians_only():
     assert sorted(plain[3].gaussian_ids.tolist()) == list(range(36))
 
 
+def test_growth_reaches_sparse_parts_by_their_own_spacing_only():
+    # A 6 x 6 sheet at 1 cm; beside it a sparse strand of look-alike Gaussians (cosine 0.8) at
+    # 4 cm spacing, as a thin part seen at grazing angles is: 4 cm is beyond 3 x the sheet's
+    # spacing but within 3 x the strand's own (capped at 5 x 1 cm). Not taken: a dense look-alike
+    # group 40 cm away (its own spacing is 1 cm) and a lone look-alike 30 cm from everything
+    # (its spacing is capped).
+    grid = np.arange(6) * 0.01
+    sheet = np.stack(np.meshgrid(grid, grid, [0.0]), axis=-1).reshape(-1, 3)
+    strand = np.array([[0.05 + 0.04 * (i + 1), 0.02, 0.0] for i in range(3)])
+    dense_far = np.array([[0.6, 0.0, 0.0], [0.61, 0.0, 0.0], [0.6, 0.01, 0.0]])
+    lone = np.array([[0.0, 0.35, 0.0]])
+    positions = np.concatenate([sheet, strand, dense_far, lone])
+    core, boundary = np.array([1.0, 0.0]), np.array([0.8, 0.6])
+    features = np.concatenate([np.tile(core, (36, 1)), np.tile(boundary, (7, 1))])
+    ids = np.arange(len(positions))
+    grown = extract_instances(features, ids, {3: ids[:20]}, positions, np.zeros((len(ids), 3)))
+    assert sorted(grown[3].gaussian_ids.tolist()) == list(range(39))  # sheet + strand
+    assert not grown.labels[39:].any()
+    dense_only = extract_instances(features, ids, {3: ids[:20]}, positions, np.zeros((len(ids), 3)),
+                                   InstanceConfig(grow_sparse_reach=None))
+    assert sorted(dense_only[3].gaussian_ids.tolist()) == list(range(36))
+
+
 def test_row_masks_forget_and_exclude(world):
     blobs, field, instances = world
     ids = blobs.scene.ids.numpy()
