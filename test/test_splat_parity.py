@@ -374,16 +374,6 @@ def _inside_gsplat_boxes(g: Gaussians, cams) -> torch.Tensor:
     return ((ours <= theirs).all(-1) & same_cull).all(0)
 
 
-def _subset(g: Gaussians, keep: torch.Tensor) -> Gaussians:
-    return Gaussians(*(None if t is None else t.detach()[keep].clone() for t in
-                       (g.means, g.quats, g.log_scales, g.opacity_logits, g.sh, g.features)))
-
-
-def _on_cuda(g: Gaussians) -> Gaussians:
-    return Gaussians(*(None if t is None else t.detach().cuda() for t in
-                       (g.means, g.quats, g.log_scales, g.opacity_logits, g.sh, g.features)))
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("n_features,primitive", [(0, "3dgs"), (16, "3dgs"), (0, "2dgs"), (16, "2dgs")])
 def test_gsplat_cuda_matches_numba(n_features, primitive):
@@ -394,10 +384,10 @@ def test_gsplat_cuda_matches_numba(n_features, primitive):
     if primitive == "2dgs":
         keep = _inside_gsplat_boxes(g, cams)
         assert keep.sum() > 150  # still a crowded scene
-        g = _subset(g, keep)
+        g = g.map(lambda t: t.detach()[keep].clone())
     cpu_params = requires_grad(g)
     ours = render(g, cams, backend="numba", background=background, primitive=primitive)
-    g_cuda = _on_cuda(g)
+    g_cuda = g.map(lambda t: t.detach().cuda())
     cuda_params = requires_grad(g_cuda)
     theirs = render(g_cuda, cams, backend="auto", background=background.cuda(), primitive=primitive)
     assert float(ours.alpha.detach().max()) > 0.9
@@ -419,7 +409,7 @@ def test_gsplat_cuda_surfel_footprint_difference_is_edge_pixels_only():
     cams = make_cameras(64, 48)
     assert not bool(_inside_gsplat_boxes(g, cams).all())  # the difference is really exercised
     ours = render(g, cams, backend="numba", primitive="2dgs")
-    theirs = render(_on_cuda(g), cams, backend="auto", primitive="2dgs")
+    theirs = render(g.map(lambda t: t.detach().cuda()), cams, backend="auto", primitive="2dgs")
     difference = (theirs.color.cpu() - ours.color).abs().amax(-1)
     assert float((difference > 1e-4).float().mean()) < 0.02
     assert float(difference.max()) < 0.05

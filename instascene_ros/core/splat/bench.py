@@ -70,14 +70,8 @@ def _run_case(n: int, width: int, height: int, n_features: int, backend: str, re
     on_cuda = backend == "gsplat"
     device = torch.device("cuda" if on_cuda else "cpu")
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
-
-    def placed(scene: Gaussians) -> Gaussians:
-        return Gaussians(*(None if t is None else t.to(device) for t in
-                           (scene.means, scene.quats, scene.log_scales, scene.opacity_logits, scene.sh,
-                            scene.features)))
-
     scene, camera = synthetic_scene(n, width, height, n_features)
-    gaussians = placed(scene)
+    gaussians = scene.map(lambda t: t.to(device))
     params = [gaussians.means, gaussians.quats, gaussians.log_scales, gaussians.opacity_logits, gaussians.sh]
     if gaussians.features is not None:
         params.append(gaussians.features)
@@ -102,7 +96,7 @@ def _run_case(n: int, width: int, height: int, n_features: int, backend: str, re
 
     # warm-up: JIT compilation (or the numba cache load) and allocator growth are not the kernel
     warm_scene, warm_camera = synthetic_scene(64, 32, 32, n_features)
-    render(placed(warm_scene), [warm_camera], backend=backend, config=config, primitive=primitive)
+    render(warm_scene.map(lambda t: t.to(device)), [warm_camera], backend=backend, config=config, primitive=primitive)
     step()
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -6,7 +6,7 @@ K = (sh_degree + 1) ** 2 spherical-harmonic coefficients per colour channel.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 
@@ -36,6 +36,11 @@ class Gaussians:
     @property
     def sh_degree(self) -> int:
         return int(round(self.sh.shape[1] ** 0.5)) - 1
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Gaussians":
+        """The same Gaussians with `fn` applied to every tensor (a subset, a copy on another device)."""
+        return Gaussians(*(None if t is None else fn(t) for t in
+                           (self.means, self.quats, self.log_scales, self.opacity_logits, self.sh, self.features)))
 
 
 @dataclass
