@@ -226,16 +226,30 @@ def test_keyframe_selection_by_translation_and_rotation(scene):
     assert all(r.iterations == 0 and r.added == 0 for r in results if not r.keyframe)
 
 
-def test_keyframe_time_budget_and_keyframe_memory_bound(scene):
-    config = small_config(iterations_per_keyframe=50, keyframe_time_budget_s=1e-3)
+def test_keyframe_time_budget(scene):
+    mapper = Mapper(small_config(iterations_per_keyframe=50, keyframe_time_budget_s=1e-3))
+    results = [mapper.add_frame(scene.frame(orbit_camera(24, az, 40))) for az in (0, 30, 60)]
+    # The deadline passed during insertion: one iteration still runs, so every keyframe trains.
+    assert [r.iterations for r in results] == [1] * 3
+
+
+def test_keyframe_budget_keeps_the_views_spread_out(scene):
+    """At the budget a new view must be farther from every keyframe than the most redundant
+    keyframe is from its neighbours, and it replaces that one; the first keyframe stays."""
+    config = small_config(iterations_per_keyframe=2)
     config.keyframes = dataclasses.replace(config.keyframes, max_keyframes=3)
     mapper = Mapper(config)
-    results = [mapper.add_frame(scene.frame(orbit_camera(24, az, 40))) for az in (0, 30, 60, 90, 120)]
-    # The deadline passed during insertion: one iteration still runs, so every keyframe trains.
-    assert [r.iterations for r in results] == [1] * 5
-    assert len(mapper.keyframes) == 3 and mapper.keyframes[0].index == 0, "the first keyframe is kept"
-    indices = [kf.index for kf in mapper.keyframes]
-    assert indices[-1] == 4 and len(set(indices)) == 3, "indices stay unique after thinning"
+    azimuths = (0, 30, 40, 45, 180, 20, 270)
+    results = [mapper.add_frame(scene.frame(orbit_camera(24, az, 40))) for az in azimuths]
+    taken = [az for az, r in zip(azimuths, results) if r.keyframe]
+    # 45 is nearer to 40 than 40 is to 30; 20 is nearer to 0 than 40 (then the redundant one) is.
+    assert taken == [0, 30, 40, 180, 270]
+    assert [r.evicted for r in results if r.keyframe] == [(), (), (), (1,), (2,)]
+    assert [kf.index for kf in mapper.keyframes] == [0, 3, 4], "first kept, 30 then 40 given up"
+    assert "keyframe budget full" in results[5].detail
+    # Covered frames stay covered at the budget: a looped stream re-adds nothing.
+    again = [mapper.add_frame(scene.frame(orbit_camera(24, az, 40))) for az in azimuths]
+    assert not any(r.keyframe for r in again) and len(mapper.keyframes) == 3
 
 
 def _translation(x: float, y: float, z: float) -> np.ndarray:
@@ -411,3 +425,21 @@ def test_presets_are_complete_and_differ_where_documented():
     assert cpu.scene.max_gaussians < paper.scene.max_gaussians
     assert cpu.optimisation.keyframe_time_budget_s is not None and cpu.optimisation.keyframe_time_budget_s < 2.0
     assert isinstance(cpu.optimisation, OptimisationConfig) and isinstance(cpu.scene, SceneConfig)
+
+
+def test_pipeline_drops_masks_and_tracker_records_of_keyframes_the_budget_gave_up(scene):
+    """The budget bounds memory only if the instance layer forgets evicted keyframes too."""
+    from instascene_ros.core.pipeline import Pipeline, PipelineConfig
+
+    config = small_config(iterations_per_keyframe=2)
+    config.keyframes = dataclasses.replace(config.keyframes, max_keyframes=3)
+    pipeline = Pipeline(PipelineConfig(mapper=config))
+    for az in (0, 30, 40, 180, 270):
+        frame = scene.frame(orbit_camera(24, az, 40))
+        frame.mask = np.where(frame.depth > 0, 1, 0).astype(np.int32)  # the table as one instance
+        report = pipeline.add_frame(frame)
+        assert report.keyframe
+    kept = {kf.index for kf in pipeline.mapper.keyframes}
+    assert kept == {0, 3, 4}
+    assert set(pipeline.masks) == kept and set(pipeline.traced_at) == kept
+    assert set(pipeline.tracker.frame_indices) == kept

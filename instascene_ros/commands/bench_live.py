@@ -62,6 +62,8 @@ def add_parser(benches) -> None:
                      help="resident-memory trend over the stream's second half that still counts as flat")
     sub.add_argument("--rows", default="offline,live,live-pose-noise", help=f"which rows to run, of {','.join(ROWS)}")
     sub.add_argument("--work", type=pathlib.Path, default=pathlib.Path("runs/bench_live"), help="scene and run folders")
+    sub.add_argument("--node-param", action="append", default=[], metavar="NAME:=VALUE",
+                     help="override one of the node's parameters in the live rows (repeatable), e.g. max_keyframes:=64")
     sub.add_argument("--reuse", action="store_true", help="reuse the offline run folder when it holds metrics.json")
     sub.set_defaults(run=run_live)
 
@@ -107,11 +109,13 @@ def live_row(scene: pathlib.Path, out: pathlib.Path, args, pose_noise: str, refi
     spec = next(n for n in selected_nodes(nodes, arguments) if n.name == "instascene_node")
     spec.remappings["mask"] = "/segmenter/mask"  # the dataset's masks stand in for the segmenter's
     node_log = out / "instascene_node.log"
-    node = subprocess.Popen(node_command(spec, arguments) + ["-p", "diagnostics_rate_hz:=2.0",
-                                                              "-p", f"refine_poses:={str(refine_poses).lower()}"], env=env,
+    overrides = ["-p", "diagnostics_rate_hz:=2.0", "-p", f"refine_poses:={str(refine_poses).lower()}"]
+    for assignment in args.node_param:
+        overrides += ["-p", assignment]
+    node = subprocess.Popen(node_command(spec, arguments) + overrides, env=env,
                             stdout=open(node_log, "w"), stderr=subprocess.STDOUT)
     row: dict = {"rate_hz": args.rate, "minutes": args.minutes, "loops": loops, "pose_noise": pose_noise or None,
-                 "refine_poses": refine_poses}
+                 "refine_poses": refine_poses, "node_params": list(args.node_param)}
     rclpy.init()
     probe = LiveProbe()
     publisher = None
@@ -196,6 +200,9 @@ def run_live(args) -> int:
     unknown = set(wanted) - set(ROWS)
     if unknown:
         raise SystemExit(f"unknown rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
+    malformed = [a for a in args.node_param if ":=" not in a or not a.split(":=", 1)[0].strip()]
+    if malformed:
+        raise SystemExit(f"--node-param takes NAME:=VALUE, got {malformed}")
     args.work.mkdir(parents=True, exist_ok=True)
     scene = _scene(args.work, args.seed, args.res, args.views)
     result = {"scene": str(scene), "targets": TARGETS, "rows": {}}

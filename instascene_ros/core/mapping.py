@@ -57,7 +57,12 @@ class KeyframeConfig:
 
     min_translation_m: float = 0.05
     min_rotation_deg: float = 5.0
-    max_keyframes: int = 0  # 0 = unbounded; else older keyframes are thinned out at random
+    # 0 = unbounded. Else the keyframe memory budget (RGB, depth, mask and tracker record: ~1.7 MB
+    # per 256x256 RGB-D keyframe): at the limit a new view is taken only if it lies farther from
+    # every keyframe than the most redundant keyframe lies from its nearest neighbour, and it
+    # replaces that one. The set spreads out over the views seen (greedy max-min dispersion)
+    # instead of forgetting the oldest, and memory stays flat however long the stream.
+    max_keyframes: int = 0
 
 
 @dataclass
@@ -244,6 +249,7 @@ class FrameResult:
     psnr: Optional[float] = None  # mean training PSNR of this keyframe's iterations
     pose: Optional[PoseRefinement] = None  # the keyframe's pose refinement (None: not attempted)
     map_moved: bool = False  # the gauge moved the whole map (and every keyframe pose)
+    evicted: tuple[int, ...] = ()  # indices of keyframes this one replaced (keyframe budget)
 
 
 @dataclass
@@ -309,6 +315,17 @@ def rotation_angle_deg(R_a: np.ndarray, R_b: np.ndarray) -> np.ndarray:
     """Angle between rotations, from the trace of R_a^T R_b; R_a may be a (K, 3, 3) batch."""
     cos = (np.einsum("...ij,ij->...", R_a, R_b) - 1.0) / 2.0
     return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+
+
+def pose_separation(poses_a: np.ndarray, poses_b: np.ndarray, min_translation_m: float,
+                    min_rotation_deg: float) -> np.ndarray:
+    """(A, B) separation of camera poses in units of the keyframe thresholds: the larger of
+    translation / min_translation_m and rotation / min_rotation_deg. Below 1 = the same view
+    for keyframe selection (both thresholds unmet)."""
+    moved = np.linalg.norm(poses_a[:, None, :3, 3] - poses_b[None, :, :3, 3], axis=-1)
+    cos = (np.einsum("aji,bji->ab", poses_a[:, :3, :3], poses_b[:, :3, :3]) - 1.0) / 2.0
+    turned = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+    return np.maximum(moved / min_translation_m, turned / min_rotation_deg)
 
 
 def frames_from_normals(normals: np.ndarray) -> np.ndarray:
@@ -666,11 +683,34 @@ class Mapper:
         poses = np.stack([kf.camera.T_world_cam for kf in keyframes])
         moved = np.linalg.norm(poses[:, :3, 3] - T_world_cam[:3, 3], axis=1)
         turned = rotation_angle_deg(poses[:, :3, :3], T_world_cam[:3, :3])
-        near = (moved < cfg.min_translation_m) & (turned < cfg.min_rotation_deg)
+        separation = np.maximum(moved / cfg.min_translation_m, turned / cfg.min_rotation_deg)
         nearest = int(np.argmin(moved / cfg.min_translation_m + turned / cfg.min_rotation_deg))
         summary = (f"moved {moved[nearest]:.3f} m, turned {turned[nearest]:.1f} deg from the nearest keyframe "
                    f"({keyframes[nearest].index})")
-        return bool(near.any()), summary
+        if 0 < cfg.max_keyframes <= len(keyframes):
+            # Budget full: only a view that spreads the set out more than the keyframe it would
+            # replace is worth taking (ties stay covered: equally spaced views do not churn).
+            required = max(1.0, self._most_redundant(keyframes)[1])
+            summary += f"; keyframe budget full: a new view must be > {required:.2f} threshold units from all"
+            return bool(separation.min() <= required), summary
+        return bool(separation.min() < 1.0), summary
+
+    def _most_redundant(self, keyframes: list[Keyframe]) -> tuple[Optional[int], float]:
+        """The keyframe the budget would give up: of those it may evict (not the first, which
+        anchors the map, nor the newest ones the window trains on), the one nearest to another
+        keyframe. Returns (its position in `keyframes`, that separation in threshold units), or
+        (None, inf) when none may go."""
+        cfg = self.config.keyframes
+        protected = max(1, min(self.config.optimisation.window_recent, cfg.max_keyframes - 2))
+        stop = len(keyframes) - protected
+        if stop <= 1:
+            return None, math.inf
+        poses = np.stack([kf.camera.T_world_cam for kf in keyframes])
+        separation = pose_separation(poses, poses, cfg.min_translation_m, cfg.min_rotation_deg)
+        np.fill_diagonal(separation, math.inf)
+        nearest = separation.min(axis=1)
+        position = 1 + int(np.argmin(nearest[1:stop]))
+        return position, float(nearest[position])
 
     @contextlib.contextmanager
     def _threads(self):
@@ -706,7 +746,7 @@ class Mapper:
         kf = self._make_keyframe(frame, refinement)
         self.keyframes_made += 1
         self.keyframes.append(kf)
-        self._thin_keyframes()
+        evicted = self._thin_keyframes()
         map_moved = self._apply_gauge(kf, refinement)
         self._revisited[kf.index] = self.keyframes_made  # just judged: the older ones come first
         map_moved |= self._revisit_poses(self.config.pose_refinement.revisit_per_keyframe)
@@ -725,7 +765,7 @@ class Mapper:
                      iterations, seconds)
         return FrameResult(accepted=True, keyframe=True, reason="ok", detail=summary, added=added,
                            n_gaussians=self.scene.n, iterations=iterations, seconds=seconds, psnr=mean_psnr,
-                           pose=refinement, map_moved=map_moved)
+                           pose=refinement, map_moved=map_moved, evicted=evicted)
 
     # ------------------------------------------------------------------ pose refinement
     def _refine_pose(self, frame: Frame) -> Optional[PoseRefinement]:
@@ -867,15 +907,19 @@ class Mapper:
             self._detect_features(kf)
         return kf
 
-    def _thin_keyframes(self) -> None:
+    def _thin_keyframes(self) -> tuple[int, ...]:
+        """Give up the most redundant keyframes while over the budget; returns their indices (the
+        caller drops what it keeps per keyframe: masks, tracker records)."""
         limit = self.config.keyframes.max_keyframes
-        protected = min(self.config.optimisation.window_recent, max(limit - 2, 0))
-        while limit > 0 and len(self.keyframes) > limit:
-            # Keep the first keyframe (it anchors the map) and the recent window.
-            candidates = range(1, len(self.keyframes) - protected)
-            if not candidates:
+        evicted = []
+        while 0 < limit < len(self.keyframes):
+            position, _ = self._most_redundant(self.keyframes)
+            if position is None:
                 break
-            del self.keyframes[int(self.rng.choice(list(candidates)))]
+            gone = self.keyframes.pop(position)
+            self._revisited.pop(gone.index, None)
+            evicted.append(gone.index)
+        return tuple(evicted)
 
     def _update_extent(self, kf: Keyframe) -> None:
         """3DGS scene extent: 1.1 x the largest camera distance from the camera centroid, floored

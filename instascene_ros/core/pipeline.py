@@ -102,6 +102,7 @@ class PipelineConfig:
         config.workspace_min, config.workspace_max = tuple(params.workspace_min), tuple(params.workspace_max)
         config.set_primitive(params.primitive)
         config.mapper.pose_refinement.enabled = bool(params.refine_poses)
+        config.mapper.keyframes.max_keyframes = int(params.max_keyframes)
         config.features = instance_field_config(params.instance_field, config.features)
         config.tracker = dataclasses.replace(config.tracker, mask_border_px=float(params.mask_contact_border_px))
         config.completion.generator = params.completion_generator
@@ -216,6 +217,7 @@ class Pipeline:
             start = time.perf_counter()
             result = self.mapper.add_frame(frame)
             timings["mapping"] = time.perf_counter() - start
+            self._drop_keyframes(result.evicted)
             if not result.accepted or not result.keyframe:
                 return FrameReport(result.accepted, False, result.reason, result.detail, timings)
             keyframe = self.mapper.keyframes[-1]
@@ -237,6 +239,16 @@ class Pipeline:
                 self._publish_snapshot()
                 timings["instances"] = time.perf_counter() - tic
             return FrameReport(True, True, result.reason, result.detail, timings)
+
+    def _drop_keyframes(self, indices) -> None:
+        """Forget what the instance layer keeps of keyframes the mapper's budget gave up (their
+        masks and tracker records), so the budget bounds memory; instances keep their Gaussians."""
+        for index in indices:
+            self.masks.pop(index, None)
+            self.traced_at.pop(index, None)
+            self._feature_cache.pop(index, None)
+            if index in self.tracker.frame_indices:
+                self.tracker.remove_frame(index)
 
     def _trace(self, camera: Camera, mask: np.ndarray) -> tuple[dict, np.ndarray]:
         from instascene_ros.core.splat import contributors

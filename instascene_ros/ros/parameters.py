@@ -17,6 +17,7 @@ class NodeParameters:
     use_depth: bool = True
     use_masks: bool = True
     refine_poses: bool = True  # correct keyframe poses against the map by depth ICP (core/pose_refinement.py)
+    max_keyframes: int = 0  # keyframe memory budget (core/mapping.KeyframeConfig); 0 = unbounded
     preset: str = "cpu"  # mapper preset: "cpu" (2 cores) or "paper" (GPU, published schedule)
     device: str = "cpu"  # "cpu" (numba kernels) or "cuda" (gsplat)
     primitive: str = "3dgs"  # "3dgs" (3D Gaussians) or "2dgs" (2D surfels)
@@ -48,6 +49,7 @@ DESCRIPTIONS = {
     "pose_source": "'tf': camera pose from TF (global_frame <- image header frame); 'pose_topic': from ~/pose (PoseStamped)",
     "use_depth": "pair each image with a depth image (32FC1 metres or 16UC1 mm, registered to colour)",
     "refine_poses": "correct each RGB-D keyframe's TF pose by point-to-plane ICP against the map (kinematic and calibration error of a few mm / tenths of a degree); false = trust TF as is",
+    "max_keyframes": "keyframe memory budget: at most this many keyframes (~1.7 MB each at 256x256 RGB-D with masks, in proportion to pixels); when full, a new view replaces the most redundant keyframe only if it spreads the set out more; 0 = unbounded (a long stream over new ground grows without limit)",
     "use_masks": "wait for 2D instance masks on 'mask' (optional per frame: frames without one are still mapped)",
     "preset": "mapper budgets: 'cpu' (2 cores) or 'paper' (GPU, published iteration counts)",
     "device": "'cpu' (numba kernels) or 'cuda' (gsplat)",
@@ -114,6 +116,9 @@ def validate(parameters: NodeParameters) -> None:
         raise ValueError(f"instance_field must be 'instascene', 'codebook' or 'classifier', not '{parameters.instance_field}'")
     if not parameters.mask_contact_border_px >= 0.0:
         raise ValueError(f"mask_contact_border_px must be >= 0, not {parameters.mask_contact_border_px}")
+    if parameters.max_keyframes < 0 or parameters.max_keyframes in (1, 2):
+        raise ValueError(f"max_keyframes must be 0 (unbounded) or >= 3 (the first, the newest and one to "
+                         f"replace), not {parameters.max_keyframes}")
     if parameters.queue_size < 1:
         raise ValueError("queue_size must be >= 1")
     if len(parameters.workspace_min) != 3 or len(parameters.workspace_max) != 3:
