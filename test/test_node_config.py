@@ -122,6 +122,19 @@ def test_contact_border_parameter_reaches_the_tracker_and_rejects_negatives():
         validate(replace(NodeParameters(), mask_contact_border_px=-1.0))
 
 
+def test_keyframe_budget_parameter_reaches_the_mapper_and_rejects_budgets_that_cannot_replace():
+    from dataclasses import replace
+
+    from instascene_ros.core.pipeline import PipelineConfig
+
+    assert PipelineConfig.from_node_parameters(NodeParameters()).mapper.keyframes.max_keyframes == 200
+    assert PipelineConfig.from_node_parameters(NodeParameters(max_keyframes=0)).mapper.keyframes.max_keyframes == 0
+    for bad in (-1, 1, 2):
+        with pytest.raises(ValueError, match="max_keyframes must be 0 .unbounded. or >= 3"):
+            validate(replace(NodeParameters(), max_keyframes=bad))
+    validate(replace(NodeParameters(), max_keyframes=3))
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is present")
 def test_cuda_device_without_a_gpu_is_refused_before_any_frame_with_the_reason():
     from dataclasses import replace

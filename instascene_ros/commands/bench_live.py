@@ -135,7 +135,7 @@ def live_row(scene: pathlib.Path, out: pathlib.Path, args, pose_noise: str, refi
             if time.monotonic() - last_log[0] > 60:
                 last_log[0] = time.monotonic()
                 print(f"  {(time.monotonic() - stream_start) / 60:4.1f} min: frames in {probe.value('frames_in'):.0f}, "
-                      f"keyframes {probe.value('keyframes'):.0f}, queue {probe.value('queue_depth'):.0f}, "
+                      f"keyframes {probe.value('keyframes'):.0f} (made {probe.value('keyframes_made'):.0f}), queue {probe.value('queue_depth'):.0f}, "
                       f"drops {probe.value('drops_total'):.0f}, {probe.value('rss_mb'):.0f} MB, "
                       f"{probe.value('n_instances'):.0f} instances", flush=True)
             return publisher.poll() is None
@@ -158,7 +158,8 @@ def live_row(scene: pathlib.Path, out: pathlib.Path, args, pose_noise: str, refi
             "frames_published": len(train) * loops,
             "frames_in": float(last.get("frames_in", "nan")), "frames_mapped": float(last.get("frames_mapped", "nan")),
             "frames_covered": float(last.get("frames_covered", "nan")),
-            "keyframes": float(last.get("keyframes", "nan")), "drops_total": float(last.get("drops_total", "nan")),
+            "keyframes": float(last.get("keyframes", "nan")), "keyframes_made": float(last.get("keyframes_made", "nan")),
+            "drops_total": float(last.get("drops_total", "nan")),
             "drops": {k[len("drops/"):]: float(v) for k, v in last.items() if k.startswith("drops/")},
             "queue_size": float(last.get("queue_size", "nan")),
             "queue_max": max((float(values.get("queue_depth", 0)) for _, values in probe.history), default=None),
@@ -245,7 +246,7 @@ def print_table(result: dict, args) -> None:
     width = max(17, *(len(n) + 2 for n in names))
     print(f"\n{'':<34}" + "".join(f"{n:>{width}}" for n in names))
     for key, digits in (("psnr", 2), ("psnr_object", 2), ("miou", 1), ("biou", 1), ("pq_scene", 2),
-                        ("cloud_precision", 3), ("n_instances", 0), ("keyframes", 0), ("keyframe_poses_refined", 0),
+                        ("cloud_precision", 3), ("n_instances", 0), ("keyframes", 0), ("keyframes_made", 0), ("keyframe_poses_refined", 0),
                         ("keyframe_poses_kept", 0), ("frames_published", 0),
                         ("frames_in", 0), ("frames_covered", 0), ("frames_mapped", 0), ("drops_total", 0), ("queue_max", 0),
                         ("rss_start_mb", 0), ("rss_end_mb", 0), ("rss_trend_mb_per_min", 2),

@@ -48,7 +48,7 @@ class InstaSceneNode(Node):
         self.pipeline = Pipeline(PipelineConfig.from_node_parameters(self.params))
         self.drops: dict[str, int] = defaultdict(int)
         self.stage_seconds: dict[str, float] = {}
-        self.frames_in = self.frames_mapped = self.keyframes = self.frames_covered = 0
+        self.frames_in = self.frames_mapped = self.keyframes_made = self.frames_covered = 0
         self._queue: queue.Queue = queue.Queue(maxsize=self.params.queue_size)
         self._stop = threading.Event()
 
@@ -208,8 +208,8 @@ class InstaSceneNode(Node):
             return
         self.frames_mapped += 1
         if report.keyframe:
-            self.keyframes += 1
-            if self.keyframes % max(1, self.params.overlay_every_n_keyframes) == 0:
+            self.keyframes_made += 1
+            if self.keyframes_made % max(1, self.params.overlay_every_n_keyframes) == 0:
                 self._publish_frame_masks(frame, synced.image.header)
         for event in self.pipeline.drain_events():
             self.pub_events.publish(mapper_services.event_msg(self, event))
@@ -249,7 +249,10 @@ class InstaSceneNode(Node):
         import resource
 
         snapshot = self.pipeline.snapshot
-        values = {"frames_in": self.frames_in, "frames_mapped": self.frames_mapped, "keyframes": self.keyframes,
+        # keyframes: held now (at most max_keyframes); keyframes_made: ever taken (the budget's
+        # replacements included).
+        values = {"frames_in": self.frames_in, "frames_mapped": self.frames_mapped,
+                  "keyframes": len(self.pipeline.mapper.keyframes), "keyframes_made": self.keyframes_made,
                   "frames_covered": self.frames_covered,
                   "queue_depth": self._queue.qsize(), "queue_size": self.params.queue_size,
                   "drops_total": sum(self.drops.values()), "n_gaussians": snapshot.n_gaussians,
