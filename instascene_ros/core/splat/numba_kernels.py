@@ -182,8 +182,10 @@ def _surfel_sigma(local, k, px, py):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _splat_alpha(local, k, px, py, min_alpha, max_alpha, surfel):
-    """(alpha, exp(-sigma)) of tile-local splat k at pixel centre (px, py); alpha < 0 = skip."""
+def _splat_alpha(local, k, px, py, min_alpha, max_alpha, surfel, stepped, stepped_vis):
+    """(alpha, exp(-sigma)) of tile-local splat k at pixel centre (px, py); alpha < 0 = skip.
+    stepped: exp(-sigma) is `stepped_vis`, carried along the row (see _row_steps); sigma is
+    still computed here, for the cut test."""
     if surfel:
         sigma, uses_intersection, s_u, s_v, cross_z = _surfel_sigma(local, k, px, py)
     else:
@@ -193,7 +195,7 @@ def _splat_alpha(local, k, px, py, min_alpha, max_alpha, surfel):
         sigma = 0.5 * (local[k, g] * dx * dx + local[k, g + 2] * dy * dy) + local[k, g + 1] * dx * dy
     if sigma < 0.0 or sigma > local[k, _CUT]:
         return -1.0, 0.0
-    vis = math.exp(-sigma)
+    vis = stepped_vis if stepped else math.exp(-sigma)
     alpha = min(max_alpha, local[k, _OPACITY] * vis)
     if alpha < min_alpha:
         return -1.0, vis
@@ -242,6 +244,26 @@ def _row_span(local, k, py, x_begin, x_end, surfel):
     return max(x_begin, int(math.floor(left)) - 1), min(x_end, int(math.floor(right)) + 2)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _row_steps(local, k, py, c0, surfel):
+    """(stepped, exp(-sigma) at column c0, its ratio to the next column) for splat k on one row.
+
+    3DGS: along a row sigma is a quadratic in the column, so exp(-sigma) moves one column right
+    by one multiplication (vis *= ratio) and the ratio by another (ratio *= exp(-a), the
+    constant second difference): two exp calls per row instead of one per pixel; exp was ~28%
+    of the forward and backward kernels' time. Rounding drifts ~1e-14 over a 16-pixel tile row.
+    Surfels, and conics that are not proper ellipses: not stepped (exp per pixel)."""
+    if surfel or not local[k, _GEOMETRY] > 0.0:
+        return False, 1.0, 1.0
+    g = _GEOMETRY
+    a, b, c = local[k, g], local[k, g + 1], local[k, g + 2]
+    dx = local[k, _X] - (c0 + 0.5)
+    dy = local[k, _Y] - py
+    sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
+    step = 0.5 * a * (1.0 - 2.0 * dx) - b * dy  # sigma(column + 1) - sigma(column)
+    return True, math.exp(-sigma), math.exp(-step)
+
+
 # --------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------
@@ -270,15 +292,22 @@ def _forward_tile(tile, offsets, ids, means2d, geometry, opacities, radii, color
             break
         if local[k, _CUT] < 0.0:
             continue
+        decay = math.exp(-local[k, _GEOMETRY]) if not surfel else 1.0
         r0, r1 = _rows(local, k, y_begin, y_end, surfel)
         for row in range(r0, r1):
             py = row + 0.5
             c0, c1 = _row_span(local, k, py, x_begin, x_end, surfel)
+            if c0 >= c1:
+                continue
+            stepped, run, ratio = _row_steps(local, k, py, c0, surfel)
             for col in range(c0, c1):
+                here = run
+                run *= ratio  # advanced for every column, skipped ones included
+                ratio *= decay
                 p = (row - y_begin) * tile_size + (col - x_begin)
                 if done[p]:
                     continue
-                alpha, vis = _splat_alpha(local, k, col + 0.5, py, min_alpha, max_alpha, surfel)
+                alpha, vis = _splat_alpha(local, k, col + 0.5, py, min_alpha, max_alpha, surfel, stepped, here)
                 if alpha < 0.0:
                     continue
                 next_t = trans[p] * (1.0 - alpha)
@@ -385,16 +414,23 @@ def _backward_tile(tile, offsets, ids, means2d, geometry, opacities, radii, colo
         grad_geometry[:] = 0.0
         grad_color[:] = 0.0
         opac = local[k, _OPACITY]
+        decay = math.exp(-local[k, _GEOMETRY]) if not surfel else 1.0
         r0, r1 = _rows(local, k, y_begin, y_end, surfel)
         for row in range(r0, r1):
             py = row + 0.5
             c0, c1 = _row_span(local, k, py, x_begin, x_end, surfel)
+            if c0 >= c1:
+                continue
+            stepped, run, ratio = _row_steps(local, k, py, c0, surfel)  # as in the forward: same values
             for col in range(c0, c1):
+                here = run
+                run *= ratio
+                ratio *= decay
                 p = (row - y_begin) * tile_size + (col - x_begin)
                 if k >= last[p]:
                     continue
                 px = col + 0.5
-                alpha, vis = _splat_alpha(local, k, px, py, min_alpha, max_alpha, surfel)
+                alpha, vis = _splat_alpha(local, k, px, py, min_alpha, max_alpha, surfel, stepped, here)
                 if alpha < 0.0:
                     continue
                 inv_one_minus = 1.0 / (1.0 - alpha)
@@ -541,15 +577,22 @@ def _contributors_tile(tile, offsets, ids, means2d, geometry, opacities, radii, 
             break
         if local[k, _CUT] < 0.0:
             continue
+        decay = math.exp(-local[k, _GEOMETRY]) if not surfel else 1.0
         r0, r1 = _rows(local, k, y_begin, y_end, surfel)
         for row in range(r0, r1):
             py = row + 0.5
             c0, c1 = _row_span(local, k, py, x_begin, x_end, surfel)
+            if c0 >= c1:
+                continue
+            stepped, run, ratio = _row_steps(local, k, py, c0, surfel)  # the forward's alphas exactly
             for col in range(c0, c1):
+                here = run
+                run *= ratio
+                ratio *= decay
                 p = (row - y_begin) * tile_size + (col - x_begin)
                 if done[p]:
                     continue
-                alpha, vis = _splat_alpha(local, k, col + 0.5, py, min_alpha, max_alpha, surfel)
+                alpha, vis = _splat_alpha(local, k, col + 0.5, py, min_alpha, max_alpha, surfel, stepped, here)
                 if alpha < 0.0:
                     continue
                 next_t = trans[p] * (1.0 - alpha)
