@@ -204,7 +204,8 @@ def _splat_alpha(local, k, px, py, min_alpha, max_alpha, surfel, stepped, steppe
 
 @njit(cache=True, nogil=True, inline="always")
 def _rows(local, k, y_begin, y_end, surfel):
-    """Tile rows [r0, r1) splat k can reach (surfels: its footprint box; 3DGS: every row)."""
+    """Tile rows [r0, r1) splat k can reach (surfels: its footprint box; 3DGS: every row, an
+    empty chord costs one square root: bounding the rows by the ellipse measured no faster)."""
     if not surfel:
         return y_begin, y_end
     top = local[k, _Y] - local[k, _RY] - 0.5  # row centre r + 0.5 >= y - ry
@@ -219,8 +220,10 @@ def _row_span(local, k, py, x_begin, x_end, surfel):
     """Columns [c0, c1) of a tile row that splat k can reach.
 
     3DGS: sigma(dx) = 0.5 a dx^2 + b dy dx + 0.5 c dy^2 <= log(opacity / min_alpha) is an
-    interval in dx (taken with a 1 px margin; the exact per-pixel test still decides, so this
-    only saves work). Surfels: their footprint box, which defines where they are drawn.
+    interval in dx; outside it alpha < min_alpha, so the exact per-pixel test would skip those
+    pixels anyway. The interval is taken with a 1e-6 px margin against rounding (a whole pixel
+    of margin each side cost ~20% more pixel visits). Surfels: their footprint box, which
+    defines where they are drawn.
     """
     if surfel:
         left = local[k, _X] - local[k, _RX] - 0.5
@@ -241,7 +244,7 @@ def _row_span(local, k, py, x_begin, x_end, surfel):
     right = local[k, _X] + (root + b * dy) / a - 0.5
     left = min(max(left, x_begin - 2.0), x_end + 2.0)
     right = min(max(right, x_begin - 2.0), x_end + 2.0)
-    return max(x_begin, int(math.floor(left)) - 1), min(x_end, int(math.floor(right)) + 2)
+    return max(x_begin, int(math.ceil(left - 1e-6))), min(x_end, int(math.floor(right + 1e-6)) + 1)
 
 
 @njit(cache=True, nogil=True, inline="always")
