@@ -351,3 +351,20 @@ def test_two_threads_give_the_same_render(primitive):
              for out in (one, two)]
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-10 * float(a.abs().max()))
+
+
+@pytest.mark.parametrize("primitive", ["3dgs", "2dgs"])
+def test_warm_up_compiles_every_cpu_kernel_a_map_calls(primitive):
+    """The node compiles before it reports ready; a kernel left out would compile on the first
+    keyframe. In a fresh interpreter, so that other tests' renders cannot have compiled them."""
+    import subprocess
+    import sys
+
+    script = (
+        "from instascene_ros.core.splat import RasterConfig, numba_kernels, warm_up_cpu_kernels\n"
+        f"assert warm_up_cpu_kernels({primitive!r}, RasterConfig(num_threads=1)) > 0\n"
+        "kernels = (numba_kernels._forward_serial, numba_kernels._backward_serial, numba_kernels._contributors_serial)\n"
+        "print([k.__name__ for k in kernels if not k.signatures])\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]", f"not compiled by the warm-up: {result.stdout}"

@@ -154,6 +154,7 @@ def run(args) -> int:
     if args.finish_feature_steps is not None:
         config.cadence.finish_feature_steps = args.finish_feature_steps
     pipeline = Pipeline(config, progress_bar=not args.no_progress)
+    log.info("CPU kernels ready in %.1f s (numba compiles once, then loads from its cache)", pipeline.warm_up())
     (out / "config.json").write_text(json.dumps({"dataset": str(args.dataset), "preset": args.preset,
                                                  "device": args.device, "no_depth": args.no_depth,
                                                  "no_masks": args.no_masks, "mask_every": args.mask_every,

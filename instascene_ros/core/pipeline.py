@@ -211,6 +211,14 @@ class Pipeline:
         self.snapshot = MapSnapshot(map_version=(version.map_version + 1) if version else 0, n_gaussians=0)
 
     # ------------------------------------------------------------------ mapping
+    def warm_up(self) -> float:
+        """Compile the CPU splatting kernels before the first frame (see
+        splat.warm_up_cpu_kernels); returns the seconds spent. On CUDA too: the tracer's
+        contributors always run on the CPU kernel (gsplat's extension is built at install)."""
+        from instascene_ros.core.splat import warm_up_cpu_kernels
+
+        return warm_up_cpu_kernels(self.config.mapper.primitive, self.config.mapper.raster)
+
     def add_frame(self, frame: Frame) -> FrameReport:
         timings: dict[str, float] = {}
         with self.lock:

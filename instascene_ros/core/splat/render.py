@@ -174,3 +174,29 @@ def contributors(gaussians: Gaussians, camera: Camera, *, t_min: float = 0.5, pr
                                   np.zeros((means2d.shape[1], 0), np.float32), surfel)
     return numba_kernels.list_contributors(splats, int(camera.width), int(camera.height), config, float(t_min),
                                            config.num_threads)
+
+
+def warm_up_cpu_kernels(primitive: Primitive = "3dgs", config: RasterConfig = RasterConfig()) -> float:
+    """Compile (or load from numba's on-disk cache) the CPU kernels a map will call: forward,
+    backward and contributors, with `config`'s thread count. Call it before the first frame
+    (the node does before it reports ready): otherwise the first keyframe pays for it, 13 s on a
+    cold cache on this machine (a `bench map` keyframe maximum), about 1 s from the cache.
+    Returns the seconds spent."""
+    import time
+
+    start = time.perf_counter()
+    size = 16
+    K = np.array([[size, 0.0, size / 2], [0.0, size, size / 2], [0.0, 0.0, 1.0]])
+    camera = Camera(K=K, width=size, height=size, T_world_cam=np.eye(4))
+    offsets = torch.tensor([[0.0, 0.0, 2.0], [0.1, -0.1, 2.5], [-0.1, 0.05, 3.0]])
+    n = len(offsets)
+    gaussians = Gaussians(means=offsets, quats=torch.tensor([[1.0, 0.0, 0.0, 0.0]]).repeat(n, 1),
+                          log_scales=torch.full((n, 3), -2.5), opacity_logits=torch.zeros(n),
+                          sh=torch.full((n, 1, 3), 0.5), features=torch.ones(n, 2))
+    for tensor in (gaussians.means, gaussians.features):
+        tensor.requires_grad_(True)
+    out = render(gaussians, [camera], primitive=primitive, backend="numba", config=config)
+    (out.color.sum() + out.alpha.sum() + out.depth.sum() + out.features.sum()).backward()
+    contributors(gaussians, camera, primitive=primitive, config=config)
+    return time.perf_counter() - start
+
