@@ -57,11 +57,12 @@ class KeyframeConfig:
 
     min_translation_m: float = 0.05
     min_rotation_deg: float = 5.0
-    # 0 = unbounded. Else the keyframe memory budget (RGB, depth, mask and tracker record: ~1 MB of
-    # data, ~1.7 MB resident, per 256x256 RGB-D keyframe, measured on the live bench): at the limit a new view is taken only if it lies farther from
-    # every keyframe than the most redundant keyframe lies from its nearest neighbour, and it
-    # replaces that one. The set spreads out over the views seen (greedy max-min dispersion)
-    # instead of forgetting the oldest, and memory stays flat however long the stream.
+    # 0 = unbounded. Else the keyframe memory budget (RGB, depth, mask and tracker record: ~1 MB
+    # of data, ~1.7 MB resident, per 256x256 RGB-D keyframe, measured on the live bench). At the
+    # limit a new view is taken only if it lies farther from every keyframe than the most
+    # redundant keyframe lies from its nearest neighbour, and it replaces that one. The set
+    # spreads out over the views seen (greedy max-min dispersion) instead of forgetting the
+    # oldest, and memory stays flat however long the stream.
     max_keyframes: int = 0
 
 
