@@ -251,10 +251,11 @@ class InstaSceneNode(Node):
         import resource
 
         snapshot = self.pipeline.snapshot
-        # keyframes: held now (at most max_keyframes); keyframes_made: ever taken (the budget's
-        # replacements included).
+        # keyframes: held now (at most max_keyframes); keyframes_made: ever taken by this map (the
+        # budget's replacements included). Both the mapper's, counted at the same moment.
+        mapper = self.pipeline.mapper
         values = {"frames_in": self.frames_in, "frames_mapped": self.frames_mapped,
-                  "keyframes": len(self.pipeline.mapper.keyframes), "keyframes_made": self.keyframes_made,
+                  "keyframes": len(mapper.keyframes), "keyframes_made": mapper.keyframes_made,
                   "frames_covered": self.frames_covered,
                   "queue_depth": self._queue.qsize(), "queue_size": self.params.queue_size,
                   "drops_total": sum(self.drops.values()), "n_gaussians": snapshot.n_gaussians,
