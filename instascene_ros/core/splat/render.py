@@ -188,9 +188,9 @@ def warm_up_cpu_kernels(primitive: Primitive = "3dgs", config: RasterConfig = Ra
     size = 16
     K = np.array([[size, 0.0, size / 2], [0.0, size, size / 2], [0.0, 0.0, 1.0]])
     camera = Camera(K=K, width=size, height=size, T_world_cam=np.eye(4))
-    offsets = torch.tensor([[0.0, 0.0, 2.0], [0.1, -0.1, 2.5], [-0.1, 0.05, 3.0]])
-    n = len(offsets)
-    gaussians = Gaussians(means=offsets, quats=torch.tensor([[1.0, 0.0, 0.0, 0.0]]).repeat(n, 1),
+    means = torch.tensor([[0.0, 0.0, 2.0], [0.1, -0.1, 2.5], [-0.1, 0.05, 3.0]])  # in view, overlapping
+    n = len(means)
+    gaussians = Gaussians(means=means, quats=torch.tensor([[1.0, 0.0, 0.0, 0.0]]).repeat(n, 1),
                           log_scales=torch.full((n, 3), -2.5), opacity_logits=torch.zeros(n),
                           sh=torch.full((n, 1, 3), 0.5), features=torch.ones(n, 2))
     for tensor in (gaussians.means, gaussians.features):
@@ -199,4 +199,3 @@ def warm_up_cpu_kernels(primitive: Primitive = "3dgs", config: RasterConfig = Ra
     (out.color.sum() + out.alpha.sum() + out.depth.sum() + out.features.sum()).backward()
     contributors(gaussians, camera, primitive=primitive, config=config)
     return time.perf_counter() - start
-
