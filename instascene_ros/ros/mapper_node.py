@@ -50,7 +50,7 @@ class InstaSceneNode(Node):
         self.get_logger().info(f"CPU kernels ready in {self.pipeline.warm_up():.1f} s")
         self.drops: dict[str, int] = defaultdict(int)
         self.stage_seconds: dict[str, float] = {}
-        self.frames_in = self.frames_mapped = self.keyframes_made = self.frames_covered = 0
+        self.frames_in = self.frames_mapped = self.frames_covered = 0
         self._queue: queue.Queue = queue.Queue(maxsize=self.params.queue_size)
         self._stop = threading.Event()
 
@@ -210,8 +210,7 @@ class InstaSceneNode(Node):
             return
         self.frames_mapped += 1
         if report.keyframe:
-            self.keyframes_made += 1
-            if self.keyframes_made % max(1, self.params.overlay_every_n_keyframes) == 0:
+            if self.pipeline.mapper.keyframes_made % max(1, self.params.overlay_every_n_keyframes) == 0:
                 self._publish_frame_masks(frame, synced.image.header)
         for event in self.pipeline.drain_events():
             self.pub_events.publish(mapper_services.event_msg(self, event))
