@@ -156,6 +156,23 @@ def _gather_channels(start, end, ids, colors):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _proper_ellipse(local, k):
+    """3DGS splat k's conic is positive definite (always, for dilated covariances): its sigma is
+    >= 0 everywhere and its level sets are ellipses, which the row bounds and stepping rely on."""
+    g = _GEOMETRY
+    a, b, c = local[k, g], local[k, g + 1], local[k, g + 2]
+    return a > 0.0 and a * c - b * b > 0.0
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _tile_pixel(row, col, y_begin, x_begin, tile_size):
+    """Index of image pixel (row, col) in its tile's per-pixel arrays. Unsigned: numba wraps
+    negative indices around with a compare per access, which LLVM cannot drop for a computed
+    index; this one is never negative, and saying so measured ~2% faster."""
+    return numba.uint64((row - y_begin) * tile_size + (col - x_begin))
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _surfel_sigma(local, k, px, py):
     """(sigma, uses_intersection, s_u, s_v, cross_z) of surfel k at (px, py); sigma < 0 = no hit."""
     g = _GEOMETRY
@@ -184,8 +201,13 @@ def _surfel_sigma(local, k, px, py):
 @njit(cache=True, nogil=True, inline="always")
 def _splat_alpha(local, k, px, py, min_alpha, max_alpha, surfel, stepped, stepped_vis):
     """(alpha, exp(-sigma)) of tile-local splat k at pixel centre (px, py); alpha < 0 = skip.
-    stepped: exp(-sigma) is `stepped_vis`, carried along the row (see _row_steps); sigma is
-    still computed here, for the cut test."""
+    stepped: exp(-sigma) is `stepped_vis`, carried along the row (see _row_steps), and sigma is
+    not needed: the splat is a proper ellipse (sigma >= 0) and sigma > cut is alpha < min_alpha."""
+    if stepped:
+        alpha = min(max_alpha, local[k, _OPACITY] * stepped_vis)
+        if alpha < min_alpha:
+            return -1.0, stepped_vis
+        return alpha, stepped_vis
     if surfel:
         sigma, uses_intersection, s_u, s_v, cross_z = _surfel_sigma(local, k, px, py)
     else:
@@ -204,12 +226,20 @@ def _splat_alpha(local, k, px, py, min_alpha, max_alpha, surfel, stepped, steppe
 
 @njit(cache=True, nogil=True, inline="always")
 def _rows(local, k, y_begin, y_end, surfel):
-    """Tile rows [r0, r1) splat k can reach (surfels: its footprint box; 3DGS: every row, an
-    empty chord costs one square root: bounding the rows by the ellipse measured no faster)."""
-    if not surfel:
-        return y_begin, y_end
-    top = local[k, _Y] - local[k, _RY] - 0.5  # row centre r + 0.5 >= y - ry
-    bottom = local[k, _Y] + local[k, _RY] - 0.5
+    """Tile rows [r0, r1) splat k can reach: surfels, their footprint box; 3DGS, the rows the
+    cut ellipse spans (sigma <= cut needs dy^2 <= 2 cut a / det), with a pixel of margin since
+    _row_span is exact anyway; more than half of a tile's rows are outside it on average."""
+    if surfel:
+        top = local[k, _Y] - local[k, _RY] - 0.5  # row centre r + 0.5 >= y - ry
+        bottom = local[k, _Y] + local[k, _RY] - 0.5
+    else:
+        if not _proper_ellipse(local, k):
+            return y_begin, y_end
+        g = _GEOMETRY
+        a, b, c = local[k, g], local[k, g + 1], local[k, g + 2]
+        half = math.sqrt(2.0 * local[k, _CUT] * a / (a * c - b * b)) + 1.0
+        top = local[k, _Y] - half - 0.5
+        bottom = local[k, _Y] + half - 0.5
     top = min(max(top, y_begin - 2.0), y_end + 2.0)
     bottom = min(max(bottom, y_begin - 2.0), y_end + 2.0)
     return max(y_begin, int(math.ceil(top))), min(y_end, int(math.floor(bottom)) + 1)
@@ -240,8 +270,9 @@ def _row_span(local, k, py, x_begin, x_end, surfel):
     if disc < 0.0:
         return x_begin, x_begin
     root = math.sqrt(disc)
-    left = local[k, _X] - (root - b * dy) / a - 0.5  # px = mean_x - dx, column = px - 0.5
-    right = local[k, _X] + (root + b * dy) / a - 0.5
+    inv_a = 1.0 / a
+    left = local[k, _X] - (root - b * dy) * inv_a - 0.5  # px = mean_x - dx, column = px - 0.5
+    right = local[k, _X] + (root + b * dy) * inv_a - 0.5
     left = min(max(left, x_begin - 2.0), x_end + 2.0)
     right = min(max(right, x_begin - 2.0), x_end + 2.0)
     return max(x_begin, int(math.ceil(left - 1e-6))), min(x_end, int(math.floor(right + 1e-6)) + 1)
@@ -256,7 +287,7 @@ def _row_steps(local, k, py, c0, surfel):
     constant second difference): two exp calls per row instead of one per pixel; exp was ~28%
     of the forward and backward kernels' time. Rounding drifts ~1e-14 over a 16-pixel tile row.
     Surfels, and conics that are not proper ellipses: not stepped (exp per pixel)."""
-    if surfel or not local[k, _GEOMETRY] > 0.0:
+    if surfel or not _proper_ellipse(local, k):
         return False, 1.0, 1.0
     g = _GEOMETRY
     a, b, c = local[k, g], local[k, g + 1], local[k, g + 2]
@@ -307,7 +338,7 @@ def _forward_tile(tile, offsets, ids, means2d, geometry, opacities, radii, color
                 here = run
                 run *= ratio  # advanced for every column, skipped ones included
                 ratio *= decay
-                p = (row - y_begin) * tile_size + (col - x_begin)
+                p = _tile_pixel(row, col, y_begin, x_begin, tile_size)
                 if done[p]:
                     continue
                 alpha, vis = _splat_alpha(local, k, col + 0.5, py, min_alpha, max_alpha, surfel, stepped, here)
@@ -414,6 +445,10 @@ def _backward_tile(tile, offsets, ids, means2d, geometry, opacities, radii, colo
         if local[k, _CUT] < 0.0:
             continue
         g_mean_x = g_mean_y = g_opacity = 0.0
+        # 3DGS conic gradients in scalars: registers, where the array below is reloaded and stored
+        # at every pixel (LLVM cannot tell it apart from the other arrays written in the loop)
+        g_conic_a = g_conic_b = g_conic_c = 0.0
+        conic_a, conic_b, conic_c = local[k, _GEOMETRY], local[k, _GEOMETRY + 1], local[k, _GEOMETRY + 2]
         grad_geometry[:] = 0.0
         grad_color[:] = 0.0
         opac = local[k, _OPACITY]
@@ -429,7 +464,7 @@ def _backward_tile(tile, offsets, ids, means2d, geometry, opacities, radii, colo
                 here = run
                 run *= ratio
                 ratio *= decay
-                p = (row - y_begin) * tile_size + (col - x_begin)
+                p = _tile_pixel(row, col, y_begin, x_begin, tile_size)
                 if k >= last[p]:
                     continue
                 px = col + 0.5
@@ -457,12 +492,11 @@ def _backward_tile(tile, offsets, ids, means2d, geometry, opacities, radii, colo
                 dx = local[k, _X] - px
                 dy = local[k, _Y] - py
                 if not surfel:
-                    g = _GEOMETRY
-                    g_mean_x += d_sigma * (local[k, g] * dx + local[k, g + 1] * dy)
-                    g_mean_y += d_sigma * (local[k, g + 1] * dx + local[k, g + 2] * dy)
-                    grad_geometry[0] += d_sigma * 0.5 * dx * dx
-                    grad_geometry[1] += d_sigma * dx * dy
-                    grad_geometry[2] += d_sigma * 0.5 * dy * dy
+                    g_mean_x += d_sigma * (conic_a * dx + conic_b * dy)
+                    g_mean_y += d_sigma * (conic_b * dx + conic_c * dy)
+                    g_conic_a += d_sigma * 0.5 * dx * dx
+                    g_conic_b += d_sigma * dx * dy
+                    g_conic_c += d_sigma * 0.5 * dy * dy
                     continue
                 sigma, uses_intersection, s_u, s_v, cross_z = _surfel_sigma(local, k, px, py)
                 if not uses_intersection:
@@ -499,6 +533,10 @@ def _backward_tile(tile, offsets, ids, means2d, geometry, opacities, radii, colo
                 grad_geometry[6] += px * dhu0 + py * dhv0
                 grad_geometry[7] += px * dhu1 + py * dhv1
                 grad_geometry[8] += px * dhu2 + py * dhv2
+        if not surfel:
+            grad_geometry[0] = g_conic_a
+            grad_geometry[1] = g_conic_b
+            grad_geometry[2] = g_conic_c
         grads[k, _GRAD_MEAN] = g_mean_x
         grads[k, _GRAD_MEAN + 1] = g_mean_y
         for j in range(n_geometry):
@@ -592,7 +630,7 @@ def _contributors_tile(tile, offsets, ids, means2d, geometry, opacities, radii, 
                 here = run
                 run *= ratio
                 ratio *= decay
-                p = (row - y_begin) * tile_size + (col - x_begin)
+                p = _tile_pixel(row, col, y_begin, x_begin, tile_size)
                 if done[p]:
                     continue
                 alpha, vis = _splat_alpha(local, k, col + 0.5, py, min_alpha, max_alpha, surfel, stepped, here)
