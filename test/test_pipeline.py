@@ -154,6 +154,95 @@ def test_idle_step_renders_the_newest_view_so_pixel_queries_answer_from_cache(mo
     assert pipeline.query_cache_stale()
 
 
+def _idle_until(pipeline, wanted: str, limit: int = 20) -> dict:
+    """Idle steps until one does `wanted` (a timing key); the pixel-query cache refresh that
+    follows every new snapshot is passed over."""
+    for _ in range(limit):
+        timings = pipeline.idle_step()
+        if wanted in timings or not timings:
+            return timings
+        assert set(timings) == {"query_cache"}, timings
+    raise AssertionError(f"no idle step did {wanted}")
+
+
+def test_idle_steps_settle_the_instances_on_a_finished_map_then_stop():
+    """With the refinement budget spent, idle steps re-trace every keyframe traced before the
+    map's last change (a few per step), then fit the field `finish_feature_steps` in idle-sized
+    chunks, then do nothing; a map change starts the settle again."""
+    pipeline = _decomposed_blob_pipeline()
+    cadence = pipeline.config.cadence
+    cadence.finish_feature_steps, cadence.idle_feature_steps, cadence.idle_retrace_keyframes = 25, 10, 4
+    pipeline.config.mapper.optimisation.total_iterations = 0
+    pipeline.mapper.iteration = 7  # the map moved on after every keyframe was traced at 0
+    assert not pipeline.settled
+    steps_before = pipeline.field.step_count
+    assert _idle_until(pipeline, "settle_retrace") and sorted(pipeline.traced_at.values()) == [0, 0, 7, 7, 7, 7]
+    assert _idle_until(pipeline, "settle_retrace") and set(pipeline.traced_at.values()) == {7}
+    assert pipeline.field.step_count == steps_before, "no fit before every keyframe is traced on this map"
+    versions = []
+    for expected in (10, 20, 25):
+        timings = _idle_until(pipeline, "features")
+        assert "tracker" in timings and "retrace" in timings
+        assert pipeline.field.step_count - steps_before == expected
+        versions.append(pipeline.snapshot.map_version)
+        assert pipeline.settled == (expected == 25)
+    assert versions == sorted(set(versions)), "every chunk publishes fresh instances"
+    assert _idle_until(pipeline, "nothing") == {} and pipeline.field.step_count - steps_before == 25
+    # A new keyframe moves the map: the settle starts over, and is persisted with the map.
+    pipeline.mapper.iteration += 1
+    assert not pipeline.settled
+    assert _idle_until(pipeline, "settle_retrace")
+
+
+def test_a_finished_or_saved_settled_map_does_not_settle_again(tmp_path):
+    pipeline = _decomposed_blob_pipeline()
+    pipeline.config.mapper.optimisation.total_iterations = 0
+    pipeline.config.cadence.finish_feature_steps = 5
+    pipeline.finish(extra_iterations=0)
+    assert pipeline.settled
+    pipeline.save(str(tmp_path / "map.instascene"))
+    loaded = Pipeline(pipeline.config)
+    loaded.load(str(tmp_path / "map.instascene"))
+    assert loaded.settled
+    steps = loaded.field.step_count
+    assert _idle_until(loaded, "nothing") == {} and loaded.field.step_count == steps
+
+
+def test_idle_refinement_updates_the_instances_only_every_few_seconds():
+    """Before the budget is spent an idle step is a refinement burst; the instances (seconds of
+    work) follow at most every `idle_instances_every_s`."""
+    pipeline = _decomposed_blob_pipeline()
+    cadence = pipeline.config.cadence
+    cadence.idle_refine_iterations, cadence.idle_feature_steps = 2, 2
+    pipeline.config.mapper.optimisation.total_iterations = pipeline.mapper.iteration + 100
+    cadence.idle_instances_every_s = 1e9
+    start = pipeline.mapper.iteration
+    timings = _idle_until(pipeline, "idle_refine")
+    assert "features" not in timings and pipeline.mapper.iteration == start + 2
+    cadence.idle_instances_every_s = 0.0
+    timings = _idle_until(pipeline, "idle_refine")
+    assert "features" in timings and pipeline.mapper.iteration == start + 4
+    assert not pipeline.settled
+
+
+def test_completion_is_cached_per_map_version_and_a_cached_answer_reports_done():
+    pipeline = _decomposed_blob_pipeline()
+    instance = pipeline.snapshot.instances[0].id
+    progress = []
+    first = pipeline.complete(instance, on_progress=lambda stage, fraction: progress.append((stage, fraction)))
+    assert first.success, first.message
+    assert progress[0][1] == 0.0 and progress[-1][1] == pytest.approx(1.0) and len(progress) > 2
+    progress.clear()
+    again = pipeline.complete(instance, on_progress=lambda stage, fraction: progress.append((stage, fraction)))
+    assert again.success and again.message.endswith("(cached)") and again.result is first.result
+    assert progress == [("cached", 1.0)]
+    pipeline.update_instances(feature_steps=1)  # a new map version: computed anew
+    progress.clear()
+    fresh = pipeline.complete(pipeline.snapshot.instances[0].id,
+                              on_progress=lambda stage, fraction: progress.append((stage, fraction)))
+    assert fresh.success and not fresh.message.endswith("(cached)") and len(progress) > 2
+
+
 def test_id_only_pixel_query_renders_a_window_and_agrees_with_the_full_view(monkeypatch):
     from instascene_ros.core.pipeline import QUERY_WINDOW_PX
 

@@ -51,6 +51,8 @@ def test_node_end_to_end(small_scene, ros_env, ros_processes, tmp_path):
                             timeout=600)
     assert client.returncode == 0, client.stderr[-3000:]
     result = json.loads(client.stdout.strip().splitlines()[-1])
+    print(f"client: instances after {result['waited_s']:.0f} s, queries from {result.get('segment_done_s', 0):.0f} s, "
+          f"done at {result.get('client_s', 0):.0f} s")
     assert node.poll() is None, "the node died"
 
     # bad input: every malformed message dropped with its reason counted, the node alive
@@ -59,6 +61,7 @@ def test_node_end_to_end(small_scene, ros_env, ros_processes, tmp_path):
                    "drops/out-of-order or duplicate image stamp"):
         assert int(diagnostics.get(reason, 0)) >= 1, (reason, diagnostics)
     assert int(diagnostics["frames_mapped"]) >= 14
+    assert diagnostics["map_settled"] in ("True", "False")  # the settle (test_pipeline) is reported
 
     # instances against ground truth: every object found once, clouds on their own object
     meshes = {int(p.stem): trimesh.load(p, force="mesh") for p in (small_scene / "gt_meshes").glob("*.ply")}

@@ -13,8 +13,11 @@ Protocol (one generated scene, the same data for every row):
    `--minutes`; the sequence repeats, as a robot circling the table again would. Meanwhile a
    planner stand-in (ros/live_probe.py) calls `~/list_instances` and `~/segment_at_pixel` every
    `--probe-period` seconds over DDS and times every answer, and /diagnostics is recorded (queue,
-   drops, keyframes, resident memory). When the stream ends the node gets `--settle-seconds`
-   of idle refinement, then `~/save_map`; the saved map is scored exactly like the offline run
+   drops, keyframes, resident memory). When the stream ends the node idles (refinement up to
+   the preset's budget, then the instance layer's settle: every keyframe re-traced on the final
+   map and the field's finishing fit, as the offline run's `finish` does) until /diagnostics
+   says `map_settled`, for at least 10 s and at most `--settle-seconds`; then `~/save_map`,
+   and the saved map is scored exactly like the offline run
    (core/evaluation.evaluate_run). The second live row streams with pose noise (`--pose-noise`,
    a fresh random error per frame on TF), scored against the true test cameras. Optional rows
    `live-unrefined` and `live-pose-noise-unrefined` repeat the live rows with `refine_poses:=false`
@@ -55,8 +58,10 @@ def add_parser(benches) -> None:
     sub.add_argument("--rate", type=float, default=10.0, help="stream rate, frames per second")
     sub.add_argument("--minutes", type=float, default=10.0, help="stream length per live row")
     sub.add_argument("--pose-noise", default="5,0.5", help="MM,DEG of the pose-noise row ('' for none)")
-    sub.add_argument("--settle-seconds", type=float, default=60.0,
-                     help="idle refinement after the stream, before the map is saved and scored")
+    sub.add_argument("--settle-seconds", type=float, default=300.0,
+                     help="most seconds the node may idle after the stream (refinement, then the instances' "
+                          "settle) before the map is saved and scored; it is saved as soon as the node "
+                          "reports map_settled")
     sub.add_argument("--probe-period", type=float, default=0.5, help="seconds between the planner's queries")
     sub.add_argument("--flat-mb-per-min", type=float, default=5.0,
                      help="resident-memory trend over the stream's second half that still counts as flat")
@@ -145,9 +150,19 @@ def live_row(scene: pathlib.Path, out: pathlib.Path, args, pose_noise: str, refi
         stream_end = time.monotonic()
         if publisher.returncode != 0:
             raise RuntimeError(f"publish-dataset failed: {publisher.stderr.read()[-2000:]}")
-        # Settle: idle refinement with the queue empty, still probed (the node is not mapping).
-        settle_end = time.monotonic() + args.settle_seconds
-        probe.probe_while(lambda: time.monotonic() < settle_end, args.probe_period, u, v)
+        # Settle: the node idles with the queue empty (still probed), until it reports its map
+        # settled; 10 s at least, so frames still queued at the end are mapped first.
+        settle_start = time.monotonic()
+        settle_end = settle_start + args.settle_seconds
+
+        def settling() -> bool:
+            now = time.monotonic()
+            settled = probe.diagnostics.get("map_settled") == "True"
+            return now < settle_end and (now < settle_start + min(10.0, args.settle_seconds) or not settled)
+
+        probe.probe_while(settling, args.probe_period, u, v)
+        row.update({"settle_s": time.monotonic() - settle_start,
+                    "settled": probe.diagnostics.get("map_settled") == "True"})
         saved = probe.save_map(str((out / "map.instascene").resolve()))
         if not saved.success:
             raise RuntimeError(f"save_map failed: {saved.message}")
@@ -249,7 +264,7 @@ def print_table(result: dict, args) -> None:
                         ("cloud_precision", 3), ("n_instances", 0), ("keyframes", 0), ("keyframes_made", 0), ("keyframe_poses_refined", 0),
                         ("keyframe_poses_kept", 0), ("frames_published", 0),
                         ("frames_in", 0), ("frames_covered", 0), ("frames_mapped", 0), ("drops_total", 0), ("queue_max", 0),
-                        ("rss_start_mb", 0), ("rss_end_mb", 0), ("rss_trend_mb_per_min", 2),
+                        ("settle_s", 0), ("settled", 0), ("rss_start_mb", 0), ("rss_end_mb", 0), ("rss_trend_mb_per_min", 2),
                         ("list_instances_p95_ms", 1), ("segment_at_pixel_p95_ms", 1),
                         ("segment_at_pixel_mask_p95_ms", 1), ("exit_code", 0)):
         cells = []

@@ -60,10 +60,17 @@ class CadenceConfig:
     retrace_per_solve: int = 2  # oldest-traced keyframes re-traced against the current map per solve
     feature_steps_per_keyframe: int = 4  # feature-field steps interleaved after each keyframe
     finish_feature_steps: int = 300  # extra steps in `finish` (offline run / end of stream)
-    # When no frame is waiting, the online node keeps improving the map: short refinement bursts
-    # over all keyframes until the preset's iteration budget is spent, then an instance update.
+    # When no frame is waiting, the online node keeps improving the map (`Pipeline.idle_step`):
+    # short refinement bursts over all keyframes until the preset's iteration budget is spent,
+    # with an instance update at most every `idle_instances_every_s` (one costs ~7 s on 2 cores
+    # against ~0.7 s per burst: after every burst, as before, the live bench's map was still
+    # 800 iterations short of its budget a minute after the stream ended). Then the instance
+    # layer settles as `finish` would: every keyframe traced before the map's last change is
+    # re-traced, `idle_retrace_keyframes` per step, and the field gets `finish_feature_steps`.
     idle_refine_iterations: int = 10
     idle_feature_steps: int = 10
+    idle_instances_every_s: float = 20.0
+    idle_retrace_keyframes: int = 8
     trace_t_min: float = 0.5  # InstaScene: contributors while transmittance > 0.5
 
 
@@ -204,6 +211,8 @@ class Pipeline:
         self.consistent_labels: dict[int, dict[int, int]] = {}
         self.forgotten: set[int] = set()
         self.keyframes_since_solve = 0
+        self._last_instance_update = -np.inf  # time.monotonic() of the last update_instances
+        self._settle_fit: tuple[int, int] = (-1, 0)  # (mapper iteration, field steps given since) of the settle
         self.identity_splits = 0  # Gaussians split by GradiSeg's IGD (option; 0 when off)
         self._feature_cache: dict[int, tuple] = {}  # keyframe index -> (map_version, features, alpha)
         self._completion_cache: dict[tuple, tuple] = {}  # (id, map version, generator, faces) -> (result, message)
@@ -273,14 +282,7 @@ class Pipeline:
         timings = {}
         with self.lock:
             tic = time.perf_counter()
-            stale = sorted(self.traced_at, key=self.traced_at.get)[: self.config.cadence.retrace_per_solve
-                                                                      if retrace is None else retrace]
-            cameras = {kf.index: kf.camera for kf in self.mapper.keyframes}
-            for index in stale:
-                if index in cameras:
-                    trackers, visible = self._trace(cameras[index], self.masks[index])
-                    self.tracker.retrace(index, trackers, visible)
-                    self.traced_at[index] = self.mapper.iteration
+            self._retrace_oldest(self.config.cadence.retrace_per_solve if retrace is None else retrace)
             scene = self.mapper.scene
             self.tracker.inherit(scene.ids.cpu().numpy(), scene.parent_ids.cpu().numpy())
             timings["retrace"] = time.perf_counter() - tic
@@ -307,7 +309,18 @@ class Pipeline:
             self._publish_snapshot(result.events)
             timings["instances"] = time.perf_counter() - tic
             self.keyframes_since_solve = 0
+            self._last_instance_update = time.monotonic()
         return timings
+
+    def _retrace_oldest(self, count: int) -> None:
+        """Trace the `count` keyframes traced longest ago against the current map."""
+        stale = sorted(self.traced_at, key=self.traced_at.get)[:count]
+        cameras = {kf.index: kf.camera for kf in self.mapper.keyframes}
+        for index in stale:
+            if index in cameras:
+                trackers, visible = self._trace(cameras[index], self.masks[index])
+                self.tracker.retrace(index, trackers, visible)
+                self.traced_at[index] = self.mapper.iteration
 
     def _train_field(self, keyframes, labels, steps: int) -> int:
         """Train the feature field `steps` steps. With GradiSeg's IGD on and the mapper's
@@ -414,35 +427,81 @@ class Pipeline:
                              features=live.features.clone())
 
     def idle_step(self) -> dict:
-        """Work to do while no frame is waiting (online): instances first, then refinement.
+        """Work to do while no frame is waiting (online), one short step (a few seconds at most,
+        so a new frame waits little): new masks into the instances first, then the pixel-query
+        cache, then map refinement up to the preset's budget, then the instance layer's settle.
+        Once settled, the live map is where `finish` leaves an offline run (up to finish's time
+        cap) and further steps do nothing until a new keyframe arrives.
 
-        Returns the timings of what was done ({} when the map is already as good as its budget).
+        Returns the timings of what was done ({} when there is nothing left to do).
         """
+        cadence = self.config.cadence
         with self.lock:
             if not self.mapper.keyframes:
                 return {}
             if self.keyframes_since_solve > 0 and self.masks:
-                return self.update_instances(self.config.cadence.idle_feature_steps)
+                return self.update_instances(cadence.idle_feature_steps)
             if self.query_cache_stale():
                 # A render of the newest view now, so that a planner's `segment_at_pixel` about
                 # what the robot sees answers from the cache (a few ms) instead of rendering.
                 tic = time.perf_counter()
                 self._cached_features(self.mapper.keyframes[-1], self.snapshot)
                 return {"query_cache": time.perf_counter() - tic}
-            if self.mapper.iteration >= self.config.mapper.optimisation.total_iterations:
-                return {}
+            if self.mapper.iteration < self.config.mapper.optimisation.total_iterations:
+                tic = time.perf_counter()
+                self.mapper.finish(extra_iterations=cadence.idle_refine_iterations, time_budget_s=None)
+                timings = {"idle_refine": time.perf_counter() - tic}
+                if self.masks and time.monotonic() - self._last_instance_update >= cadence.idle_instances_every_s:
+                    timings.update(self.update_instances(cadence.idle_feature_steps, retrace=1))
+                return timings
+            return self._settle_step()
+
+    def _settle_step(self) -> dict:
+        """One step of bringing the instance layer up to a map that no longer changes: re-trace
+        the keyframes traced before the map's last change, then fit the field until it has had
+        `finish_feature_steps` since (with a solve and fresh instances after every chunk)."""
+        cadence = self.config.cadence
+        if not self.masks:
+            return {}
+        iteration = self.mapper.iteration
+        stale = sum(1 for traced in self.traced_at.values() if traced < iteration)
+        if stale:
             tic = time.perf_counter()
-            self.mapper.finish(extra_iterations=self.config.cadence.idle_refine_iterations, time_budget_s=None)
-            timings = {"idle_refine": time.perf_counter() - tic}
-            if self.masks:
-                timings.update(self.update_instances(self.config.cadence.idle_feature_steps, retrace=1))
-            return timings
+            self._retrace_oldest(min(stale, cadence.idle_retrace_keyframes))
+            return {"settle_retrace": time.perf_counter() - tic}
+        given = self._settle_fit[1] if self._settle_fit[0] == iteration else 0
+        steps = min(cadence.idle_feature_steps, cadence.finish_feature_steps - given)
+        if steps <= 0:
+            return {}
+        # counted as given even when the field could not train (no instance priors yet): the
+        # settle ends either way instead of retrying a fit that has nothing to learn from
+        self._settle_fit = (iteration, given + steps)
+        return self.update_instances(steps, retrace=0)
+
+    @property
+    def settled(self) -> bool:
+        """The map has spent its refinement budget and the instance layer has caught up with it
+        (every keyframe traced on the final map, the field fitted `finish_feature_steps` since):
+        idle steps have nothing left to do until a new keyframe arrives."""
+        with self.lock:
+            if not self.mapper.keyframes or self.keyframes_since_solve > 0:
+                return False
+            iteration = self.mapper.iteration
+            if iteration < self.config.mapper.optimisation.total_iterations:
+                return False
+            if not self.masks:
+                return True
+            if any(traced < iteration for traced in self.traced_at.values()):
+                return False
+            given = self._settle_fit[1] if self._settle_fit[0] == iteration else 0
+            return given >= self.config.cadence.finish_feature_steps
 
     def finish(self, extra_iterations: Optional[int] = None, time_budget_s: Optional[float] = None) -> dict:
         """End of stream: global refinement, full re-trace, and a longer feature-field fit."""
         with self.lock:
             stats = self.mapper.finish(extra_iterations=extra_iterations, time_budget_s=time_budget_s)
             stats.update(self.update_instances(self.config.cadence.finish_feature_steps, retrace=len(self.traced_at)))
+            self._settle_fit = (self.mapper.iteration, self.config.cadence.finish_feature_steps)
             return stats
 
     def drain_events(self) -> list[InstanceEventInfo]:
@@ -631,6 +690,8 @@ class Pipeline:
         key = (int(instance_id), snapshot.map_version, generator, max_faces)
         cached = self._completion_cache.get(key)
         if cached is not None:
+            if on_progress:  # an action client still sees its goal reach 100%
+                on_progress("cached", 1.0)
             return CompletionOutcome(True, cached[1] + " (cached)", cached[0])
         if on_progress:
             on_progress("views", 0.0)
@@ -715,7 +776,8 @@ class Pipeline:
         with self.lock:
             state = {"magic": MAP_MAGIC, "format": MAP_FORMAT, "map_version": self.snapshot.map_version,
                      "mapper": self.mapper, "tracker": self.tracker, "field": self.field, "masks": self.masks,
-                     "traced_at": self.traced_at, "priors": self.priors, "forgotten": self.forgotten}
+                     "traced_at": self.traced_at, "priors": self.priors, "forgotten": self.forgotten,
+                     "settle_fit": self._settle_fit}
             descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             os.close(descriptor)
             try:
@@ -743,6 +805,8 @@ class Pipeline:
             self.mapper, self.tracker, self.field = state["mapper"], state["tracker"], state["field"]
             self.masks, self.traced_at = state["masks"], state["traced_at"]
             self.priors, self.forgotten = state["priors"], state["forgotten"]
+            # maps saved before the key existed settle again when the node idles (a re-fit)
+            self._settle_fit = tuple(state.get("settle_fit", (-1, 0)))
             self.snapshot = MapSnapshot(map_version=max(version, state["map_version"]), n_gaussians=self.mapper.scene.n)
             self._feature_cache = {}
             self._publish_snapshot()

@@ -23,6 +23,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import Header
 from visualization_msgs.msg import MarkerArray
 
+from instascene_ros.core.resident_memory import limit_malloc_arenas, release_free_memory, resident_mb
 from instascene_ros.msg import InstanceArray, InstanceEvent
 from instascene_ros.ros import mapper_services
 from instascene_ros.ros.frame_input import (DropReason, FrameAssembler, InputLimits, PoseTopicLookup,
@@ -51,6 +52,7 @@ class InstaSceneNode(Node):
         self.drops: dict[str, int] = defaultdict(int)
         self.stage_seconds: dict[str, float] = {}
         self.frames_in = self.frames_mapped = self.frames_covered = 0
+        self.map_settled = False  # see publish_diagnostics
         self._queue: queue.Queue = queue.Queue(maxsize=self.params.queue_size)
         self._stop = threading.Event()
 
@@ -188,6 +190,10 @@ class InstaSceneNode(Node):
             self.get_logger().error(f"idle refinement failed: {error!r}", throttle_duration_sec=10.0)
             return
         self.stage_seconds.update(timings)
+        if timings:
+            release_free_memory()  # the step's renders and gradients, back to the system
+        # Asked here, on the worker (the pipeline lock is free): diagnostics only read the flag.
+        self.map_settled = self.pipeline.settled
         for event in self.pipeline.drain_events():
             self.pub_events.publish(mapper_services.event_msg(self, event))
 
@@ -210,6 +216,8 @@ class InstaSceneNode(Node):
             return
         self.frames_mapped += 1
         if report.keyframe:
+            self.map_settled = False
+            release_free_memory()
             if self.pipeline.mapper.keyframes_made % max(1, self.params.overlay_every_n_keyframes) == 0:
                 self._publish_frame_masks(frame, synced.image.header)
         for event in self.pipeline.drain_events():
@@ -260,7 +268,10 @@ class InstaSceneNode(Node):
                   "drops_total": sum(self.drops.values()), "n_gaussians": snapshot.n_gaussians,
                   "n_instances": len(snapshot.instances), "map_version": snapshot.map_version,
                   "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-                  "rss_mb": _resident_mb()}
+                  "rss_mb": resident_mb(),
+                  # the map has spent its refinement budget and the instances have caught up
+                  # with it (what the end of an offline run gives); false again at a new keyframe
+                  "map_settled": self.map_settled}
         # Reads a few ints of the mapper's counters (no lock needed for a diagnostic).
         pose_stats = dict(self.pipeline.mapper.pose_stats)
         values.update({"keyframe_poses_refined": pose_stats["refined"], "keyframe_poses_kept": pose_stats["kept"],
@@ -278,18 +289,8 @@ class InstaSceneNode(Node):
         self._worker.join(timeout=10.0)
 
 
-def _resident_mb() -> float:
-    """Resident memory now (the peak alone cannot show whether memory stays flat); Linux only."""
-    import os
-
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return float("nan")
-
-
 def main(args=None) -> int:
+    limit_malloc_arenas(2)  # before the executor and worker threads exist (see core/resident_memory)
     # a parameter that cannot work raises ValueError in the constructor
     return run_node(InstaSceneNode, "instascene_node", (ValueError,), num_threads=4, args=args)
 

@@ -59,16 +59,24 @@ def main():
         ("get_completed_object", GetCompletedObject), ("forget_instance", ForgetInstance),
         ("save_map", SaveMap), ("load_map", LoadMap)]}
     result = {}
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     latencies = []
     version_when_mapped = None
+    report_at = 0.0
     while time.monotonic() < deadline:
         rclpy.spin_once(node, timeout_sec=0.5)
         response, seconds = call(node, clients["list_instances"], ListInstances.Request())
         latencies.append(seconds)
-        mapped = _diagnostic(state, "frames_mapped")
-        if version_when_mapped is None and mapped >= min_frames and _diagnostic(state, "queue_depth") == 0:
+        # every valid frame is either mapped or skipped as covered by a keyframe
+        handled = _diagnostic(state, "frames_mapped") + max(_diagnostic(state, "frames_covered"), 0)
+        if version_when_mapped is None and handled >= min_frames and _diagnostic(state, "queue_depth") == 0:
             version_when_mapped = response.instances.map_version
+        if time.monotonic() - started > report_at:
+            report_at += 10.0
+            print(f"{time.monotonic() - started:5.0f} s: mapped {_diagnostic(state, 'frames_mapped')} covered "
+                  f"{_diagnostic(state, 'frames_covered')} queue {_diagnostic(state, 'queue_depth')} version "
+                  f"{response.instances.map_version} instances {len(response.instances.instances)}", file=sys.stderr)
         if version_when_mapped is not None and (response.instances.map_version >= version_when_mapped + 2
                                                 and len(response.instances.instances) >= min_instances):
             break
@@ -93,6 +101,7 @@ def main():
         seg, seconds = call(node, clients["segment_at_pixel"], SegmentAtPixel.Request(u=10.0, v=10.0, return_mask=True))
         result["segment"] = {"success": seg.success, "message": seg.message, "seconds": seconds,
                              "mask_size": [seg.mask.width, seg.mask.height]}
+        result["segment_done_s"] = time.monotonic() - started
         completed, seconds = call(node, clients["get_completed_object"], GetCompletedObject.Request(instance_id=first))
         vertices, faces = mesh_from_msg(completed.object.mesh)
         p, q = completed.object.pose.position, completed.object.pose.orientation
@@ -113,6 +122,11 @@ def main():
             result_future = goal_future.result().get_result_async()
             rclpy.spin_until_future_complete(node, result_future, timeout_sec=60.0)
             action_result = result_future.result().result
+            # feedback travels on a topic, the result on a service: a last feedback may still
+            # be on its way when the result is in
+            end = time.monotonic() + 2.0
+            while time.monotonic() < end and (not feedback or feedback[-1] < 1.0):
+                rclpy.spin_once(node, timeout_sec=0.1)
             result["action"] = {"success": action_result.success, "message": action_result.message,
                                 "feedback": feedback, "n_vertices": len(action_result.object.mesh.vertices)}
         if save_path:
@@ -147,6 +161,7 @@ def main():
             after, _ = call(node, clients["list_instances"], ListInstances.Request())
             result["load"] = {"success": loaded.success, "message": loaded.message,
                               "ids_after": [i.id for i in after.instances.instances]}
+    result["client_s"] = time.monotonic() - started
     print(json.dumps(result), flush=True)
     node.destroy_node()
     rclpy.try_shutdown()
