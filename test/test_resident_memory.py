@@ -18,8 +18,3 @@ def test_release_returns_freed_heap_pages_that_malloc_would_keep():
     after = resident_memory.resident_mb()
     assert before - after > 100, (before, after)
     assert all(block[0] == 1.0 and block[-1] == 1.0 for block in kept)  # live memory untouched
-
-
-def test_arena_limit_defers_to_the_environment(monkeypatch):
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    assert resident_memory.limit_malloc_arenas(2) is False

@@ -5,11 +5,13 @@ process (at the top of each heap, and in one heap per thread that ever allocated
 returning it to the system. A mapper frees hundreds of MB after every keyframe and instance
 update (renders, gradients, tracker traces), so its resident size ratchets up to its peaks and
 stays there, and on a robot that memory is lost to every other process. Measured on
-`runs/dev/rss_probe.py` (80 keyframes of the live bench's scene, one process): 1086 MB at the
-end as is, 914 MB with two heaps and a trim after every keyframe, growth per keyframe 0.62 ->
-0.50 MB, and no slower (254 s against 263 s). A smaller mmap threshold also tried there saved
-a little more but made mapping 25% slower (every image-sized tensor became an mmap), so it is
-not used.
+`runs/dev/rss_probe.py` (80 keyframes of the live bench's scene, one thread): 1086 MB at the
+end as is, 914 MB with a trim after every keyframe (and two heaps, which one thread hardly
+uses), growth per keyframe 0.62 -> 0.50 MB, and no slower (254 s against 263 s). Also tried,
+not used: a smaller mmap threshold saved a little more but made mapping 25% slower (every
+image-sized tensor became an mmap); two heaps for the whole process (glibc makes up to 8 per
+core) with a trim after every step, in the node, came with a live-bench mask-query p95 of
+120 ms against 82 (threads then wait on each other's heap locks).
 
 Everything here is best effort: on a libc without these calls (musl, macOS) it does nothing.
 """
@@ -20,7 +22,6 @@ import ctypes.util
 import os
 from typing import Optional
 
-_M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
 _libc: Optional[ctypes.CDLL] = None
 _libc_loaded = False
 
@@ -31,22 +32,11 @@ def _glibc() -> Optional[ctypes.CDLL]:
         _libc_loaded = True
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt"):
+            if hasattr(libc, "malloc_trim"):
                 _libc = libc
         except OSError:
             _libc = None
     return _libc
-
-
-def limit_malloc_arenas(arenas: int = 2) -> bool:
-    """At most `arenas` malloc heaps for the whole process (glibc's default is 8 per core): with
-    ROS executor threads, the mapping worker and numba's, each thread's frees otherwise land in
-    a heap of its own that is rarely empty enough to shrink. Call before threads start. Returns
-    whether it took effect. The MALLOC_ARENA_MAX environment variable, when set, wins."""
-    libc = _glibc()
-    if libc is None or os.environ.get("MALLOC_ARENA_MAX"):
-        return False
-    return bool(libc.mallopt(_M_ARENA_MAX, int(arenas)))
 
 
 def release_free_memory() -> bool:
