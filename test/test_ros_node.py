@@ -71,6 +71,7 @@ def test_node_end_to_end(small_scene, ros_env, ros_processes, tmp_path):
     claimed = {}
     for instance in result["instances"]:
         cloud = points[labels == instance["id"]]
+        assert len(cloud), f"instance {instance['id']} has no points in the cloud of its map version"
         distances = np.stack([np.abs(trimesh.proximity.signed_distance(mesh, cloud)) for mesh in meshes.values()], 1)
         nearest = np.array(list(meshes))[np.argmin(distances, axis=1)]
         owner = int(np.bincount(nearest).argmax())

@@ -82,14 +82,23 @@ def main():
             break
     result["waited_s"] = timeout - (deadline - time.monotonic())
     result["list_latency_p95_s"] = float(np.percentile(latencies, 95)) if latencies else None
-    listing = response.instances
+    # The instance list and the cloud are published together for each map version; the node
+    # keeps refining meanwhile, so take a list and a cloud that belong to the same version.
+    end = time.monotonic() + 15.0
+
+    def same_version() -> bool:
+        if state["cloud"] is None or not state["arrays"]:
+            return False
+        cloud_ids = set(np.unique(read_cloud(state["cloud"])["instance"]).tolist())
+        return cloud_ids == {i.id for i in state["arrays"][-1].instances}
+
+    while time.monotonic() < end and not same_version():
+        rclpy.spin_once(node, timeout_sec=0.2)
+    listing = state["arrays"][-1] if same_version() else response.instances
     result["instances"] = [{"id": i.id, "n_gaussians": i.n_gaussians, "map_version": i.map_version,
                             "bbox_min": [i.bbox_min.x, i.bbox_min.y, i.bbox_min.z],
                             "bbox_max": [i.bbox_max.x, i.bbox_max.y, i.bbox_max.z]} for i in listing.instances]
     result["map_version"] = listing.map_version
-    end = time.monotonic() + 5.0
-    while time.monotonic() < end and (state["cloud"] is None or not state["arrays"]):
-        rclpy.spin_once(node, timeout_sec=0.2)
     if state["cloud"] is not None:
         cloud = read_cloud(state["cloud"])
         result["cloud"] = {"points": np.stack([cloud["x"], cloud["y"], cloud["z"]], 1).tolist(),
