@@ -51,7 +51,7 @@ def test_node_end_to_end(small_scene, ros_env, ros_processes, tmp_path):
                             timeout=600)
     assert client.returncode == 0, client.stderr[-3000:]
     result = json.loads(client.stdout.strip().splitlines()[-1])
-    print(f"client: instances after {result['waited_s']:.0f} s, queries from {result.get('segment_done_s', 0):.0f} s, "
+    print(f"client: instances after {result['waited_s']:.0f} s, first query answered at {result.get('first_query_answered_s', 0):.0f} s, "
           f"done at {result.get('client_s', 0):.0f} s")
     assert node.poll() is None, "the node died"
 

@@ -463,20 +463,28 @@ class Pipeline:
         cadence = self.config.cadence
         if not self.masks:
             return {}
-        iteration = self.mapper.iteration
-        stale = sum(1 for traced in self.traced_at.values() if traced < iteration)
+        stale = self._traced_before_last_change()
         if stale:
             tic = time.perf_counter()
             self._retrace_oldest(min(stale, cadence.idle_retrace_keyframes))
             return {"settle_retrace": time.perf_counter() - tic}
-        given = self._settle_fit[1] if self._settle_fit[0] == iteration else 0
+        given = self._settle_steps_given()
         steps = min(cadence.idle_feature_steps, cadence.finish_feature_steps - given)
         if steps <= 0:
             return {}
         # counted as given even when the field could not train (no instance priors yet): the
         # settle ends either way instead of retrying a fit that has nothing to learn from
-        self._settle_fit = (iteration, given + steps)
+        self._settle_fit = (self.mapper.iteration, given + steps)
         return self.update_instances(steps, retrace=0)
+
+    def _traced_before_last_change(self) -> int:
+        """How many keyframes were last traced on an earlier state of the map."""
+        iteration = self.mapper.iteration
+        return sum(1 for traced in self.traced_at.values() if traced < iteration)
+
+    def _settle_steps_given(self) -> int:
+        """Field steps the settle has given since the map last changed."""
+        return self._settle_fit[1] if self._settle_fit[0] == self.mapper.iteration else 0
 
     @property
     def settled(self) -> bool:
@@ -486,15 +494,13 @@ class Pipeline:
         with self.lock:
             if not self.mapper.keyframes or self.keyframes_since_solve > 0:
                 return False
-            iteration = self.mapper.iteration
-            if iteration < self.config.mapper.optimisation.total_iterations:
+            if self.mapper.iteration < self.config.mapper.optimisation.total_iterations:
                 return False
             if not self.masks:
                 return True
-            if any(traced < iteration for traced in self.traced_at.values()):
+            if self._traced_before_last_change():
                 return False
-            given = self._settle_fit[1] if self._settle_fit[0] == iteration else 0
-            return given >= self.config.cadence.finish_feature_steps
+            return self._settle_steps_given() >= self.config.cadence.finish_feature_steps
 
     def finish(self, extra_iterations: Optional[int] = None, time_budget_s: Optional[float] = None) -> dict:
         """End of stream: global refinement, full re-trace, and a longer feature-field fit."""
