@@ -15,7 +15,10 @@ from scipy.sparse.csgraph import connected_components
 from instascene_ros.core.camera import look_at, rigid_inverse
 from instascene_ros.core.tracker import (SpatialTracker, TrackerConfig, TrackerEvent,
                                          trackers_from_contributors)
-from instascene_ros.core.tracker.spatial import RESIDUAL_PART_OFFSET, is_split_part
+from instascene_ros.core.tracker.clustering import Cluster, merge_split_objects
+from instascene_ros.core.tracker.spatial import (CLAIMED_PART_OFFSET, RESIDUAL_PART_OFFSET, is_split_part,
+                                                 own_mask_ids)
+from instascene_ros.core.tracker.statistics import FrameRecord, Problem, judge
 from instascene_ros.core.tracker.trace import without_contact_borders
 
 # ------------------------------------------------------------------------------------------------
@@ -551,6 +554,120 @@ def test_a_small_residual_is_not_split_off():
     _hub_object_views(tracker, h_size=10)
     result = tracker.solve()
     assert len(result.instances) == 2 and result.stats["residual_masks"] == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# an object cut into two clusters: the prior-level frame vote merges it
+# ------------------------------------------------------------------------------------------------
+
+
+def _votes_problem(frames):
+    """Problem, own mask ids and a cluster factory for hand-built frames {index: {mask: ids}}
+    (every Gaussian a frame's masks hold is visible there)."""
+    records = {f: FrameRecord(mask_ids=np.array(sorted(masks), np.int64),
+                              trackers={m: np.sort(g) for m, g in masks.items()},
+                              visible=np.sort(np.concatenate(list(masks.values()))))
+               for f, masks in frames.items()}
+    problem = Problem.build(records)
+    judge(problem, TrackerConfig())
+
+    def cluster(gaussians):
+        columns = np.searchsorted(problem.gaussian_ids, np.sort(gaussians))
+        return Cluster(members=np.zeros(0, np.int64), columns=columns, claimed=columns)
+
+    return problem, own_mask_ids(problem.tracker_mask), cluster
+
+
+@pytest.mark.parametrize("together, merged", [(9, True), (8, True), (7, False)])
+def test_cut_object_merges_when_one_mask_holds_both_parts_in_most_frames(together, merged):
+    # Parts P and Q of one object, and a neighbour N. Ten frames judge P and Q: `together` of
+    # them hold both in one mask, the others cut the object in two. 0.8 is the threshold.
+    P, Q, N = ids(0, 40), ids(40, 70), ids(100, 140)
+    frames = {f: ({1: np.concatenate([P, Q]), 2: N} if f < together else {1: P, 3: Q, 2: N}) for f in range(10)}
+    problem, own, cluster = _votes_problem(frames)
+    clusters, merges = merge_split_objects(problem, [cluster(P), cluster(Q), cluster(N)], own, TrackerConfig(), None)
+    assert merges == int(merged) and len(clusters) == 3 - int(merged)
+    if merged:
+        assert np.array_equal(problem.gaussian_ids[clusters[0].columns], np.concatenate([P, Q]))
+        assert np.array_equal(problem.gaussian_ids[clusters[1].columns], N)
+    # InstaScene has no such merge
+    assert merge_split_objects(problem, [cluster(P), cluster(Q)], own, TrackerConfig(split_merge_consensus=None),
+                               None)[1] == 0
+
+
+def test_cut_object_vote_needs_enough_frames_and_adjacent_parts():
+    P, Q = ids(0, 40), ids(40, 70)
+    problem, own, cluster = _votes_problem({f: {1: np.concatenate([P, Q])} for f in range(4)})
+    # 4 of 4 frames together, but split_merge_min_frames = 5: too few to decide
+    assert merge_split_objects(problem, [cluster(P), cluster(Q)], own, TrackerConfig(), None)[1] == 0
+    assert merge_split_objects(problem, [cluster(P), cluster(Q)], own, TrackerConfig(split_merge_min_frames=4),
+                               None)[1] == 1
+    # Positions: parts 1 m apart are two objects one mask happens to hold (dbscan_eps 0.1 m)
+    gaussians = np.concatenate([P, Q])
+    config = TrackerConfig(split_merge_min_frames=4)
+    for offset, merges in ((1.0, 0), (0.05, 1)):
+        xyz = np.zeros((70, 3))
+        xyz[40:, 0] = offset
+        assert merge_split_objects(problem, [cluster(P), cluster(Q)], own, config, (gaussians, xyz))[1] == merges
+
+
+def test_cut_object_merge_takes_the_best_pair_first():
+    # A is one object; M is the rest of A (15 Gaussians, too few to be judged where A is
+    # hidden); B is a second object. Frames 0-3 hold A and M in one mask; frames 4-5 hold A + M
+    # and B apart; in frames 6-13 A is hidden and one mask holds M and B. M-A: 6 of 6 together,
+    # M-B: 8 of 10 (0.8, enough on its own). Linking every qualifying pair at once would chain A
+    # and B through M; best first, A absorbs M, and A + M is then not judged in frames 6-13
+    # (15 of 55 Gaussians visible < 30%), so it never votes with B.
+    A, M, B = ids(0, 40), ids(40, 55), ids(100, 140)
+    frames = {}
+    for f in range(4):
+        frames[f] = {1: np.concatenate([A, M])}
+    for f in (4, 5):
+        frames[f] = {1: np.concatenate([A, M]), 2: B}
+    for f in range(6, 14):
+        frames[f] = {1: np.concatenate([M, B])}
+    problem, own, cluster = _votes_problem(frames)
+    clusters, merges = merge_split_objects(problem, [cluster(A), cluster(M), cluster(B)], own, TrackerConfig(), None)
+    assert merges == 1
+    assert [problem.gaussian_ids[c.columns].tolist() for c in clusters] == [ids(0, 55).tolist(), B.tolist()]
+
+
+def test_residual_parts_count_as_their_own_mask():
+    # The claimed and residual parts of mask 7 are one mask of the frame for the vote.
+    parts = np.array([7 - CLAIMED_PART_OFFSET, 7 - RESIDUAL_PART_OFFSET, 7, -1, 65535], np.int64)
+    assert own_mask_ids(parts).tolist() == [7, 7, 7, -1, 65535]
+
+
+def test_tracker_merges_an_object_whose_part_forms_a_cluster_of_its_own():
+    # An object A + B (300 + 60 Gaussians) and a neighbour W over 27 frames with partial views:
+    # 20 frames hold the whole object in one mask, 3 see B with A almost hidden, 4 cut B off.
+    # MaskClustering's mask-level vote leaves B's masks a cluster of their own (a second
+    # instance over B); the prior-level vote merges it back.
+    A, B, W, table = ids(0, 300), ids(300, 360), ids(500, 600), ids(1000, 1300)
+
+    def build(config):
+        rng = np.random.default_rng(0)
+        tracker = SpatialTracker(config)
+
+        def part(x, lo=0.7, hi=0.95):
+            return np.sort(rng.choice(x, int(len(x) * rng.uniform(lo, hi)), replace=False))
+
+        kinds = ["whole"] * 20 + ["alone"] * 3 + ["cut"] * 4
+        rng.shuffle(kinds)
+        for frame, kind in enumerate(kinds):
+            a, b, w = part(A), part(B), part(W)
+            if kind == "alone":
+                a = part(A, 0.02, 0.08)
+            masks = {1: a, 3: b, 2: w} if kind == "cut" else {1 if kind == "whole" else 3: np.concatenate([a, b]), 2: w}
+            tracker.add_frame(frame, None, masks, np.concatenate([a, b, w, table]))
+        return tracker.solve()
+
+    plain = build(TrackerConfig(split_merge_consensus=None))
+    assert sorted(len(i.gaussian_ids) for i in plain.instances.values()) == [60, 100, 360]
+    result = build(TrackerConfig())
+    assert result.stats["split_objects_merged"] == 1
+    assert sorted(np.concatenate(list(result.priors.values())).tolist()) == np.concatenate([A, B, W]).tolist()
+    assert sorted(len(i.gaussian_ids) for i in result.instances.values()) == [100, 360]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -60,6 +60,11 @@ cap; four azimuths); meshes: WORK/meshes/s<seed>-gt<id>-<row>.ply (world frame).
 `--recomplete`: keep each run folder's map (mapping, tracker and feature field as saved) but
 extract the instances and complete them again with the current code (the end-to-end row then
 measures extraction and completion changes on the same maps; its seconds are completion only).
+`--refit` (with `--recomplete`): before extracting, every keyframe is traced again on the saved
+map, the tracker solved with the current code's TrackerConfig, and a fresh feature field trained
+`--finish-feature-steps` steps on those priors (`evaluation.retrain_field`): decomposition
+changes measured on the same maps without mapping again. A fresh field is not the run's own
+field (trained online, then finished), so compare refit rows with refit rows.
 """
 from __future__ import annotations
 
@@ -72,6 +77,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Optional
 
 ROWS = (("ours_e2e", "ours end-to-end"), ("ours_oracle_seg", "ours oracle-seg"), ("oracle", "oracle generator"),
         ("hull", "convex hull"), ("tsdf_cap", "TSDF + flat cap"))
@@ -111,6 +117,9 @@ def add_parser(benches) -> None:
                      help="reuse run folders that already hold completed/ (their timings are the original ones)")
     sub.add_argument("--recomplete", action="store_true",
                      help="reuse run folders' maps, but extract instances and complete them anew with this code")
+    sub.add_argument("--refit", action="store_true",
+                     help="with --recomplete: re-solve the tracker and train a fresh feature field "
+                          "(--finish-feature-steps steps) on each saved map before extracting")
     sub.add_argument("--no-pictures", action="store_true", help="skip the per-object pictures")
     sub.add_argument("--quick", action="store_true", help="smoke test: first seed only, 4 objects, 96 px, 24 views")
     sub.set_defaults(run=run_complete)
@@ -400,22 +409,28 @@ def _e2e_instances(run: pathlib.Path, run_metrics: dict) -> dict:
     return instances
 
 
-def _recomplete(run_dir: pathlib.Path) -> dict:
+def _recomplete(run_dir: pathlib.Path, refit_steps: Optional[int] = None) -> dict:
     """The run folder's saved map, its instances extracted again (current InstanceConfig) and
     completed again into instances/ and completed/ (replacing what the run wrote); returns the
-    run's metrics with the new completion records."""
+    run's metrics with the new completion records. refit_steps: first re-solve the tracker
+    (current TrackerConfig, every keyframe re-traced) and train a fresh field that many steps."""
     from instascene_ros.commands.run import complete_instances
-    from instascene_ros.core.evaluation import write_instance_clouds
+    from instascene_ros.core.evaluation import retrain_field, write_instance_clouds
     from instascene_ros.core.pipeline import Pipeline, PipelineConfig
 
-    pipeline = Pipeline(PipelineConfig.from_preset("cpu"))
+    config = PipelineConfig.from_preset("cpu")
+    pipeline = Pipeline(config)
     pipeline.load(str(run_dir / "map.instascene"))  # publishes a fresh extraction
+    refit_s = None
+    if refit_steps:
+        refit_s = retrain_field(pipeline, config.features, refit_steps, tracker=config.tracker)
     for folder in ("instances", "completed"):
         shutil.rmtree(run_dir / folder, ignore_errors=True)
     write_instance_clouds(pipeline, run_dir / "instances")
     run_metrics = json.loads((run_dir / "metrics.json").read_text())
     run_metrics["completion"] = complete_instances(pipeline, run_dir / "completed", "geometric", progress=False)
     run_metrics["bench_wall_s"] = None  # no mapping in this row
+    run_metrics["refit_s"] = refit_s
     return run_metrics
 
 
@@ -448,8 +463,10 @@ def bench_seed(args, seed: int, res: int, views: int, objects: int, log=print) -
 
     run_dir = args.work / f"complete-s{seed}-r{res}-v{views}-n{args.mask_noise}-o{objects}"
     if args.recomplete and (run_dir / "metrics.json").exists() and (run_dir / "map.instascene").exists():
-        run_metrics = _recomplete(run_dir)
-        log(f"seed {seed}: re-extracted and re-completed the instances of {run_dir / 'map.instascene'}")
+        run_metrics = _recomplete(run_dir, args.finish_feature_steps if args.refit else None)
+        log(f"seed {seed}: " + (f"tracker re-solved, field refitted in {run_metrics['refit_s']:.0f} s, "
+                                if args.refit else "") +
+            f"re-extracted and re-completed the instances of {run_dir / 'map.instascene'}")
     elif args.reuse and (run_dir / "metrics.json").exists() and (run_dir / "completed").is_dir():
         run_metrics = json.loads((run_dir / "metrics.json").read_text())
         log(f"seed {seed}: reusing {run_dir}")
@@ -647,6 +664,8 @@ def print_table(summaries: dict, checks: dict) -> None:
 def run_complete(args) -> int:
     import numba
 
+    if args.refit and not args.recomplete:
+        raise SystemExit("--refit re-fits the decomposition of saved maps: add --recomplete (and the --work that holds them)")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     res, views, objects = args.res, args.views, args.objects
     if args.quick:

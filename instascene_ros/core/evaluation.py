@@ -252,12 +252,10 @@ def geometry_bound(pipeline, dataset) -> dict:
             "per_object_iou": {str(k): float(v.iou_zero) for k, v in scores.categories.items()}}
 
 
-def retrain_field_and_score(pipeline, dataset, features, steps: int, tracker=None, masks=None) -> dict:
-    """Decomposition on a fixed map: a fresh feature field with config `features` is trained
-    `steps` steps on the pipeline's keyframes, masks and tracker (the map, the masks and the
-    tracker's priors stay as they are), instances are extracted and scored on the held-out
-    views. Used by `bench segment` to compare variants of the field on the same geometry, so a
-    difference in score is the field's, not the mapping's. Changes `pipeline.field`.
+def retrain_field(pipeline, features, steps: int, tracker=None, masks=None) -> float:
+    """A fresh feature field with config `features`, trained `steps` steps on the pipeline's
+    keyframes, masks and tracker priors, and instances extracted from it (the map stays as it
+    is). Changes `pipeline.field`. Returns the seconds it took.
 
     tracker: a TrackerConfig to re-trace every keyframe and re-solve the tracker with first (the
     priors then change with it); None keeps the saved tracker as it is.
@@ -291,7 +289,14 @@ def retrain_field_and_score(pipeline, dataset, features, steps: int, tracker=Non
         pipeline._feature_cache = {}
     started = time.perf_counter()
     pipeline.update_instances(feature_steps=steps, retrace=retrace)
-    seconds = time.perf_counter() - started
+    return time.perf_counter() - started
+
+
+def retrain_field_and_score(pipeline, dataset, features, steps: int, tracker=None, masks=None) -> dict:
+    """Decomposition on a fixed map (`retrain_field`), scored on the held-out views. Used by
+    `bench segment` to compare variants of the field on the same geometry, so a difference in
+    score is the field's, not the mapping's."""
+    seconds = retrain_field(pipeline, features, steps, tracker, masks)
     result = score_decomposition(pipeline, dataset)
     result["train_s"] = seconds
     return result

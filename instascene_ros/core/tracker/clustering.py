@@ -260,3 +260,95 @@ def cluster_priors(problem: Problem, valid: np.ndarray, cluster_of: np.ndarray, 
             continue
         clusters.append(Cluster(members=members, columns=columns, claimed=claimed))
     return clusters, dropped
+
+
+def merge_split_objects(problem: Problem, clusters: list[Cluster], own_mask: np.ndarray, config: TrackerConfig,
+                        positions: Optional[tuple[np.ndarray, np.ndarray]]) -> tuple[list[Cluster], int]:
+    """Merge clusters that are one object cut in two, by a frame vote over the finished priors.
+
+    A segmenter that cuts an object in a few views (an L-block's arm, a domino's face) makes the
+    masks of each part contain each other's trackers too rarely for the mask-level consensus, and
+    the part with a cluster of its own becomes a second prior; the feature field's 3D-prior loss
+    then pushes the two apart. The priors themselves still tell: a frame that judges both (the
+    `judge` rules: visible, mostly inside masks) places each in the mask holding most of it, and
+    in nearly every such frame it is the same mask. Counting masks the under-segmentation filter
+    dropped is deliberate: a mask holding a whole object is judged under-segmented exactly
+    because the two parts exist.
+
+    Agglomerative, best pair first: the adjacent pair (within `dbscan_eps`) placed together in the
+    largest share of the >= `split_merge_min_frames` frames judging both merges, if that share is
+    >= `split_merge_consensus`, and the votes of the merged prior are taken again. A prior mixing
+    an object's part with its neighbour's then joins its own object first and no longer links
+    the neighbour (decomposition seed 14: linking every qualifying pair at once chained two
+    objects through such a prior). own_mask (M,): each tracker's own mask id in its frame (the
+    parts of a split residual mask count as that mask).
+
+    Returns (clusters, number of merges).
+    """
+    threshold = config.split_merge_consensus
+    if threshold is None or len(clusters) < 2:
+        return clusters, 0
+    clusters = list(clusters)
+    n_gaussians = problem.incidence.shape[1]
+    visibility_t = problem.visibility.T.astype(np.float32).tocsr()
+    incidence_t = problem.incidence.T.astype(np.float32).tocsr()
+    frame_bounds = np.searchsorted(problem.tracker_frame, np.arange(problem.n_frames + 1))
+    where = lookup(positions[0], problem.gaussian_ids) if positions is not None else None
+
+    def placement(cluster: Cluster) -> tuple[np.ndarray, np.ndarray]:
+        """(frames judging the prior, (F,) bool; the own mask id holding most of it there)."""
+        prior = sparse.csr_matrix((np.ones(cluster.columns.size, np.float32),
+                                   (np.zeros(cluster.columns.size, np.int64), cluster.columns)), shape=(1, n_gaussians))
+        visible = (prior @ visibility_t).toarray()[0]
+        held = (prior @ incidence_t).toarray()[0]
+        labelled = segment_sum(held, frame_bounds)
+        placed = np.zeros(problem.n_frames, np.int64)
+        for k in np.flatnonzero(labelled > 0):
+            lo, hi = frame_bounds[k], frame_bounds[k + 1]
+            placed[k] = own_mask[lo + int(held[lo:hi].argmax())]
+        judged = ((visible > 0) & (visible >= config.visible_fraction * cluster.columns.size)
+                  & (labelled > 0) & (labelled >= config.min_labelled_share * visible))
+        return judged, placed
+
+    def adjacent(first: Cluster, second: Cluster) -> bool:
+        if where is None:
+            return True
+        from scipy.spatial import cKDTree
+
+        near, _ = cKDTree(positions[1][where[second.columns]]).query(
+            positions[1][where[first.columns]], distance_upper_bound=config.dbscan_eps)
+        return bool(np.isfinite(near).any())
+
+    placements = [placement(c) for c in clusters]
+    neighbours = {(a, b) for a in range(len(clusters)) for b in range(a + 1, len(clusters))
+                  if adjacent(clusters[a], clusters[b])}
+    merges = 0
+    while neighbours:
+        best, best_share = None, threshold
+        for a, b in neighbours:
+            both = placements[a][0] & placements[b][0]
+            n_vis = int(both.sum())
+            if n_vis < config.split_merge_min_frames:
+                continue
+            share = float((placements[a][1][both] == placements[b][1][both]).sum()) / n_vis
+            if share >= best_share:
+                best, best_share = (a, b), share
+        if best is None:
+            break
+        a, b = best
+        clusters[a] = Cluster(members=np.concatenate([clusters[a].members, clusters[b].members]),
+                              columns=unique_sorted(np.concatenate([clusters[a].columns, clusters[b].columns])),
+                              claimed=unique_sorted(np.concatenate([clusters[a].claimed, clusters[b].claimed])))
+        placements[a] = placement(clusters[a])
+        # b's slot is gone: its neighbours become a's, indices above b shift down by one
+        renamed = set()
+        for pair in neighbours:
+            if pair == best:
+                continue
+            x, y = (a if i == b else i for i in pair)
+            if x != y:
+                renamed.add((min(x, y), max(x, y)))
+        del clusters[b], placements[b]
+        neighbours = {(x - (x > b), y - (y > b)) for x, y in renamed}
+        merges += 1
+    return clusters, merges

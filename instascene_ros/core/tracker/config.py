@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 
 @dataclass
@@ -75,6 +76,16 @@ class TrackerConfig:
     residual_min_gaussians: int = 20
     residual_claim_support: float = 0.25
 
+    # Ours: one object cut in two clusters (a segmenter splits it in a few views, and the part's
+    # masks form a cluster of their own) merges when, over the frames judging both priors, the
+    # mask holding most of one also holds most of the other in >= this share, and the two come
+    # within dbscan_eps (`clustering.merge_split_objects`). On 15 saved maps (completion seeds
+    # 31-35, decomposition seeds 0-1, 11-15, the live bench's three) the 4 cut objects scored
+    # 0.89-0.95 and the 11 adjacent pairs of different objects 0.15-0.69 (an identical touching
+    # pair the segmenter fused in 18 of 26 frames). None = InstaScene (no such merge).
+    split_merge_consensus: Optional[float] = 0.8
+    split_merge_min_frames: int = 5
+
     # Clusters. MaskClustering's post-processing ignores clusters of fewer than 2 masks.
     min_cluster_masks: int = 2
     # InstaScene supp. sec. 2 keeps the masks that overlap the rest of their cluster well; no
@@ -109,12 +120,15 @@ class TrackerConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"TrackerConfig.{name} must be in [0, 1], got {value}")
+        if self.split_merge_consensus is not None and not 0.0 < self.split_merge_consensus <= 1.0:
+            raise ValueError(f"TrackerConfig.split_merge_consensus must be in (0, 1] or None, "
+                             f"got {self.split_merge_consensus}")
         if not 0.0 <= self.min_pixel_share < 1.0:
             raise ValueError(f"TrackerConfig.min_pixel_share must be in [0, 1), got {self.min_pixel_share}")
         if int(self.residual_passes) < 0:
             raise ValueError(f"TrackerConfig.residual_passes must be >= 0, got {self.residual_passes}")
         for name in ("min_observers", "min_cluster_masks", "dbscan_min_samples", "statistics_chunk_cells",
-                     "residual_min_gaussians"):
+                     "residual_min_gaussians", "split_merge_min_frames"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TrackerConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.mask_border_px < 0.0:

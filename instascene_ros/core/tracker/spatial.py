@@ -8,7 +8,7 @@ from typing import Mapping, Optional, Union
 import numpy as np
 
 from ._arrays import unique_sorted
-from .clustering import cluster_masks, cluster_priors
+from .clustering import cluster_masks, cluster_priors, merge_split_objects
 from .config import TrackerConfig
 from .identity import InstanceIds, TrackerEvent
 from .statistics import FrameRecord, Problem, judge
@@ -82,6 +82,15 @@ RESIDUAL_PART_OFFSET = 1 << 34
 def is_split_part(mask_id: int) -> bool:
     """Whether a tracker id is a part of a split mask rather than one of the frame's own masks."""
     return mask_id <= -(1 << 32)
+
+
+def own_mask_ids(tracker_mask: np.ndarray) -> np.ndarray:
+    """Each tracker's own mask id in its frame: a split mask's parts map back to the mask."""
+    tracker_mask = np.asarray(tracker_mask, np.int64)
+    claimed = (tracker_mask <= -(1 << 32)) & (tracker_mask > -RESIDUAL_PART_OFFSET + (1 << 32))
+    residual = tracker_mask <= -RESIDUAL_PART_OFFSET + (1 << 32)
+    return np.where(claimed, tracker_mask + CLAIMED_PART_OFFSET,
+                    np.where(residual, tracker_mask + RESIDUAL_PART_OFFSET, tracker_mask))
 
 
 def _split_residuals(frames: Mapping[int, FrameRecord], problem: Problem, undersegmented: np.ndarray,
@@ -263,6 +272,8 @@ class SpatialTracker:
             split_masks |= keys
             problem = Problem.build(frames)
             clusters, undersegmented, dropped = self._associate(problem, positions, stats)
+        clusters, merges = merge_split_objects(problem, clusters, own_mask_ids(problem.tracker_mask), config, positions)
+        stats["split_objects_merged"] = float(merges)
         priors = [problem.gaussian_ids[c.columns] for c in clusters]
         ids, events = self._ids.assign(priors, None if positions is None else positions[0])
 
