@@ -80,6 +80,8 @@ def test_json_report_contract(block_record, tmp_path, monkeypatch):
         {"seed": seed, "bench_s": 1.0}))
     from instascene_ros.cli import main
 
+    with pytest.raises(SystemExit, match="--recomplete"):  # --refit acts on saved maps only
+        main(["bench", "complete", "--refit", "--seeds", "1", "--work", str(tmp_path)])
     out = tmp_path / "complete.json"
     argv = ["bench", "complete", "--seeds", "1", "--threads", "1", "--work", str(tmp_path), "--json", str(out)]
     assert main(argv) == 0

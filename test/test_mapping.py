@@ -19,7 +19,8 @@ from scipy import ndimage
 
 from instascene_ros.core.camera import Camera, Frame, look_at
 from instascene_ros.core.mapping import (FrameResult, Mapper, MapperConfig, OptimisationConfig, RejectReason, psnr,
-                                         ssim, ssim_map, triangulate_dlt)
+                                         ssim, ssim_map)
+from instascene_ros.core.seeding import triangulate_dlt
 from instascene_ros.core.scene import SceneConfig, matrix_to_quaternion
 
 TARGET = np.array([0.0, 0.0, 0.05])

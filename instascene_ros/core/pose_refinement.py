@@ -24,6 +24,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from instascene_ros.core.camera import Camera, rigid_inverse
+from instascene_ros.core.seeding import depth_normals  # the mapper's own normals (central differences)
 
 
 @dataclass
@@ -187,11 +188,6 @@ def back_project(camera: Camera, depth: np.ndarray, cols: Optional[np.ndarray] =
     return np.stack([(u - camera.cx) / camera.fx * depth, (v - camera.cy) / camera.fy * depth, depth], -1)
 
 
-def _normals(points: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from instascene_ros.core.mapping import depth_normals  # the mapper's own (central differences)
-    return depth_normals(points, valid)
-
-
 def sub_grid(camera: Camera, scale: float) -> tuple[Camera, np.ndarray, np.ndarray]:
     """Every 1/scale-th pixel of `camera`'s image (no averaging across depth edges): the rows and
     columns picked, and a camera whose pixel (j, i) *is* full pixel (rows[j], cols[i]), centre on
@@ -216,7 +212,7 @@ def _sample_keyframe(camera: Camera, depth: np.ndarray, scale: float) -> tuple[n
     valid = np.isfinite(sampled) & (sampled > 0)
     sampled = np.where(valid, sampled, 0.0)
     points = back_project(camera, sampled, cols, rows)
-    normals, ok = _normals(points, valid)
+    normals, ok = depth_normals(points, valid)
     keep = valid & ok
     return points[keep], normals[keep]
 
@@ -247,7 +243,7 @@ class _Surface:
     def from_depth(cls, camera: Camera, depth: np.ndarray, valid: np.ndarray) -> "_Surface":
         depth = np.where(valid, np.asarray(depth, np.float64), 0.0)
         points_cam = back_project(camera, depth)
-        normals_cam, normal_ok = _normals(points_cam, valid)
+        normals_cam, normal_ok = depth_normals(points_cam, valid)
         T = np.asarray(camera.T_world_cam, np.float64)
         return cls(camera, depth, points_cam @ T[:3, :3].T + T[:3, 3], normals_cam @ T[:3, :3].T,
                    valid & normal_ok)
