@@ -324,14 +324,14 @@ def merge_split_objects(problem: Problem, clusters: list[Cluster], own_mask: np.
                   if adjacent(clusters[a], clusters[b])}
     merges = 0
     while neighbours:
-        best, best_share = None, threshold
-        for a, b in neighbours:
+        best, best_share = None, 0.0
+        for a, b in sorted(neighbours):  # sorted: ties go to the lowest pair, run after run
             both = placements[a][0] & placements[b][0]
             n_vis = int(both.sum())
             if n_vis < config.split_merge_min_frames:
                 continue
             share = float((placements[a][1][both] == placements[b][1][both]).sum()) / n_vis
-            if share >= best_share:
+            if share >= threshold and share > best_share:
                 best, best_share = (a, b), share
         if best is None:
             break
