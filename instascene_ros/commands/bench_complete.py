@@ -665,7 +665,8 @@ def run_complete(args) -> int:
     import numba
 
     if args.refit and not args.recomplete:
-        raise SystemExit("--refit re-fits the decomposition of saved maps: add --recomplete (and the --work that holds them)")
+        raise SystemExit("--refit re-fits the decomposition of saved maps: "
+                         "add --recomplete (and the --work that holds them)")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     res, views, objects = args.res, args.views, args.objects
     if args.quick:
