@@ -77,12 +77,15 @@ class TrackerConfig:
     residual_claim_support: float = 0.25
 
     # Ours: one object cut in two clusters (a segmenter splits it in a few views, and the part's
-    # masks form a cluster of their own) merges when, over the frames judging both priors, the
-    # mask holding most of one also holds most of the other in >= this share, and the two come
-    # within dbscan_eps (`clustering.merge_split_objects`). On 15 saved maps (completion seeds
-    # 31-35, decomposition seeds 0-1, 11-15, the live bench's three) the 4 cut objects scored
-    # 0.89-0.95 and the 11 adjacent pairs of different objects 0.15-0.69 (an identical touching
-    # pair the segmenter fused in 18 of 26 frames). None = InstaScene (no such merge).
+    # masks form a cluster of their own) merges when, over >= split_merge_min_frames frames
+    # judging both priors, the mask holding most of one also holds most of the other in >= this
+    # share, and the two come within dbscan_eps (`clustering.merge_split_objects`). On 15 saved
+    # maps (completion seeds 31-35, decomposition seeds 0-1 and 11-15, the live bench's three),
+    # over 8-21 frames each, the 7 prior pairs that were one object scored 0.77-1.00 (six >= 0.84)
+    # and 128 adjacent pairs of different objects <= 0.68 (two touching objects the segmenter
+    # fused in 13 of 19 frames; identical touching pairs 0.30-0.58). A prior holding half of a
+    # neighbour scored 0.80 over 5 frames with it: the best-first order handles it. None =
+    # InstaScene (no such merge).
     split_merge_consensus: Optional[float] = 0.8
     split_merge_min_frames: int = 5
 
