@@ -327,24 +327,24 @@ def seeds_from_triangulation(kf: "Keyframe", earlier: Sequence["Keyframe"], alph
     open_pixels = (rows_grid % ins.pixel_stride == oy) & (cols_grid % ins.pixel_stride == ox) \
         & (alpha < ins.alpha_threshold)
     sample_uv, sample_points = uv, points
+    groups = [(means, colours, log_scales, opacities)]  # triangulated, swept, filled
+
+    def add(seeds: dict, opacity: float) -> None:
+        groups.append((seeds["means"], seeds["rgb"], seeds["log_scales"], np.full(len(seeds["means"]), opacity)))
+
     if ins.plane_sweep:
         sweep_pixels = open_pixels & (rows_grid % ins.sweep_stride == oy) & (cols_grid % ins.sweep_stride == ox)
         swept = _seeds_from_plane_sweep(kf, earlier, sweep_pixels, rendered_depth, alpha, points, ins)
         if swept is not None:
-            means = np.concatenate([means, swept["means"]])
-            colours = np.concatenate([colours, swept["rgb"]])
-            log_scales = np.concatenate([log_scales, swept["log_scales"]])
-            opacities = np.concatenate([opacities, np.full(len(swept["means"]), ins.sweep_opacity)])
+            add(swept, ins.sweep_opacity)
             open_pixels[swept["rows"], swept["cols"]] = False
             sample_uv = np.concatenate([uv, swept["uv"]])
             sample_points = np.concatenate([points, swept["means"]])
     if ins.fill_from_sparse_depth:
         fill = _fill_from_sparse_depth(kf, alpha, rendered_depth, sample_uv, sample_points, open_pixels, ins)
         if fill is not None:
-            means = np.concatenate([means, fill["means"]])
-            colours = np.concatenate([colours, fill["rgb"]])
-            log_scales = np.concatenate([log_scales, fill["log_scales"]])
-            opacities = np.concatenate([opacities, np.full(len(fill["means"]), ins.fill_opacity)])
+            add(fill, ins.fill_opacity)
+    means, colours, log_scales, opacities = (np.concatenate(parts) for parts in zip(*groups))
     if len(means) == 0:
         return None
     f32 = lambda a: torch.as_tensor(np.asarray(a, np.float32), device=device)  # noqa: E731
