@@ -15,7 +15,7 @@ from scipy.sparse.csgraph import connected_components
 from instascene_ros.core.camera import look_at, rigid_inverse
 from instascene_ros.core.tracker import (SpatialTracker, TrackerConfig, TrackerEvent,
                                          trackers_from_contributors)
-from instascene_ros.core.tracker.clustering import Cluster, merge_split_objects
+from instascene_ros.core.tracker.clustering import Cluster, cluster_priors, merge_split_objects
 from instascene_ros.core.tracker.spatial import (CLAIMED_PART_OFFSET, RESIDUAL_PART_OFFSET, is_split_part,
                                                  own_mask_ids)
 from instascene_ros.core.tracker.statistics import FrameRecord, Problem, judge
@@ -559,6 +559,25 @@ def test_a_small_residual_is_not_split_off():
 # ------------------------------------------------------------------------------------------------
 # an object cut into two clusters: the prior-level frame vote merges it
 # ------------------------------------------------------------------------------------------------
+
+
+def test_members_that_lend_the_prior_nothing_become_a_cluster_of_their_own():
+    # A weak link joined L's three masks (frames 10-12) to U's cluster (frames 0-9). L is seen,
+    # in no mask, in U's ten frames, so its Gaussians lack the prior's support (3 of 13 frames)
+    # and the prior is U alone; L's masks hold none of it. They split off and make L's prior.
+    U, L = ids(0, 200), ids(300, 340)
+    records = {f: FrameRecord(mask_ids=np.array([1], np.int64), trackers={1: U if f < 10 else L},
+                              visible=np.concatenate([U, L])) for f in range(13)}
+    problem = Problem.build(records)
+    judge(problem, TrackerConfig())
+    one_cluster = np.zeros(problem.n_trackers, np.int64)
+    priors = lambda clusters: sorted(problem.gaussian_ids[c.columns].tolist() for c in clusters)  # noqa: E731
+    plain, _ = cluster_priors(problem, np.arange(problem.n_trackers), one_cluster, TrackerConfig(orphan_share=0.0),
+                              None)
+    assert priors(plain) == [U.tolist()]
+    split, _ = cluster_priors(problem, np.arange(problem.n_trackers), one_cluster, TrackerConfig(), None)
+    assert priors(split) == [U.tolist(), L.tolist()]
+    assert sorted(c.members.size for c in split) == [3, 10]
 
 
 def _votes_problem(frames):

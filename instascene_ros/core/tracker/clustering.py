@@ -204,13 +204,12 @@ class Cluster:
 
 def cluster_priors(problem: Problem, valid: np.ndarray, cluster_of: np.ndarray, config: TrackerConfig,
                    positions: Optional[tuple[np.ndarray, np.ndarray]]) -> tuple[list[Cluster], list[int]]:
-    """Member filtering, prior support and DBSCAN for each cluster of >= min_cluster_masks masks.
+    """Member filtering, prior support and DBSCAN for each cluster of >= min_cluster_masks masks;
+    then members that lend the prior almost nothing split off as a cluster of their own.
 
     positions: (sorted persistent ids, (N, 3) positions) or None (no DBSCAN, no pruning).
     Returns the surviving clusters and the tracker indices of masks dropped on the way.
     """
-    incidence = problem.incidence
-    n_gaussians = incidence.shape[1]
     where = table_positions = None
     if positions is not None:
         where = lookup(positions[0], problem.gaussian_ids)
@@ -219,47 +218,86 @@ def cluster_priors(problem: Problem, valid: np.ndarray, cluster_of: np.ndarray, 
     dropped: list[int] = []
     order = np.argsort(cluster_of, kind="stable")
     for group in np.split(order, np.flatnonzero(np.diff(cluster_of[order])) + 1):
-        members = valid[group]
-        if members.size < config.min_cluster_masks:
+        cluster = _cluster_prior(problem, valid[group], config, where, table_positions, dropped)
+        if cluster is None or config.orphan_share <= 0.0:
+            if cluster is not None:
+                clusters.append(cluster)
             continue
-        # InstaScene supp. sec. 2: keep the masks whose Gaussians the other members also hold.
-        block = incidence[members]
-        holders = np.bincount(block.indices, minlength=n_gaussians)
-        shared = segment_sum(holders[block.indices] >= 2, block.indptr)
-        kept = shared >= config.member_overlap * np.diff(block.indptr)
-        dropped.extend(members[~kept].tolist())
-        members = members[kept]
-        if members.size < config.min_cluster_masks:
-            dropped.extend(members.tolist())
+        orphans = _orphan_members(problem, cluster, config.orphan_share)
+        if orphans.size < config.min_cluster_masks:
+            clusters.append(cluster)
             continue
-        # Detection ratio of each Gaussian over the cluster's frames: frames where a member mask
-        # holds it / frames that see it. A frame counts once even when two of its masks (an
-        # over-segmented view) are members.
-        block = incidence[members]
-        member_frames = problem.tracker_frame[members]
-        frames = unique_sorted(member_frames)
-        candidates = np.flatnonzero(np.bincount(block.indices, minlength=n_gaussians))
-        frame_of_member = sparse.csr_matrix(
-            (np.ones(members.size, np.float32), (np.searchsorted(frames, member_frames), np.arange(members.size))),
-            shape=(frames.size, members.size))
-        detected = np.bincount((frame_of_member @ block).indices, minlength=n_gaussians)[candidates]
-        in_cluster_frame = np.zeros(problem.n_frames, dtype=bool)
-        in_cluster_frame[frames] = True
-        seen = np.zeros(candidates.size, np.int64)
-        for by_gaussian in (problem.labelled_by_gaussian, problem.unlabelled_by_gaussian):
-            columns_of = by_gaussian[:, candidates]
-            seen += segment_sum(in_cluster_frame[columns_of.indices], columns_of.indptr)
-        ratio = detected / np.maximum(seen, 1)
-        columns = candidates[ratio > config.prior_support]
-        claimed = candidates[ratio >= config.residual_claim_support]
-        if where is not None:
-            columns = columns[where[columns] >= 0]  # pruned from the map since
-            columns = columns[largest_dbscan_component(table_positions[where[columns]], config)]
-        if columns.size == 0:
-            dropped.extend(members.tolist())
+        # The members that lend the prior almost nothing are another object that a weak link
+        # (two frames) joined to this one: each part is made a cluster again on its own, if the
+        # orphans' part makes a prior of an object's size (`residual_min_gaussians`, as for a
+        # residual mask); a smaller one was a view of the same object (dev seed 0: a 15-Gaussian
+        # second prior of a 70-Gaussian object) and the cluster stays as it was.
+        parted = []
+        split_dropped: list[int] = []
+        for members in (np.setdiff1d(cluster.members, orphans), orphans):
+            parted.append(_cluster_prior(problem, members, config, where, table_positions, split_dropped))
+        if parted[1] is None or parted[1].columns.size < config.residual_min_gaussians:
+            clusters.append(cluster)
             continue
-        clusters.append(Cluster(members=members, columns=columns, claimed=claimed))
+        dropped.extend(split_dropped)
+        clusters.extend(part for part in parted if part is not None)
     return clusters, dropped
+
+
+def _orphan_members(problem: Problem, cluster: Cluster, share: float) -> np.ndarray:
+    """The members of which less than `share` of the Gaussians are in the cluster's prior."""
+    in_prior = np.zeros(problem.incidence.shape[1], dtype=bool)
+    in_prior[cluster.columns] = True
+    block = problem.incidence[cluster.members]
+    held = segment_sum(in_prior[block.indices], block.indptr)
+    return cluster.members[held < share * np.diff(block.indptr)]
+
+
+def _cluster_prior(problem: Problem, members: np.ndarray, config: TrackerConfig, where: Optional[np.ndarray],
+                   table_positions: Optional[np.ndarray], dropped: list[int]) -> Optional[Cluster]:
+    """One cluster's member filtering, prior support and DBSCAN (None when nothing survives;
+    the masks dropped on the way are appended to `dropped`)."""
+    incidence = problem.incidence
+    n_gaussians = incidence.shape[1]
+    if members.size < config.min_cluster_masks:
+        return None
+    # InstaScene supp. sec. 2: keep the masks whose Gaussians the other members also hold.
+    block = incidence[members]
+    holders = np.bincount(block.indices, minlength=n_gaussians)
+    shared = segment_sum(holders[block.indices] >= 2, block.indptr)
+    kept = shared >= config.member_overlap * np.diff(block.indptr)
+    dropped.extend(members[~kept].tolist())
+    members = members[kept]
+    if members.size < config.min_cluster_masks:
+        dropped.extend(members.tolist())
+        return None
+    # Detection ratio of each Gaussian over the cluster's frames: frames where a member mask
+    # holds it / frames that see it. A frame counts once even when two of its masks (an
+    # over-segmented view) are members.
+    block = incidence[members]
+    member_frames = problem.tracker_frame[members]
+    frames = unique_sorted(member_frames)
+    candidates = np.flatnonzero(np.bincount(block.indices, minlength=n_gaussians))
+    frame_of_member = sparse.csr_matrix(
+        (np.ones(members.size, np.float32), (np.searchsorted(frames, member_frames), np.arange(members.size))),
+        shape=(frames.size, members.size))
+    detected = np.bincount((frame_of_member @ block).indices, minlength=n_gaussians)[candidates]
+    in_cluster_frame = np.zeros(problem.n_frames, dtype=bool)
+    in_cluster_frame[frames] = True
+    seen = np.zeros(candidates.size, np.int64)
+    for by_gaussian in (problem.labelled_by_gaussian, problem.unlabelled_by_gaussian):
+        columns_of = by_gaussian[:, candidates]
+        seen += segment_sum(in_cluster_frame[columns_of.indices], columns_of.indptr)
+    ratio = detected / np.maximum(seen, 1)
+    columns = candidates[ratio > config.prior_support]
+    claimed = candidates[ratio >= config.residual_claim_support]
+    if where is not None:
+        columns = columns[where[columns] >= 0]  # pruned from the map since
+        columns = columns[largest_dbscan_component(table_positions[where[columns]], config)]
+    if columns.size == 0:
+        dropped.extend(members.tolist())
+        return None
+    return Cluster(members=members, columns=columns, claimed=claimed)
 
 
 def merge_split_objects(problem: Problem, clusters: list[Cluster], own_mask: np.ndarray, config: TrackerConfig,

@@ -99,6 +99,12 @@ class TrackerConfig:
     # see it (strictly more, as MaskClustering's code: a Gaussian seen twice must be held twice,
     # which keeps a neighbour's edge caught by one bleeding mask out of the prior).
     prior_support: float = 0.5
+    # Ours: after the prior is made, members with less than this share of their Gaussians in it
+    # split off, and when there are >= min_cluster_masks of them and their own prior holds >=
+    # residual_min_gaussians, both parts are made clusters again on their own. Report seed 13: two frames joined a small L-block's 9 clean masks to
+    # its neighbour's cluster; the prior, supported by the neighbour's 30 masks, held 26 of the
+    # L-block's Gaussians, and none of its masks had 20% of theirs in it. 0 = MaskClustering.
+    orphan_share: float = 0.2
     # MaskClustering DBSCAN: `dbscan_threshold` 0.1 m (ScanNet rooms), open3d min_points = 4.
     # Room scale: table-top scenes want ~0.02 m (set it in the YAML).
     dbscan_eps: float = 0.1
@@ -118,7 +124,7 @@ class TrackerConfig:
     def __post_init__(self) -> None:
         for name in ("trace_t_min", "visible_fraction", "min_labelled_share", "contained_fraction",
                      "undersegment_share", "undersegment_frame_ratio", "consensus_threshold", "member_overlap",
-                     "prior_support", "match_min_share", "residual_min_share",
+                     "prior_support", "match_min_share", "residual_min_share", "orphan_share",
                      "residual_claim_support"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
