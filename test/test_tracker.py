@@ -578,6 +578,11 @@ def test_members_that_lend_the_prior_nothing_become_a_cluster_of_their_own():
     split, _ = cluster_priors(problem, np.arange(problem.n_trackers), one_cluster, TrackerConfig(), None)
     assert priors(split) == [U.tolist(), L.tolist()]
     assert sorted(c.members.size for c in split) == [3, 10]
+    # Orphans whose own prior is smaller than an object (residual_min_gaussians, 20): a view of
+    # the same object, and the cluster stays whole.
+    small, _ = cluster_priors(problem, np.arange(problem.n_trackers), one_cluster,
+                              TrackerConfig(residual_min_gaussians=41), None)
+    assert priors(small) == [U.tolist()] and small[0].members.size == 13
 
 
 def _votes_problem(frames):
