@@ -26,6 +26,9 @@ Choices beyond the papers (each documented where it is made, thresholds in `Trac
   the frame (MaskClustering's denominator), not over all its visible Gaussians.
 - Trackers default to Gaussians with more than half of their frame weight inside the mask
   (`min_pixel_share`), which keeps one frame's trackers disjoint.
+- After the clustering, two checks on the finished priors: members that lend their prior almost
+  nothing split off as a cluster of their own (`orphan_share`), and two adjacent priors that one
+  mask holds the most of in nearly every frame judging both merge (`split_merge_consensus`).
 """
 from .config import TrackerConfig
 from .identity import TrackerEvent
