@@ -44,8 +44,11 @@ def test_each_variant_changes_only_its_own_settings():
     tracker_rows = {"full with tracker tracing every mask pixel": {"mask_border_px": 0.0},
                     "full without mutual-containment links": {"mutual_containment_link": False},
                     "full without residual masks": {"residual_passes": 0},
+                    "full without split-object merge": {"split_merge_consensus": None},
+                    "full without orphan split": {"orphan_share": 0.0},
                     "InstaScene as published": {"mask_border_px": 0.0, "mutual_containment_link": False,
-                                                "residual_passes": 0},
+                                                "residual_passes": 0, "split_merge_consensus": None,
+                                                "orphan_share": 0.0},
                     "full with under-segmentation filter at 15% of frames": {"undersegment_frame_ratio": 0.15}}
     for name, variant in variants.items():
         assert _changed(tracker, variant.tracker) == tracker_rows.get(name, {}), name
@@ -57,7 +60,7 @@ def test_each_variant_changes_only_its_own_settings():
         assert _changed(base, variants[name].features) == {} and _changed(tracker, variants[name].tracker) == {}
     # the rows above switch real defaults off
     assert base.mask_border_px > 0 and base.background_cluster and tracker.mutual_containment_link
-    assert tracker.residual_passes >= 1
+    assert tracker.residual_passes >= 1 and tracker.split_merge_consensus is not None and tracker.orphan_share > 0
     assert all("," not in name for name in variants)  # --variants splits on commas
 
 
