@@ -214,6 +214,16 @@ def plane_sweep(reference: torch.Tensor, reference_camera: Camera,
 
 
 # ---------------------------------------------------------------------------------------- seeds
+def _seeds(device: torch.device, means, rgb, log_scales, quats, opacities) -> dict:
+    """The seeds as `GaussianScene.add` takes them: float32 tensors on the mapper's device (quats
+    None: the scene's default orientation)."""
+    def f32(array):
+        return None if array is None else torch.as_tensor(np.asarray(array, np.float32), device=device)
+
+    return {"means": f32(means), "rgb": f32(rgb), "log_scales": f32(log_scales), "quats": f32(quats),
+            "opacities": f32(opacities)}
+
+
 def seeds_from_depth(kf: "Keyframe", alpha: np.ndarray, ins: InsertionConfig, rng: np.random.Generator,
                      device: torch.device) -> Optional[dict]:
     """With depth: one flat Gaussian per stride block of the keyframe's still-transparent pixels
@@ -245,9 +255,7 @@ def seeds_from_depth(kf: "Keyframe", alpha: np.ndarray, ins: InsertionConfig, rn
     log_scales = np.stack([log_sigma, log_sigma, log_sigma + math.log(ins.flatten_ratio)], axis=1)
     quats = matrix_to_quaternion(frames_from_normals(normals_world))
     rgb = kf.rgb.cpu().numpy()[pick].astype(np.float32) / 255.0
-    f32 = lambda a: torch.as_tensor(np.asarray(a, np.float32), device=device)  # noqa: E731
-    return {"means": f32(means), "rgb": f32(rgb), "log_scales": f32(log_scales), "quats": f32(quats),
-            "opacities": torch.full((len(means),), ins.init_opacity, device=device)}
+    return _seeds(device, means, rgb, log_scales, quats, np.full(len(means), ins.init_opacity))
 
 def detect_features(kf: "Keyframe", ins: InsertionConfig) -> None:
     """RGB only: the keyframe's keypoints and descriptors, for later keyframes to match."""
@@ -347,9 +355,7 @@ def seeds_from_triangulation(kf: "Keyframe", earlier: Sequence["Keyframe"], alph
     means, colours, log_scales, opacities = (np.concatenate(parts) for parts in zip(*groups))
     if len(means) == 0:
         return None
-    f32 = lambda a: torch.as_tensor(np.asarray(a, np.float32), device=device)  # noqa: E731
-    return {"means": f32(means), "rgb": f32(colours), "log_scales": f32(log_scales), "quats": None,
-            "opacities": f32(opacities)}
+    return _seeds(device, means, colours, log_scales, None, opacities)
 
 def _seeds_from_plane_sweep(kf: "Keyframe", earlier: Sequence["Keyframe"], open_pixels: np.ndarray,
                             rendered_depth: np.ndarray, alpha: np.ndarray, points: np.ndarray,

@@ -348,18 +348,17 @@ def merge_split_objects(problem: Problem, clusters: list[Cluster], own_mask: np.
                   & (labelled > 0) & (labelled >= config.min_labelled_share * visible))
         return judged, placed
 
-    def adjacent(first: Cluster, second: Cluster) -> bool:
-        if where is None:
-            return True
+    placements = [placement(c) for c in clusters]
+    if where is None:
+        neighbours = {(a, b) for a in range(len(clusters)) for b in range(a + 1, len(clusters))}
+    else:
         from scipy.spatial import cKDTree
 
-        near, _ = cKDTree(positions[1][where[second.columns]]).query(
-            positions[1][where[first.columns]], distance_upper_bound=config.dbscan_eps)
-        return bool(np.isfinite(near).any())
-
-    placements = [placement(c) for c in clusters]
-    neighbours = {(a, b) for a in range(len(clusters)) for b in range(a + 1, len(clusters))
-                  if adjacent(clusters[a], clusters[b])}
+        points = [positions[1][where[c.columns]] for c in clusters]
+        trees = [cKDTree(p) for p in points]
+        # the pairs that come within dbscan_eps; a merged pair keeps its parts' neighbours
+        neighbours = {(a, b) for a in range(len(clusters)) for b in range(a + 1, len(clusters))
+                      if np.isfinite(trees[b].query(points[a], distance_upper_bound=config.dbscan_eps)[0]).any()}
     merges = 0
     while neighbours:
         best, best_share = None, 0.0
