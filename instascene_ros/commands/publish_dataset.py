@@ -4,13 +4,14 @@ from __future__ import annotations
 import argparse
 
 
-def parse_pose_noise(text: str) -> tuple[float, float]:
+def parse_millimetres_degrees(text: str) -> tuple[float, float]:
+    """'MM,DEG' -> (millimetres, degrees), both non-negative (pose noise, pose step sizes)."""
     try:
         millimetres, degrees = (float(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError("expected MM,DEG, e.g. 5,0.5") from None
-    if millimetres < 0 or degrees < 0:
-        raise argparse.ArgumentTypeError("pose noise must be non-negative")
+    if not (millimetres >= 0 and degrees >= 0):
+        raise argparse.ArgumentTypeError(f"MM,DEG must be non-negative numbers, got {text!r}")
     return millimetres, degrees
 
 
@@ -24,7 +25,7 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("dataset", help="dataset folder with transforms.json")
     parser.add_argument("--rate", type=float, default=2.0, help="frames per second")
-    parser.add_argument("--pose-noise", type=parse_pose_noise, default=(0.0, 0.0), metavar="MM,DEG",
+    parser.add_argument("--pose-noise", type=parse_millimetres_degrees, default=(0.0, 0.0), metavar="MM,DEG",
                         help="random pose error per frame: translation in mm, rotation in degrees")
     parser.add_argument("--loops", type=int, default=1, help="times to play the sequence")
     parser.add_argument("--no-depth", action="store_true", help="do not publish depth")

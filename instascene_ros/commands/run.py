@@ -14,7 +14,7 @@ import logging
 import pathlib
 import time
 
-from instascene_ros.commands.publish_dataset import parse_pose_noise
+from instascene_ros.commands.publish_dataset import parse_millimetres_degrees
 
 log = logging.getLogger("instascene.run")
 # Pipeline timings that belong to the instance decomposition (tracker + feature field), as
@@ -46,11 +46,15 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--finish-seconds", type=float, default=None, help="time cap of the final refinement")
     parser.add_argument("--finish-feature-steps", type=int, default=None,
                         help="feature-field steps at the end of the stream (default: the pipeline's 300)")
-    parser.add_argument("--pose-noise", type=parse_pose_noise, default=(0.0, 0.0), metavar="MM,DEG",
+    parser.add_argument("--pose-noise", type=parse_millimetres_degrees, default=(0.0, 0.0), metavar="MM,DEG",
                         help="perturb each training frame's pose (random translation in mm, rotation in degrees, "
                              "seeded): robot kinematics as the mapper sees them; test frames keep their true poses")
     parser.add_argument("--no-pose-refinement", action="store_true",
                         help="map at the given poses (no depth ICP of keyframes against the map)")
+    parser.add_argument("--photometric-poses", type=parse_millimetres_degrees, default=None, metavar="MM,DEG",
+                        help="photometric pose refinement: every mapping iteration also steps the trained "
+                             "keyframe's pose (Adam, at most about this many mm and degrees a step) down the "
+                             "mapping loss; 0,0 turns it off (default: the preset's)")
     parser.add_argument("--max-frames", type=int, default=0, help="stop after this many training frames (0 = all)")
     parser.add_argument("--threads", type=int, default=2, help="numba threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -151,6 +155,10 @@ def run(args) -> int:
     config.features = instance_field_config(args.instance_field, config.features)
     config.set_primitive(args.primitive)
     config.mapper.pose_refinement.enabled = not args.no_pose_refinement
+    if args.photometric_poses is not None:
+        refinement = config.mapper.pose_refinement
+        refinement.photometric_step_m, refinement.photometric_step_deg = args.photometric_poses[0] / 1000.0, \
+            args.photometric_poses[1]
     if args.finish_feature_steps is not None:
         config.cadence.finish_feature_steps = args.finish_feature_steps
     pipeline = Pipeline(config, progress_bar=not args.no_progress)

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from instascene_ros.core.camera import Camera, Frame, InvalidFrameError, transform_points
+from instascene_ros.core.camera import Camera, Frame, InvalidFrameError, rigid_inverse, transform_points
 from instascene_ros.core.pose_refinement import (Gauge, PoseRefinement, PoseRefinementConfig, back_project,
-                                                 refine_pose)
+                                                 correction_size, refine_pose, rigid, rotation_from_vector)
 from instascene_ros.core.scene import GaussianScene, SceneConfig
 # InsertionConfig is also imported for maps saved before it moved, whose pickles name it
 # instascene_ros.core.mapping.InsertionConfig.
@@ -198,6 +198,10 @@ class Keyframe:
     keypoints: Optional[np.ndarray] = None  # (M, 2) (u, v) pixels, continuous frame (RGB only)
     descriptors: Optional[np.ndarray] = None
     measured_T_world_cam: Optional[np.ndarray] = None  # the pose as it arrived, before refinement
+    # Adam moments (first, second; rotation then translation) and step count of the photometric
+    # pose refinement (PoseRefinementConfig.photometric_step_*).
+    pose_moments: Optional[np.ndarray] = None
+    pose_steps: int = 0
 
 
 # ---------------------------------------------------------------------------------------- losses
@@ -310,7 +314,7 @@ class Mapper:
         self.gauge = Gauge(self.config.pose_refinement)
         # kept_by_neighbours: of the kept, those whose correction fitted the map but moved the
         # keyframe away from its neighbours' depth (the map was biased there).
-        self.pose_stats = {"refined": 0, "kept": 0, "reverted": 0, "kept_by_neighbours": 0}
+        self.pose_stats = {"refined": 0, "kept": 0, "reverted": 0, "kept_by_neighbours": 0, "photometric_steps": 0}
         self._revisited: dict[int, int] = {}  # keyframe index -> keyframes_made at its last revisit
 
     def __setstate__(self, state: dict) -> None:
@@ -323,6 +327,7 @@ class Mapper:
             self.pose_stats = {"refined": 0, "kept": 0}
         self.pose_stats.setdefault("reverted", 0)  # maps saved before revisits existed
         self.pose_stats.setdefault("kept_by_neighbours", 0)  # ... before the neighbour test
+        self.pose_stats.setdefault("photometric_steps", 0)  # ... before photometric refinement
         self.__dict__.setdefault("_revisited", {})
 
     def __getstate__(self) -> dict:
@@ -342,14 +347,15 @@ class Mapper:
         return self._render_fn
 
     def _render(self, cameras: Sequence[Camera], gaussians: Optional[Gaussians] = None,
-                with_background: bool = True) -> RenderOutput:
+                with_background: bool = True, pose_deltas: Optional[torch.Tensor] = None) -> RenderOutput:
         """Render over a black background, then composite the (learned) background in torch so
         its gradient does not depend on the backend."""
         gaussians = gaussians if gaussians is not None else self.scene.to_gaussians(with_features=False)
+        extra = {} if pose_deltas is None else {"pose_deltas": pose_deltas}
         out = self.render_fn(gaussians, list(cameras), primitive=self.config.primitive,
                              backend=self.config.backend,
                              background=torch.zeros(3, dtype=torch.float32, device=self.device),
-                             sh_degree=self.scene.active_sh_degree, config=self.config.raster)
+                             sh_degree=self.scene.active_sh_degree, config=self.config.raster, **extra)
         if with_background:
             out.color = out.color + (1.0 - out.alpha).unsqueeze(-1) * self.background.clamp(0.0, 1.0)
         return out
@@ -366,15 +372,15 @@ class Mapper:
             & (uv[:, 1] + radius > 0) & (uv[:, 1] - radius < camera.height)
         return torch.nonzero(inside).squeeze(1)
 
-    def _render_culled(self, camera: Camera, with_background: bool = True
-                       ) -> tuple[RenderOutput, torch.Tensor]:
+    def _render_culled(self, camera: Camera, with_background: bool = True,
+                       pose_deltas: Optional[torch.Tensor] = None) -> tuple[RenderOutput, torch.Tensor]:
         """Render only the Gaussians in view (gradients still reach the full parameter tensors
         through the index); returns the output and the rows it rendered."""
         rows = self._in_view(camera)
         scene = self.scene
         subset = Gaussians(means=scene.means[rows], quats=scene.quats[rows], log_scales=scene.log_scales[rows],
                            opacity_logits=scene.opacity_logits[rows], sh=scene.sh[rows])
-        return self._render([camera], subset, with_background=with_background), rows
+        return self._render([camera], subset, with_background=with_background, pose_deltas=pose_deltas), rows
 
     def render_view(self, camera: Camera) -> RenderOutput:
         """Render the current map from `camera` (no gradient), over the map's background."""
@@ -674,11 +680,7 @@ class Mapper:
                 self.pose_stats["reverted"] += 1
                 logger.debug("keyframe %d back to its measured pose: %s", kf.index, result.reason)
             kf.camera = Camera(K=kf.camera.K, width=kf.camera.width, height=kf.camera.height, T_world_cam=pose)
-        transform = self.gauge.due()
-        if transform is None:
-            return False
-        self._move_map(transform)
-        return True
+        return self._move_map_if_due()
 
     def _apply_gauge(self, kf: Keyframe, refinement: Optional[PoseRefinement]) -> bool:
         """Record the keyframe's correction; when the mean correction over keyframes has grown
@@ -686,15 +688,15 @@ class Mapper:
         the map stays where the measured poses put it on average. True when the map moved.
 
         A keyframe inserted into an empty map is exact in the map's frame (identity correction);
-        one whose refinement was refused has an unknown correction and does not count."""
-        if not self.config.pose_refinement.enabled or (refinement is not None and not refinement.applied):
+        one whose refinement was refused has an unknown correction and does not count (until the
+        photometric refinement, when on, gives it one)."""
+        if not self.config.pose_refinement.enabled:
             return False
-        self.gauge.add(kf.index, kf.camera.T_world_cam @ np.linalg.inv(kf.measured_T_world_cam))
-        transform = self.gauge.due()
-        if transform is None:
+        if refinement is None or refinement.applied:
+            self.gauge.add(kf.index, kf.camera.T_world_cam @ np.linalg.inv(kf.measured_T_world_cam))
+        elif not self.config.pose_refinement.photometric:
             return False
-        self._move_map(transform)
-        return True
+        return self._move_map_if_due()
 
     def _move_map(self, transform: np.ndarray) -> None:
         """Move every Gaussian and every keyframe pose by `transform` (world frame)."""
@@ -703,6 +705,52 @@ class Mapper:
             keyframe.camera = Camera(K=keyframe.camera.K, width=keyframe.camera.width,
                                      height=keyframe.camera.height, T_world_cam=transform @ keyframe.camera.T_world_cam)
         self.gauge.moved(transform)
+
+    @property
+    def photometric_active(self) -> bool:
+        """Photometric pose refinement runs once ICP has shown the measured poses to be off: at
+        least `photometric_min_corrected_share` of the keyframes it judged corrected (see the
+        config for why a share of the stream and not a per-keyframe flag)."""
+        cfg = self.config.pose_refinement
+        if not cfg.photometric:
+            return False
+        judged = self.pose_stats["refined"] + self.pose_stats["kept"]
+        return cfg.photometric_min_corrected_share <= 0 or (
+            judged >= cfg.photometric_min_judged and self.pose_stats["refined"] >= cfg.photometric_min_corrected_share * judged)
+
+    def _step_pose(self, kf: Keyframe, gradient: np.ndarray) -> None:
+        """One Adam step of the keyframe's pose down `gradient` (d loss / d (omega, v), camera
+        frame), folded into its camera; the correction it now holds goes to the gauge."""
+        cfg = self.config.pose_refinement
+        if not np.all(np.isfinite(gradient)):
+            return
+        beta1, beta2 = 0.9, 0.999
+        moments = kf.pose_moments if kf.pose_moments is not None else np.zeros((2, 6))
+        moments[0] = beta1 * moments[0] + (1.0 - beta1) * gradient
+        moments[1] = beta2 * moments[1] + (1.0 - beta2) * gradient * gradient
+        kf.pose_moments, kf.pose_steps = moments, kf.pose_steps + 1
+        first = moments[0] / (1.0 - beta1 ** kf.pose_steps)
+        second = moments[1] / (1.0 - beta2 ** kf.pose_steps)
+        rates = np.repeat([np.radians(cfg.photometric_step_deg), cfg.photometric_step_m], 3)
+        step = -rates * first / (np.sqrt(second) + 1e-12)
+        delta = rigid(rotation_from_vector(step[:3]), step[3:])  # left factor of world-to-camera
+        pose = kf.camera.T_world_cam @ rigid_inverse(delta)
+        if kf.measured_T_world_cam is not None:
+            correction = pose @ rigid_inverse(kf.measured_T_world_cam)
+            metres, degrees = correction_size(correction)
+            if metres > cfg.max_correction_m or degrees > cfg.max_correction_deg:
+                return
+            self.gauge.add(kf.index, correction)
+        kf.camera = Camera(K=kf.camera.K, width=kf.camera.width, height=kf.camera.height, T_world_cam=pose)
+        self.pose_stats["photometric_steps"] += 1
+
+    def _move_map_if_due(self) -> bool:
+        """Take the gauge's mean correction out of the map when due; True when the map moved."""
+        transform = self.gauge.due() if self.config.pose_refinement.enabled else None
+        if transform is None:
+            return False
+        self._move_map(transform)
+        return True
 
     def _make_keyframe(self, frame: Frame, refinement: Optional[PoseRefinement] = None) -> Keyframe:
         depth = None
@@ -833,7 +881,10 @@ class Mapper:
         scene.update_learning_rate(self.iteration)
         scene.update_sh_degree(self.iteration)
         camera, target, target_depth, fraction = self._training_view(kf)
-        out, rows = self._render_culled(camera)
+        # The keyframe's pose correction, rendered at zero: its gradient is the loss's gradient
+        # along the pose (the crop shares the keyframe's camera frame).
+        pose_delta = torch.zeros(1, 6, device=self.device, requires_grad=True) if self.photometric_active else None
+        out, rows = self._render_culled(camera, pose_deltas=pose_delta)
         image = out.color[0]
         loss = (1.0 - opt.ssim_weight) * torch.abs(image - target).mean()
         if opt.ssim_weight > 0:
@@ -846,6 +897,8 @@ class Mapper:
             if opt.empty_alpha_weight > 0 and bool((~valid).any()):
                 loss = loss + opt.empty_alpha_weight * out.alpha[0][~valid].mean()
         loss.backward()
+        if pose_delta is not None and pose_delta.grad is not None:
+            self._step_pose(kf, pose_delta.grad[0].detach().cpu().numpy().astype(np.float64))
         means2d_grad, radii = None, None
         if out.means2d is not None and out.means2d.grad is not None and out.radii is not None:
             means2d_grad = torch.zeros(scene.n, 2, device=self.device)
@@ -924,7 +977,7 @@ class Mapper:
     def finish(self, extra_iterations: Optional[int] = None, time_budget_s: Optional[float] = None) -> dict:
         """Global refinement over all keyframes (random order, each epoch a permutation, as 3DGS
         does). Default length: up to `total_iterations`; default time cap: `finish_time_budget_s`.
-        Returns {"iterations", "seconds", "psnr", "gaussians"}."""
+        Returns {"iterations", "seconds", "psnr", "gaussians", "map_moved"}."""
         with self._threads():
             return self._finish(extra_iterations, time_budget_s)
 
@@ -953,9 +1006,12 @@ class Mapper:
         finally:
             if bar is not None:
                 bar.close()
+        # Photometric pose steps add to the gauge between keyframes; the last of them are
+        # taken out here (the caller re-publishes what renders from keyframe poses).
+        map_moved = self._move_map_if_due() if self.config.pose_refinement.photometric else False
         result = {"iterations": done, "seconds": time.perf_counter() - start,
                   "psnr": float(np.mean(psnrs[-opt.psnr_report_window:])) if psnrs else None,
-                  "gaussians": self.scene.n}
+                  "gaussians": self.scene.n, "map_moved": map_moved}
         logger.info("refinement: %d iterations in %.1f s, train PSNR %s, %d Gaussians", done, result["seconds"],
                     f"{result['psnr']:.2f} dB" if result["psnr"] is not None else "n/a", self.scene.n)
         return result

@@ -109,6 +109,8 @@ class PipelineConfig:
         config.workspace_min, config.workspace_max = tuple(params.workspace_min), tuple(params.workspace_max)
         config.set_primitive(params.primitive)
         config.mapper.pose_refinement.enabled = bool(params.refine_poses)
+        if not params.photometric_poses:
+            config.mapper.pose_refinement.photometric_step_m = config.mapper.pose_refinement.photometric_step_deg = 0.0
         config.mapper.keyframes.max_keyframes = int(params.max_keyframes)
         config.features = instance_field_config(params.instance_field, config.features)
         config.tracker = dataclasses.replace(config.tracker, mask_border_px=float(params.mask_contact_border_px))
@@ -449,10 +451,12 @@ class Pipeline:
                 return {"query_cache": time.perf_counter() - tic}
             if self.mapper.iteration < self.config.mapper.optimisation.total_iterations:
                 tic = time.perf_counter()
-                self.mapper.finish(extra_iterations=cadence.idle_refine_iterations, time_budget_s=None)
+                refined = self.mapper.finish(extra_iterations=cadence.idle_refine_iterations, time_budget_s=None)
                 timings = {"idle_refine": time.perf_counter() - tic}
                 if self.masks and time.monotonic() - self._last_instance_update >= cadence.idle_instances_every_s:
                     timings.update(self.update_instances(cadence.idle_feature_steps, retrace=1))
+                elif refined["map_moved"] and self.snapshot.query_gaussians is not None:
+                    self._publish_snapshot()  # as after a keyframe that moved the map
                 return timings
             return self._settle_step()
 

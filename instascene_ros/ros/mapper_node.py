@@ -288,7 +288,8 @@ class InstaSceneNode(Node):
         pose_stats = dict(self.pipeline.mapper.pose_stats)
         values.update({"keyframe_poses_refined": pose_stats["refined"], "keyframe_poses_kept": pose_stats["kept"],
                        "keyframe_poses_reverted": pose_stats.get("reverted", 0),
-                       "keyframe_poses_kept_by_neighbours": pose_stats.get("kept_by_neighbours", 0)})
+                       "keyframe_poses_kept_by_neighbours": pose_stats.get("kept_by_neighbours", 0),
+                       "keyframe_pose_photometric_steps": pose_stats.get("photometric_steps", 0)})
         values.update({f"drops/{reason}": count for reason, count in self.drops.items()})
         values.update({f"seconds/{stage}": seconds for stage, seconds in self.stage_seconds.items()})
         healthy = self._queue.qsize() < self.params.queue_size

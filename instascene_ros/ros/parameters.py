@@ -17,6 +17,7 @@ class NodeParameters:
     use_depth: bool = True
     use_masks: bool = True
     refine_poses: bool = True  # correct keyframe poses against the map by depth ICP (core/pose_refinement.py)
+    photometric_poses: bool = True  # with refine_poses: photometric refinement of keyframe poses while mapping
     max_keyframes: int = 200  # keyframe memory budget (core/mapping.KeyframeConfig); 0 = unbounded
     preset: str = "cpu"  # mapper preset: "cpu" (2 cores) or "paper" (GPU, published schedule)
     device: str = "cpu"  # "cpu" (numba kernels) or "cuda" (gsplat)
@@ -49,6 +50,7 @@ DESCRIPTIONS = {
     "pose_source": "'tf': camera pose from TF (global_frame <- image header frame); 'pose_topic': from ~/pose (PoseStamped)",
     "use_depth": "pair each image with a depth image (32FC1 metres or 16UC1 mm, registered to colour)",
     "refine_poses": "correct each RGB-D keyframe's TF pose by point-to-plane ICP against the map (kinematic and calibration error of a few mm / tenths of a degree); false = trust TF as is",
+    "photometric_poses": "with refine_poses: every mapping iteration also steps the trained keyframe's pose down the mapping loss (colour, SSIM, depth; PoseRefinementConfig.photometric_step_*), so keyframes keep agreeing with the map as it grows; false = ICP at insertion only",
     "max_keyframes": "keyframe memory budget: at most this many keyframes (about 1 MB of data and 1.7 MB of resident memory each at 256x256 RGB-D with masks, in proportion to pixels); when full, a new view replaces the most redundant keyframe only if it spreads the set out more; 0 = unbounded (a long stream over new ground grows without limit)",
     "use_masks": "wait for 2D instance masks on 'mask' (optional per frame: frames without one are still mapped)",
     "preset": "mapper budgets: 'cpu' (2 cores) or 'paper' (GPU, published iteration counts)",

@@ -87,12 +87,12 @@ def background_channels(background: Optional[torch.Tensor], n_cameras: int, n_fe
 
 def rasterization_args(gaussians: Gaussians, cameras: Sequence[Camera], background: Optional[torch.Tensor] = None,
                        sh_degree: Optional[int] = None, config: RasterConfig = RasterConfig(),
-                       primitive: str = "3dgs") -> dict:
+                       primitive: str = "3dgs", pose_deltas: Optional[torch.Tensor] = None) -> dict:
     """Keyword arguments for gsplat.rasterization / gsplat.rendering._rasterization (3DGS) or
     gsplat.rasterization_2dgs (2DGS: the same minus rasterize_mode)."""
     means = gaussians.means
     dtype, device = means.dtype, means.device
-    viewmats = view_matrices(cameras, dtype, device)
+    viewmats = view_matrices(cameras, dtype, device, pose_deltas)
     Ks = intrinsics(cameras, dtype, device)
     degree = gaussians.sh_degree if sh_degree is None else int(sh_degree)
     n_features = 0 if gaussians.features is None else int(gaussians.features.shape[1])
@@ -151,14 +151,15 @@ def unpack_outputs_2dgs(outputs: tuple, viewmats: torch.Tensor, n_features: int)
 
 def render_gsplat(gaussians: Gaussians, cameras: Sequence[Camera], background: Optional[torch.Tensor] = None,
                   sh_degree: Optional[int] = None, config: RasterConfig = RasterConfig(),
-                  primitive: str = "3dgs") -> RenderOutput:
-    """3DGS through gsplat.rasterization, 2DGS through gsplat.rasterization_2dgs, on CUDA."""
+                  primitive: str = "3dgs", pose_deltas: Optional[torch.Tensor] = None) -> RenderOutput:
+    """3DGS through gsplat.rasterization, 2DGS through gsplat.rasterization_2dgs, on CUDA (gsplat
+    differentiates the view matrices too, so `pose_deltas` get their gradient here as well)."""
     import gsplat  # imported lazily: the CPU path never needs it
 
     if not gaussians.means.is_cuda:
         raise ValueError("the gsplat backend needs CUDA tensors; use backend='numba' on the CPU")
     check_config(config)
-    args = rasterization_args(gaussians, cameras, background, sh_degree, config, primitive)
+    args = rasterization_args(gaussians, cameras, background, sh_degree, config, primitive, pose_deltas)
     n_features = 0 if gaussians.features is None else int(gaussians.features.shape[1])
     if primitive == "2dgs":
         outputs = gsplat.rasterization_2dgs(**args, **CUDA_ONLY_ARGS)

@@ -75,10 +75,42 @@ def covariance_3d(quats: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return M @ M.transpose(-1, -2)
 
 
-def view_matrices(cameras: Sequence[Camera], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(C, 4, 4) world-to-camera matrices of the cameras."""
+def view_matrices(cameras: Sequence[Camera], dtype: torch.dtype, device: torch.device,
+                  pose_deltas: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(C, 4, 4) world-to-camera matrices of the cameras, each corrected by its row of
+    `pose_deltas` (see `pose_delta_transforms`) when given."""
     mats = np.stack([cam.world_to_cam for cam in cameras]) if cameras else np.zeros((0, 4, 4))
-    return torch.as_tensor(mats, dtype=dtype, device=device)
+    viewmats = torch.as_tensor(mats, dtype=dtype, device=device)
+    if pose_deltas is None:
+        return viewmats
+    if pose_deltas.shape != (len(cameras), 6):
+        raise ValueError(f"pose_deltas must be ({len(cameras)}, 6) for {len(cameras)} cameras, "
+                         f"got {tuple(pose_deltas.shape)}")
+    return pose_delta_transforms(pose_deltas.to(dtype=dtype, device=device)) @ viewmats
+
+
+def pose_delta_transforms(deltas: torch.Tensor) -> torch.Tensor:
+    """(C, 6) pose corrections (rotation vector omega, translation v; camera frame) -> (C, 4, 4)
+    rigid transforms [R(omega) | v], differentiable everywhere, zero included.
+
+    Rodrigues R = I + a K + b K^2 (K = skew(omega)) with a = sin(t)/t and b = (1 - cos t)/t^2,
+    both taken from their Taylor series below 1e-3 rad: the exact forms have 0/0 at t = 0, where
+    the mapper evaluates them (it folds each step into the pose and starts again from zero), and
+    their gradient there would be NaN. At zero the gradient is the se(3) tangent gradient."""
+    omega, translation = deltas[:, :3], deltas[:, 3:]
+    theta2 = (omega * omega).sum(dim=1)
+    small = theta2 < 1e-6
+    theta = torch.sqrt(torch.where(small, torch.ones_like(theta2), theta2))
+    a = torch.where(small, 1.0 - theta2 / 6.0, torch.sin(theta) / theta)
+    b = torch.where(small, 0.5 - theta2 / 24.0, (1.0 - torch.cos(theta)) / (theta * theta))
+    zero = torch.zeros_like(theta2)
+    K = torch.stack([zero, -omega[:, 2], omega[:, 1],
+                     omega[:, 2], zero, -omega[:, 0],
+                     -omega[:, 1], omega[:, 0], zero], dim=1).reshape(-1, 3, 3)
+    eye = torch.eye(3, dtype=deltas.dtype, device=deltas.device).expand_as(K)
+    R = eye + a[:, None, None] * K + b[:, None, None] * (K @ K)
+    bottom = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=deltas.dtype, device=deltas.device).expand(len(deltas), 1, 4)
+    return torch.cat([torch.cat([R, translation[:, :, None]], dim=2), bottom], dim=1)
 
 
 def intrinsics(cameras: Sequence[Camera], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -69,7 +69,7 @@ def _check_primitive(primitive: str) -> bool:
 
 
 def _project(gaussians: Gaussians, cameras: Sequence[Camera], surfel: bool, config: RasterConfig,
-             detach: bool = False):
+             detach: bool = False, pose_deltas: Optional[torch.Tensor] = None):
     """Screen-space splats: means2d, geometry (C, N, 3 conic | 9 ray transform), depths, radii,
     opacities, normals (surfels) or None, and the view matrices."""
     g = gaussians
@@ -77,7 +77,7 @@ def _project(gaussians: Gaussians, cameras: Sequence[Camera], surfel: bool, conf
     if detach:
         tensors = [t.detach().cpu() for t in tensors]
     means = tensors[0]
-    viewmats = view_matrices(cameras, means.dtype, means.device)
+    viewmats = view_matrices(cameras, means.dtype, means.device, pose_deltas)
     Ks = intrinsics(cameras, means.dtype, means.device)
     width, height = int(cameras[0].width), int(cameras[0].height)
     if surfel:
@@ -89,13 +89,18 @@ def _project(gaussians: Gaussians, cameras: Sequence[Camera], surfel: bool, conf
 
 def render(gaussians: Gaussians, cameras: Sequence[Camera], *, primitive: Primitive = "3dgs",
            backend: Backend = "auto", background: Optional[torch.Tensor] = None, sh_degree: Optional[int] = None,
-           config: RasterConfig = RasterConfig()) -> RenderOutput:
-    """Render C cameras (one image size) of the Gaussians; differentiable in every Gaussian parameter.
+           config: RasterConfig = RasterConfig(), pose_deltas: Optional[torch.Tensor] = None) -> RenderOutput:
+    """Render C cameras (one image size) of the Gaussians; differentiable in every Gaussian parameter
+    and in `pose_deltas`.
 
     primitive: "3dgs" (3D Gaussians, EWA splatting) or "2dgs" (2D Gaussian surfels: ray-splat
     intersection; also returns median_depth and camera-frame normals).
     background: (3,) or (C, 3) colour behind the splats (default black).
     sh_degree: SH bands to use (default: all the coefficients hold).
+    pose_deltas: optional (C, 6) corrections of the camera poses, (rotation vector, translation) in
+    each camera's frame: world-to-camera becomes [R(omega) | v] @ Camera.world_to_cam. Render at
+    zeros with requires_grad and the gradient of a loss is its gradient along each camera's pose
+    (the mapper's photometric pose refinement).
     Returns RenderOutput with color (C, H, W, 3), depth (C, H, W), alpha (C, H, W), features
     (C, H, W, F) when the Gaussians have features, means2d (C, N, 2) (gradient retained for
     densification) and radii (C, N, 2); with 2DGS also median_depth (C, H, W) and normals
@@ -105,12 +110,14 @@ def render(gaussians: Gaussians, cameras: Sequence[Camera], *, primitive: Primit
     surfel = _check_primitive(primitive)
     backend = _resolve_backend(backend, gaussians)
     if backend == "gsplat":
-        return gsplat_backend.render_gsplat(gaussians, cameras, background, sh_degree, config, primitive)
+        return gsplat_backend.render_gsplat(gaussians, cameras, background, sh_degree, config, primitive,
+                                            pose_deltas)
 
     means = gaussians.means
     dtype, device = means.dtype, means.device
     width, height = int(cameras[0].width), int(cameras[0].height)
-    means2d, geometry, depths, radii, opacities, normals, viewmats = _project(gaussians, cameras, surfel, config)
+    means2d, geometry, depths, radii, opacities, normals, viewmats = _project(gaussians, cameras, surfel, config,
+                                                                              pose_deltas=pose_deltas)
     if means2d.requires_grad:
         means2d.retain_grad()
     rgb = sh_to_color(gaussians.sh, means, camera_positions(viewmats), sh_degree)  # (C, N, 3)
