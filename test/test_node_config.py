@@ -122,6 +122,17 @@ def test_contact_border_parameter_reaches_the_tracker_and_rejects_negatives():
         validate(replace(NodeParameters(), mask_contact_border_px=-1.0))
 
 
+def test_pose_parameters_reach_the_mapper():
+    from instascene_ros.core.pipeline import PipelineConfig
+
+    refinement = PipelineConfig.from_node_parameters(NodeParameters()).mapper.pose_refinement
+    assert refinement.enabled and refinement.photometric
+    refinement = PipelineConfig.from_node_parameters(NodeParameters(photometric_poses=False)).mapper.pose_refinement
+    assert refinement.enabled and not refinement.photometric  # ICP stays
+    refinement = PipelineConfig.from_node_parameters(NodeParameters(refine_poses=False)).mapper.pose_refinement
+    assert not refinement.enabled and not refinement.photometric  # trusted poses: neither
+
+
 def test_keyframe_budget_parameter_reaches_the_mapper_and_rejects_budgets_that_cannot_replace():
     from dataclasses import replace
 

@@ -54,7 +54,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--photometric-poses", type=parse_millimetres_degrees, default=None, metavar="MM,DEG",
                         help="photometric pose refinement: every mapping iteration also steps the trained "
                              "keyframe's pose (Adam, at most about this many mm and degrees a step) down the "
-                             "mapping loss; 0,0 turns it off (default: the preset's)")
+                             "mapping loss, once ICP has corrected half of the keyframes; 0,0 turns it off "
+                             "(default: PoseRefinementConfig's 0.2,0.03)")
     parser.add_argument("--max-frames", type=int, default=0, help="stop after this many training frames (0 = all)")
     parser.add_argument("--threads", type=int, default=2, help="numba threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
