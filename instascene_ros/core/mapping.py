@@ -351,6 +351,7 @@ class Mapper:
         """Render over a black background, then composite the (learned) background in torch so
         its gradient does not depend on the backend."""
         gaussians = gaussians if gaussians is not None else self.scene.to_gaussians(with_features=False)
+        # Only when asked for: a render function handed in (tests) need not know the argument.
         extra = {} if pose_deltas is None else {"pose_deltas": pose_deltas}
         out = self.render_fn(gaussians, list(cameras), primitive=self.config.primitive,
                              backend=self.config.backend,
@@ -1007,8 +1008,9 @@ class Mapper:
             if bar is not None:
                 bar.close()
         # Photometric pose steps add to the gauge between keyframes; the last of them are
-        # taken out here (the caller re-publishes what renders from keyframe poses).
-        map_moved = self._move_map_if_due() if self.config.pose_refinement.photometric else False
+        # taken out here (the caller re-publishes what renders from keyframe poses). Without
+        # them nothing was added since the last check and the gauge is not due.
+        map_moved = self._move_map_if_due()
         result = {"iterations": done, "seconds": time.perf_counter() - start,
                   "psnr": float(np.mean(psnrs[-opt.psnr_report_window:])) if psnrs else None,
                   "gaussians": self.scene.n, "map_moved": map_moved}

@@ -219,29 +219,34 @@ def cluster_priors(problem: Problem, valid: np.ndarray, cluster_of: np.ndarray, 
     order = np.argsort(cluster_of, kind="stable")
     for group in np.split(order, np.flatnonzero(np.diff(cluster_of[order])) + 1):
         cluster = _cluster_prior(problem, valid[group], config, where, table_positions, dropped)
-        if cluster is None or config.orphan_share <= 0.0:
-            if cluster is not None:
-                clusters.append(cluster)
-            continue
-        orphans = _orphan_members(problem, cluster, config.orphan_share)
-        if orphans.size < config.min_cluster_masks:
-            clusters.append(cluster)
-            continue
-        # The members that lend the prior almost nothing are another object that a weak link
-        # (two frames) joined to this one: each part is made a cluster again on its own, if the
-        # orphans' part makes a prior of an object's size (`residual_min_gaussians`, as for a
-        # residual mask); a smaller one was a view of the same object (dev seed 0: a 15-Gaussian
-        # second prior of a 70-Gaussian object) and the cluster stays as it was.
-        parted = []
-        split_dropped: list[int] = []
-        for members in (np.setdiff1d(cluster.members, orphans), orphans):
-            parted.append(_cluster_prior(problem, members, config, where, table_positions, split_dropped))
-        if parted[1] is None or parted[1].columns.size < config.residual_min_gaussians:
-            clusters.append(cluster)
-            continue
-        dropped.extend(split_dropped)
-        clusters.extend(part for part in parted if part is not None)
+        if cluster is not None:
+            clusters.extend(_split_off_orphans(problem, cluster, config, where, table_positions, dropped))
     return clusters, dropped
+
+
+def _split_off_orphans(problem: Problem, cluster: Cluster, config: TrackerConfig, where: Optional[np.ndarray],
+                       table_positions: Optional[np.ndarray], dropped: list[int]) -> list[Cluster]:
+    """The cluster, or its two parts when its orphan members (< orphan_share of their Gaussians
+    in its prior) make a prior of their own.
+
+    Those members are another object that a weak link (two frames) joined to this one: each part
+    is made a cluster again on its own, if the orphans' part makes a prior of an object's size
+    (`residual_min_gaussians`, as for a residual mask); a smaller one was a view of the same
+    object (dev seed 0: a 15-Gaussian second prior of a 70-Gaussian object) and the cluster stays
+    as it was."""
+    if config.orphan_share <= 0.0:
+        return [cluster]
+    orphans = _orphan_members(problem, cluster, config.orphan_share)
+    if orphans.size < config.min_cluster_masks:
+        return [cluster]
+    split_dropped: list[int] = []
+    orphan_cluster = _cluster_prior(problem, orphans, config, where, table_positions, split_dropped)
+    if orphan_cluster is None or orphan_cluster.columns.size < config.residual_min_gaussians:
+        return [cluster]
+    rest = _cluster_prior(problem, np.setdiff1d(cluster.members, orphans), config, where, table_positions,
+                          split_dropped)
+    dropped.extend(split_dropped)
+    return [part for part in (rest, orphan_cluster) if part is not None]
 
 
 def _orphan_members(problem: Problem, cluster: Cluster, share: float) -> np.ndarray:

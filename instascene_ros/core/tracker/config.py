@@ -101,9 +101,10 @@ class TrackerConfig:
     prior_support: float = 0.5
     # Ours: after the prior is made, members with less than this share of their Gaussians in it
     # split off, and when there are >= min_cluster_masks of them and their own prior holds >=
-    # residual_min_gaussians, both parts are made clusters again on their own. Report seed 13: two frames joined a small L-block's 9 clean masks to
-    # its neighbour's cluster; the prior, supported by the neighbour's 30 masks, held 26 of the
-    # L-block's Gaussians, and none of its masks had 20% of theirs in it. 0 = MaskClustering.
+    # residual_min_gaussians, both parts are made clusters again on their own. Report seed 13:
+    # two frames joined a small L-block's 9 clean masks to its neighbour's cluster; the prior,
+    # supported by the neighbour's 30 masks, held 26 of the L-block's Gaussians, and none of its
+    # masks had 20% of theirs in it. 0 = MaskClustering.
     orphan_share: float = 0.2
     # MaskClustering DBSCAN: `dbscan_threshold` 0.1 m (ScanNet rooms), open3d min_points = 4.
     # Room scale: table-top scenes want ~0.02 m (set it in the YAML).
