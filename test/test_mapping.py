@@ -364,6 +364,38 @@ def test_rgb_only_initialisation_triangulates_points_on_the_surface():
     assert np.median(height) < 0.01, np.quantile(height, [0.5, 0.9])
 
 
+def test_opacity_reset_is_scheduled_for_maps_without_depth_only():
+    """The cpu preset resets opacities once, and only when no keyframe has depth (with depth
+    the depth loss holds floaters down and a reset measured worse on the objects)."""
+    cpu = MapperConfig.cpu().optimisation
+    assert cpu.opacity_reset_without_depth_only and cpu.opacity_reset_interval < cpu.densify_until
+    assert cpu.opacity_reset_interval * 2 >= cpu.densify_until, "exactly one reset in the schedule"
+    scene = AnalyticScene(smooth=1.5, with_sphere=False, seed=3)
+    cameras = [orbit_camera(96, az, 55, radius=0.5) for az in (0, 12, 24)]
+    config = small_config(iterations_per_keyframe=30, opacity_reset_interval=45, opacity_reset_without_depth_only=True)
+    outcomes = {}
+    for with_depth in (True, False):
+        mapper = Mapper(config)
+        for camera in cameras:
+            assert mapper.add_frame(scene.frame(camera, with_depth=with_depth)).accepted
+        assert mapper.iteration >= 60 and mapper.scene.n > 0, (with_depth, mapper.iteration, mapper.scene.n)
+        outcomes[with_depth] = mapper.last_opacity_reset
+    assert outcomes[True] < 0, "a map with depth is never reset"
+    assert outcomes[False] == 45, "a map without depth is reset on the schedule"
+
+
+def test_opacity_reset_clamps_opacities_and_forgets_their_momentum(scene):
+    mapper = Mapper(small_config(iterations_per_keyframe=20))
+    for az in (0, 30):
+        mapper.add_frame(scene.frame(orbit_camera(32, az, 40)))
+    state = mapper.scene.optimizer.state[mapper.scene.opacity_logits]
+    assert state["exp_avg"].abs().sum() > 0
+    mapper.scene.reset_opacity()
+    ceiling = mapper.scene.config.opacity_reset_value
+    assert torch.sigmoid(mapper.scene.opacity_logits).max() <= ceiling + 1e-6
+    assert state["exp_avg"].abs().sum() == 0 and state["exp_avg_sq"].abs().sum() == 0
+
+
 def test_mapper_pickles_whole_for_map_files(scene):
     mapper = Mapper(small_config(iterations_per_keyframe=2), on_progress=lambda stats: None)
     mapper.add_frame(scene.frame(orbit_camera(32, 0, 40)))
