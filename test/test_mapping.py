@@ -364,24 +364,37 @@ def test_rgb_only_initialisation_triangulates_points_on_the_surface():
     assert np.median(height) < 0.01, np.quantile(height, [0.5, 0.9])
 
 
-def test_opacity_reset_is_scheduled_for_maps_without_depth_only():
-    """The cpu preset resets opacities once, and only when no keyframe has depth (with depth
-    the depth loss holds floaters down and a reset measured worse on the objects)."""
+def test_opacity_reset_only_in_the_final_refinement_of_maps_without_depth():
+    """The cpu preset resets opacities once, in the end-of-stream refinement, and only when no
+    keyframe has depth (with depth the depth loss holds floaters down and a reset measured worse
+    on the objects); a live node's idle refinement (not final) never makes the map transparent."""
     cpu = MapperConfig.cpu().optimisation
-    assert cpu.opacity_reset_without_depth_only and cpu.opacity_reset_interval < cpu.densify_until
-    assert cpu.opacity_reset_interval * 2 >= cpu.densify_until, "exactly one reset in the schedule"
+    assert cpu.opacity_reset_interval == 0 and cpu.final_opacity_reset_without_depth is not None
+    assert cpu.final_opacity_reset_without_depth + 2 * cpu.densify_interval < cpu.densify_until
     scene = AnalyticScene(smooth=1.5, with_sphere=False, seed=3)
     cameras = [orbit_camera(96, az, 55, radius=0.5) for az in (0, 12, 24)]
-    config = small_config(iterations_per_keyframe=30, opacity_reset_interval=45, opacity_reset_without_depth_only=True)
-    outcomes = {}
-    for with_depth in (True, False):
+    config = small_config(iterations_per_keyframe=20, final_opacity_reset_without_depth=50)
+
+    def streamed(with_depth: bool) -> Mapper:
         mapper = Mapper(config)
         for camera in cameras:
             assert mapper.add_frame(scene.frame(camera, with_depth=with_depth)).accepted
-        assert mapper.iteration >= 60 and mapper.scene.n > 0, (with_depth, mapper.iteration, mapper.scene.n)
-        outcomes[with_depth] = mapper.last_opacity_reset
-    assert outcomes[True] < 0, "a map with depth is never reset"
-    assert outcomes[False] == 45, "a map without depth is reset on the schedule"
+        assert mapper.iteration >= 40 and mapper.scene.n > 0, (with_depth, mapper.iteration, mapper.scene.n)
+        return mapper
+
+    rgb = streamed(with_depth=False)
+    assert rgb.last_opacity_reset < 0, "streaming past the iteration does not reset"
+    rgb.finish(20)
+    assert rgb.last_opacity_reset < 0, "an idle (not final) refinement does not reset"
+    first_final = rgb.iteration + 1
+    rgb.finish(20, final=True)
+    assert rgb.last_opacity_reset == max(first_final, 50) and rgb.final_opacity_reset_done, \
+        "the first final iteration >= 50 resets"
+    rgb.finish(20, final=True)
+    assert rgb.last_opacity_reset == max(first_final, 50), "once per map"
+    rgbd = streamed(with_depth=True)
+    rgbd.finish(40, final=True)
+    assert rgbd.last_opacity_reset < 0, "a map with depth is never reset"
 
 
 def test_opacity_reset_clamps_opacities_and_forgets_their_momentum(scene):

@@ -86,10 +86,13 @@ class OptimisationConfig:
     densify_until: int = 15_000
     densify_interval: int = 100
     opacity_reset_interval: int = 3000  # 0 disables
-    # Reset only maps without depth (no keyframe has any): there the reset is the one remedy for
-    # floaters, while with depth the depth loss and the empty-alpha term already hold them down
-    # (see `MapperConfig.cpu` for what it measured).
-    opacity_reset_without_depth_only: bool = False
+    # Maps without depth (no keyframe has any): one opacity reset in the end-of-stream refinement
+    # (`finish(final=True)`, what `instascene run` calls), at its first iteration >= this one, if
+    # at least two densification passes follow to prune what stays transparent; None = never.
+    # Without depth the reset is the one remedy for floaters; with depth the depth loss and the
+    # empty-alpha term already hold them down (see `MapperConfig.cpu` for what it measured). A
+    # live node never calls the final refinement, so its map never goes transparent mid-use.
+    final_opacity_reset_without_depth: Optional[int] = None
     # Iteration from which densification also prunes oversized Gaussians; None = 3DGS's rule
     # (after the first opacity reset, i.e. never when resets are disabled).
     prune_large_from: Optional[int] = None
@@ -149,10 +152,11 @@ class MapperConfig:
         few minutes (insertion relies on alpha), and depth supervision plus opacity pruning
         already removes floaters (one reset at 2000 on the mapping bench's RGB-D scene: +0.46 dB
         held out, but -0.18 dB on the objects and depth error 1.68 -> 1.99 mm). Without depth,
-        one, at iteration 2000 (after a 60-view stream, 500 iterations into the final
-        refinement, with 600 densification iterations left to prune what does not earn its
-        opacity back): on the same scene RGB only, held-out PSNR 16.22 -> 16.76 dB, objects
-        25.69 -> 26.05 dB, depth error 3.45 -> 3.28 mm. Oversized Gaussians (3DGS's
+        one in the end-of-stream refinement, at iteration 2000 (after a 60-view stream, ~500
+        iterations into it, with 600 densification iterations left to prune what does not earn
+        its opacity back): on the same scene RGB only, held-out PSNR 16.22 -> 16.52 / 16.76 dB
+        (two runs), objects 25.69 -> 25.84 / 26.05 dB, SSIM 0.714 -> 0.726 / 0.731 (README,
+        "RGB only: one opacity reset"). Oversized Gaussians (3DGS's
         screen/world-size prune) are pruned from iteration 500. SH degree 0: view dependence is
         not worth its 16x colour cost at this iteration count.
         """
@@ -161,7 +165,7 @@ class MapperConfig:
             iterations_per_keyframe=30, keyframe_time_budget_s=1.5, crop_size=128,
             total_iterations=4000, finish_time_budget_s=200.0, depth_weight=0.5,
             empty_alpha_weight=0.05, densify_from=200, densify_until=2600, densify_interval=100,
-            opacity_reset_interval=2000, opacity_reset_without_depth_only=True, prune_large_from=500)
+            opacity_reset_interval=0, final_opacity_reset_without_depth=2000, prune_large_from=500)
         return cls(scene=scene, optimisation=optimisation, preset="cpu", torch_threads=1)
 
 
@@ -311,6 +315,8 @@ class Mapper:
         self.iteration = 0
         self.frames_seen = 0
         self.last_opacity_reset = -10 ** 9
+        self.final_opacity_reset_done = False
+        self._final_refinement = False  # set while finish(final=True) runs
         self.rng = np.random.default_rng(self.config.optimisation.seed)
         self.torch_rng = torch.Generator().manual_seed(self.config.optimisation.seed)
         self.background = torch.nn.Parameter(torch.zeros(3, device=self.device))
@@ -338,6 +344,8 @@ class Mapper:
         self.pose_stats.setdefault("kept_by_neighbours", 0)  # ... before the neighbour test
         self.pose_stats.setdefault("photometric_steps", 0)  # ... before photometric refinement
         self.__dict__.setdefault("_revisited", {})
+        self.__dict__.setdefault("final_opacity_reset_done", False)
+        self._final_refinement = False
 
     def __getstate__(self) -> dict:
         """Pickle (torch.save of a whole map) without the callables: the render function is
@@ -944,14 +952,23 @@ class Mapper:
                     self._record_importance(self.keyframes[int(i)])
             counts = self.scene.densify_and_prune(max_screen_radius=screen)
             logger.debug("iteration %d densify: %s -> %d Gaussians", it, counts, self.scene.n)
-        if opt.opacity_reset_interval and it < opt.densify_until and it % opt.opacity_reset_interval == 0 \
-                and not (opt.opacity_reset_without_depth_only and self._has_depth()):
-            self.scene.reset_opacity()
-            self.last_opacity_reset = it
-            logger.info("iteration %d: opacities reset (floaters must earn theirs back from the images)", it)
+        if opt.opacity_reset_interval and it < opt.densify_until and it % opt.opacity_reset_interval == 0:
+            self._reset_opacity(it)
+        elif self._final_refinement and self._final_reset_due(it):
+            self._reset_opacity(it)
+            self.final_opacity_reset_done = True
 
-    def _has_depth(self) -> bool:
-        return any(kf.depth is not None for kf in self.keyframes)
+    def _final_reset_due(self, it: int) -> bool:
+        opt = self.config.optimisation
+        first = opt.final_opacity_reset_without_depth
+        return (first is not None and not self.final_opacity_reset_done and it >= first
+                and it + 2 * opt.densify_interval < opt.densify_until
+                and not any(kf.depth is not None for kf in self.keyframes))
+
+    def _reset_opacity(self, it: int) -> None:
+        self.scene.reset_opacity()
+        self.last_opacity_reset = it
+        logger.info("iteration %d: opacities reset (floaters must earn theirs back from the images)", it)
 
     def _optimise(self, iterations: int, view_for: Callable[[int], Keyframe], deadline: Optional[float] = None,
                   shuffle_views: Optional[list] = None, bar=None) -> tuple[int, list[float]]:
@@ -989,12 +1006,19 @@ class Mapper:
             self.on_progress(stats)
         self._log_clock, self._log_iteration, self._recent_psnr = now, self.iteration, []
 
-    def finish(self, extra_iterations: Optional[int] = None, time_budget_s: Optional[float] = None) -> dict:
+    def finish(self, extra_iterations: Optional[int] = None, time_budget_s: Optional[float] = None,
+               final: bool = False) -> dict:
         """Global refinement over all keyframes (random order, each epoch a permutation, as 3DGS
         does). Default length: up to `total_iterations`; default time cap: `finish_time_budget_s`.
-        Returns {"iterations", "seconds", "psnr", "gaussians", "map_moved"}."""
+        final: the stream has ended and nobody uses the map meanwhile (offline runs), so it may go
+        transparent for a while (`final_opacity_reset_without_depth`); a live node's idle
+        refinement is not final. Returns {"iterations", "seconds", "psnr", "gaussians", "map_moved"}."""
         with self._threads():
-            return self._finish(extra_iterations, time_budget_s)
+            self._final_refinement = final
+            try:
+                return self._finish(extra_iterations, time_budget_s)
+            finally:
+                self._final_refinement = False
 
     def _finish(self, extra_iterations: Optional[int], time_budget_s: Optional[float]) -> dict:
         opt = self.config.optimisation

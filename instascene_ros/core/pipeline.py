@@ -509,7 +509,7 @@ class Pipeline:
     def finish(self, extra_iterations: Optional[int] = None, time_budget_s: Optional[float] = None) -> dict:
         """End of stream: global refinement, full re-trace, and a longer feature-field fit."""
         with self.lock:
-            stats = self.mapper.finish(extra_iterations=extra_iterations, time_budget_s=time_budget_s)
+            stats = self.mapper.finish(extra_iterations=extra_iterations, time_budget_s=time_budget_s, final=True)
             stats.update(self.update_instances(self.config.cadence.finish_feature_steps, retrace=len(self.traced_at)))
             self._settle_fit = (self.mapper.iteration, self.config.cadence.finish_feature_steps)
             return stats
