@@ -154,8 +154,8 @@ class MapperConfig:
         held out, but -0.18 dB on the objects and depth error 1.68 -> 1.99 mm). Without depth,
         one in the end-of-stream refinement, at iteration 2000 (after a 60-view stream, ~500
         iterations into it, with 600 densification iterations left to prune what does not earn
-        its opacity back): on the same scene RGB only, held-out PSNR 16.22 -> 16.52 / 16.76 dB
-        (two runs), objects 25.69 -> 25.84 / 26.05 dB, SSIM 0.714 -> 0.726 / 0.731 (README,
+        its opacity back): on the same scene RGB only, held-out PSNR 16.22 -> 16.45-16.76 dB
+        (three runs), SSIM 0.714 -> 0.725-0.731, objects within the spread of runs (README,
         "RGB only: one opacity reset"). Oversized Gaussians (3DGS's
         screen/world-size prune) are pruned from iteration 500. SH degree 0: view dependence is
         not worth its 16x colour cost at this iteration count.
