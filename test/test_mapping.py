@@ -373,7 +373,7 @@ def test_opacity_reset_only_in_the_final_refinement_of_maps_without_depth():
     assert cpu.final_opacity_reset_without_depth + 2 * cpu.densify_interval < cpu.densify_until
     scene = AnalyticScene(smooth=1.5, with_sphere=False, seed=3)
     cameras = [orbit_camera(96, az, 55, radius=0.5) for az in (0, 12, 24)]
-    config = small_config(iterations_per_keyframe=20, final_opacity_reset_without_depth=50)
+    config = small_config(iterations_per_keyframe=20, final_opacity_reset_without_depth=30)
 
     def streamed(with_depth: bool) -> Mapper:
         mapper = Mapper(config)
@@ -383,15 +383,15 @@ def test_opacity_reset_only_in_the_final_refinement_of_maps_without_depth():
         return mapper
 
     rgb = streamed(with_depth=False)
-    assert rgb.last_opacity_reset < 0, "streaming past the iteration does not reset"
+    assert rgb.iteration > 30 and rgb.last_opacity_reset < 0, "streaming past the iteration does not reset"
     rgb.finish(20)
     assert rgb.last_opacity_reset < 0, "an idle (not final) refinement does not reset"
     first_final = rgb.iteration + 1
     rgb.finish(20, final=True)
-    assert rgb.last_opacity_reset == max(first_final, 50) and rgb.final_opacity_reset_done, \
-        "the first final iteration >= 50 resets"
+    assert rgb.last_opacity_reset == first_final and rgb.final_opacity_reset_done, \
+        "the first iteration of the final refinement (past 30) resets"
     rgb.finish(20, final=True)
-    assert rgb.last_opacity_reset == max(first_final, 50), "once per map"
+    assert rgb.last_opacity_reset == first_final, "once per map"
     rgbd = streamed(with_depth=True)
     rgbd.finish(40, final=True)
     assert rgbd.last_opacity_reset < 0, "a map with depth is never reset"
