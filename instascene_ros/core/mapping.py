@@ -148,17 +148,17 @@ class MapperConfig:
         2 s. The densification schedule is the 3DGS one compressed to the ~3-4k iterations that
         fit (~4k crop iterations at ~0.06-0.1 s each: ~20 per keyframe while streaming, the
         rest in the 200 s of `finish`): start after the first few keyframes settled, stop at
-        2/3. Opacity resets: with depth, none: an incremental map cannot go transparent every
-        few minutes (insertion relies on alpha), and depth supervision plus opacity pruning
-        already removes floaters (one reset at 2000 on the mapping bench's RGB-D scene: +0.46 dB
-        held out, but -0.18 dB on the objects and depth error 1.68 -> 1.99 mm). Without depth,
+        2/3. Opacity resets: with depth, none: an incremental map cannot go transparent every few
+        minutes (insertion relies on alpha), and depth supervision plus opacity pruning already
+        removes floaters (one reset at 2000 on the mapping bench's RGB-D scene: +0.46 dB held out,
+        but no better on the objects and object depth error 1.68-1.81 -> 1.99 mm). Without depth,
         one in the end-of-stream refinement, at iteration 2000 (after a 60-view stream, ~500
-        iterations into it, with 600 densification iterations left to prune what does not earn
-        its opacity back): on the same scene RGB only, held-out PSNR 16.22 -> 16.45-16.76 dB
-        (three runs), SSIM 0.714 -> 0.725-0.731, objects within the spread of runs (README,
-        "RGB only: one opacity reset"). Oversized Gaussians (3DGS's
-        screen/world-size prune) are pruned from iteration 500. SH degree 0: view dependence is
-        not worth its 16x colour cost at this iteration count.
+        iterations into it, with 600 densification iterations left to prune what does not earn its
+        opacity back): on the same scene RGB only, held-out PSNR 16.22 -> 16.45-16.76 dB (three
+        runs), SSIM 0.714 -> 0.725-0.731, objects within the spread of runs (README, "RGB only: one
+        opacity reset"). Oversized Gaussians (3DGS's screen/world-size prune) are pruned from
+        iteration 500. SH degree 0: view dependence is not worth its 16x colour cost at this
+        iteration count.
         """
         scene = SceneConfig(sh_degree=0, max_gaussians=40_000, position_lr_max_steps=4000)
         optimisation = OptimisationConfig(

@@ -84,10 +84,13 @@ def main():
     result["list_latency_p95_s"] = float(np.percentile(latencies, 95)) if latencies else None
     # The instance list and the cloud are published together for each map version; the node
     # keeps refining meanwhile, so take a list and a cloud that belong to the same version.
+    # The latched topics can trail the service's answer: a list and cloud of an older version
+    # (fewer instances) must not stand in for the version the wait ended on.
     end = time.monotonic() + 15.0
+    wanted = response.instances.map_version
 
     def same_version() -> bool:
-        if state["cloud"] is None or not state["arrays"]:
+        if state["cloud"] is None or not state["arrays"] or state["arrays"][-1].map_version < wanted:
             return False
         cloud_ids = set(np.unique(read_cloud(state["cloud"])["instance"]).tolist())
         return cloud_ids == {i.id for i in state["arrays"][-1].instances}
