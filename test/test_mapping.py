@@ -397,6 +397,29 @@ def test_opacity_reset_only_in_the_final_refinement_of_maps_without_depth():
     assert rgbd.last_opacity_reset < 0, "a map with depth is never reset"
 
 
+def test_offline_finish_resets_an_rgb_only_map_and_the_live_idle_refinement_does_not():
+    """What the node does between frames (`Pipeline.idle_step`) refines without the reset; the
+    end of an offline run (`Pipeline.finish`, what `instascene run` calls) makes it."""
+    from instascene_ros.core.pipeline import Pipeline, PipelineConfig
+
+    scene = AnalyticScene(smooth=1.5, with_sphere=False, seed=3)
+    frames = [scene.frame(orbit_camera(96, az, 55, radius=0.5), with_depth=False) for az in (0, 12, 24)]
+    pipelines = [Pipeline(PipelineConfig(mapper=small_config(iterations_per_keyframe=20,
+                                                             final_opacity_reset_without_depth=30)))
+                 for _ in range(2)]
+    for pipeline in pipelines:
+        for frame in frames:
+            assert pipeline.add_frame(frame).keyframe
+    live, offline = pipelines
+    before = live.mapper.iteration
+    for _ in range(3):
+        live.idle_step()
+    assert live.mapper.iteration > before > 30, "idle steps refined the map past the reset iteration"
+    assert not live.mapper.final_opacity_reset_done and live.mapper.last_opacity_reset < 0
+    offline.finish(extra_iterations=20)
+    assert offline.mapper.final_opacity_reset_done
+
+
 def test_opacity_reset_clamps_opacities_and_forgets_their_momentum(scene):
     mapper = Mapper(small_config(iterations_per_keyframe=20))
     for az in (0, 30):
