@@ -315,7 +315,6 @@ class Mapper:
         self.iteration = 0
         self.frames_seen = 0
         self.last_opacity_reset = -10 ** 9
-        self.final_opacity_reset_done = False
         self._final_refinement = False  # set while finish(final=True) runs
         self.rng = np.random.default_rng(self.config.optimisation.seed)
         self.torch_rng = torch.Generator().manual_seed(self.config.optimisation.seed)
@@ -344,7 +343,6 @@ class Mapper:
         self.pose_stats.setdefault("kept_by_neighbours", 0)  # ... before the neighbour test
         self.pose_stats.setdefault("photometric_steps", 0)  # ... before photometric refinement
         self.__dict__.setdefault("_revisited", {})
-        self.__dict__.setdefault("final_opacity_reset_done", False)
         self._final_refinement = False
 
     def __getstate__(self) -> dict:
@@ -956,12 +954,12 @@ class Mapper:
             self._reset_opacity(it)
         elif self._final_refinement and self._final_reset_due(it):
             self._reset_opacity(it)
-            self.final_opacity_reset_done = True
 
     def _final_reset_due(self, it: int) -> bool:
         opt = self.config.optimisation
         first = opt.final_opacity_reset_without_depth
-        return (first is not None and not self.final_opacity_reset_done and it >= first
+        # once per map: a reset at or after `first` (this one, or a periodic one) has done its work
+        return (first is not None and it >= first and self.last_opacity_reset < first
                 and it + 2 * opt.densify_interval < opt.densify_until
                 and not any(kf.depth is not None for kf in self.keyframes))
 
