@@ -200,3 +200,56 @@ def test_bad_input_is_a_clear_error(tabletop):
         complete_object(context, config, "diffusion")
     with pytest.raises(CompletionError, match="cancelled"):
         complete_object(context, config, "geometric", should_stop=lambda: True)
+
+
+def test_a_mask_spilling_onto_the_neighbour_behind_gives_no_inside_evidence_there():
+    # Completion seed 31: the object mask (its Gaussians' render) spills a pixel past the
+    # silhouette onto a taller neighbour 3 mm behind; the sensor depth there is the neighbour's
+    # face, and the truncation band behind that face said "inside" for our object: a fin of
+    # solid beyond its true end. Real fusion of exact ray-cast depth with a mask dilated by one
+    # pixel must produce that fin (else the test proves nothing), and the rule must remove it
+    # while keeping the evidence inside our own box.
+    from scipy import ndimage
+    from scipy.spatial import cKDTree
+
+    from instascene_ros.core.complete.generators.geometric import (forget_stray_inside_evidence,
+                                                                   nearer_to_other_points)
+    from instascene_ros.core.complete.volume import DepthObservation, VoxelGrid, fuse_depth
+
+    ours = trimesh.creation.box(extents=[0.04, 0.04, 0.04])
+    ours.apply_translation([0.0, 0.0, 0.02])
+    behind = trimesh.creation.box(extents=[0.06, 0.03, 0.07])
+    behind.apply_translation([0.0, 0.02 + 0.003 + 0.015, 0.035])
+    scene = trimesh.util.concatenate([ours, behind])
+    observations = []
+    for azimuth in np.deg2rad([-30.0, -15.0, 0.0, 15.0, 30.0]):
+        eye = 0.35 * np.array([np.sin(azimuth) * np.cos(0.5), -np.cos(azimuth) * np.cos(0.5), np.sin(0.5)])
+        camera = Camera(intrinsics_from_fov(96, 96, 40.0), 96, 96, look_at(eye, np.array([0.0, 0.0, 0.02])))
+        depth, face_index, _ = rasterise_mesh(scene.vertices, scene.faces, camera)
+        depth = np.where(np.isfinite(depth), depth, 0.0)
+        mask = ndimage.binary_dilation((face_index >= 0) & (face_index < len(ours.faces)))  # the spill
+        observations.append(DepthObservation(camera, depth, mask))
+    grid = VoxelGrid.around(np.eye(4), np.array([-0.035, -0.035, 0.0]), np.array([0.035, 0.035, 0.05]), 48, 3)
+    truncation = 2.0 * grid.voxel_size
+    centres = grid.centres_object().reshape(-1, 3)
+    # The Gaussians: on the seen faces of each box (not our back face, nobody's bottom).
+    own_points = ours.sample(4000, seed=1)
+    own_points = own_points[(own_points[:, 1] < 0.0199) & (own_points[:, 2] > 1e-4)]
+    other_points = behind.sample(4000, seed=2)
+    other_points = other_points[other_points[:, 2] > 1e-4]
+
+    def inside_beyond_our_box(fusion):
+        inside = np.flatnonzero(fusion.known.ravel() & (fusion.field.ravel() < 0.0))
+        outside_by = -trimesh.proximity.signed_distance(ours, centres[inside])  # > 0 outside
+        return inside, inside[outside_by > 1.5 * grid.voxel_size]
+
+    fusion = fuse_depth(grid, observations, truncation, empty_is_free=False)
+    inside_before, fin = inside_beyond_our_box(fusion)
+    assert len(fin) >= 10, "the dilated mask must put inside evidence on the neighbour"
+    nearer = nearer_to_other_points(centres, np.ones(len(centres), bool), own_points, other_points, grid)
+    forgotten = forget_stray_inside_evidence(fusion, centres, own_points, truncation + grid.voxel_size, nearer)
+    inside_after, fin_after = inside_beyond_our_box(fusion)
+    assert len(fin_after) == 0 and forgotten >= len(fin)
+    own_before = np.setdiff1d(inside_before, fin)
+    assert np.isin(own_before, inside_after).mean() > 0.9  # the evidence inside our own box stays
+    assert np.all(cKDTree(own_points).query(centres[inside_after])[0] <= truncation + grid.voxel_size)
