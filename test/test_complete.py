@@ -210,9 +210,8 @@ def test_a_mask_spilling_onto_the_neighbour_behind_gives_no_inside_evidence_ther
     # pixel must produce that fin (else the test proves nothing), and the rule must remove it
     # while keeping the evidence inside our own box.
     from scipy import ndimage
-    from scipy.spatial import cKDTree
 
-    from instascene_ros.core.complete.generators.geometric import (forget_stray_inside_evidence,
+    from instascene_ros.core.complete.generators.geometric import (forget_inside_evidence_of_others,
                                                                    nearer_to_other_points)
     from instascene_ros.core.complete.volume import DepthObservation, VoxelGrid, fuse_depth
 
@@ -247,9 +246,8 @@ def test_a_mask_spilling_onto_the_neighbour_behind_gives_no_inside_evidence_ther
     inside_before, fin = inside_beyond_our_box(fusion)
     assert len(fin) >= 10, "the dilated mask must put inside evidence on the neighbour"
     nearer = nearer_to_other_points(centres, np.ones(len(centres), bool), own_points, other_points, grid)
-    forgotten = forget_stray_inside_evidence(fusion, centres, own_points, truncation + grid.voxel_size, nearer)
+    forgotten = forget_inside_evidence_of_others(fusion, nearer)
     inside_after, fin_after = inside_beyond_our_box(fusion)
     assert len(fin_after) == 0 and forgotten >= len(fin)
     own_before = np.setdiff1d(inside_before, fin)
     assert np.isin(own_before, inside_after).mean() > 0.9  # the evidence inside our own box stays
-    assert np.all(cKDTree(own_points).query(centres[inside_after])[0] <= truncation + grid.voxel_size)
