@@ -90,51 +90,6 @@ def inside_footprint(query: np.ndarray, points: np.ndarray, margin: float) -> np
         return np.ones(len(query), bool)
 
 
-def nearer_to_other_points(centres: np.ndarray, candidates: np.ndarray, points: np.ndarray, other: np.ndarray,
-                           grid: VoxelGrid) -> np.ndarray:
-    """(N,) bool over the grid: candidate voxels nearer to a point of `other` (other instances'
-    Gaussians, object frame) than to any of `points` (the object's)."""
-    nearer = np.zeros(len(centres), bool)
-    if not len(other) or not candidates.any():
-        return nearer
-    near = np.all((other >= grid.origin - grid.voxel_size) &
-                  (other <= grid.origin + grid.voxel_size * np.array(grid.shape)), axis=1)
-    if near.any():
-        own_distance = cKDTree(points).query(centres[candidates])[0]
-        other_distance = cKDTree(other[near]).query(centres[candidates])[0]
-        nearer[np.flatnonzero(candidates)[other_distance < own_distance]] = True
-    return nearer
-
-
-def forget_inside_evidence_of_others(fusion, centres: np.ndarray, points: np.ndarray, reach: float,
-                                     nearer_to_others: np.ndarray) -> int:
-    """Make unknown the fused voxels that say "inside" but lie nearer to another object's
-    Gaussians than to this one's (`nearer_to_others`, (N,) bool over the grid) and farther than
-    `reach` from every one of this object's; returns how many.
-
-    Inside evidence comes from the truncation band behind a surface that an object pixel shows.
-    The object's mask is its Gaussians' render (alpha > 0.5), which spills a pixel or so past
-    its silhouette; where a neighbour stands right behind, the sensor depth there is the
-    neighbour's face, and the band behind it says "inside" (completion seed 31: an L-block grew
-    a 10 mm fin into the L-block behind it; of the fin's 34 voxels, each with inside evidence
-    from 2-3 views, 31 were nearer to that neighbour's Gaussians, 24 farther than the reach from
-    the L-block's own). Made unknown, such voxels go to the rule for unseen space nearer to a
-    neighbour: outside. Both tests, because each alone also takes real surface: evidence far
-    from the object's own Gaussians was half real surface whose Gaussians segmentation had left
-    out (an L-block lost 0.07 F1@2%), and end to end, where another instance may hold some of
-    this object's Gaussians, voxels nearer to another instance were up to 2/3 this object's (a
-    mug lost 0.08 F1@2%).
-    """
-    inside = np.flatnonzero(fusion.known.ravel() & (fusion.field.ravel() < 0.0) & nearer_to_others)
-    if not len(inside) or not len(points):
-        return 0
-    distance = cKDTree(points).query(centres[inside], distance_upper_bound=reach)[0]
-    stray = inside[~np.isfinite(distance)]
-    fusion.field.ravel()[stray] = 0.0
-    fusion.weight.ravel()[stray] = 0.0
-    return int(len(stray))
-
-
 def _hull_vertices(points: np.ndarray) -> np.ndarray:
     from scipy.spatial import ConvexHull
 
@@ -181,13 +136,8 @@ class GeometricGenerator:
         fusion = fuse_depth(grid, observations, truncation, empty_is_free=False)
 
         centres = grid.centres_object().reshape(-1, 3)
-        inside_evidence = fusion.known.ravel() & (fusion.field.ravel() < 0.0)
-        other = context.frame.to_object(context.other_points) if len(context.other_points) else np.zeros((0, 3))
-        nearer_to_others = nearer_to_other_points(centres, ~fusion.known.ravel() | inside_evidence, points, other,
-                                                  grid)
-        stray = forget_inside_evidence_of_others(fusion, centres, points, truncation + grid.voxel_size, nearer_to_others)
         unknown = ~fusion.known.ravel()
-        foreign = nearer_to_others & unknown
+        foreign = self._nearer_to_others(context, points, grid, centres, unknown)
         symmetry = estimate_symmetry(fusion, points, config)
         field, known = fill_by_symmetry(fusion, symmetry)
         # Never-seen space is solid, but only inside the convex hull of what was observed (and its
@@ -210,11 +160,27 @@ class GeometricGenerator:
             raise CompletionError(f"carving left nothing of instance {context.instance_id}; its keyframe masks "
                                   f"do not agree with its Gaussians")
         info = {"symmetry": symmetry.kind, "symmetry_detail": symmetry.describe(),
-                "unknown_fraction": float(unknown.mean()), "inside_voxels_of_others": stray, "voxel_size_m": grid.voxel_size,
+                "unknown_fraction": float(unknown.mean()), "voxel_size_m": grid.voxel_size,
                 "keyframes_fused": len(observations), "shape_s": time.perf_counter() - started}
         log.info("geometric completion of instance %d: symmetry %s, %d keyframes, %.1f s", context.instance_id,
                  symmetry.describe(), len(observations), info["shape_s"])
         return mesh, symmetry, info
+
+    @staticmethod
+    def _nearer_to_others(context: CompletionContext, points: np.ndarray, grid: VoxelGrid, centres: np.ndarray,
+                          unknown: np.ndarray) -> np.ndarray:
+        """(N,) bool over the grid: unknown voxels nearer to another Gaussian than to the object's."""
+        foreign = np.zeros(len(centres), bool)
+        if not len(context.other_points) or not unknown.any():
+            return foreign
+        other = context.frame.to_object(context.other_points)
+        near = np.all((other >= grid.origin - grid.voxel_size) &
+                      (other <= grid.origin + grid.voxel_size * np.array(grid.shape)), axis=1)
+        if near.any():
+            own_distance = cKDTree(points).query(centres[unknown])[0]
+            other_distance = cKDTree(other[near]).query(centres[unknown])[0]
+            foreign[np.flatnonzero(unknown)[other_distance < own_distance]] = True
+        return foreign
 
     def generate(self, context: CompletionContext, targets: Sequence[int]) -> GeneratedViews:
         mesh, symmetry, info = self.complete_shape(context)
