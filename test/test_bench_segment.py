@@ -21,6 +21,7 @@ def test_each_variant_changes_only_its_own_settings():
     assert _changed(base, features["3D priors + 2D masks"]) == {"lambda_cross": 0.0}
     assert _changed(base, features["full without background cluster"]) == {"background_cluster": False}
     assert _changed(base, features["full with every mask pixel sampled"]) == {"mask_border_px": 0.0}
+    assert _changed(base, features["full with background sampled by the border rule"]) == {"background_by_margin": False}
     assert _changed(base, features["InstaScene as published"]) == {"mask_border_px": 0.0, "background_cluster": False}
     codebook = features["Unified-Lift object codebook (lr x10)"]
     assert codebook.codebook.enabled and codebook.codebook.feature_lr == 10 * base.codebook.feature_lr
@@ -59,7 +60,8 @@ def test_each_variant_changes_only_its_own_settings():
     for name in inputs:
         assert _changed(base, variants[name].features) == {} and _changed(tracker, variants[name].tracker) == {}
     # the rows above switch real defaults off
-    assert base.mask_border_px > 0 and base.background_cluster and tracker.mutual_containment_link
+    assert base.mask_border_px > 0 and base.background_cluster and base.background_by_margin
+    assert tracker.mutual_containment_link
     assert tracker.residual_passes >= 1 and tracker.split_merge_consensus is not None and tracker.orphan_share > 0
     assert all("," not in name for name in variants)  # --variants splits on commas
 

@@ -129,6 +129,29 @@ def test_border_pixels_of_masks_are_left_out_of_the_samples():
     assert labels[1, 4] == 0 and labels[0, 4] != 0  # 1 px from the object: left out; 2 px: background
 
 
+def test_background_pixels_are_sampled_from_the_margin_on():
+    """With background_by_margin the id-0 side of an object's border is sampled from the margin
+    on (the table right next to an object is where its features must stay the table's), while
+    object pixels keep the border rule."""
+    from instascene_ros.core.features.field import away_from_borders, sampled_pixels
+
+    masks = np.zeros((12, 12), np.int32)
+    masks[2:8, 2:8] = 5
+    masks[2:8, 8:11] = 9
+    by_border = sampled_pixels(masks, FeatureConfig(mask_border_px=1.0, background_margin_px=1.0,
+                                                    background_by_margin=False))
+    assert (by_border == away_from_borders(masks, 1.0)).all()
+    sampled = sampled_pixels(masks, FeatureConfig(mask_border_px=1.0, background_margin_px=1.0,
+                                                  background_by_margin=True))
+    assert not by_border[0, 4] and sampled[0, 4]  # 2 px above the object
+    assert not sampled[1, 4]  # 1 px: inside the margin
+    # object pixels: unchanged (only the 2x2 core of the 6x6 object)
+    assert (sampled[masks > 0] == away_from_borders(masks, 1.0)[masks > 0]).all()
+    # without the background cluster there is no background to sample
+    assert (sampled_pixels(masks, FeatureConfig(background_cluster=False, background_by_margin=True))
+            == away_from_borders(masks, 1.0)).all()
+
+
 def test_background_cluster_keeps_the_table_away_from_the_objects():
     """Masks label objects only. Without the background cluster the table's Gaussians are never
     constrained and drift towards the objects they border in the renders; with it, the id-0

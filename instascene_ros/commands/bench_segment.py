@@ -130,6 +130,7 @@ def ablation_variants(features, tracker, steps: int = 300) -> dict:
         # Our additions, each switched off alone.
         "full with every mask pixel sampled": field(mask_border_px=0.0),
         "full without background cluster": field(background_cluster=False),
+        "full with background sampled by the border rule": field(background_by_margin=False),
         "full with tracker tracing every mask pixel": Variant(features, dataclasses.replace(tracker, mask_border_px=0.0)),
         "full without mutual-containment links": Variant(
             features, dataclasses.replace(tracker, mutual_containment_link=False)),

@@ -86,6 +86,18 @@ def away_from_borders(masks: Optional[np.ndarray], distance_px: float) -> Option
     return ndimage.distance_transform_edt(~border) > distance_px
 
 
+def sampled_pixels(masks: Optional[np.ndarray], config) -> Optional[np.ndarray]:
+    """(H, W) bool: the pixels of a keyframe the InfoNCE may sample (None: all), by `config`'s
+    mask_border_px and, with background_by_margin, background_margin_px for the id-0 pixels."""
+    interior = away_from_borders(masks, config.mask_border_px)
+    if interior is None or not (config.background_cluster and config.background_by_margin):
+        return interior
+    empty = np.asarray(masks) == 0
+    if empty.any() and not empty.all():
+        interior = interior | (ndimage.distance_transform_edt(empty) > config.background_margin_px)
+    return interior
+
+
 @dataclass
 class KeyframeLabels:
     """The tracker's output for one keyframe (plain arrays, same size as the keyframe's image)."""
@@ -345,7 +357,7 @@ class FeatureField:
             if labels[view].masks is not None:
                 masks = labels[view].masks
                 clusters = with_background(masks, masks, c.background_margin_px) if c.background_cluster else masks
-                interior = away_from_borders(masks, c.mask_border_px)
+                interior = sampled_pixels(masks, c)
                 sample = sample_clusters(clusters, covered if interior is None else covered & interior,
                                          c.intra_masks, c.intra_pixels,
                                          c.min_mask_pixels, self.rng, keep=BACKGROUND_LABEL)
@@ -430,12 +442,12 @@ class FeatureField:
         for j in window:
             if j == view:
                 images.append(image.reshape(-1, c.dim))
-                interior = away_from_borders(labels[j].masks, c.mask_border_px)
+                interior = sampled_pixels(labels[j].masks, c)
                 valid.append((covered if interior is None else covered & interior).ravel())
             else:
                 feats, alpha = by_view[j]
                 images.append(feats.reshape(-1, c.dim))
-                interior = away_from_borders(labels[j].masks, c.mask_border_px)
+                interior = sampled_pixels(labels[j].masks, c)
                 drawn = alpha.detach().cpu().numpy() >= c.min_pixel_alpha
                 valid.append((drawn if interior is None else drawn & interior).ravel())
             consistent = labels[j].consistent
