@@ -21,7 +21,8 @@ def test_each_variant_changes_only_its_own_settings():
     assert _changed(base, features["3D priors + 2D masks"]) == {"lambda_cross": 0.0}
     assert _changed(base, features["full without background cluster"]) == {"background_cluster": False}
     assert _changed(base, features["full with every mask pixel sampled"]) == {"mask_border_px": 0.0}
-    assert _changed(base, features["full with background sampled by the border rule"]) == {"background_by_margin": False}
+    border_rule = features["full with background sampled by the border rule"]
+    assert _changed(base, border_rule) == {"background_by_margin": False}
     assert _changed(base, features["InstaScene as published"]) == {"mask_border_px": 0.0, "background_cluster": False}
     codebook = features["Unified-Lift object codebook (lr x10)"]
     assert codebook.codebook.enabled and codebook.codebook.feature_lr == 10 * base.codebook.feature_lr

@@ -86,7 +86,7 @@ def away_from_borders(masks: Optional[np.ndarray], distance_px: float) -> Option
     return ndimage.distance_transform_edt(~border) > distance_px
 
 
-def sampled_pixels(masks: Optional[np.ndarray], config) -> Optional[np.ndarray]:
+def sampled_pixels(masks: Optional[np.ndarray], config: FeatureConfig) -> Optional[np.ndarray]:
     """(H, W) bool: the pixels of a keyframe the InfoNCE may sample (None: all), by `config`'s
     mask_border_px and, with background_by_margin, background_margin_px for the id-0 pixels."""
     interior = away_from_borders(masks, config.mask_border_px)
