@@ -51,6 +51,15 @@ Priors = Mapping[int, np.ndarray]  # instance id -> persistent Gaussian ids (the
 BACKGROUND_LABEL = int(np.iinfo(np.int64).max)
 
 
+def beyond_margin(masks: np.ndarray, margin_px: float) -> np.ndarray:
+    """(H, W) bool: the pixels `masks` leaves at 0 that lie farther than `margin_px` from any mask
+    (every pixel of a mask with no object; none of one with no 0)."""
+    empty = np.asarray(masks) == 0
+    if empty.all() or not empty.any():
+        return empty
+    return ndimage.distance_transform_edt(empty) > margin_px
+
+
 def with_background(labels: np.ndarray, masks: Optional[np.ndarray], margin_px: float) -> np.ndarray:
     """`labels` (int64) with the pixels that `masks` leaves at 0, farther than `margin_px` from
     any mask, relabelled BACKGROUND_LABEL.
@@ -62,11 +71,7 @@ def with_background(labels: np.ndarray, masks: Optional[np.ndarray], margin_px: 
     """
     out = np.asarray(labels).astype(np.int64, copy=True)
     if masks is not None:
-        empty = np.asarray(masks) == 0
-        if empty.all():
-            out[:] = BACKGROUND_LABEL
-        elif empty.any():
-            out[ndimage.distance_transform_edt(empty) > margin_px] = BACKGROUND_LABEL
+        out[beyond_margin(masks, margin_px)] = BACKGROUND_LABEL
     return out
 
 
@@ -92,10 +97,7 @@ def sampled_pixels(masks: Optional[np.ndarray], config: FeatureConfig) -> Option
     interior = away_from_borders(masks, config.mask_border_px)
     if interior is None or not (config.background_cluster and config.background_by_margin):
         return interior
-    empty = np.asarray(masks) == 0
-    if empty.any() and not empty.all():
-        interior = interior | (ndimage.distance_transform_edt(empty) > config.background_margin_px)
-    return interior
+    return interior | beyond_margin(masks, config.background_margin_px)
 
 
 @dataclass
