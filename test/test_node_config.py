@@ -122,6 +122,18 @@ def test_contact_border_parameter_reaches_the_tracker_and_rejects_negatives():
         validate(replace(NodeParameters(), mask_contact_border_px=-1.0))
 
 
+def test_table_band_parameter_reaches_the_pipeline_and_zero_turns_it_off():
+    from dataclasses import replace
+
+    from instascene_ros.core.pipeline import PipelineConfig
+
+    assert PipelineConfig.from_node_parameters(NodeParameters()).table.mask_band == 0.003
+    assert PipelineConfig.from_node_parameters(NodeParameters(table_band_m=0.0)).table.mask_band is None
+    assert PipelineConfig.from_node_parameters(NodeParameters(table_band_m=0.01)).table.mask_band == 0.01
+    with pytest.raises(ValueError, match="table_band_m must be >= 0"):
+        validate(replace(NodeParameters(), table_band_m=-0.001))
+
+
 def test_pose_parameters_reach_the_mapper():
     from instascene_ros.core.pipeline import PipelineConfig
 

@@ -39,6 +39,7 @@ from instascene_ros.core.instances import (InstanceConfig, Instances, SurfaceVie
 from instascene_ros.core.mapping import PRESETS, Mapper, MapperConfig
 from instascene_ros.core.scene import sh_dc_to_rgb
 from instascene_ros.core.splat.types import Gaussians
+from instascene_ros.core.support_plane import TablePlane, TablePlaneConfig, fit_table_plane, on_table, surface_points
 from instascene_ros.core.tracker import SpatialTracker, TrackerConfig, trackers_from_contributors
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class PipelineConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     instances: InstanceConfig = field(default_factory=InstanceConfig)
     cadence: CadenceConfig = field(default_factory=CadenceConfig)
+    table: TablePlaneConfig = field(default_factory=TablePlaneConfig)
     completion: CompletionConfig = field(default_factory=CompletionConfig.cpu)
     completion_cache_size: int = 32
     workspace_min: tuple = (-np.inf, -np.inf, -np.inf)
@@ -114,6 +116,7 @@ class PipelineConfig:
         config.mapper.keyframes.max_keyframes = int(params.max_keyframes)
         config.features = instance_field_config(params.instance_field, config.features)
         config.tracker = dataclasses.replace(config.tracker, mask_border_px=float(params.mask_contact_border_px))
+        config.table.mask_band = float(params.table_band_m) or None
         config.completion.generator = params.completion_generator
         config.completion.mesh.max_faces = params.completion_max_faces
         config.completion.diffusion.model_path = params.completion_model_path
@@ -148,6 +151,9 @@ class MapSnapshot:
     # queries render it without the pipeline lock, so they never wait for a mapping step and
     # always agree with `extraction` (the live scene moves on while it is being mapped).
     query_gaussians: Optional[Gaussians] = None
+    # The table the instances stand on (core/support_plane.py), fitted to the same rendered views
+    # as the instances' surface points; None before the first instances or without a level plane.
+    table_plane: Optional[TablePlane] = None
 
 
 @dataclass(frozen=True)
@@ -375,9 +381,12 @@ class Pipeline:
             extraction = extract_instances(features, ids, self.priors, positions, colors, self.config.instances,
                                            exclude=self.forgotten)
         views = self._surface_views() if len(extraction) else []
+        table_plane = None
         if views:
             extraction.set_points(on_rendered_surface(positions, views, self.config.instances.surface_tolerance,
                                                       self.config.instances.surface_min_alpha))
+            table_plane = fit_table_plane(surface_points(views, self.config.instances.surface_min_alpha),
+                                          self.config.table)
         lo, hi = np.asarray(self.config.workspace_min, float), np.asarray(self.config.workspace_max, float)
         summaries, points, point_colors, point_ids = [], [], [], []
         for instance in extraction:
@@ -397,7 +406,8 @@ class Pipeline:
             query_gaussians=self._frozen_query_gaussians(scene, rows),
             cloud_points=np.concatenate(points) if points else np.zeros((0, 3), np.float32),
             cloud_colors=np.concatenate(point_colors) if point_colors else np.zeros((0, 3), np.uint8),
-            cloud_ids=np.concatenate(point_ids) if point_ids else np.zeros(0, np.int64), extraction=extraction)
+            cloud_ids=np.concatenate(point_ids) if point_ids else np.zeros(0, np.int64), extraction=extraction,
+            table_plane=table_plane)
         for event in tracker_events:
             kind = {"created": "created", "merged": "merged", "removed": "forgotten"}[event.kind]
             self._events.append(InstanceEventInfo(kind, int(event.instance_id), tuple(event.sources), version))
@@ -522,9 +532,19 @@ class Pipeline:
 
     # ------------------------------------------------------------------ queries
     def feature_image(self, camera: Camera) -> tuple[np.ndarray, np.ndarray]:
-        """Rendered (H, W, F) features and (H, W) alpha of the current map from `camera`."""
+        """Rendered (H, W, F) features and (H, W) drawn alpha of the current map from `camera`
+        (see `_drawn`: 0 on the table)."""
         out = self.field.render(self.mapper.scene, [camera])
-        return out.features[0].cpu().numpy(), out.alpha[0].cpu().numpy()
+        return out.features[0].cpu().numpy(), self._drawn(out, camera, self.snapshot.table_plane)
+
+    def _drawn(self, out, camera: Camera, table_plane: Optional[TablePlane]) -> np.ndarray:
+        """The render's (H, W) alpha with the table taken out: 0 where the rendered surface lies
+        within `TablePlaneConfig.mask_band` of the snapshot's table plane. Every reader of a
+        feature image (instance masks, pixel queries, the codebook's reading) treats a pixel of
+        alpha 0 as empty, so the table is background for all of them."""
+        alpha = out.alpha[0].cpu().numpy()
+        table = on_table(table_plane, camera, out.normalised_depth()[0].cpu().numpy(), self.config.table.mask_band)
+        return np.where(table, np.float32(0.0), alpha)
 
     def instance_mask(self, camera: Camera) -> np.ndarray:
         """(H, W) int32 instance ids rendered from `camera` (0 = none)."""
@@ -617,11 +637,12 @@ class Pipeline:
         return x0, y0, x1, y1
 
     def snapshot_feature_image(self, snapshot: MapSnapshot, camera: Camera) -> tuple[np.ndarray, np.ndarray]:
-        """Rendered (H, W, F) unit-feature blend and (H, W) alpha of a snapshot's frozen Gaussians."""
+        """Rendered (H, W, F) unit-feature blend and (H, W) drawn alpha (`_drawn`: 0 on the
+        table) of a snapshot's frozen Gaussians."""
         gaussians = snapshot.query_gaussians
         out = render_features(gaussians, gaussians.features, [camera], self.field.config.raster,
                               self.field.config.backend, self.field.config.primitive)
-        return out.features[0].cpu().numpy(), out.alpha[0].cpu().numpy()
+        return out.features[0].cpu().numpy(), self._drawn(out, camera, snapshot.table_plane)
 
     def _cached_features(self, keyframe, snapshot: MapSnapshot) -> tuple:
         """(map_version, features, alpha) of `keyframe` for `snapshot`, rendered unless already

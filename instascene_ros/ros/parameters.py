@@ -38,6 +38,7 @@ class NodeParameters:
     max_scene_cloud_points: int = 50000
     instance_field: str = "instascene"  # decomposition: "instascene", "codebook" (Unified-Lift), "classifier" (baseline)
     mask_contact_border_px: float = 2.0  # the 2D segmenter's boundary error where two masks touch
+    table_band_m: float = 0.003  # the table plane's band read as background (core/support_plane.py); 0 = off
     completion_generator: str = "geometric"
     completion_max_faces: int = 5000
     completion_timeout_s: float = 120.0
@@ -71,6 +72,7 @@ DESCRIPTIONS = {
     "overlay_every_n_keyframes": "publish ~/instance_mask and ~/instance_overlay for every n-th keyframe",
     "max_scene_cloud_points": "~/scene/cloud is subsampled to at most this many points",
     "mask_contact_border_px": "pixels this close to a touching mask are not traced by the tracker (about the 2D segmenter's boundary error at contacts; 0 = trace every mask pixel)",
+    "table_band_m": "instance masks and pixel queries read a pixel as background when its rendered surface lies less than this many metres above the table plane (the level plane under the scene, fitted to the map's rendered surface in global_frame, z up); objects thinner than this vanish from the masks; 0 = off",
     "instance_field": "decomposition method: 'instascene' (contrastive field around the tracker's priors), 'codebook' (Unified-Lift slots) or 'classifier' (Gaussian Grouping baseline on video-associated ids)",
     "completion_generator": "default generator for completion: 'geometric' (no weights) or 'diffusion' (local weights)",
     "completion_max_faces": "default face budget of completed meshes",
@@ -116,6 +118,8 @@ def validate(parameters: NodeParameters) -> None:
         raise ValueError(f"primitive must be '3dgs' or '2dgs', not '{parameters.primitive}'")
     if parameters.instance_field not in ("instascene", "codebook", "classifier"):
         raise ValueError(f"instance_field must be 'instascene', 'codebook' or 'classifier', not '{parameters.instance_field}'")
+    if not parameters.table_band_m >= 0.0:
+        raise ValueError(f"table_band_m must be >= 0 (0 = off), not {parameters.table_band_m}")
     if not parameters.mask_contact_border_px >= 0.0:
         raise ValueError(f"mask_contact_border_px must be >= 0, not {parameters.mask_contact_border_px}")
     if parameters.max_keyframes < 0 or parameters.max_keyframes in (1, 2):

@@ -11,6 +11,7 @@ import logging
 import numpy as np
 
 from instascene_ros.core.complete.types import ObjectFrame
+from instascene_ros.core.support_plane import ransac_plane
 
 log = logging.getLogger(__name__)
 
@@ -39,23 +40,11 @@ def fit_support_plane(background: np.ndarray, object_points: np.ndarray, *, inli
     background = np.asarray(background, float)
     near = background[_around_object(background, object_points, fallback_up)] if len(background) else background
     if len(near) >= 30:
-        rng = np.random.default_rng(seed)
-        best_count, best = -1, None
-        for _ in range(iterations):
-            sample = near[rng.choice(len(near), 3, replace=False)]
-            normal = np.cross(sample[1] - sample[0], sample[2] - sample[0])
-            norm = np.linalg.norm(normal)
-            if norm < 1e-12:
-                continue
-            normal /= norm
-            # Tables are roughly level in any sane global frame: reject walls and tray sides.
-            if abs(normal @ fallback_up) < np.cos(np.deg2rad(35.0)):
-                continue
-            count = int(np.sum(np.abs((near - sample[0]) @ normal) < inlier_distance))
-            if count > best_count:
-                best_count, best = count, (normal, sample[0])
-        if best is not None and best_count >= 20:
-            normal, point = best
+        # Tables are roughly level in any sane global frame: walls and tray sides are rejected.
+        best = ransac_plane(near, fallback_up, inlier_distance=inlier_distance, iterations=iterations,
+                            max_tilt_deg=35.0, rng=np.random.default_rng(seed))
+        if best is not None and best[2] >= 20:
+            normal, point, _ = best
             inliers = near[np.abs((near - point) @ normal) < inlier_distance]
             # Least-squares refit on the inliers (the smallest principal axis is the normal).
             mean = inliers.mean(axis=0)
