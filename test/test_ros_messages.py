@@ -39,3 +39,27 @@ def test_markers_clear_first_then_box_and_label_per_instance():
     assert [b.id for b in boxes] == [3, 9] and [l.text for l in labels] == ["3", "9 mug"]
     assert np.allclose([boxes[0].pose.position.x, boxes[0].pose.position.y, boxes[0].pose.position.z], [0.05, 0.1, 0.15])
     assert boxes[1].scale.x >= 1e-3  # degenerate extent still visible
+
+
+def test_the_table_is_a_level_square_under_the_instances_when_a_plane_is_known():
+    from instascene_ros.core.support_plane import TablePlane
+    from instascene_ros.ros.conversions import rotation_from_quaternion
+
+    instances = [SimpleNamespace(id=3, color=(255, 0, 0), bbox_min=(0.1, 0.0, 0.72), bbox_max=(0.2, 0.1, 0.8), label=""),
+                 SimpleNamespace(id=9, color=(0, 255, 0), bbox_min=(0.4, 0.3, 0.72), bbox_max=(0.5, 0.4, 0.9), label="")]
+    tilt = np.deg2rad(3.0)
+    normal = np.array([0.0, -np.sin(tilt), np.cos(tilt)])
+    table = TablePlane(normal=normal, offset=0.72, inlier_share=0.4)
+    markers = instance_markers(Header(frame_id="world"), instances, table=table).markers
+    squares = [m for m in markers if m.ns == "instances/table"]
+    assert len(squares) == 1 and markers[0].action == Marker.DELETEALL
+    square = squares[0]
+    centre = np.array([square.pose.position.x, square.pose.position.y, square.pose.position.z])
+    assert abs(table.height(centre)) < 1e-9  # on the plane
+    assert np.allclose(centre[:2], [0.3, 0.2], atol=0.01)  # under the instances
+    q = square.pose.orientation
+    assert np.allclose(rotation_from_quaternion(q.x, q.y, q.z, q.w)[:, 2], normal, atol=1e-9)  # lies in the plane
+    assert square.scale.x == square.scale.y >= 0.5 and square.scale.z < 0.01
+    # No plane, or nothing to show it under: no square.
+    assert not [m for m in instance_markers(Header(), instances).markers if m.ns.endswith("table")]
+    assert not [m for m in instance_markers(Header(), [], table=table).markers if m.ns.endswith("table")]

@@ -254,7 +254,7 @@ class InstaSceneNode(Node):
         self.pub_instances.publish(mapper_services.instance_array(self, snapshot, header))
         self.pub_instance_cloud.publish(make_cloud(header, snapshot.cloud_points, snapshot.cloud_colors,
                                                    snapshot.cloud_ids.astype(np.uint32)))
-        self.pub_markers.publish(instance_markers(header, snapshot.instances))
+        self.pub_markers.publish(instance_markers(header, snapshot.instances, table=snapshot.table_plane))
         self._published_version = snapshot.map_version
 
     def publish_scene_cloud(self) -> None:

@@ -67,16 +67,44 @@ def color_msg(rgb_uint8: Sequence[int], alpha: float = 1.0) -> ColorRGBA:
     return ColorRGBA(r=rgb_uint8[0] / 255.0, g=rgb_uint8[1] / 255.0, b=rgb_uint8[2] / 255.0, a=float(alpha))
 
 
-def instance_markers(header, instances: Iterable, namespace: str = "instances", box_alpha: float = 0.35) -> MarkerArray:
-    """One translucent box and one id label per instance, after a DELETEALL so forgotten ones vanish.
+def plane_marker(header, normal, centre, size: float, namespace: str) -> Marker:
+    """A thin translucent grey square of side `size` in the plane through `centre` with `normal`."""
+    from instascene_ros.ros.conversions import pose_from_matrix
+
+    z = np.asarray(normal, float) / np.linalg.norm(normal)
+    x = np.cross([0.0, 1.0, 0.0], z)
+    x = x / np.linalg.norm(x) if np.linalg.norm(x) > 1e-6 else np.array([1.0, 0.0, 0.0])
+    T = np.eye(4)
+    T[:3, :3] = np.stack([x, np.cross(z, x), z], axis=1)
+    T[:3, 3] = centre
+    marker = Marker(header=header, ns=namespace, id=0, type=Marker.CUBE, action=Marker.ADD)
+    marker.pose = pose_from_matrix(T)
+    marker.scale.x = marker.scale.y = float(size)
+    marker.scale.z = 0.002
+    marker.color.r, marker.color.g, marker.color.b, marker.color.a = 0.6, 0.6, 0.6, 0.4
+    return marker
+
+
+def instance_markers(header, instances: Iterable, namespace: str = "instances", box_alpha: float = 0.35,
+                     table=None) -> MarkerArray:
+    """One translucent box and one id label per instance, after a DELETEALL so forgotten ones vanish;
+    with `table` (a core.support_plane.TablePlane), the table the instance masks read as
+    background, as a square under the instances (at least 0.5 m, 1.5x their footprint).
 
     `instances` items need `id`, `color` (uint8 RGB), `bbox_min`, `bbox_max` (world, metres).
     """
+    instances = list(instances)
     markers = MarkerArray()
     clear = Marker()
     clear.header = header
     clear.action = Marker.DELETEALL
     markers.markers.append(clear)
+    if table is not None and instances:
+        corners = np.array([corner for item in instances for corner in (item.bbox_min, item.bbox_max)], float)
+        middle = corners.mean(axis=0)
+        centre = middle - table.height(middle) * table.normal  # its foot on the plane
+        size = max(0.5, 1.5 * float(np.linalg.norm(np.ptp(corners, axis=0))))
+        markers.markers.append(plane_marker(header, table.normal, centre, size, f"{namespace}/table"))
     for instance in instances:
         lo, hi = np.asarray(instance.bbox_min, float), np.asarray(instance.bbox_max, float)
         centre, size = (lo + hi) / 2.0, np.maximum(hi - lo, 1e-3)

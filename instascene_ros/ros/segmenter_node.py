@@ -107,22 +107,11 @@ class SegmenterNode(Node):
 
     @staticmethod
     def _plane_marker(plane, header) -> Marker:
-        from instascene_ros.ros.conversions import pose_from_matrix
+        from instascene_ros.ros.messages import plane_marker
 
         normal = np.asarray(plane.normal, float)
         centre = -plane.offset * normal  # the plane point nearest the camera origin
-        z = normal / np.linalg.norm(normal)
-        x = np.cross([0.0, 1.0, 0.0], z)
-        x = x / np.linalg.norm(x) if np.linalg.norm(x) > 1e-6 else np.array([1.0, 0.0, 0.0])
-        T = np.eye(4)
-        T[:3, :3] = np.stack([x, np.cross(z, x), z], axis=1)
-        T[:3, 3] = centre
-        marker = Marker(header=header, ns="support_plane", id=0, type=Marker.CUBE, action=Marker.ADD)
-        marker.pose = pose_from_matrix(T)
-        marker.scale.x = marker.scale.y = 1.0
-        marker.scale.z = 0.002
-        marker.color.r, marker.color.g, marker.color.b, marker.color.a = 0.6, 0.6, 0.6, 0.4
-        return marker
+        return plane_marker(header, normal, centre, 1.0, "support_plane")
 
 
 def main(args=None) -> int:
