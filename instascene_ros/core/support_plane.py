@@ -6,8 +6,8 @@ rendered instance masks then draw a halo of table around flat objects (jenga blo
 rings lying down): 5.7-9.2% of an object's area on the decomposition report maps, against
 4.3-5.2% for the same maps decomposed from the true masks. The table itself is easy to know in
 3D: it is the dominant level plane with the scene on top of it. So a pixel whose rendered
-surface lies on that plane is table, whatever its feature says (DESIGN.md: the support plane is
-background).
+surface lies on that plane is table, whatever its feature says (the node's issue: the table and
+support plane are background).
 
 The plane is fitted to the surface points of the views the instance layer renders anyway
 (`Pipeline._surface_views`): rendered depth, so RGB-only maps get it too. Gaussian centres are
@@ -67,8 +67,8 @@ def ransac_plane(points: np.ndarray, up: np.ndarray, *, inlier_distance: float, 
                  ) -> Optional[tuple[np.ndarray, np.ndarray, float]]:
     """Best level plane through (N, 3) points by RANSAC: (unit normal, a point on it, score), or
     None when no hypothesis is within `max_tilt_deg` of `up`. Score = inliers (within
-    `inlier_distance`) - below_penalty x points more than that below the plane, the normal
-    taken on `up`'s side."""
+    `inlier_distance`) - below_penalty x points more than that below the plane, "below" on the
+    side away from `up`. The normal comes back as sampled, either sign: callers orient it."""
     up = np.asarray(up, np.float64) / np.linalg.norm(up)
     best_score, best = -np.inf, None
     for _ in range(iterations):
