@@ -236,7 +236,7 @@ def geometry_bound(pipeline, dataset) -> dict:
     with the product's table rule (`Pipeline._drawn`: the rendered surface within the band of
     the snapshot's table plane is background), so the bound reads pixels as the product does."""
     from instascene_ros.core.instances import render_label_masks, vote_gaussian_labels
-    from instascene_ros.core.support_plane import on_table
+    from instascene_ros.core.support_plane import rendered_on_table
 
     gt_masks = dataset.ground_truth_masks()
     test, training = dataset.held_out_indices(), dataset.training_indices()
@@ -248,11 +248,9 @@ def geometry_bound(pipeline, dataset) -> dict:
         gaussians = scene.to_gaussians(with_features=False)
         labels = vote_gaussian_labels(gaussians, [dataset.frames[i].camera for i in training],
                                       [gt_masks[i] for i in training], config)
-        predicted = render_label_masks(scene, labels, [dataset.frames[i].camera for i in test], config)
-        for image, index in zip(predicted, test):
-            camera = dataset.frames[index].camera
-            depth = pipeline.mapper.render_view(camera).normalised_depth()[0].cpu().numpy()
-            image[on_table(pipeline.snapshot.table_plane, camera, depth, pipeline.config.table.mask_band)] = 0
+        plane, band = pipeline.snapshot.table_plane, pipeline.config.table.mask_band
+        predicted = render_label_masks(scene, labels, [dataset.frames[i].camera for i in test], config,
+                                       background=lambda out, camera: rendered_on_table(out, camera, plane, band))
     objects = sorted({int(v) for i in test for v in np.unique(gt_masks[i]) if v > 0})
     scores = metrics.object_mask_scores([gt_masks[i] for i in test], predicted, {k: k for k in objects})
     return {"miou": 100.0 * scores.miou_zero, "biou": 100.0 * scores.mbiou_zero,

@@ -540,14 +540,16 @@ def vote_gaussian_labels(gaussians, cameras: Iterable[Camera], label_images: Ite
     return np.where(votes.max(axis=1) > 0, values[votes.argmax(axis=1)], 0).astype(np.int64)
 
 
-def render_label_masks(scene_gaussians, labels, cameras, config: InstanceConfig = InstanceConfig()) -> list[np.ndarray]:
+def render_label_masks(scene_gaussians, labels, cameras, config: InstanceConfig = InstanceConfig(),
+                       background: Optional[Callable[[object, Camera], np.ndarray]] = None) -> list[np.ndarray]:
     """(H, W) int32 label images of per-Gaussian integer `labels` (0 = none), one per camera.
 
     Each Gaussian carries a one-hot vector over the labels present (plus "none"); a pixel takes
     the label with the largest blended weight where alpha > mask_alpha_threshold. Unlike a
     blended feature, a blend of one-hot vectors cannot land between two labels, so this shows
     what a given per-Gaussian labelling looks like through the map's own geometry (used for the
-    geometry bound of the decomposition bench)."""
+    geometry bound of the decomposition bench). `background(render, camera)`, when given, names
+    more pixels of each render to leave at 0 (the product's table rule)."""
     labels = np.asarray(labels, np.int64)
     values, slots = np.unique(labels, return_inverse=True)
     if not (values == 0).any():  # slot 0 must mean "none"
@@ -560,6 +562,8 @@ def render_label_masks(scene_gaussians, labels, cameras, config: InstanceConfig 
         out = render_features(scene_gaussians, one_hot, [camera], config.raster, config.backend, config.primitive)
         best = out.features[0].argmax(dim=-1).cpu().numpy()
         drawn = out.alpha[0].cpu().numpy() > config.mask_alpha_threshold
+        if background is not None:
+            drawn &= ~background(out, camera)
         images.append(np.where(drawn, values[best], 0).astype(np.int32))
     return images
 

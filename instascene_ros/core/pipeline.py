@@ -39,7 +39,8 @@ from instascene_ros.core.instances import (InstanceConfig, Instances, SurfaceVie
 from instascene_ros.core.mapping import PRESETS, Mapper, MapperConfig
 from instascene_ros.core.scene import sh_dc_to_rgb
 from instascene_ros.core.splat.types import Gaussians
-from instascene_ros.core.support_plane import TablePlane, TablePlaneConfig, fit_table_plane, on_table, surface_points
+from instascene_ros.core.support_plane import (TablePlane, TablePlaneConfig, fit_table_plane, rendered_on_table,
+                                              surface_points)
 from instascene_ros.core.tracker import SpatialTracker, TrackerConfig, trackers_from_contributors
 
 log = logging.getLogger(__name__)
@@ -542,9 +543,8 @@ class Pipeline:
         within `TablePlaneConfig.mask_band` of the snapshot's table plane. Every reader of a
         feature image (instance masks, pixel queries, the codebook's reading) treats a pixel of
         alpha 0 as empty, so the table is background for all of them."""
-        alpha = out.alpha[0].cpu().numpy()
-        table = on_table(table_plane, camera, out.normalised_depth()[0].cpu().numpy(), self.config.table.mask_band)
-        return np.where(table, np.float32(0.0), alpha)
+        table = rendered_on_table(out, camera, table_plane, self.config.table.mask_band)
+        return np.where(table, np.float32(0.0), out.alpha[0].cpu().numpy())
 
     def instance_mask(self, camera: Camera) -> np.ndarray:
         """(H, W) int32 instance ids rendered from `camera` (0 = none)."""

@@ -24,6 +24,9 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from instascene_ros.core.camera import transform_points
+from instascene_ros.core.segment2d.geometric import backproject
+
 
 @dataclass
 class TablePlaneConfig:
@@ -126,21 +129,17 @@ def surface_points(views: Iterable, min_alpha: float, stride: int = 2) -> np.nda
     directions where alpha exceeds `min_alpha` (views: `instances.SurfaceView`)."""
     chunks = []
     for view in views:
-        depth = np.asarray(view.depth)[::stride, ::stride]
-        keep = (np.asarray(view.alpha)[::stride, ::stride] > min_alpha) & (depth > 0)
-        chunks.append(world_points(view.camera, depth, stride)[keep])
+        depth = np.asarray(view.depth)
+        keep = ((np.asarray(view.alpha) > min_alpha) & (depth > 0))[::stride, ::stride]
+        chunks.append(world_points(view.camera, depth)[::stride, ::stride][keep])
     return np.concatenate(chunks) if chunks else np.zeros((0, 3))
 
 
-def world_points(camera, depth: np.ndarray, stride: int = 1) -> np.ndarray:
-    """(H', W', 3) world points of a z-depth image of `camera` sampled every `stride` pixels
-    (pixel centres at +0.5)."""
-    K = camera.K
-    rows, cols = depth.shape
-    u = (np.arange(cols) * stride + 0.5 - K[0, 2]) / K[0, 0]
-    v = (np.arange(rows) * stride + 0.5 - K[1, 2]) / K[1, 1]
-    in_camera = np.stack([depth * u[None, :], depth * v[:, None], depth], axis=-1)
-    return in_camera @ camera.T_world_cam[:3, :3].T + camera.T_world_cam[:3, 3]
+def world_points(camera, depth: np.ndarray) -> np.ndarray:
+    """(H, W, 3) world points of a z-depth image of `camera` (pixel centres at +0.5; NaN where
+    the depth is 0 or not finite)."""
+    depth = np.asarray(depth)
+    return transform_points(camera.T_world_cam, backproject(depth, camera.K).reshape(-1, 3)).reshape(*depth.shape, 3)
 
 
 def on_table(plane: Optional[TablePlane], camera, depth: np.ndarray, band: Optional[float]) -> np.ndarray:
@@ -150,3 +149,11 @@ def on_table(plane: Optional[TablePlane], camera, depth: np.ndarray, band: Optio
     if plane is None or band is None or band <= 0:
         return np.zeros(depth.shape, dtype=bool)
     return (depth > 0) & (plane.height(world_points(camera, depth)) < band)
+
+
+def rendered_on_table(out, camera, plane: Optional[TablePlane], band: Optional[float]) -> np.ndarray:
+    """`on_table` of a one-camera render (`RenderOutput`) by its own alpha-normalised depth; the
+    depth is read only when there is a plane and a band."""
+    if plane is None or band is None or band <= 0:
+        return np.zeros(tuple(out.alpha.shape[1:]), dtype=bool)
+    return on_table(plane, camera, out.normalised_depth()[0].cpu().numpy(), band)
