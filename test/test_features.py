@@ -399,3 +399,76 @@ def test_classifier_baseline_on_associated_ids_produces_instances(blobs):
     for object_id, label in by_object.items():
         on_object = blobs.heldout_labels == object_id
         assert (pixel_labels[on_object] == label).mean() >= 0.8, object_id
+
+
+# ---------------------------------------------------------------------------------------- culled renders
+def _cull_scene(seed: int = 3):
+    """Gaussians in front of a 64x48 camera at the origin, plus large flat ones centred left of
+    the image's middle whose footprints reach across it (what a bound without the Jacobian's
+    off-axis term or the opacity-aware extent would cut)."""
+    from instascene_ros.core.camera import Camera, intrinsics_from_fov
+    from instascene_ros.core.splat import Gaussians
+
+    gen = torch.Generator().manual_seed(seed)
+    n = 3000
+    z = torch.empty(n).uniform_(1.0, 4.0, generator=gen)
+    means = torch.stack([(torch.rand(n, generator=gen) * 2 - 1) * 0.8 * z,
+                         (torch.rand(n, generator=gen) * 2 - 1) * 0.6 * z, z], dim=-1)
+    log_scales = torch.log(torch.full((n, 3), 0.01)) + 0.5 * torch.randn(n, 3, generator=gen)
+    K = intrinsics_from_fov(64, 48, 70.0)
+    # The last one is centred 20 px left of the image, where the Jacobian is clamped (tx = -0.91),
+    # its long axis along the Jacobian's first row: it reaches 1.5 px into the image only through
+    # the off-axis factor sqrt(1 + tx^2) of the bound.
+    fx, cx, cy = K[0, 0], K[0, 2], K[1, 2]
+    off_axis = [(-20.0 - cx) / fx, (8.0 - cy) / K[1, 1], 1.0]
+    tx = cx / fx + 0.3 * 0.5 * 64 / fx
+    half_turn = -0.5 * math.atan2(tx, 1.0)  # rotation about y taking the x axis to (1, 0, tx) / |.|
+    wide = torch.tensor([[-0.12, 0.0, 1.0], [-0.9, 0.1, 1.2], [0.2, -0.6, 1.1], off_axis], dtype=torch.float32)
+    wide_scales = torch.log(torch.tensor([[0.08, 0.004, 0.004], [0.25, 0.01, 0.01], [0.02, 0.2, 0.01],
+                                          [0.12, 0.004, 0.004]]))
+    wide_quats = torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 3 + [[math.cos(half_turn), 0.0, math.sin(half_turn), 0.0]])
+    gaussians = Gaussians(means=torch.cat([means, wide]),
+                          quats=torch.cat([torch.randn(n, 4, generator=gen), wide_quats]),
+                          log_scales=torch.cat([log_scales, wide_scales]),
+                          opacity_logits=torch.cat([torch.randn(n, generator=gen) * 2, torch.full((4,), 4.0)]),
+                          sh=torch.rand(n + 4, 1, 3, generator=gen), features=torch.randn(n + 4, 8, generator=gen))
+    return gaussians, Camera(K=K, width=64, height=48, T_world_cam=np.eye(4))
+
+
+def test_culled_feature_renders_equal_full_renders_and_cost_only_their_gaussians():
+    from instascene_ros.core.features.field import render_features, scene_gaussians
+    from instascene_ros.core.splat import RasterConfig, render
+    from instascene_ros.core.splat.numba_kernels import may_reach_image
+    from instascene_ros.core.splat.projection import JACOBIAN_FOV_MARGIN
+
+    gaussians, camera = _cull_scene()
+    raster = RasterConfig()
+    unit = torch.nn.functional.normalize(gaussians.features, dim=-1)
+    windows = [camera.cropped(24, 16, 8, 8), camera.cropped(0, 0, 16, 16), camera.cropped(48, 32, 16, 16),
+               camera.cropped(30, 0, 12, 48), camera]
+    reached_from_outside = 0
+    for view in windows:
+        culled = render_features(gaussians, gaussians.features, [view], raster, "numba")
+        full = render(scene_gaussians(gaussians, unit), [view], backend="numba", config=raster)
+        for a, b in ((culled.features, full.features), (culled.alpha, full.alpha), (culled.depth, full.depth)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        assert torch.equal(culled.radii, full.radii)  # the same splats drawn, rows kept in place
+        kept = may_reach_image(gaussians.means.numpy(), gaussians.log_scales.numpy(),
+                               gaussians.opacity_logits.numpy(), view.world_to_cam[None], view.K[None],
+                               view.width, view.height, raster.near_plane, raster.far_plane, raster.min_alpha,
+                               raster.radius_sigmas, raster.eps2d, JACOBIAN_FOV_MARGIN)
+        drawn = (full.radii[0] > 0).all(-1).numpy()
+        assert not (drawn & ~kept).any()  # never cuts a Gaussian the image draws
+        centre = full.means2d[0].detach().numpy()
+        off_window = (centre[:, 0] < 0) | (centre[:, 0] >= view.width) | (centre[:, 1] < 0) | (centre[:, 1] >= view.height)
+        reached_from_outside += int((drawn & off_window).sum())
+        if view.width * view.height <= 256:
+            assert kept.sum() < 0.15 * len(kept)  # a small window costs few Gaussians
+    assert reached_from_outside > 0  # the test covers splats reaching in from outside a window
+
+    # several cameras: a Gaussian is kept when it reaches any of them
+    pair = [camera.cropped(0, 0, 16, 16), camera.cropped(48, 32, 16, 16)]
+    culled = render_features(gaussians, gaussians.features, pair, raster, "numba")
+    full = render(scene_gaussians(gaussians, unit), pair, backend="numba", config=raster)
+    torch.testing.assert_close(culled.features, full.features, rtol=0, atol=1e-6)
+    assert torch.equal(culled.radii, full.radii)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+import dataclasses
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Union
 
@@ -31,6 +32,8 @@ from scipy.spatial import cKDTree
 
 from instascene_ros.core.camera import Camera
 from instascene_ros.core.splat import Gaussians, RenderOutput, render
+from instascene_ros.core.splat.numba_kernels import may_reach_image
+from instascene_ros.core.splat.projection import JACOBIAN_FOV_MARGIN
 from instascene_ros.core.splat.types import RasterConfig
 
 from .baseline import IdentityClassifier
@@ -144,10 +147,38 @@ def render_features(scene, features: torch.Tensor, cameras: Union[Camera, Sequen
 
     Returns the RenderOutput; `features` (C, H, W, F) is a blend of unit vectors (divide by
     alpha, or normalise, before comparing directions) and `alpha` (C, H, W).
+
+    On the CPU, 3D Gaussians that cannot reach any of the images (`may_reach_image`) are left
+    out before the projection: the images are the same, and a small view of a large map (a
+    pixel query's window, an instance's box) costs its own Gaussians, not the whole map's.
+    Their rows of `radii` are 0 (not drawn) and of `means2d` 0.
     """
     features = torch.as_tensor(features, dtype=torch.float32, device=scene.means.device)
-    unit = F.normalize(features.detach(), dim=-1)
-    return render(scene_gaussians(scene, unit), cameras, primitive=primitive, backend=backend, config=raster)
+    gaussians = scene_gaussians(scene, features.detach())
+    cameras = [cameras] if isinstance(cameras, Camera) else list(cameras)
+    if primitive != "3dgs" or gaussians.means.is_cuda or not cameras:
+        gaussians.features = F.normalize(gaussians.features, dim=-1)
+        return render(gaussians, cameras, primitive=primitive, backend=backend, config=raster)
+    device = gaussians.means.device
+    reach = torch.from_numpy(may_reach_image(
+        gaussians.means.numpy(), gaussians.log_scales.numpy(), gaussians.opacity_logits.numpy(),
+        np.stack([camera.world_to_cam for camera in cameras]), np.stack([camera.K for camera in cameras]),
+        int(cameras[0].width), int(cameras[0].height), raster.near_plane, raster.far_plane, raster.min_alpha,
+        raster.radius_sigmas, raster.eps2d, JACOBIAN_FOV_MARGIN))
+    rows = torch.nonzero(reach).squeeze(1)
+    culled = len(rows) < len(reach)
+    if culled:
+        gaussians = gaussians.map(lambda tensor: tensor[rows])
+    gaussians.features = F.normalize(gaussians.features, dim=-1)
+    out = render(gaussians, cameras, primitive=primitive, backend=backend, config=raster)
+    if not culled:
+        return out
+    n, n_cameras = len(reach), len(cameras)
+    radii = torch.zeros((n_cameras, n, 2), dtype=out.radii.dtype, device=device)
+    radii[:, rows] = out.radii
+    means2d = torch.zeros((n_cameras, n, 2), dtype=out.means2d.dtype, device=device)
+    means2d[:, rows] = out.means2d
+    return dataclasses.replace(out, radii=radii, means2d=means2d)
 
 
 class FeatureField:
