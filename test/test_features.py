@@ -438,7 +438,7 @@ def _cull_scene(seed: int = 3):
 def test_culled_feature_renders_equal_full_renders_and_cost_only_their_gaussians():
     from instascene_ros.core.features.field import render_features, scene_gaussians
     from instascene_ros.core.splat import RasterConfig, render
-    from instascene_ros.core.splat.numba_kernels import may_reach_image
+    from instascene_ros.core.splat.numba_projection import may_reach_image
     from instascene_ros.core.splat.projection import JACOBIAN_FOV_MARGIN
 
     gaussians, camera = _cull_scene()

@@ -115,6 +115,58 @@ def weighted_loss(cams, backend, seed=11, primitive="3dgs"):
     return loss_of
 
 
+# --------------------------------------------------------------------------------------------
+# The numba projection against the torch projection it replaces on the CPU
+# --------------------------------------------------------------------------------------------
+def test_numba_projection_matches_the_torch_projection_and_its_autograd():
+    """Values and every gradient in float64, on the edge cases of random_scene plus Gaussians
+    whose Jacobian is clamped (far off-axis, in front of the camera), a quaternion of norm
+    1e-14 (F.normalize divides by its eps there) and one at the far plane's other side."""
+    from instascene_ros.core.splat.numba_projection import project_gaussians_cpu
+    from instascene_ros.core.splat.projection import intrinsics, project_gaussians, view_matrices
+
+    g = random_scene(60, dtype=torch.float64, seed=4)
+    g.means[7] = torch.tensor([2.9, -1.0, 0.2], dtype=torch.float64)  # clamped in x for the first camera
+    g.means[8] = torch.tensor([0.1, -1.5, -1.7], dtype=torch.float64)  # clamped in y
+    g.quats[9] = torch.tensor([1e-14, 2e-14, 0.0, -1e-14], dtype=torch.float64)
+    g.means[10] = torch.tensor([0.0, 2.0e3, 0.0], dtype=torch.float64)  # beyond the far plane
+    cams = cameras(n=3)
+    viewmats = view_matrices(cams, torch.float64, "cpu")
+    Ks = intrinsics(cams, torch.float64, "cpu")
+    inputs = [g.means, g.quats, g.log_scales, g.opacity_logits]
+    for tensor in inputs:
+        tensor.requires_grad_(True)
+    results = []
+    for project in (project_gaussians, project_gaussians_cpu):
+        proj = project(*inputs, viewmats, Ks, 26, 19, RasterConfig())
+        gen = torch.Generator().manual_seed(5)
+        loss = sum((value * torch.randn(value.shape, generator=gen, dtype=value.dtype)).sum()
+                   for value in (proj.means2d, proj.conics, proj.depths, proj.opacities))
+        results.append((proj, torch.autograd.grad(loss, inputs)))
+    (reference, reference_grads), (ours, our_grads) = results
+    clamped = (reference.means2d[0, 7, 0] > 26 + 0.3 * 13) and (reference.means2d[0, 8, 1] > 19 + 0.3 * 9.5)
+    assert clamped  # the clamp's gradient mask is exercised
+    for name in ("means2d", "conics", "depths", "covars2d"):
+        torch.testing.assert_close(getattr(ours, name), getattr(reference, name), rtol=1e-10, atol=1e-10)
+    assert torch.equal(ours.radii, reference.radii)
+    for name, mine, theirs in zip(("means", "quats", "log_scales", "opacity_logits"), our_grads, reference_grads):
+        scale = float(theirs.abs().max())
+        torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-11 * scale, msg=lambda m: f"{name}: {m}")
+
+
+def test_the_pose_gradient_still_reaches_the_torch_projection():
+    """With pose_deltas the numba backend projects through torch (the kernels have no camera
+    gradient): the gradient of the pose must be there and the image the same as without."""
+    g = random_scene(40, seed=2)
+    cams = cameras(n=2)
+    deltas = torch.zeros(2, 6, requires_grad=True)
+    with_pose = render(g, cams, backend="numba", pose_deltas=deltas)
+    plain = render(g, cams, backend="numba")
+    torch.testing.assert_close(with_pose.color, plain.color, rtol=0, atol=2e-6)
+    (grad,) = torch.autograd.grad(with_pose.color.sum() + with_pose.depth.sum(), [deltas])
+    assert float(grad.abs().max()) > 0
+
+
 @pytest.mark.parametrize("seed,primitive", [(0, "3dgs"), (1, "3dgs"), (0, "2dgs"), (1, "2dgs")])
 def test_numba_backward_matches_finite_differences(seed, primitive):
     g = random_scene(9, n_features=2, sh_degree=1, seed=seed, dtype=torch.float64)

@@ -32,7 +32,7 @@ from scipy.spatial import cKDTree
 
 from instascene_ros.core.camera import Camera
 from instascene_ros.core.splat import Gaussians, RenderOutput, render
-from instascene_ros.core.splat.numba_kernels import may_reach_image
+from instascene_ros.core.splat.numba_projection import may_reach_image
 from instascene_ros.core.splat.projection import JACOBIAN_FOV_MARGIN
 from instascene_ros.core.splat.types import RasterConfig
 

@@ -61,59 +61,6 @@ def grad_columns(n_geometry):
 
 
 # --------------------------------------------------------------------------------------------
-# Culling before the projection
-# --------------------------------------------------------------------------------------------
-@njit(cache=True, nogil=True)
-def may_reach_image(means, log_scales, opacity_logits, viewmats, Ks, width, height, near_plane, far_plane,
-                    min_alpha, radius_sigmas, eps2d, fov_margin):
-    """(N,) bool: False only for 3D Gaussians that the projection (projection.project_gaussians)
-    is certain to cull in every camera: behind the near plane, too transparent, or a footprint
-    box wholly off the image. Rendering the others gives the same images (up to the float32
-    rounding of the projection's matrix products, which depends on how many rows they have).
-
-    One transform of each mean, without the rotations and covariances that make the projection
-    costly: a 16-pixel window about a click keeps ~1% of a 40k-Gaussian map. The box bound:
-    cov2d_xx = |S R_c^T J_0|^2 + eps2d <= s_max^2 (j00^2 + j02^2) + eps2d (J_0 the Jacobian's
-    first row, at the mean clamped as the projection clamps it), likewise y. Margins for float32
-    rounding in the projection: two pixels, and a relative 1e-4 on opacity, reach and depth
-    limits. NaN anywhere keeps the Gaussian (the projection decides)."""
-    n = means.shape[0]
-    keep = np.zeros(n, np.bool_)
-    for g in range(n):
-        s_max = math.exp(max(log_scales[g, 0], max(log_scales[g, 1], log_scales[g, 2])))
-        opacity = 1.0 / (1.0 + math.exp(-opacity_logits[g]))
-        if opacity < min_alpha * (1.0 - 1e-4):
-            continue
-        log_ratio = math.log(max(opacity * (1.0 + 1e-4) / min_alpha, 1.0))
-        extend = min(math.sqrt(2.0 * log_ratio), radius_sigmas)
-        for c in range(viewmats.shape[0]):
-            x = viewmats[c, 0, 0] * means[g, 0] + viewmats[c, 0, 1] * means[g, 1] + viewmats[c, 0, 2] * means[g, 2] \
-                + viewmats[c, 0, 3]
-            y = viewmats[c, 1, 0] * means[g, 0] + viewmats[c, 1, 1] * means[g, 1] + viewmats[c, 1, 2] * means[g, 2] \
-                + viewmats[c, 1, 3]
-            z = viewmats[c, 2, 0] * means[g, 0] + viewmats[c, 2, 1] * means[g, 1] + viewmats[c, 2, 2] * means[g, 2] \
-                + viewmats[c, 2, 3]
-            if z < near_plane * (1.0 - 1e-4) or z > far_plane * (1.0 + 1e-4):
-                continue
-            fx, fy, cx, cy = Ks[c, 0, 0], Ks[c, 1, 1], Ks[c, 0, 2], Ks[c, 1, 2]
-            lim_x = fov_margin * 0.5 * width / fx
-            lim_y = fov_margin * 0.5 * height / fy
-            tx = min(max(x / z, -(cx / fx + lim_x)), (width - cx) / fx + lim_x)
-            ty = min(max(y / z, -(cy / fy + lim_y)), (height - cy) / fy + lim_y)
-            reach_x = extend * math.sqrt(s_max * s_max * (fx / z) ** 2 * (1.0 + tx * tx) + eps2d) * (1.0 + 1e-4) + 2.0
-            reach_y = extend * math.sqrt(s_max * s_max * (fy / z) ** 2 * (1.0 + ty * ty) + eps2d) * (1.0 + 1e-4) + 2.0
-            u = fx * x / z + cx
-            v = fy * y / z + cy
-            if u + reach_x <= 0.0 or u - reach_x >= width or v + reach_y <= 0.0 or v - reach_y >= height:
-                continue
-            keep[g] = True
-            break
-        if not math.isfinite(s_max * opacity_logits[g] * means[g, 0] * means[g, 1] * means[g, 2]):
-            keep[g] = True
-    return keep
-
-
-# --------------------------------------------------------------------------------------------
 # Tile binning
 # --------------------------------------------------------------------------------------------
 @njit(cache=True, nogil=True)

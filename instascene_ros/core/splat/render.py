@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..camera import Camera
-from . import gsplat_backend, numba_kernels, torch_reference
+from . import gsplat_backend, numba_kernels, numba_projection, torch_reference
 from .projection import (camera_positions, intrinsics, project_gaussians, project_surfels, sh_to_color,
                          view_matrices)
 from .types import Backend, Gaussians, Primitive, RasterConfig, RenderOutput
@@ -69,9 +69,12 @@ def _check_primitive(primitive: str) -> bool:
 
 
 def _project(gaussians: Gaussians, cameras: Sequence[Camera], surfel: bool, config: RasterConfig,
-             detach: bool = False, pose_deltas: Optional[torch.Tensor] = None):
+             detach: bool = False, pose_deltas: Optional[torch.Tensor] = None, fused: bool = False):
     """Screen-space splats: means2d, geometry (C, N, 3 conic | 9 ray transform), depths, radii,
-    opacities, normals (surfels) or None, and the view matrices."""
+    opacities, normals (surfels) or None, and the view matrices. fused: 3D Gaussians on the CPU
+    are projected by the numba kernels (numba_projection), unless the poses take gradients
+    (pose_deltas); the torch backends keep the torch projection, which the tests check the
+    kernels against."""
     g = gaussians
     tensors = [g.means, g.quats, g.log_scales, g.opacity_logits]
     if detach:
@@ -83,7 +86,9 @@ def _project(gaussians: Gaussians, cameras: Sequence[Camera], surfel: bool, conf
     if surfel:
         proj = project_surfels(*tensors, viewmats, Ks, width, height, config)
         return proj.means2d, proj.ray_transforms, proj.depths, proj.radii, proj.opacities, proj.normals, viewmats
-    proj = project_gaussians(*tensors, viewmats, Ks, width, height, config)
+    fused = fused and not means.is_cuda and not viewmats.requires_grad
+    proj = (numba_projection.project_gaussians_cpu if fused else project_gaussians)(
+        *tensors, viewmats, Ks, width, height, config)
     return proj.means2d, proj.conics, proj.depths, proj.radii, proj.opacities, None, viewmats
 
 
@@ -116,8 +121,8 @@ def render(gaussians: Gaussians, cameras: Sequence[Camera], *, primitive: Primit
     means = gaussians.means
     dtype, device = means.dtype, means.device
     width, height = int(cameras[0].width), int(cameras[0].height)
-    means2d, geometry, depths, radii, opacities, normals, viewmats = _project(gaussians, cameras, surfel, config,
-                                                                              pose_deltas=pose_deltas)
+    means2d, geometry, depths, radii, opacities, normals, viewmats = _project(
+        gaussians, cameras, surfel, config, pose_deltas=pose_deltas, fused=backend == "numba")
     if means2d.requires_grad:
         means2d.retain_grad()
     rgb = sh_to_color(gaussians.sh, means, camera_positions(viewmats), sh_degree)  # (C, N, 3)
@@ -174,7 +179,8 @@ def contributors(gaussians: Gaussians, camera: Camera, *, t_min: float = 0.5, pr
     """
     surfel = _check_primitive(primitive)
     camera = _check_cameras([camera])[0]
-    means2d, geometry, depths, radii, opacities, _, _ = _project(gaussians, [camera], surfel, config, detach=True)
+    means2d, geometry, depths, radii, opacities, _, _ = _project(gaussians, [camera], surfel, config, detach=True,
+                                                                 fused=True)
     # float32 whatever the input precision: weights are float32 anyway, and one kernel build is enough
     splats = numba_kernels.Splats(*(t.numpy().astype(np.float32) for t in (means2d[0], geometry[0], opacities)),
                                   radii[0].numpy(), depths[0].numpy().astype(np.float32),
