@@ -361,9 +361,12 @@ def test_warm_up_compiles_every_cpu_kernel_a_map_calls(primitive):
     import sys
 
     script = (
-        "from instascene_ros.core.splat import RasterConfig, numba_kernels, warm_up_cpu_kernels\n"
+        "from instascene_ros.core.splat import RasterConfig, numba_kernels, numba_projection, warm_up_cpu_kernels\n"
         f"assert warm_up_cpu_kernels({primitive!r}, RasterConfig(num_threads=1)) > 0\n"
-        "kernels = (numba_kernels._forward_serial, numba_kernels._backward_serial, numba_kernels._contributors_serial)\n"
+        "kernels = [numba_kernels._forward_serial, numba_kernels._backward_serial, numba_kernels._contributors_serial,\n"
+        "           numba_projection.may_reach_image]\n"
+        f"if {primitive!r} == '3dgs':\n"
+        "    kernels += [numba_projection._project_forward, numba_projection._project_backward]\n"
         "print([k.__name__ for k in kernels if not k.signatures])\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -18,9 +18,9 @@ its norm, and the 3D level (on raw Gaussian features) and the 2D levels see one 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-import dataclasses
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Union
 

@@ -2,7 +2,9 @@
 
 Backends (`backend=`):
 - "gsplat": CUDA tensors, gsplat 1.5.3 (gsplat_backend.py);
-- "numba": CPU, our tile kernels with a hand-written backward (numba_kernels.py);
+- "numba": CPU, our kernels with hand-written backwards: the projection of 3D Gaussians
+  (numba_projection.py; through torch when the poses take gradients) and the tile compositing
+  (numba_kernels.py);
 - "torch-reference": pure torch on any device, tile-chunked and checkpointed (torch_reference.py);
 - "auto": gsplat when the Gaussians live on CUDA, numba otherwise;
 - "torch-dense": every pixel against every Gaussian in pure torch; the tests' reference, tiny
@@ -30,8 +32,8 @@ import torch
 
 from ..camera import Camera
 from . import gsplat_backend, numba_kernels, numba_projection, torch_reference
-from .projection import (camera_positions, intrinsics, project_gaussians, project_surfels, sh_to_color,
-                         view_matrices)
+from .projection import (JACOBIAN_FOV_MARGIN, camera_positions, intrinsics, project_gaussians, project_surfels,
+                         sh_to_color, view_matrices)
 from .types import Backend, Gaussians, Primitive, RasterConfig, RenderOutput
 
 _BACKENDS = ("auto", "numba", "gsplat", "torch-reference", "torch-dense")
@@ -190,8 +192,8 @@ def contributors(gaussians: Gaussians, camera: Camera, *, t_min: float = 0.5, pr
 
 
 def warm_up_cpu_kernels(primitive: Primitive = "3dgs", config: RasterConfig = RasterConfig()) -> float:
-    """Compile (or load from numba's on-disk cache) the CPU kernels a map will call: forward,
-    backward and contributors, with `config`'s thread count. Call it before the first frame
+    """Compile (or load from numba's on-disk cache) the CPU kernels a map will call: projection,
+    forward, backward, contributors and the feature renders' cull, with `config`'s thread count. Call it before the first frame
     (the node does before it reports ready): otherwise the first keyframe pays for it, 13 s on a
     cold cache on this machine (a `bench map` keyframe maximum), about 1 s from the cache.
     Returns the seconds spent."""
@@ -211,4 +213,8 @@ def warm_up_cpu_kernels(primitive: Primitive = "3dgs", config: RasterConfig = Ra
     out = render(gaussians, [camera], primitive=primitive, backend="numba", config=config)
     (out.color.sum() + out.alpha.sum() + out.depth.sum() + out.features.sum()).backward()
     contributors(gaussians, camera, primitive=primitive, config=config)
+    numba_projection.may_reach_image(  # the cull of feature renders (pixel queries), same argument types
+        means.detach().numpy(), gaussians.log_scales.numpy(), gaussians.opacity_logits.numpy(),
+        camera.world_to_cam[None], camera.K[None], size, size, config.near_plane, config.far_plane,
+        config.min_alpha, config.radius_sigmas, config.eps2d, JACOBIAN_FOV_MARGIN)
     return time.perf_counter() - start
