@@ -62,6 +62,21 @@ def _clamp_limits(Ks, c, width, height, fov_margin):
             -(cy / fy + fov_margin * tan_y), (height - cy) / fy + fov_margin * tan_y)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _camera_jacobian(viewmats, Ks, c, means, g, width, height, near_plane, far_plane, fov_margin):
+    """Gaussian g in camera c: p_c, whether z is in the depth range, the safe z, p_c.xy / z and
+    whether each lies inside the Jacobian's clamp, and the Jacobian's entries j00, j02, j11, j12."""
+    px, py, pz = _camera_point(viewmats, c, means, g)
+    in_depth = near_plane <= pz <= far_plane
+    z = pz if in_depth else 1.0
+    lo_x, hi_x, lo_y, hi_y = _clamp_limits(Ks, c, width, height, fov_margin)
+    fx, fy = Ks[c, 0, 0], Ks[c, 1, 1]
+    rx, ry = px / z, py / z
+    tx, ty = min(max(rx, lo_x), hi_x), min(max(ry, lo_y), hi_y)
+    return (px, py, pz, in_depth, z, rx, ry, lo_x <= rx <= hi_x, lo_y <= ry <= hi_y, tx, ty,
+            fx / z, -fx * tx / z, fy / z, -fy * ty / z)
+
+
 @njit(cache=True, nogil=True)
 def _project_forward(means, quats, log_scales, viewmats, Ks, width, height, near_plane, far_plane, eps2d,
                      fov_margin, means2d, conics, depths, cov, valid):
@@ -72,14 +87,9 @@ def _project_forward(means, quats, log_scales, viewmats, Ks, width, height, near
         _, _, _, _, _, rot = _rotation(quats, g)
         s0, s1, s2 = math.exp(log_scales[g, 0]), math.exp(log_scales[g, 1]), math.exp(log_scales[g, 2])
         for c in range(n_cameras):
-            px, py, pz = _camera_point(viewmats, c, means, g)
-            in_depth = near_plane <= pz <= far_plane
-            z = pz if in_depth else 1.0
-            lo_x, hi_x, lo_y, hi_y = _clamp_limits(Ks, c, width, height, fov_margin)
+            px, py, pz, in_depth, z, _, _, _, _, _, _, j00, j02, j11, j12 = _camera_jacobian(
+                viewmats, Ks, c, means, g, width, height, near_plane, far_plane, fov_margin)
             fx, fy = Ks[c, 0, 0], Ks[c, 1, 1]
-            tx = min(max(px / z, lo_x), hi_x)
-            ty = min(max(py / z, lo_y), hi_y)
-            j00, j02, j11, j12 = fx / z, -fx * tx / z, fy / z, -fy * ty / z
             a = eps2d
             b = 0.0
             cc = eps2d
@@ -125,14 +135,9 @@ def _project_backward(means, quats, log_scales, viewmats, Ks, width, height, nea
         g_scale[:] = 0.0
         g_p[:] = 0.0
         for c in range(n_cameras):
-            px, py, pz = _camera_point(viewmats, c, means, g)
-            in_depth = near_plane <= pz <= far_plane
-            z = pz if in_depth else 1.0
-            lo_x, hi_x, lo_y, hi_y = _clamp_limits(Ks, c, width, height, fov_margin)
+            px, py, pz, in_depth, z, rx, ry, inside_x, inside_y, tx, ty, j00, j02, j11, j12 = _camera_jacobian(
+                viewmats, Ks, c, means, g, width, height, near_plane, far_plane, fov_margin)
             fx, fy = Ks[c, 0, 0], Ks[c, 1, 1]
-            rx, ry = px / z, py / z
-            tx, ty = min(max(rx, lo_x), hi_x), min(max(ry, lo_y), hi_y)
-            j00, j02, j11, j12 = fx / z, -fx * tx / z, fy / z, -fy * ty / z
             for i in range(3):
                 for k in range(3):
                     rc[i, k] = viewmats[c, i, 0] * rot[k] + viewmats[c, i, 1] * rot[3 + k] + viewmats[c, i, 2] * rot[6 + k]
@@ -178,10 +183,10 @@ def _project_backward(means, quats, log_scales, viewmats, Ks, width, height, nea
             g_z = -(fx * px * g_means2d[c, g, 0] + fy * py * g_means2d[c, g, 1]) / (z * z)
             g_z += (-fx * g_j00 + fx * tx * g_j02 - fy * g_j11 + fy * ty * g_j12) / (z * z)
             g_tx, g_ty = -fx / z * g_j02, -fy / z * g_j12
-            if lo_x <= rx <= hi_x:
+            if inside_x:
                 g_x += g_tx / z
                 g_z -= g_tx * rx / z
-            if lo_y <= ry <= hi_y:
+            if inside_y:
                 g_y += g_ty / z
                 g_z -= g_ty * ry / z
             g_pz = g_depths[c, g] + (g_z if in_depth else 0.0)
