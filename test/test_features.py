@@ -416,9 +416,9 @@ def _cull_scene(seed: int = 3):
                          (torch.rand(n, generator=gen) * 2 - 1) * 0.6 * z, z], dim=-1)
     log_scales = torch.log(torch.full((n, 3), 0.01)) + 0.5 * torch.randn(n, 3, generator=gen)
     K = intrinsics_from_fov(64, 48, 70.0)
-    # The last one is centred 20 px left of the image, where the Jacobian is clamped (tx = -0.91),
-    # its long axis along the Jacobian's first row: it reaches 1.5 px into the image only through
-    # the off-axis factor sqrt(1 + tx^2) of the bound.
+    # The last one is centred 20 px left of the image, where the Jacobian is clamped (x/z = -1.52,
+    # clamped to -1.21), its long axis along the Jacobian's first row: its footprint reaches into
+    # the image, and the bound reaches that far only with its off-axis factor sqrt(1 + t_x^2).
     fx, cx, cy = K[0, 0], K[0, 2], K[1, 2]
     off_axis = [(-20.0 - cx) / fx, (8.0 - cy) / K[1, 1], 1.0]
     tx = cx / fx + 0.3 * 0.5 * 64 / fx

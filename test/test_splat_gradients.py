@@ -121,7 +121,7 @@ def weighted_loss(cams, backend, seed=11, primitive="3dgs"):
 def test_numba_projection_matches_the_torch_projection_and_its_autograd():
     """Values and every gradient in float64, on the edge cases of random_scene plus Gaussians
     whose Jacobian is clamped (far off-axis, in front of the camera), a quaternion of norm
-    1e-14 (F.normalize divides by its eps there) and one at the far plane's other side."""
+    1e-14 (F.normalize divides by its eps there) and one beyond the far plane."""
     from instascene_ros.core.splat.numba_projection import project_gaussians_cpu
     from instascene_ros.core.splat.projection import intrinsics, project_gaussians, view_matrices
 
