@@ -438,8 +438,7 @@ def _cull_scene(seed: int = 3):
 def test_culled_feature_renders_equal_full_renders_and_cost_only_their_gaussians():
     from instascene_ros.core.features.field import render_features, scene_gaussians
     from instascene_ros.core.splat import RasterConfig, render
-    from instascene_ros.core.splat.numba_projection import may_reach_image
-    from instascene_ros.core.splat.projection import JACOBIAN_FOV_MARGIN
+    from instascene_ros.core.splat.numba_projection import reach_mask
 
     gaussians, camera = _cull_scene()
     raster = RasterConfig()
@@ -453,10 +452,7 @@ def test_culled_feature_renders_equal_full_renders_and_cost_only_their_gaussians
         for a, b in ((culled.features, full.features), (culled.alpha, full.alpha), (culled.depth, full.depth)):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
         assert torch.equal(culled.radii, full.radii)  # the same splats drawn, rows kept in place
-        kept = may_reach_image(gaussians.means.numpy(), gaussians.log_scales.numpy(),
-                               gaussians.opacity_logits.numpy(), view.world_to_cam[None], view.K[None],
-                               view.width, view.height, raster.near_plane, raster.far_plane, raster.min_alpha,
-                               raster.radius_sigmas, raster.eps2d, JACOBIAN_FOV_MARGIN)
+        kept = reach_mask(gaussians, [view], raster)
         drawn = (full.radii[0] > 0).all(-1).numpy()
         assert not (drawn & ~kept).any()  # never cuts a Gaussian the image draws
         centre = full.means2d[0].detach().numpy()

@@ -32,8 +32,7 @@ from scipy.spatial import cKDTree
 
 from instascene_ros.core.camera import Camera
 from instascene_ros.core.splat import Gaussians, RenderOutput, render
-from instascene_ros.core.splat.numba_projection import may_reach_image
-from instascene_ros.core.splat.projection import JACOBIAN_FOV_MARGIN
+from instascene_ros.core.splat.numba_projection import reach_mask
 from instascene_ros.core.splat.types import RasterConfig
 
 from .baseline import IdentityClassifier
@@ -148,7 +147,7 @@ def render_features(scene, features: torch.Tensor, cameras: Union[Camera, Sequen
     Returns the RenderOutput; `features` (C, H, W, F) is a blend of unit vectors (divide by
     alpha, or normalise, before comparing directions) and `alpha` (C, H, W).
 
-    On the CPU, 3D Gaussians that cannot reach any of the images (`may_reach_image`) are left
+    On the CPU, 3D Gaussians that cannot reach any of the images (`reach_mask`) are left
     out before the projection: the images are the same, and a small view of a large map (a
     pixel query's window, an instance's box) costs its own Gaussians, not the whole map's.
     Their rows of `radii` are 0 (not drawn) and of `means2d` 0.
@@ -160,11 +159,7 @@ def render_features(scene, features: torch.Tensor, cameras: Union[Camera, Sequen
         gaussians.features = F.normalize(gaussians.features, dim=-1)
         return render(gaussians, cameras, primitive=primitive, backend=backend, config=raster)
     device = gaussians.means.device
-    reach = torch.from_numpy(may_reach_image(
-        gaussians.means.numpy(), gaussians.log_scales.numpy(), gaussians.opacity_logits.numpy(),
-        np.stack([camera.world_to_cam for camera in cameras]), np.stack([camera.K for camera in cameras]),
-        int(cameras[0].width), int(cameras[0].height), raster.near_plane, raster.far_plane, raster.min_alpha,
-        raster.radius_sigmas, raster.eps2d, JACOBIAN_FOV_MARGIN))
+    reach = torch.from_numpy(reach_mask(gaussians, cameras, raster))
     rows = torch.nonzero(reach).squeeze(1)
     culled = len(rows) < len(reach)
     if culled:

@@ -17,14 +17,16 @@ Per Gaussian and camera (notation of project_gaussians):
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import numpy as np
 import torch
 from numba import njit
 
+from ..camera import Camera
 from .numba_kernels import _numpy
 from .projection import JACOBIAN_FOV_MARGIN, Projected, footprint_radii
-from .types import RasterConfig
+from .types import Gaussians, RasterConfig
 
 _NORMALIZE_EPS = 1e-12  # F.normalize's: below it the quaternion is divided by this constant
 
@@ -254,6 +256,16 @@ def may_reach_image(means, log_scales, opacity_logits, viewmats, Ks, width, heig
         if not math.isfinite(s_max * opacity_logits[g] * means[g, 0] * means[g, 1] * means[g, 2]):
             keep[g] = True
     return keep
+
+
+def reach_mask(gaussians: Gaussians, cameras: Sequence[Camera], config: RasterConfig) -> np.ndarray:
+    """`may_reach_image` of splat Gaussians (CPU tensors) for cameras of one image size."""
+    return may_reach_image(_numpy(gaussians.means), _numpy(gaussians.log_scales), _numpy(gaussians.opacity_logits),
+                           np.stack([camera.world_to_cam for camera in cameras]),
+                           np.stack([np.asarray(camera.K, np.float64) for camera in cameras]),
+                           int(cameras[0].width), int(cameras[0].height), float(config.near_plane),
+                           float(config.far_plane), float(config.min_alpha), float(config.radius_sigmas),
+                           float(config.eps2d), JACOBIAN_FOV_MARGIN)
 
 
 class _NumbaProjection(torch.autograd.Function):

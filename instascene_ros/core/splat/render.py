@@ -32,8 +32,8 @@ import torch
 
 from ..camera import Camera
 from . import gsplat_backend, numba_kernels, numba_projection, torch_reference
-from .projection import (JACOBIAN_FOV_MARGIN, camera_positions, intrinsics, project_gaussians, project_surfels,
-                         sh_to_color, view_matrices)
+from .projection import (camera_positions, intrinsics, project_gaussians, project_surfels, sh_to_color,
+                         view_matrices)
 from .types import Backend, Gaussians, Primitive, RasterConfig, RenderOutput
 
 _BACKENDS = ("auto", "numba", "gsplat", "torch-reference", "torch-dense")
@@ -193,9 +193,10 @@ def contributors(gaussians: Gaussians, camera: Camera, *, t_min: float = 0.5, pr
 
 def warm_up_cpu_kernels(primitive: Primitive = "3dgs", config: RasterConfig = RasterConfig()) -> float:
     """Compile (or load from numba's on-disk cache) the CPU kernels a map will call: projection,
-    forward, backward, contributors and the feature renders' cull, with `config`'s thread count. Call it before the first frame
-    (the node does before it reports ready): otherwise the first keyframe pays for it, 13 s on a
-    cold cache on this machine (a `bench map` keyframe maximum), about 1 s from the cache.
+    forward, backward, contributors and the feature renders' cull, with `config`'s thread count.
+    Call it before the first frame (the node does before it reports ready): otherwise the first
+    keyframe pays for it, 13 s on a cold cache on this machine (a `bench map` keyframe maximum),
+    about 1 s from the cache.
     Returns the seconds spent."""
     import time
 
@@ -213,8 +214,5 @@ def warm_up_cpu_kernels(primitive: Primitive = "3dgs", config: RasterConfig = Ra
     out = render(gaussians, [camera], primitive=primitive, backend="numba", config=config)
     (out.color.sum() + out.alpha.sum() + out.depth.sum() + out.features.sum()).backward()
     contributors(gaussians, camera, primitive=primitive, config=config)
-    numba_projection.may_reach_image(  # the cull of feature renders (pixel queries), same argument types
-        means.detach().numpy(), gaussians.log_scales.numpy(), gaussians.opacity_logits.numpy(),
-        camera.world_to_cam[None], camera.K[None], size, size, config.near_plane, config.far_plane,
-        config.min_alpha, config.radius_sigmas, config.eps2d, JACOBIAN_FOV_MARGIN)
+    numba_projection.reach_mask(gaussians, [camera], config)  # the cull of feature renders (pixel queries)
     return time.perf_counter() - start
