@@ -270,6 +270,37 @@ def test_hysteresis_growth_takes_connected_boundary_gaussians_only():
     assert sorted(plain[3].gaussian_ids.tolist()) == list(range(36))
 
 
+def test_with_the_background_competing_growth_takes_weak_blends_of_the_object_not_of_the_table():
+    # A 6 x 6 object sheet 2 cm above a 10 x 10 table (1 cm spacing; features: object e_x, table
+    # e_z). Beside the sheet, a rim of 4 Gaussians whose feature is a weak blend of the object's
+    # (cosine 0.5: under the plain 0.7 rule) and unlike the table's; under the sheet, 6 blends of
+    # the object and the table (cosine 0.51 to the object, 0.86 to the table). The rim joins,
+    # the table's blends and the table do not; a look-alike rim 30 cm away does not either.
+    grid = np.arange(6) * 0.01
+    sheet = np.stack(np.meshgrid(grid, grid, [0.02]), axis=-1).reshape(-1, 3)
+    rim = np.array([[0.06 + 0.01 * i, 0.02, 0.02] for i in range(4)])
+    under = np.array([[0.01 * i, 0.03, 0.01] for i in range(6)])
+    table_grid = np.arange(10) * 0.01 - 0.02
+    table = np.stack(np.meshgrid(table_grid, table_grid, [0.0]), axis=-1).reshape(-1, 3)
+    far_rim = np.array([[0.4, 0.3, 0.02], [0.41, 0.3, 0.02]])
+    positions = np.concatenate([sheet, rim, under, table, far_rim])
+    core, table_feature = np.array([1.0, 0.0, 0.0]), np.array([0.0, 0.0, 1.0])
+    weak, table_blend = np.array([0.5, 0.866, 0.0]), np.array([0.5, 0.0, 0.85])
+    features = np.concatenate([np.tile(core, (36, 1)), np.tile(weak, (4, 1)), np.tile(table_blend, (6, 1)),
+                               np.tile(table_feature, (100, 1)), np.tile(weak, (2, 1))])
+    ids = np.arange(len(positions))
+    grown = extract_instances(features, ids, {3: ids[:20]}, positions, np.zeros((len(ids), 3)))
+    assert sorted(grown[3].gaussian_ids.tolist()) == list(range(40))  # sheet + rim
+    assert not grown.labels[40:].any()
+    plain = extract_instances(features, ids, {3: ids[:20]}, positions, np.zeros((len(ids), 3)),
+                              InstanceConfig(grow_similarity_with_background=None))
+    assert sorted(plain[3].gaussian_ids.tolist()) == list(range(36))
+    # Without a background to compete, the same low threshold takes the table's blends too.
+    few = InstanceConfig(grow_similarity=0.3, grow_similarity_with_background=None)
+    blind = extract_instances(features, ids, {3: ids[:20]}, positions, np.zeros((len(ids), 3)), few)
+    assert set(range(40, 46)) <= set(blind[3].gaussian_ids.tolist())
+
+
 def test_growth_reaches_sparse_parts_by_their_own_spacing_only():
     # A 6 x 6 sheet at 1 cm; beside it a sparse strand of look-alike Gaussians (cosine 0.8) at
     # 4 cm spacing, as a thin part seen at grazing angles is: 4 cm is beyond 3 x the sheet's
