@@ -134,6 +134,14 @@ def test_table_band_parameter_reaches_the_pipeline_and_zero_turns_it_off():
         validate(replace(NodeParameters(), table_band_m=-0.001))
 
 
+def test_stall_report_rejects_negatives():
+    from dataclasses import replace
+
+    validate(replace(NodeParameters(), stall_report_ms=0.0))  # off
+    with pytest.raises(ValueError, match="stall_report_ms must be >= 0"):
+        validate(replace(NodeParameters(), stall_report_ms=-1.0))
+
+
 def test_pose_parameters_reach_the_mapper():
     from instascene_ros.core.pipeline import PipelineConfig
 

@@ -62,6 +62,7 @@ def test_node_end_to_end(small_scene, ros_env, ros_processes, tmp_path):
         assert int(diagnostics.get(reason, 0)) >= 1, (reason, diagnostics)
     assert int(diagnostics["frames_mapped"]) >= 14
     assert diagnostics["map_settled"] in ("True", "False")  # the settle (test_pipeline) is reported
+    assert int(diagnostics["stalls"]) >= 0 and float(diagnostics["stall_worst_ms"]) >= 0.0  # the watchdog runs
 
     # instances against ground truth: every object found once, clouds on their own object
     meshes = {int(p.stem): trimesh.load(p, force="mesh") for p in (small_scene / "gt_meshes").glob("*.ply")}

@@ -29,6 +29,7 @@ from instascene_ros.ros import mapper_services
 from instascene_ros.ros.frame_input import (DropReason, FrameAssembler, InputLimits, PoseTopicLookup,
                                             pose_lookup_from_tf, stamp_seconds)
 from instascene_ros.ros.messages import diagnostics, instance_markers, make_cloud
+from instascene_ros.ros.stall_watchdog import StallWatchdog
 from instascene_ros.ros.node_main import run_node
 from instascene_ros.ros.conversions import numpy_to_image
 from instascene_ros.ros.parameters import declare_and_read
@@ -110,6 +111,10 @@ class InstaSceneNode(Node):
         self._period_timer(self.params.diagnostics_rate_hz, self.publish_diagnostics, timer_group)
         self._worker = threading.Thread(target=self._work, name="instascene-mapper", daemon=True)
         self._worker.start()
+        self.stall_watchdog = None
+        if self.params.stall_report_ms > 0.0:
+            self.stall_watchdog = StallWatchdog(self.params.stall_report_ms / 1000.0,
+                                                self.get_logger().warning).start()
         self.get_logger().info(f"ready: preset={self.params.preset} device={self.params.device} "
                                f"primitive={self.params.primitive} pose_source={self.params.pose_source} "
                                f"global_frame={self.params.global_frame}")
@@ -290,6 +295,9 @@ class InstaSceneNode(Node):
                        "keyframe_poses_reverted": pose_stats.get("reverted", 0),
                        "keyframe_poses_kept_by_neighbours": pose_stats.get("kept_by_neighbours", 0),
                        "keyframe_pose_photometric_steps": pose_stats.get("photometric_steps", 0)})
+        if self.stall_watchdog is not None:
+            values.update({"stalls": self.stall_watchdog.stalls,
+                           "stall_worst_ms": round(self.stall_watchdog.worst_s * 1000.0, 1)})
         values.update({f"drops/{reason}": count for reason, count in self.drops.items()})
         values.update({f"seconds/{stage}": seconds for stage, seconds in self.stage_seconds.items()})
         healthy = self._queue.qsize() < self.params.queue_size
@@ -300,6 +308,8 @@ class InstaSceneNode(Node):
     def shutdown(self) -> None:
         self._stop.set()
         self._worker.join(timeout=10.0)
+        if self.stall_watchdog is not None:
+            self.stall_watchdog.stop()
 
 
 def main(args=None) -> int:

@@ -34,6 +34,7 @@ class NodeParameters:
     scene_cloud_rate_hz: float = 0.5
     instances_rate_hz: float = 1.0
     diagnostics_rate_hz: float = 1.0
+    stall_report_ms: float = 250.0  # ros/stall_watchdog.py; 0 = off
     overlay_every_n_keyframes: int = 1
     max_scene_cloud_points: int = 50000
     instance_field: str = "instascene"  # decomposition: "instascene", "codebook" (Unified-Lift), "classifier" (baseline)
@@ -69,6 +70,7 @@ DESCRIPTIONS = {
     "scene_cloud_rate_hz": "rate of ~/scene/cloud (Gaussian centres and colours)",
     "instances_rate_hz": "rate of ~/instances, ~/instances/cloud and ~/instances/markers",
     "diagnostics_rate_hz": "rate of /diagnostics",
+    "stall_report_ms": "warn (with every thread's stack, at most every 10 s) when the whole process stops running Python this long: one thread kept the GIL, so services and callbacks waited; counted in /diagnostics (stalls, stall_worst_ms); 0 = off",
     "overlay_every_n_keyframes": "publish ~/instance_mask and ~/instance_overlay for every n-th keyframe",
     "max_scene_cloud_points": "~/scene/cloud is subsampled to at most this many points",
     "mask_contact_border_px": "pixels this close to a touching mask are not traced by the tracker (about the 2D segmenter's boundary error at contacts; 0 = trace every mask pixel)",
@@ -125,6 +127,8 @@ def validate(parameters: NodeParameters) -> None:
     if parameters.max_keyframes < 0 or parameters.max_keyframes in (1, 2):
         raise ValueError(f"max_keyframes must be 0 (unbounded) or >= 3 (the first, the newest and one to "
                          f"replace), not {parameters.max_keyframes}")
+    if not parameters.stall_report_ms >= 0.0:
+        raise ValueError(f"stall_report_ms must be >= 0 (0 = off), not {parameters.stall_report_ms}")
     if parameters.queue_size < 1:
         raise ValueError("queue_size must be >= 1")
     if len(parameters.workspace_min) != 3 or len(parameters.workspace_max) != 3:

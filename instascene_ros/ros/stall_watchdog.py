@@ -1,0 +1,82 @@
+"""Notice when the whole process stops running Python, and say which thread was at fault.
+
+The node answers services from an executor while a worker thread maps. The worker's heavy
+parts (torch ops, numba kernels compiled with nogil) release the GIL, so queries run beside
+them; a long C call that keeps the GIL (a big pure-Python-object loop in a builtin, a library
+that does not release it) stops every other thread instead, and a query that arrives then waits
+for it. From outside that only shows as a burst of slow answers of every kind at once.
+
+`StallWatchdog` is a daemon thread that sleeps a short period and measures how late it wakes.
+Sleeping releases the GIL; waking needs it back, so a late wake-up means another thread held
+the GIL (or the machine gave the process no CPU) for about that long. At that moment it takes
+every other thread's stack: the thread that held the GIL has just let go of it, so its stack
+shows the line that ran (a thread waiting in a lock or a sleep shows that wait instead).
+ROS-free: the node gives it a `report` callable (its logger) and reads its counters.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import traceback
+from typing import Callable, Optional
+
+
+class StallWatchdog:
+    """Reports wake-ups later than `threshold_s` through `report(message)` (at most one report per
+    `report_every_s`; every stall is counted). `stalls`, `worst_s` and `last_s` are for diagnostics."""
+
+    def __init__(self, threshold_s: float, report: Callable[[str], None], period_s: float = 0.02,
+                 report_every_s: float = 10.0, frames: int = 4):
+        if threshold_s <= 0.0:
+            raise ValueError(f"threshold_s must be > 0, not {threshold_s}")
+        self.threshold_s, self.period_s = float(threshold_s), float(period_s)
+        self.report_every_s, self.frames = float(report_every_s), int(frames)
+        self._report = report
+        self.stalls = 0
+        self.worst_s = 0.0
+        self.last_s = 0.0
+        self._reported_at = -float("inf")
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> "StallWatchdog":
+        self._thread = threading.Thread(target=self._run, name="instascene-stall-watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            asleep = time.monotonic()
+            time.sleep(self.period_s)
+            late = time.monotonic() - asleep - self.period_s
+            if late <= self.threshold_s:
+                continue
+            # The stacks first: every line below runs while the other threads move on.
+            stacks = self._stacks()
+            self.stalls += 1
+            self.last_s = late
+            self.worst_s = max(self.worst_s, late)
+            now = time.monotonic()
+            if now - self._reported_at >= self.report_every_s:
+                self._reported_at = now
+                self._report(f"process stalled {late * 1e3:.0f} ms (stall {self.stalls}, worst "
+                             f"{self.worst_s * 1e3:.0f} ms); threads at wake-up:\n{stacks}")
+
+    def _stacks(self) -> str:
+        names = {thread.ident: thread.name for thread in threading.enumerate()}
+        own = threading.get_ident()
+        lines = []
+        for ident, frame in sys._current_frames().items():
+            if ident == own:
+                continue
+            summary = traceback.extract_stack(frame)[-self.frames:]
+            where = " <- ".join(f"{entry.name} ({entry.filename.rsplit('/', 1)[-1]}:{entry.lineno})"
+                                for entry in reversed(summary))
+            lines.append(f"  {names.get(ident, ident)}: {where}")
+        return "\n".join(lines)

@@ -1,0 +1,50 @@
+"""The stall watchdog notices a thread that keeps the GIL and names it; a sleeping thread is no stall."""
+import threading
+import time
+
+import pytest
+
+from instascene_ros.ros.stall_watchdog import StallWatchdog
+
+
+def hold_the_gil_for_a_while() -> int:
+    # One builtin call over a C iterator: no bytecode boundary, so the GIL is never offered.
+    return sum(range(40_000_000))
+
+
+def test_a_thread_that_holds_the_gil_is_reported_with_its_stack():
+    reports = []
+    watchdog = StallWatchdog(threshold_s=0.1, report=reports.append, period_s=0.01).start()
+    try:
+        time.sleep(0.1)
+        tick = time.perf_counter()
+        busy = threading.Thread(target=hold_the_gil_for_a_while, name="busy-worker")
+        busy.start()
+        busy.join()
+        held = time.perf_counter() - tick
+        time.sleep(0.1)
+    finally:
+        watchdog.stop()
+    assert held > 0.2, f"the busy call took only {held:.3f} s on this machine: no stall to see"
+    assert watchdog.stalls >= 1 and watchdog.worst_s > 0.1
+    assert len(reports) == 1, reports  # one report per report_every_s, every stall counted
+    assert "busy-worker: hold_the_gil_for_a_while (test_stall_watchdog.py" in reports[0]
+
+
+def test_sleeping_and_waiting_threads_are_no_stall():
+    reports = []
+    watchdog = StallWatchdog(threshold_s=0.1, report=reports.append, period_s=0.01).start()
+    try:
+        sleepers = [threading.Thread(target=time.sleep, args=(0.3,)) for _ in range(3)]
+        for thread in sleepers:
+            thread.start()
+        for thread in sleepers:
+            thread.join()
+    finally:
+        watchdog.stop()
+    assert watchdog.stalls == 0 and reports == []
+
+
+def test_threshold_must_be_positive():
+    with pytest.raises(ValueError, match="threshold_s"):
+        StallWatchdog(threshold_s=0.0, report=print)
