@@ -179,3 +179,22 @@ def test_cuda_device_without_a_gpu_is_refused_before_any_frame_with_the_reason()
     config.device = "cuda"
     with pytest.raises(RuntimeError, match="make setup-gpu"):
         Mapper(config)
+
+
+def test_a_float_parameter_takes_an_integer_and_refuses_a_string(ros_env):
+    # `stall_report_ms:=100` reaches the node as an INTEGER; rclpy alone would refuse it for a
+    # DOUBLE parameter, and the node would not start.
+    import json
+    import subprocess
+    import sys
+
+    def declare(*overrides):
+        done = subprocess.run([sys.executable, str(ROOT / "test" / "ros_peers" / "declare_parameters.py"), *overrides],
+                              env=ros_env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    values = declare("stall_report_ms=100", "table_band_m=0")
+    assert values == {"stall_report_ms": 100.0, "table_band_m": 0.0, "queue_size": 4}
+    assert isinstance(values["stall_report_ms"], float)
+    assert declare('stall_report_ms="slow"') == {"error": "stall_report_ms must be a number, not 'slow'"}

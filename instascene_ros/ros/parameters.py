@@ -94,9 +94,18 @@ def declare_and_read(node) -> NodeParameters:
     values = {}
     for spec in fields(NodeParameters):
         default = getattr(defaults, spec.name)
+        # `stall_report_ms:=100` is what people type: a float parameter takes an integer (dynamic
+        # typing lets it through; it is cast below), and anything else is refused by name
+        # instead of by rclpy's type exception.
+        number = isinstance(default, float)
         descriptor = ParameterDescriptor(description=DESCRIPTIONS[spec.name], type=_TYPES[type(default)],
-                                         read_only=True)
-        values[spec.name] = node.declare_parameter(spec.name, default, descriptor).value
+                                         read_only=True, dynamic_typing=number)
+        value = node.declare_parameter(spec.name, default, descriptor).value
+        if number:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{spec.name} must be a number, not {value!r}")
+            value = float(value)
+        values[spec.name] = value
     parameters = NodeParameters(**values)
     validate(parameters)
     return parameters
