@@ -9,7 +9,9 @@ from instascene_ros.ros.stall_watchdog import StallWatchdog
 
 def hold_the_gil_for_a_while() -> int:
     # One builtin call over a C iterator: no bytecode boundary, so the GIL is never offered.
-    return sum(range(40_000_000))
+    total = sum(range(40_000_000))
+    time.sleep(0.2)  # still in this frame (and alive) when the watchdog looks
+    return total
 
 
 def test_a_thread_that_holds_the_gil_is_reported_with_its_stack():
@@ -25,7 +27,7 @@ def test_a_thread_that_holds_the_gil_is_reported_with_its_stack():
         time.sleep(0.1)
     finally:
         watchdog.stop()
-    assert held > 0.2, f"the busy call took only {held:.3f} s on this machine: no stall to see"
+    assert held > 0.4, f"the busy call took only {held:.3f} s on this machine: no stall to see"
     assert watchdog.stalls >= 1 and watchdog.worst_s > 0.1
     assert len(reports) == 1, reports  # one report per report_every_s, every stall counted
     assert "busy-worker: hold_the_gil_for_a_while (test_stall_watchdog.py" in reports[0]
@@ -48,3 +50,21 @@ def test_sleeping_and_waiting_threads_are_no_stall():
 def test_threshold_must_be_positive():
     with pytest.raises(ValueError, match="threshold_s"):
         StallWatchdog(threshold_s=0.0, report=print)
+
+
+def test_the_traceback_file_catches_the_holder_during_the_stall(tmp_path):
+    dump = tmp_path / "stalls.txt"
+    watchdog = StallWatchdog(threshold_s=0.1, report=lambda message: None, period_s=0.01,
+                             traceback_file=str(dump)).start()
+    try:
+        time.sleep(0.1)
+        busy = threading.Thread(target=hold_the_gil_for_a_while, name="busy-worker")
+        busy.start()
+        busy.join()
+        time.sleep(0.1)
+    finally:
+        watchdog.stop()
+    text = dump.read_text()
+    # faulthandler's own format: the holder's frame at the line that keeps the GIL
+    assert "Timeout (0:00:00.11" in text and "in hold_the_gil_for_a_while" in text, text[:2000]
+    assert f"{busy.ident:#x} busy-worker" in text

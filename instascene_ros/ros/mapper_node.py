@@ -8,6 +8,7 @@ so a slow mapping step never stalls a query.
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -109,12 +110,16 @@ class InstaSceneNode(Node):
         self._period_timer(self.params.scene_cloud_rate_hz, self.publish_scene_cloud,
                            MutuallyExclusiveCallbackGroup())
         self._period_timer(self.params.diagnostics_rate_hz, self.publish_diagnostics, timer_group)
-        self._worker = threading.Thread(target=self._work, name="instascene-mapper", daemon=True)
-        self._worker.start()
         self.stall_watchdog = None
         if self.params.stall_report_ms > 0.0:
-            self.stall_watchdog = StallWatchdog(self.params.stall_report_ms / 1000.0,
-                                                self.get_logger().warning).start()
+            traceback_file = os.path.expanduser(self.params.stall_traceback_file) or None
+            try:
+                self.stall_watchdog = StallWatchdog(self.params.stall_report_ms / 1000.0, self.get_logger().warning,
+                                                    traceback_file=traceback_file).start()
+            except OSError as error:  # run_node reports a ValueError as "cannot start: ..."
+                raise ValueError(f"stall_traceback_file '{traceback_file}' cannot be opened: {error}") from error
+        self._worker = threading.Thread(target=self._work, name="instascene-mapper", daemon=True)
+        self._worker.start()
         self.get_logger().info(f"ready: preset={self.params.preset} device={self.params.device} "
                                f"primitive={self.params.primitive} pose_source={self.params.pose_source} "
                                f"global_frame={self.params.global_frame}")
@@ -123,8 +128,6 @@ class InstaSceneNode(Node):
     def _load_self_filter(path: str):
         if not path:
             return None
-        import os
-
         from PIL import Image as PILImage
         path = os.path.expanduser(path)
         if not os.path.exists(path):

@@ -35,6 +35,7 @@ class NodeParameters:
     instances_rate_hz: float = 1.0
     diagnostics_rate_hz: float = 1.0
     stall_report_ms: float = 250.0  # ros/stall_watchdog.py; 0 = off
+    stall_traceback_file: str = ""  # with stall_report_ms: stacks taken during each stall (faulthandler); "" = off
     overlay_every_n_keyframes: int = 1
     max_scene_cloud_points: int = 50000
     instance_field: str = "instascene"  # decomposition: "instascene", "codebook" (Unified-Lift), "classifier" (baseline)
@@ -70,6 +71,7 @@ DESCRIPTIONS = {
     "scene_cloud_rate_hz": "rate of ~/scene/cloud (Gaussian centres and colours)",
     "instances_rate_hz": "rate of ~/instances, ~/instances/cloud and ~/instances/markers",
     "diagnostics_rate_hz": "rate of /diagnostics",
+    "stall_traceback_file": "debugging aid, with stall_report_ms > 0: append every thread's stack, taken *during* each stall by faulthandler's C timer (which needs no GIL), to this file; it shows the thread holding the GIL at the line that holds it; '' = off",
     "stall_report_ms": "warn (with every thread's stack, at most every 10 s) when the whole process stops running Python this long: one thread kept the GIL, so services and callbacks waited; counted in /diagnostics (stalls, stall_worst_ms); 0 = off",
     "overlay_every_n_keyframes": "publish ~/instance_mask and ~/instance_overlay for every n-th keyframe",
     "max_scene_cloud_points": "~/scene/cloud is subsampled to at most this many points",

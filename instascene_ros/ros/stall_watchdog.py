@@ -12,9 +12,16 @@ the GIL (or the machine gave the process no CPU) for about that long. At that mo
 every other thread's stack: the thread that held the GIL has just let go of it, so its stack
 shows the line that ran (a thread waiting in a lock or a sleep shows that wait instead).
 ROS-free: the node gives it a `report` callable (its logger) and reads its counters.
+
+Those stacks are taken after the stall. With `traceback_file`, the thread also arms Python's
+`faulthandler` before every sleep: its C timer thread needs no GIL, so when the watchdog has not
+re-armed it within threshold + period it writes every thread's stack to that file *during* the
+stall, the holder's at the line of the call that keeps the GIL. Each re-arm starts a thread
+(about 50 a second): a debugging aid, off by default.
 """
 from __future__ import annotations
 
+import faulthandler
 import sys
 import threading
 import time
@@ -27,7 +34,7 @@ class StallWatchdog:
     `report_every_s`; every stall is counted). `stalls`, `worst_s` and `last_s` are for diagnostics."""
 
     def __init__(self, threshold_s: float, report: Callable[[str], None], period_s: float = 0.02,
-                 report_every_s: float = 10.0, frames: int = 4):
+                 report_every_s: float = 10.0, frames: int = 4, traceback_file: Optional[str] = None):
         if threshold_s <= 0.0:
             raise ValueError(f"threshold_s must be > 0, not {threshold_s}")
         self.threshold_s, self.period_s = float(threshold_s), float(period_s)
@@ -39,6 +46,7 @@ class StallWatchdog:
         self._reported_at = -float("inf")
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._traceback_file = open(traceback_file, "a") if traceback_file else None
 
     def start(self) -> "StallWatchdog":
         self._thread = threading.Thread(target=self._run, name="instascene-stall-watchdog", daemon=True)
@@ -49,14 +57,24 @@ class StallWatchdog:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=1.0)
+        if self._traceback_file is not None:
+            faulthandler.cancel_dump_traceback_later()
+            self._traceback_file.close()
+            self._traceback_file = None
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            if self._traceback_file is not None:
+                faulthandler.dump_traceback_later(self.threshold_s + self.period_s, file=self._traceback_file)
             asleep = time.monotonic()
             time.sleep(self.period_s)
             late = time.monotonic() - asleep - self.period_s
             if late <= self.threshold_s:
                 continue
+            if self._traceback_file is not None:
+                names = ", ".join(f"{thread.ident:#x} {thread.name}" for thread in threading.enumerate())
+                self._traceback_file.write(f"(the stall above: {late * 1e3:.0f} ms; threads: {names})\n")
+                self._traceback_file.flush()
             # The stacks first: every line below runs while the other threads move on.
             stacks = self._stacks()
             self.stalls += 1
