@@ -198,3 +198,21 @@ def test_a_float_parameter_takes_an_integer_and_refuses_a_string(ros_env):
     assert values == {"stall_report_ms": 100.0, "table_band_m": 0.0, "queue_size": 4}
     assert isinstance(values["stall_report_ms"], float)
     assert declare('stall_report_ms="slow"') == {"error": "stall_report_ms must be a number, not 'slow'"}
+
+
+def test_waiting_for_a_node_that_cannot_start_fails_at_once_with_its_log(tmp_path):
+    # The demo and the live bench wait for "ready:" in the node's log; a node that exits first
+    # (a bad parameter) must end the wait with its own words, not after the 180 s timeout.
+    import subprocess
+    import sys
+    import time
+
+    from instascene_ros.commands.demo import _wait_for_log
+
+    log = tmp_path / "instascene_node.log"
+    process = subprocess.Popen([sys.executable, "-c", "print('cannot start: stall_report_ms must be >= 0'); exit(2)"],
+                               stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    tick = time.monotonic()
+    with pytest.raises(RuntimeError, match="exited with code 2 before 'ready:'.*stall_report_ms must be >= 0"):
+        _wait_for_log(log, "ready:", 60, process)
+    assert time.monotonic() - tick < 10

@@ -125,7 +125,7 @@ def live_row(scene: pathlib.Path, out: pathlib.Path, args, pose_noise: str, refi
     probe = LiveProbe()
     publisher = None
     try:
-        _wait_for_log(node_log, "ready:", 180)
+        _wait_for_log(node_log, "ready:", 180, node)
         command = [sys.executable, "-m", "instascene_ros.cli", "publish-dataset", str(scene), "--rate", str(args.rate),
                    "--loops", str(loops)]
         if pose_noise:

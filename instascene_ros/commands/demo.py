@@ -157,7 +157,7 @@ def ros_demo(args, scene_path: pathlib.Path, dataset, out: pathlib.Path) -> dict
     client = DemoClient()
     try:
         log.info("waiting for the nodes to start")
-        _wait_for_log(logs / "instascene_node.log", "ready:", 180)
+        _wait_for_log(logs / "instascene_node.log", "ready:", 180, processes.get("instascene_node"))
         publish = [sys.executable, "-m", "instascene_ros.cli", "publish-dataset", str(stream), "--rate", str(args.rate)]
         if args.masks == "segmenter":
             publish.append("--no-masks")
@@ -208,11 +208,17 @@ def _subsample(scene: pathlib.Path, out: pathlib.Path, every: int) -> None:
     (out / "transforms.json").write_text(json.dumps(transforms))
 
 
-def _wait_for_log(path: pathlib.Path, text: str, timeout_s: float) -> None:
+def _wait_for_log(path: pathlib.Path, text: str, timeout_s: float, process=None) -> None:
+    """Wait until `text` appears in the log at `path`; fail at once if `process` (the one writing
+    it) has exited: a node that cannot start says why in its log, and waiting out the timeout
+    only hides that."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if path.exists() and text in path.read_text(errors="replace"):
             return
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{path.stem} exited with code {process.returncode} before '{text}': "
+                               f"{path.read_text(errors='replace')[-2000:]}")
         time.sleep(0.5)
     raise RuntimeError(f"no '{text}' in {path} after {timeout_s:.0f} s: {path.read_text(errors='replace')[-2000:]}")
 
