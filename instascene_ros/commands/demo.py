@@ -123,7 +123,6 @@ def ros_demo(args, scene_path: pathlib.Path, dataset, out: pathlib.Path) -> dict
     import sys
     import tempfile
 
-    import numpy as np
     import rclpy
     import trimesh
 
