@@ -8,6 +8,7 @@ so a slow mapping step never stalls a query.
 """
 from __future__ import annotations
 
+import gc
 import os
 import queue
 import threading
@@ -52,6 +53,11 @@ class InstaSceneNode(Node):
         self.pipeline = Pipeline(PipelineConfig.from_node_parameters(self.params))
         # Compile the CPU kernels now, not on the first keyframe (13 s on a cold numba cache).
         self.get_logger().info(f"CPU kernels ready in {self.pipeline.warm_up():.1f} s")
+        # Everything alive now (the libraries' ~460k functions, tuples, dicts) lives as long as the
+        # node: out of the cyclic collector's sight, a full collection stops walking it with the
+        # GIL held (200 ms, every thread waiting; the live bench's query bursts). See stall_watchdog.
+        gc.collect()
+        gc.freeze()
         self.drops: dict[str, int] = defaultdict(int)
         self.stage_seconds: dict[str, float] = {}
         self.frames_in = self.frames_mapped = self.frames_covered = 0
@@ -300,7 +306,9 @@ class InstaSceneNode(Node):
                        "keyframe_pose_photometric_steps": pose_stats.get("photometric_steps", 0)})
         if self.stall_watchdog is not None:
             values.update({"stalls": self.stall_watchdog.stalls,
-                           "stall_worst_ms": round(self.stall_watchdog.worst_s * 1000.0, 1)})
+                           "stall_worst_ms": round(self.stall_watchdog.worst_s * 1000.0, 1),
+                           "gc_worst_ms": round(self.stall_watchdog.gc_worst_s * 1000.0, 1)})
+        values["gc_frozen_objects"] = gc.get_freeze_count()
         values.update({f"drops/{reason}": count for reason, count in self.drops.items()})
         values.update({f"seconds/{stage}": seconds for stage, seconds in self.stage_seconds.items()})
         healthy = self._queue.qsize() < self.params.queue_size

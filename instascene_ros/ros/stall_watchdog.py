@@ -13,6 +13,11 @@ every other thread's stack: the thread that held the GIL has just let go of it, 
 shows the line that ran (a thread waiting in a lock or a sleep shows that wait instead).
 ROS-free: the node gives it a `report` callable (its logger) and reads its counters.
 
+The cyclic garbage collector is such a holder: a full collection walks every tracked object
+with the GIL held (a loaded node tracks ~460k, mostly its libraries' functions, tuples and
+dicts: 200 ms). The watchdog times every collection (`gc.callbacks`) and names one that
+overlapped a stall; the node freezes its startup objects out of the collector's sight.
+
 Those stacks are taken after the stall. With `traceback_file`, the thread also arms Python's
 `faulthandler` before every sleep: its C timer thread needs no GIL, so when the watchdog has not
 re-armed it within threshold + period it writes every thread's stack to that file *during* the
@@ -22,6 +27,7 @@ stall, the holder's at the line of the call that keeps the GIL. Each re-arm star
 from __future__ import annotations
 
 import faulthandler
+import gc
 import sys
 import threading
 import time
@@ -47,8 +53,39 @@ class StallWatchdog:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._traceback_file = open(traceback_file, "a") if traceback_file else None
+        # Garbage collections: the longest, and the last one (its end, length and generation).
+        self.gc_worst_s = 0.0
+        self._gc_running: Optional[tuple[float, int]] = None  # (start, generation) while one runs
+        self._gc_last = (0.0, 0.0, -1)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        now = time.monotonic()
+        if phase == "start":
+            self._gc_running = (now, int(info.get("generation", -1)))
+            return
+        if self._gc_running is not None:
+            started, generation = self._gc_running
+            self.gc_worst_s = max(self.gc_worst_s, now - started)
+            self._gc_last = (now, now - started, generation)
+            self._gc_running = None
+
+    def _collection_in(self, since: float, now: float, late: float) -> str:
+        """Words for a garbage collection that took a good part of the stall since `since`: one
+        that ended in it, or one still running (the watchdog can win the GIL inside the
+        collector's own "stop" callback, before it is recorded)."""
+        running = self._gc_running
+        if running is not None:
+            length, generation = now - running[0], running[1]
+        else:
+            ended, length, generation = self._gc_last
+            if ended < since:
+                return ""
+        if length <= 0.2 * late:
+            return ""
+        return f"; a generation-{generation} garbage collection took {length * 1e3:.0f} ms of it"
 
     def start(self) -> "StallWatchdog":
+        gc.callbacks.append(self._on_gc)
         self._thread = threading.Thread(target=self._run, name="instascene-stall-watchdog", daemon=True)
         self._thread.start()
         return self
@@ -57,6 +94,8 @@ class StallWatchdog:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=1.0)
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
         if self._traceback_file is not None:
             faulthandler.cancel_dump_traceback_later()
             self._traceback_file.close()
@@ -81,10 +120,11 @@ class StallWatchdog:
             self.last_s = late
             self.worst_s = max(self.worst_s, late)
             now = time.monotonic()
+            collection = self._collection_in(asleep, now, late)
             if now - self._reported_at >= self.report_every_s:
                 self._reported_at = now
                 self._report(f"process stalled {late * 1e3:.0f} ms (stall {self.stalls}, worst "
-                             f"{self.worst_s * 1e3:.0f} ms); threads at wake-up:\n{stacks}")
+                             f"{self.worst_s * 1e3:.0f} ms){collection}; threads at wake-up:\n{stacks}")
 
     def _stacks(self) -> str:
         names = {thread.ident: thread.name for thread in threading.enumerate()}
