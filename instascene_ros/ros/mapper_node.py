@@ -55,9 +55,13 @@ class InstaSceneNode(Node):
         self.get_logger().info(f"CPU kernels ready in {self.pipeline.warm_up():.1f} s")
         # Everything alive now (the libraries' ~460k functions, tuples, dicts) lives as long as the
         # node: out of the cyclic collector's sight, a full collection stops walking it with the
-        # GIL held (200 ms, every thread waiting; the live bench's query bursts). See stall_watchdog.
+        # GIL held (200 ms with every thread waiting; < 1 ms frozen). Full collections are rare,
+        # so this is not what stalls the live bench's queries (see stall_watchdog).
         gc.collect()
         gc.freeze()
+        # Counted once: gc.get_freeze_count() walks the whole frozen list with the GIL held (at
+        # 2 Hz in publish_diagnostics it stalled every thread ~45 ms twice a second; py-spy).
+        self.gc_frozen_objects = gc.get_freeze_count()
         self.drops: dict[str, int] = defaultdict(int)
         self.stage_seconds: dict[str, float] = {}
         self.frames_in = self.frames_mapped = self.frames_covered = 0
@@ -308,7 +312,7 @@ class InstaSceneNode(Node):
             values.update({"stalls": self.stall_watchdog.stalls,
                            "stall_worst_ms": round(self.stall_watchdog.worst_s * 1000.0, 1),
                            "gc_worst_ms": round(self.stall_watchdog.gc_worst_s * 1000.0, 1)})
-        values["gc_frozen_objects"] = gc.get_freeze_count()
+        values["gc_frozen_objects"] = self.gc_frozen_objects
         values.update({f"drops/{reason}": count for reason, count in self.drops.items()})
         values.update({f"seconds/{stage}": seconds for stage, seconds in self.stage_seconds.items()})
         healthy = self._queue.qsize() < self.params.queue_size
