@@ -55,8 +55,8 @@ class InstaSceneNode(Node):
         self.get_logger().info(f"CPU kernels ready in {self.pipeline.warm_up():.1f} s")
         # Everything alive now (the libraries' ~460k functions, tuples, dicts) lives as long as the
         # node: out of the cyclic collector's sight, a full collection stops walking it with the
-        # GIL held (200 ms with every thread waiting; < 1 ms frozen). Full collections are rare,
-        # so this is not what stalls the live bench's queries (see stall_watchdog).
+        # GIL held (200 ms with every thread waiting; < 1 ms frozen). It is not all that stalls
+        # the live bench's queries (see stall_watchdog and the README's live section).
         gc.collect()
         gc.freeze()
         # Counted once: gc.get_freeze_count() walks the whole frozen list with the GIL held (at
