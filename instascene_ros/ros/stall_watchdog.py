@@ -110,19 +110,21 @@ class StallWatchdog:
             late = time.monotonic() - asleep - self.period_s
             if late <= self.threshold_s:
                 continue
+            # The stacks first (only for a report: they cost the GIL a while), every line below
+            # runs while the other threads move on.
+            woke = time.monotonic()
+            report = woke - self._reported_at >= self.report_every_s
+            stacks = self._stacks() if report else ""
             if self._traceback_file is not None:
                 names = ", ".join(f"{thread.ident:#x} {thread.name}" for thread in threading.enumerate())
                 self._traceback_file.write(f"(the stall above: {late * 1e3:.0f} ms; threads: {names})\n")
                 self._traceback_file.flush()
-            # The stacks first: every line below runs while the other threads move on.
-            stacks = self._stacks()
             self.stalls += 1
             self.last_s = late
             self.worst_s = max(self.worst_s, late)
-            now = time.monotonic()
-            collection = self._collection_in(asleep, now, late)
-            if now - self._reported_at >= self.report_every_s:
-                self._reported_at = now
+            collection = self._collection_in(asleep, woke, late)
+            if report:
+                self._reported_at = woke
                 self._report(f"process stalled {late * 1e3:.0f} ms (stall {self.stalls}, worst "
                              f"{self.worst_s * 1e3:.0f} ms){collection}; threads at wake-up:\n{stacks}")
 
