@@ -374,18 +374,18 @@ def _grow_instances(items: dict, labels: np.ndarray, unit: np.ndarray, ids: np.n
     if config.grow_similarity is None or not items:
         return
     keys = list(items)
-    prototypes = np.stack([items[k].prototype for k in keys])
+    similarity = unit @ np.stack([items[k].prototype for k in keys]).T
     threshold = config.grow_similarity
     if config.grow_similarity_with_background is not None and background is not None:
         # Only Gaussians the plain rule would give to no instance define the background: an
         # object's unclaimed blends (in no prior either) must not pull its prototype their way.
-        background = background & (labels == 0) & ((unit @ prototypes.T).max(axis=1) <= config.grow_similarity)
+        background = background & (labels == 0) & (similarity.max(axis=1) <= config.grow_similarity)
         if background.sum() >= config.min_gaussians:
             mean = unit[background].mean(axis=0)
-            # The background is slot len(keys): a Gaussian whose best match it is joins nobody.
-            prototypes = np.concatenate([prototypes, (mean / max(float(np.linalg.norm(mean)), 1e-12))[None]])
+            mean /= max(float(np.linalg.norm(mean)), 1e-12)
+            # The background is column len(keys): a Gaussian whose best match it is joins nobody.
+            similarity = np.concatenate([similarity, (unit @ mean)[:, None]], axis=1)
             threshold = config.grow_similarity_with_background
-    similarity = unit @ prototypes.T
     best = similarity.argmax(axis=1)
     free = (labels == 0) & (similarity[np.arange(len(unit)), best] > threshold)
     local_spacing = cKDTree(positions).query(positions, k=2)[0][:, 1] if config.grow_sparse_reach else None

@@ -37,7 +37,7 @@ from typing import Callable, Optional
 
 class StallWatchdog:
     """Reports wake-ups later than `threshold_s` through `report(message)` (at most one report per
-    `report_every_s`; every stall is counted). `stalls`, `worst_s` and `last_s` are for diagnostics."""
+    `report_every_s`; every stall is counted). `stalls`, `worst_s` and `gc_worst_s` are for diagnostics."""
 
     def __init__(self, threshold_s: float, report: Callable[[str], None], period_s: float = 0.02,
                  report_every_s: float = 10.0, frames: int = 4, traceback_file: Optional[str] = None):
@@ -48,7 +48,6 @@ class StallWatchdog:
         self._report = report
         self.stalls = 0
         self.worst_s = 0.0
-        self.last_s = 0.0
         self._reported_at = -float("inf")
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -120,7 +119,6 @@ class StallWatchdog:
                 self._traceback_file.write(f"(the stall above: {late * 1e3:.0f} ms; threads: {names})\n")
                 self._traceback_file.flush()
             self.stalls += 1
-            self.last_s = late
             self.worst_s = max(self.worst_s, late)
             collection = self._collection_in(asleep, woke, late)
             if report:
