@@ -422,3 +422,25 @@ def test_the_table_is_background_in_masks_and_queries_even_where_its_features_re
     assert table_as_red_band.sum() <= 0.1 * table_as_red.sum(), (table_as_red_band.sum(), table_as_red.sum())
     assert red_kept_band.sum() >= 0.95 * red_kept.sum() > 0
     assert pipeline.query_pixel(blob.heldout, u, v, return_mask=False)[0] == 0  # a click on the table
+
+
+def test_a_map_saved_on_a_gpu_opens_on_a_cpu_machine(tmp_path):
+    """A GPU robot's map pickles objects whose device attributes say 'cuda' (its tensors are CUDA
+    tensors, which torch.load's map_location brings to the CPU). Without a GPU here, the saved
+    attributes are set to what a CUDA mapper holds; the loaded map must render and read on the CPU."""
+    pipeline = _decomposed_blob_pipeline()
+    expected = {s.id: s.n_gaussians for s in pipeline.snapshot.instances}
+    assert expected
+    cuda = torch.device("cuda")
+    pipeline.mapper.device = pipeline.mapper.scene.device = pipeline.field.device = cuda
+    pipeline.mapper.config.device = "cuda"
+    path = tmp_path / "gpu.instascene"
+    pipeline.save(str(path))
+
+    opened = Pipeline()
+    opened.load(str(path))
+    assert opened.mapper.device.type == opened.mapper.scene.device.type == opened.field.device.type == "cpu"
+    assert opened.mapper.config.device == "cpu"
+    assert {s.id: s.n_gaussians for s in opened.snapshot.instances} == expected
+    camera = opened.mapper.keyframes[0].camera
+    assert float(opened.mapper.render_view(camera).alpha.max()) > 0.5

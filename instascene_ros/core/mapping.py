@@ -345,6 +345,19 @@ class Mapper:
         self.__dict__.setdefault("_revisited", {})
         self._final_refinement = False
 
+    def adopt_device(self, device: str | torch.device) -> None:
+        """Take `device` as the map's device after torch.load moved its tensors there
+        (map_location): a map saved on a GPU robot and opened on a CPU machine, or the reverse.
+        The pickled attributes still name the saver's device, and they pick the render backend
+        (gsplat or numba) and where new tensors are made."""
+        device = torch.device(device)
+        if device.type == "cuda":
+            reason = gsplat_backend.cuda_unavailable_reason()
+            if reason is not None:
+                raise RuntimeError(f"device 'cuda': {reason}")
+        self.device = self.scene.device = device
+        self.config.device = device.type
+
     def __getstate__(self) -> dict:
         """Pickle (torch.save of a whole map) without the callables: the render function is
         looked up again on first use, and progress hooks belong to the process that set them."""

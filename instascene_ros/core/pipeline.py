@@ -833,6 +833,11 @@ class Pipeline:
             raise ValueError("not an instascene map (no instascene header)")
         if state.get("format") != MAP_FORMAT:
             raise ValueError(f"map format {state.get('format')} is not supported (expected {MAP_FORMAT})")
+        # map_location put the tensors on this pipeline's device; the objects' device attributes
+        # still name the saver's (a GPU robot's map opened on a CPU machine would render with gsplat).
+        device = torch.device(self.config.mapper.device)
+        state["mapper"].adopt_device(device)
+        state["field"].move_to(device)
         with self.lock:
             version = self.snapshot.map_version
             self.mapper, self.tracker, self.field = state["mapper"], state["tracker"], state["field"]

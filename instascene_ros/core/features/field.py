@@ -222,7 +222,7 @@ class FeatureField:
         if new_ids.shape == self.ids.shape and torch.equal(new_ids, self.ids) and device == self.device:
             return False
         if device != self.device:
-            self._move_to(device)
+            self.move_to(device)
         old_ids = self.ids.numpy()
         src = _rows_of(old_ids, new_ids.numpy())
         parents = getattr(scene, "parent_ids", None)
@@ -270,8 +270,9 @@ class FeatureField:
         """A numpy index array as a tensor on the table's device."""
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
-    def _move_to(self, device: torch.device) -> None:
-        """Move the table, its Adam state, statistics, codebook and classifier to `device`."""
+    def move_to(self, device: torch.device) -> None:
+        """Move the table, its Adam state, statistics, codebook and classifier to `device`
+        (a no-op copy for tensors already there, as after torch.load's map_location)."""
         state = self.optimizer.state.pop(self.features, None)
         self.features = torch.nn.Parameter(self.features.detach().to(device))
         if state:
