@@ -43,6 +43,7 @@ class GeometricConfig:
     symmetry_min_overlap: int = 200
     reflection_angles: int = 36  # candidate plane orientations over 180 degrees
     axis_search_steps: int = 9  # candidate rotation axes per side of the search square
+    axis_headings: int = 12  # candidate directions of a horizontal rotation axis over 180 degrees
     seed: int = 0
 
 
