@@ -88,32 +88,3 @@ def test_a_box_gets_no_rotation_axis():
                                  GeometricConfig())
     assert symmetry.kind == "reflective", symmetry.describe()
     assert {"rotational", "rotational_horizontal"} <= set(symmetry.candidates)
-
-
-def test_a_mirror_plane_off_the_coarse_grid_is_refined_onto_the_true_one():
-    # A T-shaped block (two arms and a stem) whose mirror plane is turned 1.3 degrees off every
-    # coarse angle (36 over 180 degrees) and shifted off the coarse offsets; one side half seen.
-    angle = np.radians(45.0 + 1.3)
-    normal = np.array([np.cos(angle), np.sin(angle)])
-    grid = VoxelGrid.around(np.eye(4), np.array([-0.03, -0.03, 0.0]), np.array([0.03, 0.03, 0.02]),
-                            resolution=64, margin_voxels=3)
-    centres = grid.centres_object()
-    tangent = np.array([-normal[1], normal[0]])
-    offset = 0.0017
-    u = centres[..., :2] @ normal - offset  # across the plane
-    v = centres[..., :2] @ tangent
-    arm = lambda du: np.maximum(np.abs(u - du) - 0.008, np.abs(v) - 0.005)  # noqa: E731
-    stem = np.maximum(np.abs(u) - 0.004, np.abs(v - 0.011) - 0.011)
-    distance = np.maximum(np.minimum(np.minimum(arm(0.009), arm(-0.009)), stem),
-                          np.maximum(-centres[..., 2], centres[..., 2] - 0.015))
-    field = np.clip(distance / (2.0 * grid.voxel_size), -1.0, 1.0)
-    seen = u > -0.010  # the near arm and a part of the far one
-    surface = seen & (np.abs(distance) < 0.5 * grid.voxel_size)
-    symmetry = estimate_symmetry(Fusion(grid=grid, field=field, weight=seen.astype(float)), centres[surface],
-                                 GeometricConfig())
-    assert symmetry.kind == "reflective", symmetry.describe()
-    found_normal, found_offset = symmetry.planes[0]
-    if found_normal @ normal < 0:
-        found_normal, found_offset = -found_normal, -found_offset
-    assert np.degrees(np.arccos(min(1.0, found_normal @ normal))) < 0.7
-    assert abs(found_offset - offset) < 0.5 * grid.voxel_size

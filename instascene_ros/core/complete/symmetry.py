@@ -219,51 +219,25 @@ def estimate_symmetry(fusion: Fusion, object_points: np.ndarray, config: Geometr
         return symmetry
     candidates.setdefault("rotational_horizontal", (best[0], best[1]))
 
-    # Reflective: vertical planes n.x = d over angles and offsets, the best refined like the axes
-    # (turned about its own middle and shifted, finer and finer); then the best orthogonal one.
-    footprint_centre = 0.5 * (lo + hi)
-    # A plane at the edge of the evidence compares only a thin slab of it, and a handful of voxels
-    # always agree: a plane must compare a quarter of the sampled band at least.
-    least_overlap = max(config.symmetry_min_overlap, 0.25 * len(band_flat))
-
-    def score(found, angle, offset, min_overlap=least_overlap):
-        normal = np.array([np.cos(angle), np.sin(angle)])
-        error, overlap = _reflective_score(fusion, normal, offset, band_flat, known, values)
-        if overlap >= min_overlap and error < found[0]:
-            return (error, overlap, (normal, float(offset)))
-        return found
-
-    def search(angles, turn) -> tuple[float, int, Optional[tuple]]:
+    # Reflective: vertical planes n.x = d over angles and offsets; then the best orthogonal one.
+    def search(angles) -> tuple[float, int, Optional[tuple]]:
         found = (np.inf, 0, None)
         for angle in angles:
-            projected = points[:, :2] @ np.array([np.cos(angle), np.sin(angle)])
+            normal = np.array([np.cos(angle), np.sin(angle)])
+            projected = points[:, :2] @ normal
             for offset in np.linspace(projected.min(), projected.max(), 25):
-                found = score(found, angle, offset)
-        if found[2] is None:
-            return found
-        projected = points[:, :2] @ found[2][0]
-        shift = (projected.max() - projected.min()) / 24.0
-        # ... and refining must not slide it there: keep most of the coarse plane's comparisons
-        min_overlap = max(least_overlap, 0.8 * found[1])
-        while turn * extent > 0.25 * voxel or shift > 0.25 * voxel:
-            normal, offset = found[2]
-            middle = footprint_centre + (offset - footprint_centre @ normal) * normal  # on the plane
-            turns = np.linspace(-turn, turn, 5) if turn > 0 else [0.0]
-            for angle in np.arctan2(normal[1], normal[0]) + np.asarray(turns):
-                through_middle = middle @ np.array([np.cos(angle), np.sin(angle)])
-                for offset in through_middle + np.linspace(-shift, shift, 5):
-                    found = score(found, angle, offset, min_overlap)
-            turn, shift = 0.5 * turn, 0.5 * shift
+                error, overlap = _reflective_score(fusion, normal, offset, band_flat, known, values)
+                if overlap >= config.symmetry_min_overlap and error < found[0]:
+                    found = (error, overlap, (normal, float(offset)))
         return found
 
-    first = search(np.pi * np.arange(config.reflection_angles) / config.reflection_angles,
-                   0.5 * np.pi / config.reflection_angles)
+    first = search(np.pi * np.arange(config.reflection_angles) / config.reflection_angles)
     candidates["reflective"] = (first[0], first[1])
     if first[2] is None or first[0] > config.symmetry_max_error:
         return Symmetry("none", candidates=candidates)
     planes = [first[2]]
     base = np.arctan2(first[2][0][1], first[2][0][0])
-    second = search([base + np.pi / 2.0], 0.0)
+    second = search([base + np.pi / 2.0])
     if second[2] is not None and second[0] <= config.symmetry_max_error:
         planes.append(second[2])
     return Symmetry("reflective", error=first[0], overlap=first[1], planes=planes, candidates=candidates)
