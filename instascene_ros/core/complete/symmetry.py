@@ -3,11 +3,12 @@
 Table-top objects are mostly turned (cups, bowls, balls, rings) or mirror-symmetric (boxes,
 blocks, toys), and their support plane mostly fixes the axis direction: a rotation axis or a
 mirror plane is vertical. A turned object that fell over (a cup on its side) has a horizontal
-axis instead. So the search is over vertical axes (2 parameters), then horizontal ones (direction,
-lateral position and height), then vertical planes (angle + offset), scored only where the map
-*has* evidence on both sides: |f(x) - f(S x)| over voxels near the observed surface. A candidate is accepted only when it explains the evidence
-(low error) on enough compared voxels; otherwise the generator falls back to carving alone,
-which is what "rejected when the evidence is weak" means here.
+axis instead. So the search is over vertical axes (2 parameters), then horizontal ones
+(direction, lateral position and height), then vertical planes (angle + offset), scored only
+where the map *has* evidence on both sides: |f(x) - f(S x)| over voxels near the observed
+surface. A candidate is accepted only when it explains the evidence (low error) on enough
+compared voxels; otherwise the generator falls back to carving alone, which is what "rejected
+when the evidence is weak" means here.
 """
 from __future__ import annotations
 
@@ -165,7 +166,7 @@ def estimate_symmetry(fusion: Fusion, object_points: np.ndarray, config: Geometr
     # Rotational. Unknown voxels take part in no ring, so the rings are built over the known ones:
     # every one near the surface, and a quarter of the saturated ones (free space, deep inside)
     # counted four times each -- their values are all +-1, so a sample gives the same ring means,
-    # and the search runs 3x faster.
+    # and each candidate costs a third.
     voxel = fusion.grid.voxel_size
     saturated = np.flatnonzero(known & ~band)
     members = np.concatenate([np.flatnonzero(band), saturated[rng.random(len(saturated)) < 0.25]])
