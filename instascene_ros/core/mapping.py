@@ -289,6 +289,16 @@ def crop_camera(camera: Camera, x0: int, y0: int, width: int, height: int) -> Ca
 
 
 # ---------------------------------------------------------------------------------------- mapper
+def _usable_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, refused with the reason when it is CUDA that cannot work here."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        reason = gsplat_backend.cuda_unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"device 'cuda': {reason}")
+    return device
+
+
 class Mapper:
     """Builds a GaussianScene incrementally from posed frames (see the module docstring).
 
@@ -301,11 +311,7 @@ class Mapper:
                  render_fn: Optional[RenderFn] = None, progress_bar: bool = False,
                  on_progress: Optional[Callable[[dict], None]] = None):
         self.config = config or MapperConfig.cpu()
-        self.device = torch.device(self.config.device)
-        if self.device.type == "cuda":
-            reason = gsplat_backend.cuda_unavailable_reason()
-            if reason is not None:
-                raise RuntimeError(f"device 'cuda': {reason}")
+        self.device = _usable_device(self.config.device)
         self.scene = scene if scene is not None else GaussianScene(self.config.scene, device=self.device)
         self._render_fn = render_fn
         self.progress_bar = progress_bar
@@ -350,11 +356,7 @@ class Mapper:
         (map_location): a map saved on a GPU robot and opened on a CPU machine, or the reverse.
         The pickled attributes still name the saver's device, and they pick the render backend
         (gsplat or numba) and where new tensors are made."""
-        device = torch.device(device)
-        if device.type == "cuda":
-            reason = gsplat_backend.cuda_unavailable_reason()
-            if reason is not None:
-                raise RuntimeError(f"device 'cuda': {reason}")
+        device = _usable_device(device)
         self.device = self.scene.device = device
         self.config.device = device.type
 

@@ -74,17 +74,29 @@ class _AxisCoordinates:
     def point(self, s: float, h: float) -> np.ndarray:
         return s * self.across_vector + h * self.up_vector
 
+    def position_of(self, point: np.ndarray) -> tuple[float, float]:
+        """(s, h) of the axis of this direction through `point`; the inverse of `point`."""
+        return float(point @ self.across_vector), float(point @ self.up_vector)
+
     def keys(self, s: float, h: float, voxel: float) -> np.ndarray:
         ring = np.rint(np.hypot(self.across - s, self.up - h) / voxel).astype(np.int64)
         return ring * self.n_slabs + self.slab
 
 
+def _ring_totals(keys: np.ndarray, values: np.ndarray, weights: Optional[np.ndarray] = None,
+                 n_keys: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(count, sum of values) per ring key up to at least `n_keys`, each voxel counted `weights`
+    times (once by default)."""
+    n_keys = max(n_keys, int(keys.max()) + 1)
+    counts = np.bincount(keys, weights=weights, minlength=n_keys)
+    sums = np.bincount(keys, weights=values if weights is None else weights * values, minlength=n_keys)
+    return counts, sums
+
+
 def _rotational_score(keys: np.ndarray, band: np.ndarray, weights: np.ndarray, values: np.ndarray) -> tuple[float, int]:
     """Mean |f - mean of the others on its ring| over the band voxels; `weights` count each voxel
     for that many (a sampled share of the saturated ones stands for all of them)."""
-    n_keys = int(keys.max()) + 1
-    counts = np.bincount(keys, weights=weights, minlength=n_keys)
-    sums = np.bincount(keys, weights=weights * values, minlength=n_keys)
+    counts, sums = _ring_totals(keys, values, weights)
     band_keys = keys[band]
     # Compare a band voxel (weight 1) with the others on its ring (leave itself out).
     others = counts[band_keys] - 1.0
@@ -212,7 +224,7 @@ def estimate_symmetry(fusion: Fusion, object_points: np.ndarray, config: Geometr
             heading = np.arctan2(best[3].direction[1], best[3].direction[0])
             for turned in (heading - turn, heading + turn, heading):
                 coordinates = _AxisCoordinates.of(centres, [np.cos(turned), np.sin(turned), 0.0], voxel)
-                found = best_axis(coordinates, [point @ coordinates.across_vector, point[2]], half, rounds=1, steps=7)
+                found = best_axis(coordinates, coordinates.position_of(point), half, rounds=1, steps=7)
                 if found[0] < best[0]:
                     best = (*found, coordinates)
             point, turn, half = best[3].point(*best[2]), 0.5 * turn, np.maximum(0.5 * half, 0.25 * voxel)
@@ -251,11 +263,8 @@ def fill_by_symmetry(fusion: Fusion, symmetry: Symmetry) -> tuple[np.ndarray, np
     if symmetry.kind == "rotational":
         coordinates = _AxisCoordinates.of(fusion.grid.centres_object().reshape(-1, 3), symmetry.axis_direction,
                                           fusion.grid.voxel_size)
-        keys = coordinates.keys(symmetry.axis_point @ coordinates.across_vector,
-                                symmetry.axis_point @ coordinates.up_vector, fusion.grid.voxel_size)
-        n_keys = int(keys.max()) + 1
-        counts = np.bincount(keys[known], minlength=n_keys)
-        sums = np.bincount(keys[known], weights=values[known], minlength=n_keys)
+        keys = coordinates.keys(*coordinates.position_of(symmetry.axis_point), fusion.grid.voxel_size)
+        counts, sums = _ring_totals(keys[known], values[known], n_keys=int(keys.max()) + 1)
         fill = ~known & (counts[keys] > 0)
         values[fill] = sums[keys[fill]] / counts[keys[fill]]
         known |= fill
