@@ -686,54 +686,12 @@ def test_tracker_merges_an_object_whose_part_forms_a_cluster_of_its_own():
             tracker.add_frame(frame, None, masks, np.concatenate([a, b, w, table]))
         return tracker.solve()
 
-    plain = build(TrackerConfig(split_merge_consensus=None, exclusive_priors=False))
+    plain = build(TrackerConfig(split_merge_consensus=None))
     assert sorted(len(i.gaussian_ids) for i in plain.instances.values()) == [60, 100, 360]
     result = build(TrackerConfig())
     assert result.stats["split_objects_merged"] == 1
     assert sorted(np.concatenate(list(result.priors.values())).tolist()) == np.concatenate([A, B, W]).tolist()
     assert sorted(len(i.gaussian_ids) for i in result.instances.values()) == [100, 360]
-
-
-def test_a_gaussian_two_priors_claim_stays_in_the_one_that_detects_it_more_often():
-    # A small object S (40 Gaussians) beside a neighbour N (200) over 24 frames: in 16 the
-    # segmenter fuses N with the side of S those views see (S's first 20 Gaussians), in 8 it
-    # masks S and N apart. The fused masks are not under-segmented by the 0.8 rule (N is ~90% of
-    # them), so N's prior takes S's near side (held in 16 of the 24 frames of its cluster that
-    # see it) and S's prior takes it too (8 of 8). Exclusive priors give it to S alone.
-    S, N, table = ids(0, 40), ids(100, 300), ids(1000, 1200)
-    near = S[:20]
-
-    def build(config):
-        rng = np.random.default_rng(3)
-        tracker = SpatialTracker(config)
-
-        def part(x):
-            return np.sort(rng.choice(x, int(len(x) * rng.uniform(0.85, 0.97)), replace=False))
-
-        for frame in range(24):
-            n = part(N)
-            if frame % 3:
-                s = part(near)
-                masks = {1: np.concatenate([s, n])}
-            else:
-                s = part(S)
-                masks = {1: s, 2: n}
-            tracker.add_frame(frame, None, masks, np.concatenate([s, n, table]))
-        return tracker.solve()
-
-    def prior_holding(result, gaussians):
-        return max(result.priors.values(), key=lambda p: np.intersect1d(p, gaussians).size)
-
-    overlapping = build(TrackerConfig(exclusive_priors=False))
-    assert len(overlapping.priors) == 2
-    assert np.intersect1d(prior_holding(overlapping, N), near).size >= 15  # the fused side, shared
-    assert np.intersect1d(prior_holding(overlapping, S), near).size >= 15
-    exclusive = build(TrackerConfig())
-    assert len(exclusive.priors) == 2
-    assert exclusive.stats["shared_prior_gaussians"] >= 15
-    assert np.intersect1d(prior_holding(exclusive, N), S).size == 0
-    assert np.intersect1d(prior_holding(exclusive, S), near).size >= 15
-    assert np.intersect1d(prior_holding(exclusive, N), N).size == np.intersect1d(prior_holding(overlapping, N), N).size
 
 
 # ------------------------------------------------------------------------------------------------

@@ -258,59 +258,6 @@ def _orphan_members(problem: Problem, cluster: Cluster, share: float) -> np.ndar
     return cluster.members[held < share * np.diff(block.indptr)]
 
 
-def detection_ratio(problem: Problem, members: np.ndarray, columns: np.ndarray) -> np.ndarray:
-    """(len(columns),) each Gaussian column's detection ratio over the frames of the member masks:
-    frames where a member mask holds it / frames that see it. A frame counts once even when two
-    of its masks (an over-segmented view) are members."""
-    block = problem.incidence[members][:, columns]
-    member_frames = problem.tracker_frame[members]
-    frames = unique_sorted(member_frames)
-    frame_of_member = sparse.csr_matrix(
-        (np.ones(members.size, np.float32), (np.searchsorted(frames, member_frames), np.arange(members.size))),
-        shape=(frames.size, members.size))
-    detected = np.bincount((frame_of_member @ block).indices, minlength=columns.size)
-    in_cluster_frame = np.zeros(problem.n_frames, dtype=bool)
-    in_cluster_frame[frames] = True
-    seen = np.zeros(columns.size, np.int64)
-    for by_gaussian in (problem.labelled_by_gaussian, problem.unlabelled_by_gaussian):
-        columns_of = by_gaussian[:, columns]
-        seen += segment_sum(in_cluster_frame[columns_of.indices], columns_of.indptr)
-    return detected / np.maximum(seen, 1)
-
-
-def make_priors_exclusive(problem: Problem, clusters: list[Cluster]) -> tuple[list[Cluster], int]:
-    """Each Gaussian held by several priors stays in the one whose cluster detects it in the
-    largest share of its frames (`detection_ratio`) and leaves the others; on a tie it leaves all.
-
-    Priors are made cluster by cluster, so a segmenter that fuses a small object with a
-    neighbour in most views gives the neighbour's prior the side of the small object those views
-    see, while the small object's own clean masks give it the same Gaussians (report seed 13:
-    a cube's prior and its jenga neighbour's shared 29 of the cube's 161 Gaussians). The feature
-    field's 3D-prior loss then pulls a shared Gaussian towards two prototypes and its feature
-    settles between them, below the query threshold of both. Returns (clusters, Gaussians moved);
-    a cluster left with no prior is dropped."""
-    if len(clusters) < 2:
-        return clusters, 0
-    holders = np.bincount(np.concatenate([c.columns for c in clusters]), minlength=problem.incidence.shape[1])
-    shared = np.flatnonzero(holders >= 2)
-    if shared.size == 0:
-        return clusters, 0
-    ratios = np.full((len(clusters), shared.size), -1.0)
-    for k, cluster in enumerate(clusters):
-        held = np.isin(shared, cluster.columns)
-        if held.any():
-            ratios[k, held] = detection_ratio(problem, cluster.members, shared[held])
-    best = ratios.max(axis=0)
-    winner = np.where((ratios == best).sum(axis=0) == 1, ratios.argmax(axis=0), -1)
-    result = []
-    for k, cluster in enumerate(clusters):
-        leaving = shared[(ratios[k] >= 0) & (winner != k)]
-        columns = np.setdiff1d(cluster.columns, leaving, assume_unique=True)
-        if columns.size:
-            result.append(Cluster(members=cluster.members, columns=columns, claimed=cluster.claimed))
-    return result, int(shared.size)
-
-
 def _cluster_prior(problem: Problem, members: np.ndarray, config: TrackerConfig, where: Optional[np.ndarray],
                    table_positions: Optional[np.ndarray], dropped: list[int]) -> Optional[Cluster]:
     """One cluster's member filtering, prior support and DBSCAN (None when nothing survives;
@@ -329,8 +276,24 @@ def _cluster_prior(problem: Problem, members: np.ndarray, config: TrackerConfig,
     if members.size < config.min_cluster_masks:
         dropped.extend(members.tolist())
         return None
-    candidates = np.flatnonzero(np.bincount(incidence[members].indices, minlength=n_gaussians))
-    ratio = detection_ratio(problem, members, candidates)
+    # Detection ratio of each Gaussian over the cluster's frames: frames where a member mask
+    # holds it / frames that see it. A frame counts once even when two of its masks (an
+    # over-segmented view) are members.
+    block = incidence[members]
+    member_frames = problem.tracker_frame[members]
+    frames = unique_sorted(member_frames)
+    candidates = np.flatnonzero(np.bincount(block.indices, minlength=n_gaussians))
+    frame_of_member = sparse.csr_matrix(
+        (np.ones(members.size, np.float32), (np.searchsorted(frames, member_frames), np.arange(members.size))),
+        shape=(frames.size, members.size))
+    detected = np.bincount((frame_of_member @ block).indices, minlength=n_gaussians)[candidates]
+    in_cluster_frame = np.zeros(problem.n_frames, dtype=bool)
+    in_cluster_frame[frames] = True
+    seen = np.zeros(candidates.size, np.int64)
+    for by_gaussian in (problem.labelled_by_gaussian, problem.unlabelled_by_gaussian):
+        columns_of = by_gaussian[:, candidates]
+        seen += segment_sum(in_cluster_frame[columns_of.indices], columns_of.indptr)
+    ratio = detected / np.maximum(seen, 1)
     columns = candidates[ratio > config.prior_support]
     claimed = candidates[ratio >= config.residual_claim_support]
     if where is not None:

@@ -89,11 +89,6 @@ class TrackerConfig:
     split_merge_consensus: Optional[float] = 0.8
     split_merge_min_frames: int = 5
 
-    # Ours: a Gaussian in several priors stays only in the one whose cluster detects it in the
-    # largest share of its frames (`clustering.make_priors_exclusive`): the feature field pulls a
-    # shared Gaussian towards two prototypes. False = MaskClustering (each prior on its own).
-    exclusive_priors: bool = True
-
     # Clusters. MaskClustering's post-processing ignores clusters of fewer than 2 masks.
     min_cluster_masks: int = 2
     # InstaScene supp. sec. 2 keeps the masks that overlap the rest of their cluster well; no

@@ -8,7 +8,7 @@ from typing import Mapping, Optional, Union
 import numpy as np
 
 from ._arrays import unique_sorted
-from .clustering import cluster_masks, cluster_priors, make_priors_exclusive, merge_split_objects
+from .clustering import cluster_masks, cluster_priors, merge_split_objects
 from .config import TrackerConfig
 from .identity import InstanceIds, TrackerEvent
 from .statistics import FrameRecord, Problem, judge
@@ -274,9 +274,6 @@ class SpatialTracker:
             clusters, undersegmented, dropped = self._associate(problem, positions, stats)
         clusters, merges = merge_split_objects(problem, clusters, own_mask_ids(problem.tracker_mask), config, positions)
         stats["split_objects_merged"] = float(merges)
-        if config.exclusive_priors:
-            clusters, shared = make_priors_exclusive(problem, clusters)
-            stats["shared_prior_gaussians"] = float(shared)
         priors = [problem.gaussian_ids[c.columns] for c in clusters]
         ids, events = self._ids.assign(priors, None if positions is None else positions[0])
 
