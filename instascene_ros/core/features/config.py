@@ -162,10 +162,6 @@ class FeatureConfig:
     # keyframe that has a mask form one more cluster, "background", in the intra-view and the
     # cross-view InfoNCE, so they are pushed away from every object.
     background_cluster: bool = True
-    # The intra-view level samples only the masks the tracker kept (a member of some cluster):
-    # under-segmented masks and masks dropped inside their cluster are left out, their pixels
-    # neither object nor background. False = every raw mask.
-    intra_filtered_masks: bool = False
     # Only id-0 pixels farther than this from every mask join the background: a hole or a
     # ragged border of a noisy mask is object, not table.
     background_margin_px: float = 1.0

@@ -385,10 +385,7 @@ class FeatureField:
         else:
             if labels[view].masks is not None:
                 masks = labels[view].masks
-                objects = masks
-                if c.intra_filtered_masks and labels[view].consistent is not None:
-                    objects = np.where(labels[view].consistent > 0, masks, 0)
-                clusters = with_background(objects, masks, c.background_margin_px) if c.background_cluster else objects
+                clusters = with_background(masks, masks, c.background_margin_px) if c.background_cluster else masks
                 interior = sampled_pixels(masks, c)
                 sample = sample_clusters(clusters, covered if interior is None else covered & interior,
                                          c.intra_masks, c.intra_pixels,
