@@ -88,7 +88,7 @@ def _resize_nearest(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def observe_keyframes(object_gaussians: Gaussians, scene_gaussians: Gaussians, keyframes: Sequence, object_size: float,
-                      max_keyframes: int, max_side: int) -> list[ObservedView]:
+                      max_keyframes: int, max_side: int, sensor_agreement: float = 0.0) -> list[ObservedView]:
     """Real keyframes that see the object, as object masks + depth + colour (downscaled to `max_side`).
 
     The object's pixels are those where the object alone is opaque and is also the scene's
@@ -121,6 +121,8 @@ def observe_keyframes(object_gaussians: Gaussians, scene_gaussians: Gaussians, k
             sensor = _as_numpy_image(keyframe.depth)
             depth = np.where(_resize_nearest(sensor, small.height, small.width) > 0,
                              _resize_nearest(sensor, small.height, small.width), scene_depth)
+            if sensor_agreement > 0.0:
+                first &= np.abs(depth - object_depth) < sensor_agreement * object_size
         rgb = _resize_nearest(_as_numpy_image(keyframe.rgb), small.height, small.width) if keyframe.rgb is not None \
             else scene_rgb[0]
         observations.append(ObservedView(camera=small, rgb=rgb.astype(np.float32), depth=depth.astype(np.float32),
@@ -151,7 +153,8 @@ def build_context(scene_gaussians: Gaussians, object_rows: np.ndarray, other_row
     object_points = object_gaussians.means.numpy().astype(float)
     lo, hi = np.percentile(object_points, 1, axis=0), np.percentile(object_points, 99, axis=0)
     object_size = float(np.linalg.norm(hi - lo))
-    observations = observe_keyframes(object_gaussians, scene, keyframes, object_size, max_keyframes, keyframe_side)
+    observations = observe_keyframes(object_gaussians, scene, keyframes, object_size, max_keyframes, keyframe_side,
+                                     config.sensor_agreement)
     means_normal, means_offset, plane_source = fit_support_plane(means[background], object_points, seed=seed)
     normal, offset = means_normal, means_offset
     if plane_source == "ransac":
