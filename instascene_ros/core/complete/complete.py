@@ -122,7 +122,7 @@ def observe_keyframes(object_gaussians: Gaussians, scene_gaussians: Gaussians, k
             depth = np.where(_resize_nearest(sensor, small.height, small.width) > 0,
                              _resize_nearest(sensor, small.height, small.width), scene_depth)
             if sensor_agreement > 0.0:
-                first &= np.abs(depth - object_depth) < sensor_agreement * object_size
+                first &= depth - object_depth < sensor_agreement * object_size
         rgb = _resize_nearest(_as_numpy_image(keyframe.rgb), small.height, small.width) if keyframe.rgb is not None \
             else scene_rgb[0]
         observations.append(ObservedView(camera=small, rgb=rgb.astype(np.float32), depth=depth.astype(np.float32),

@@ -112,9 +112,9 @@ class CompletionConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     generator: str = "geometric"
     preset: str = "paper"
-    # A keyframe pixel shows the object only where the sensor's depth agrees with the object's
-    # own rendered depth within this share of the object's size (0 = off)
-    sensor_agreement: float = 0.05
+    # A keyframe pixel shows the object only where the sensor's depth is not farther than the
+    # object's own rendered depth by more than this share of the object's size (0 = off)
+    sensor_agreement: float = 0.1
 
     @classmethod
     def paper(cls) -> "CompletionConfig":
