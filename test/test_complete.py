@@ -202,22 +202,20 @@ def test_bad_input_is_a_clear_error(tabletop):
         complete_object(context, config, "geometric", should_stop=lambda: True)
 
 
-def test_keyframe_pixels_where_the_sensor_sees_something_else_are_not_the_objects(tabletop):
-    # A map blurs silhouettes: the cup's Gaussians made 2.5 times too wide spill its render past
-    # its outline, onto the table and the L-block behind it, where the sensor's depth is theirs.
-    # Fused as the cup's surface, those pixels grew fins on neighbours (completion bench seed 31).
-    import dataclasses
-
-    import torch
-
+def test_keyframe_pixels_where_the_sensor_sees_past_the_object_are_not_the_objects(tabletop):
+    # A render of Gaussians is wider than the surface they sample: the cup's silhouette spills
+    # past its outline onto the table and the L-block behind it, where the sensor's depth is
+    # theirs. Fused as the cup's surface, such pixels grew fins on neighbours (completion bench
+    # seed 31, an L-block 5.4% off its position). Where the sensor sees farther than the
+    # object's own render by more than `sensor_agreement` of its size, the pixel is not the
+    # object's. Measured here: 14% of the cup's pixels spill without the test, 3% with it;
+    # alpha-composited depth sits a few mm in front of the surface (median 3% of the size),
+    # so the test also costs ~10% of the true pixels.
     from instascene_ros.core.complete.complete import observe_keyframes, subset
     from instascene_ros.core.complete.raster import rasterise_mesh
 
     rows, _ = tabletop.rows(CUP)
-    log_scales = tabletop.gaussians.log_scales.clone()
-    log_scales[torch.as_tensor(rows)] += float(np.log(float(__import__("os").environ.get("INFL", "2.5"))))
-    scene = dataclasses.replace(tabletop.gaussians, log_scales=log_scales)
-    cup = subset(scene, rows)
+    cup = subset(tabletop.gaussians, rows)
     points = cup.means.numpy()
     size = float(np.linalg.norm(np.percentile(points, 99, axis=0) - np.percentile(points, 1, axis=0)))
     meshes = list(tabletop.meshes.items())
@@ -230,15 +228,17 @@ def test_keyframe_pixels_where_the_sensor_sees_something_else_are_not_the_object
         _, face_index, _ = rasterise_mesh(vertices, faces, keyframe.camera)
         truth.append(np.where(face_index >= 0, face_object[np.maximum(face_index, 0)], 0))
     side = tabletop.keyframes[0].camera.width
+    default = small_completion_config().sensor_agreement
     spill, recall = {}, {}
-    for agreement in (0.0, 0.02, 0.05, 0.1):
-        views = observe_keyframes(cup, scene, tabletop.keyframes, size, len(tabletop.keyframes), side, agreement)
+    for agreement in (0.0, default):
+        views = observe_keyframes(cup, tabletop.gaussians, tabletop.keyframes, size, len(tabletop.keyframes), side,
+                                  agreement)
         assert len(views) == len(tabletop.keyframes)
         shown = sum(int(v.object_mask.sum()) for v in views)
         spill[agreement] = sum(int((v.object_mask & (t != CUP)).sum()) for v, t in zip(views, truth)) / shown
         recall[agreement] = sum(int((v.object_mask & (t == CUP)).sum()) for v, t in zip(views, truth)) / \
             sum(int((t == CUP).sum()) for t in truth)
-    print(spill, recall)
-    assert spill[0.0] > 0.08, spill  # the blur does spill
-    assert spill[0.05] < spill[0.0] / 3, spill
-    assert recall[0.05] > 0.95 * recall[0.0], recall
+    assert default > 0.0
+    assert spill[0.0] > 0.08, spill  # the render does spill
+    assert spill[default] < spill[0.0] / 3, spill
+    assert recall[default] > 0.8 * recall[0.0], recall

@@ -93,7 +93,9 @@ def observe_keyframes(object_gaussians: Gaussians, scene_gaussians: Gaussians, k
 
     The object's pixels are those where the object alone is opaque and is also the scene's
     first surface; where something else is in front it is `occluded`. Depth is the sensor's
-    when the keyframe has it (mm-accurate), else the map's own rendered depth.
+    when the keyframe has it (mm-accurate), else the map's own rendered depth; where the sensor
+    sees farther than the object's render by more than `sensor_agreement` of its size, the
+    pixel is the render's rim spilling onto what lies behind, not the object.
     """
     centre = object_gaussians.means.detach().numpy().mean(axis=0)
     seeing = []
