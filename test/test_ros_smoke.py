@@ -42,3 +42,56 @@ def test_server_shuts_down_cleanly_on_sigint(ros_env, ros_processes):
     server.send_signal(2)
     server.wait(timeout=15)
     assert server.returncode == 0, server.stderr.read()
+
+
+def test_a_shutdown_racing_the_spin_loop_ends_the_spin_cleanly():
+    # rclpy's SIGINT handler shuts the context down from its own thread; landing between the
+    # spin loop's check of the context and its next wait set, rclpy raises RCLError ("the given
+    # context is not valid") instead of ExternalShutdownException: the test above once failed
+    # so in a clean-clone CI run. These executors take that order deterministically, with real
+    # rclpy contexts and nodes.
+    import pytest
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
+    from rclpy.node import Node
+
+    from instascene_ros.ros.node_main import spin_until_shutdown
+
+    class ShutDownMidSpin(SingleThreadedExecutor):
+        def spin(self):
+            self.context.shutdown()
+            self.spin_once(timeout_sec=0.1)
+
+    class FailsWhileUp(SingleThreadedExecutor):
+        def spin(self):
+            self.spin_once(timeout_sec=0.0)
+            raise _rclpy.RCLError("a real rcl failure")
+
+    context = Context()
+    rclpy.init(context=context)
+    node = Node("spin_race", context=context)
+    executor = ShutDownMidSpin(context=context)
+    executor.add_node(node)
+    with pytest.raises(_rclpy.RCLError):
+        executor.spin()  # what rclpy does without the guard
+    context = Context()
+    rclpy.init(context=context)
+    node = Node("spin_race", context=context)
+    executor = ShutDownMidSpin(context=context)
+    executor.add_node(node)
+    spin_until_shutdown(executor)  # the same race ends the spin normally
+    assert not context.ok()
+
+    context = Context()
+    rclpy.init(context=context)
+    node = Node("spin_error", context=context)
+    executor = FailsWhileUp(context=context)
+    executor.add_node(node)
+    try:
+        with pytest.raises(_rclpy.RCLError, match="real rcl failure"):
+            spin_until_shutdown(executor)  # with the context up it is an error, not a shutdown
+    finally:
+        node.destroy_node()
+        context.try_shutdown()

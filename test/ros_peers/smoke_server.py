@@ -7,11 +7,12 @@ import sys
 
 import numpy as np
 import rclpy
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 
 from instascene_ros.ros.conversions import mesh_to_msg, numpy_to_image, pose_from_matrix
+from instascene_ros.ros.node_main import spin_until_shutdown
 from instascene_ros.srv import GetCompletedObject
 from sensor_msgs.msg import Image
 
@@ -66,8 +67,8 @@ def main():
     executor.add_node(node)
     try:
         print("READY", flush=True)  # inside the try: the test may send SIGINT right after reading it
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
+        spin_until_shutdown(executor)
+    except KeyboardInterrupt:
         pass
     finally:
         node.destroy_node()
