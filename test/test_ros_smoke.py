@@ -69,26 +69,22 @@ def test_a_shutdown_racing_the_spin_loop_ends_the_spin_cleanly():
             self.spin_once(timeout_sec=0.0)
             raise _rclpy.RCLError("a real rcl failure")
 
-    context = Context()
-    rclpy.init(context=context)
-    node = Node("spin_race", context=context)
-    executor = ShutDownMidSpin(context=context)
-    executor.add_node(node)
+    def started(executor_type, name):
+        context = Context()
+        rclpy.init(context=context)
+        node = Node(name, context=context)
+        executor = executor_type(context=context)
+        executor.add_node(node)
+        return context, node, executor
+
+    _, _, executor = started(ShutDownMidSpin, "spin_race")
     with pytest.raises(_rclpy.RCLError):
         executor.spin()  # what rclpy does without the guard
-    context = Context()
-    rclpy.init(context=context)
-    node = Node("spin_race", context=context)
-    executor = ShutDownMidSpin(context=context)
-    executor.add_node(node)
+    context, _, executor = started(ShutDownMidSpin, "spin_race")
     spin_until_shutdown(executor)  # the same race ends the spin normally
     assert not context.ok()
 
-    context = Context()
-    rclpy.init(context=context)
-    node = Node("spin_error", context=context)
-    executor = FailsWhileUp(context=context)
-    executor.add_node(node)
+    context, node, executor = started(FailsWhileUp, "spin_error")
     try:
         with pytest.raises(_rclpy.RCLError, match="real rcl failure"):
             spin_until_shutdown(executor)  # with the context up it is an error, not a shutdown

@@ -88,7 +88,7 @@ def _resize_nearest(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def observe_keyframes(object_gaussians: Gaussians, scene_gaussians: Gaussians, keyframes: Sequence, object_size: float,
-                      max_keyframes: int, max_side: int, sensor_agreement: float = 0.0) -> list[ObservedView]:
+                      max_keyframes: int, max_side: int, sensor_agreement: float) -> list[ObservedView]:
     """Real keyframes that see the object, as object masks + depth + colour (downscaled to `max_side`).
 
     The object's pixels are those where the object alone is opaque and is also the scene's
@@ -120,9 +120,8 @@ def observe_keyframes(object_gaussians: Gaussians, scene_gaussians: Gaussians, k
         occluded = opaque & (scene_depth > 0) & (scene_depth < object_depth - tolerance)
         depth = scene_depth
         if getattr(keyframe, "depth", None) is not None:
-            sensor = _as_numpy_image(keyframe.depth)
-            depth = np.where(_resize_nearest(sensor, small.height, small.width) > 0,
-                             _resize_nearest(sensor, small.height, small.width), scene_depth)
+            sensor = _resize_nearest(_as_numpy_image(keyframe.depth), small.height, small.width)
+            depth = np.where(sensor > 0, sensor, scene_depth)
             if sensor_agreement > 0.0:
                 first &= depth - object_depth < sensor_agreement * object_size
         rgb = _resize_nearest(_as_numpy_image(keyframe.rgb), small.height, small.width) if keyframe.rgb is not None \
