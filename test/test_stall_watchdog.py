@@ -84,3 +84,22 @@ def test_a_long_garbage_collection_is_timed_and_named_in_the_report():
 def test_threshold_must_be_positive():
     with pytest.raises(ValueError, match="threshold_s"):
         StallWatchdog(threshold_s=0.0, report=print)
+
+
+def test_a_long_collection_is_named_even_when_a_young_one_ran_after_it_in_the_same_stall():
+    # The order the collector gives under load: a full collection ends, the next allocations
+    # start a gen-0 one, and only then does the watchdog get the GIL back.
+    watchdog = StallWatchdog(threshold_s=0.05, report=print)
+    asleep = time.monotonic()
+    watchdog._on_gc("start", {"generation": 2})
+    time.sleep(0.12)
+    watchdog._on_gc("stop", {"generation": 2})
+    watchdog._on_gc("start", {"generation": 0})
+    woke = time.monotonic()
+    words = watchdog._collection_in(asleep, woke, late=woke - asleep)
+    assert "a generation-2 garbage collection took" in words, words
+    watchdog._on_gc("stop", {"generation": 0})
+    # A collection that ended before this sleep began is no part of the stall.
+    later = time.monotonic()
+    time.sleep(0.06)
+    assert watchdog._collection_in(later, time.monotonic(), late=0.06) == ""

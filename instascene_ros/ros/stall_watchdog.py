@@ -32,12 +32,15 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from typing import Callable, Optional
 
 
 class StallWatchdog:
     """Reports wake-ups later than `threshold_s` through `report(message)` (at most one report per
     `report_every_s`; every stall is counted). `stalls`, `worst_s` and `gc_worst_s` are for diagnostics."""
+
+    GC_WORTH_NAMING_S = 0.001  # young collections take microseconds; keep them out of the history
 
     def __init__(self, threshold_s: float, report: Callable[[str], None], period_s: float = 0.02,
                  report_every_s: float = 10.0, frames: int = 4, traceback_file: Optional[str] = None):
@@ -52,10 +55,12 @@ class StallWatchdog:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._traceback_file = open(traceback_file, "a") if traceback_file else None
-        # Garbage collections: the longest, and the last one (its end, length and generation).
+        # Garbage collections: the longest, the one running, and the recent ones worth naming.
+        # Not just the last: a stall that holds a long collection often ends in a gen-0 one
+        # started by the next few hundred allocations, before the watchdog gets the GIL back.
         self.gc_worst_s = 0.0
         self._gc_running: Optional[tuple[float, int]] = None  # (start, generation) while one runs
-        self._gc_last = (0.0, 0.0, -1)
+        self._gc_recent: deque[tuple[float, float, int]] = deque(maxlen=64)  # (start, end, generation)
 
     def _on_gc(self, phase: str, info: dict) -> None:
         now = time.monotonic()
@@ -65,23 +70,27 @@ class StallWatchdog:
         if self._gc_running is not None:
             started, generation = self._gc_running
             self.gc_worst_s = max(self.gc_worst_s, now - started)
-            self._gc_last = (now, now - started, generation)
+            if now - started >= self.GC_WORTH_NAMING_S:
+                self._gc_recent.append((started, now, generation))
             self._gc_running = None
 
     def _collection_in(self, since: float, now: float, late: float) -> str:
-        """Words for a garbage collection that took a good part of the stall since `since`: one
-        that ended in it, or one still running (the watchdog can win the GIL inside the
-        collector's own "stop" callback, before it is recorded)."""
+        """Words for the garbage collection that took the largest part of the stall between
+        `since` and `now`, if that part is a good share of it: one that ended in it, or one still
+        running (the watchdog can win the GIL inside the collector's own "stop" callback, before
+        it is recorded)."""
+        collections = list(self._gc_recent)
         running = self._gc_running
         if running is not None:
-            length, generation = now - running[0], running[1]
-        else:
-            ended, length, generation = self._gc_last
-            if ended < since:
-                return ""
-        if length <= 0.2 * late:
+            collections.append((running[0], now, running[1]))
+        best_overlap, best_generation = 0.0, -1
+        for started, ended, generation in collections:
+            overlap = min(ended, now) - max(started, since)
+            if overlap > best_overlap:
+                best_overlap, best_generation = overlap, generation
+        if best_overlap <= 0.2 * late:
             return ""
-        return f"; a generation-{generation} garbage collection took {length * 1e3:.0f} ms of it"
+        return f"; a generation-{best_generation} garbage collection took {best_overlap * 1e3:.0f} ms of it"
 
     def start(self) -> "StallWatchdog":
         gc.callbacks.append(self._on_gc)
