@@ -9,11 +9,13 @@ import torch
 from scipy.ndimage import distance_transform_edt
 
 from instascene_ros.core.features import FeatureConfig, FeatureField, KeyframeLabels
+from instascene_ros.core.features.field import render_features
 from instascene_ros.core.features.synthetic import make_blob_scene
 from instascene_ros.core.camera import Camera, intrinsics_from_fov, look_at
 from instascene_ros.core.features.synthetic import fibonacci_sphere
 from instascene_ros.core.instances import (InstanceConfig, Instances, SurfaceView, export_instance_ply,
-                                           extract_instances, instance_color, nearest_majority_pixel,
+                                           extract_instances, instance_by_members, instance_color,
+                                           nearest_majority_pixel,
                                            on_rendered_surface,
                                            render_instance_masks, render_label_masks, segment_at_pixel,
                                            vote_gaussian_labels)
@@ -173,6 +175,78 @@ def test_a_click_between_two_prototypes_snaps_to_the_instance_around_it():
     image[2:9, 2:5] = e1
     image[2:9, 6:9] = e1
     assert segment_at_pixel(image, 5.5, 5.5, instances, alpha=alpha, config=config)[0] == 1
+
+
+def _wall_with_a_stray_gaussian_in_front():
+    """A 32x32 view of a wall of small Gaussians (instance 1, feature e1) beside a second wall
+    (instance 2, e2), and one larger opaque Gaussian just in front of the centre of wall 1 whose
+    feature is e3, like a split child the field pulled toward another object."""
+    grid = np.stack(np.meshgrid(np.linspace(-0.1, 0.1, 11), np.linspace(-0.1, 0.1, 11)), -1).reshape(-1, 2)
+    wall1 = np.column_stack([grid, np.full(len(grid), 1.0)])
+    wall2 = np.column_stack([grid[:, 0] + 0.22, grid[:, 1], np.full(len(grid), 1.0)])
+    stray = np.array([[0.0, 0.0, 0.97]])
+    means = np.concatenate([wall1, wall2, stray])
+    n = len(means)
+    log_scales = np.full((n, 3), np.log(0.015))
+    log_scales[-1] = np.log(0.03)
+    gaussians = Gaussians(means=torch.tensor(means, dtype=torch.float32),
+                          quats=torch.tensor([[1.0, 0.0, 0.0, 0.0]] * n),
+                          log_scales=torch.tensor(log_scales, dtype=torch.float32),
+                          opacity_logits=torch.full((n,), 6.0), sh=torch.zeros(n, 1, 3))
+    e1, e2, e3 = np.eye(3)
+    rendered = np.concatenate([np.tile(e1, (len(grid), 1)), np.tile(e2, (len(grid), 1)), [e3]])
+    camera = Camera(K=intrinsics_from_fov(32, 32, 40.0), width=32, height=32,
+                    T_world_cam=look_at(np.array([0.0, 0.0, 0.0]), np.array([0.0, 0.0, 1.0]), up=np.array([0.0, -1.0, 0.0])))
+    return gaussians, rendered, camera, len(grid)
+
+
+def test_a_click_on_a_stray_feature_is_read_through_the_instances_of_the_gaussians_under_it():
+    gaussians, rendered, camera, per_wall = _wall_with_a_stray_gaussian_in_front()
+    n = gaussians.n
+    ids = np.arange(n)
+    config = InstanceConfig(dbscan_eps=10.0, dbscan_min_samples=1, min_gaussians=1, grow_similarity=None)
+    out = render_features(gaussians, torch.tensor(rendered, dtype=torch.float32), [camera])
+    image, alpha = out.features[0].numpy(), out.alpha[0].numpy()
+
+    def instances_with(stray_feature):
+        # Extraction reads the field's features; the stray Gaussian joins instance 1 only when
+        # its feature there says so (the render above always shows e3 in front).
+        features = rendered.copy()
+        features[-1] = stray_feature
+        return extract_instances(features, ids, {1: ids[:per_wall], 2: ids[per_wall:2 * per_wall]},
+                                 gaussians.means.numpy(), np.zeros((n, 3)), config)
+
+    centre = (16.0, 16.0)
+    member = instances_with(np.eye(3)[0])
+    assert member.labels[-1] == 1
+    # The blended feature at the centre is mostly the stray's: no prototype within 0.75.
+    found, similarity, _ = segment_at_pixel(image, *centre, member, alpha=alpha, config=config)
+    assert found == 0 and similarity < 0.75
+    found, share = instance_by_members(gaussians, member, camera, *centre, config)
+    assert found == 1 and share > 0.99
+    found, similarity, mask = segment_at_pixel(image, *centre, member, alpha=alpha, config=config,
+                                               gaussians=gaussians, camera=camera)
+    assert found == 1 and similarity < 0.75
+    drawn = render_instance_masks(gaussians, torch.tensor(rendered, dtype=torch.float32), member, camera, config) == 1
+    assert drawn.sum() > 40 and not drawn[16, 16]
+    assert np.array_equal(mask, drawn | (np.arange(32)[:, None] == 16) & (np.arange(32)[None, :] == 16))
+    assert segment_at_pixel(image, *centre, member, alpha=alpha, gaussians=gaussians, camera=camera,
+                            config=dataclasses.replace(config, query_member_share=0.0))[0] == 0
+    # The stray in no instance: the wall behind it carries too little of the pixel's weight, and
+    # the click names nothing rather than the instance drawn all around it.
+    stray = instances_with(np.eye(3)[2])
+    assert stray.labels[-1] == 0
+    found, share = instance_by_members(gaussians, stray, camera, *centre, config)
+    assert found == 0 and share < 0.5
+    assert segment_at_pixel(image, *centre, stray, alpha=alpha, config=config, gaussians=gaussians,
+                            camera=camera)[0] == 0
+    # A plain click on wall 2 is read from its feature, as before.
+    col2 = float(camera.project(np.array([[0.22, 0.0, 1.0]]))[0][0][0])
+    assert segment_at_pixel(image, col2, 16.0, stray, alpha=alpha, config=config, gaussians=gaussians,
+                            camera=camera)[0] == 2
+    with pytest.raises(ValueError, match="row-aligned"):
+        instance_by_members(gaussians, Instances(items={}, ids=ids[:-1], labels=np.zeros(n - 1, np.int64)),
+                            camera, *centre, config)
 
 
 def test_nearest_majority_pixel():

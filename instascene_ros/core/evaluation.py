@@ -55,7 +55,8 @@ def choose_instance_ids(pipeline, dataset) -> dict[int, int]:
             feature_images[index] = pipeline.feature_image(dataset.frames[index].camera)
         features, alpha = feature_images[index]
         u, v = _interior_pixel(gt_masks[index] == gt_id)
-        instance_id, _, _ = pipeline.instance_at(features, alpha, u, v, extraction)
+        instance_id, _, _ = pipeline.instance_at(features, alpha, u, v, extraction, dataset.frames[index].camera,
+                                                 pipeline.snapshot.query_gaussians)
         mapping[gt_id] = int(instance_id)
     return mapping
 

@@ -587,13 +587,16 @@ class Pipeline:
             return 0, 0.0, (np.zeros((camera.height, camera.width), dtype=bool) if return_mask else None)
         cached = None if keyframe is None else self._feature_cache.get(keyframe.index)
         if cached is not None and cached[0] == snapshot.map_version:
-            instance_id, similarity, mask = self.instance_at(cached[1], cached[2], u, v, snapshot.extraction)
+            instance_id, similarity, mask = self.instance_at(cached[1], cached[2], u, v, snapshot.extraction,
+                                                             camera, snapshot.query_gaussians)
             return instance_id, similarity, (mask if return_mask else None)
         size_x, size_y = min(QUERY_WINDOW_PX, camera.width), min(QUERY_WINDOW_PX, camera.height)
         x0 = int(np.clip(np.floor(u) - size_x // 2, 0, camera.width - size_x))
         y0 = int(np.clip(np.floor(v) - size_y // 2, 0, camera.height - size_y))
-        features, alpha = self.snapshot_feature_image(snapshot, camera.cropped(x0, y0, size_x, size_y))
-        instance_id, similarity, _ = self.instance_at(features, alpha, u - x0, v - y0, snapshot.extraction)
+        window = camera.cropped(x0, y0, size_x, size_y)
+        features, alpha = self.snapshot_feature_image(snapshot, window)
+        instance_id, similarity, _ = self.instance_at(features, alpha, u - x0, v - y0, snapshot.extraction,
+                                                      window, snapshot.query_gaussians)
         if not return_mask:
             return instance_id, similarity, None
         if instance_id == 0:
@@ -613,8 +616,10 @@ class Pipeline:
             x0, y0 = max(0, min(x0, int(u)) - QUERY_MASK_MARGIN_PX), max(0, min(y0, int(v)) - QUERY_MASK_MARGIN_PX)
             x1 = min(width, max(x1, int(u) + 1) + QUERY_MASK_MARGIN_PX)
             y1 = min(height, max(y1, int(v) + 1) + QUERY_MASK_MARGIN_PX)
-            features, alpha = self.snapshot_feature_image(snapshot, camera.cropped(x0, y0, x1 - x0, y1 - y0))
-            found, score, crop_mask = self.instance_at(features, alpha, u - x0, v - y0, snapshot.extraction)
+            box_camera = camera.cropped(x0, y0, x1 - x0, y1 - y0)
+            features, alpha = self.snapshot_feature_image(snapshot, box_camera)
+            found, score, crop_mask = self.instance_at(features, alpha, u - x0, v - y0, snapshot.extraction,
+                                                       box_camera, snapshot.query_gaussians)
             if found == instance_id:
                 mask = np.zeros((height, width), dtype=bool)
                 mask[y0:y1, x0:x1] = crop_mask
@@ -622,7 +627,7 @@ class Pipeline:
         # The instance's Gaussians project nowhere sensible (behind the camera), or the crop read
         # differently at the pixel: the whole view decides.
         features, alpha = self.snapshot_feature_image(snapshot, camera)
-        return self.instance_at(features, alpha, u, v, snapshot.extraction)
+        return self.instance_at(features, alpha, u, v, snapshot.extraction, camera, snapshot.query_gaussians)
 
     @staticmethod
     def _projected_box(points: np.ndarray, camera: Camera) -> Optional[tuple[int, int, int, int]]:
@@ -663,14 +668,17 @@ class Pipeline:
         cached = self._feature_cache.get(keyframes[-1].index)
         return cached is None or cached[0] != self.snapshot.map_version
 
-    def instance_at(self, features: np.ndarray, alpha: np.ndarray, u: float, v: float,
-                    extraction: Instances) -> tuple[int, float, np.ndarray]:
+    def instance_at(self, features: np.ndarray, alpha: np.ndarray, u: float, v: float, extraction: Instances,
+                    camera: Optional[Camera] = None, gaussians=None) -> tuple[int, float, np.ndarray]:
         """(instance id, score, (H, W) bool mask) under pixel (u, v) of a rendered feature image,
         read the way the decomposition method reads its Gaussians: the contrastive field by
-        cosine to the instance prototypes (`instances.segment_at_pixel`), the codebook and the
-        classifier by their own per-pixel reading (score = its probability)."""
+        cosine to the instance prototypes (`instances.segment_at_pixel`; with the image's `camera`
+        and the `gaussians` it rendered, row-aligned with `extraction.ids`, a pixel whose blended
+        feature names nothing is read through the instances of the Gaussians under it), the
+        codebook and the classifier by their own per-pixel reading (score = its probability)."""
         if not self.field.reads_labels:
-            return segment_at_pixel(features, u, v, extraction, alpha=alpha, config=self.config.instances)
+            return segment_at_pixel(features, u, v, extraction, alpha=alpha, config=self.config.instances,
+                                    gaussians=gaussians, camera=camera)
         height, width = features.shape[:2]
         col, row = int(np.floor(u)), int(np.floor(v))
         if not (0 <= col < width and 0 <= row < height):
