@@ -2,6 +2,7 @@
 on a small generated scene (a real pybullet render, the real mapper, no ROS)."""
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -77,3 +78,35 @@ def test_run_writes_the_metrics_contract_and_keeps_the_training_depth_for_scorin
     assert metrics["n_gaussians"] > 0
     assert len(trimesh.load(out / "scene.ply").vertices) == metrics["n_gaussians"]
     assert sorted(p.name for p in (out / "renders").iterdir()) == sorted(p.split("/")[-1] for p in test_paths)
+
+
+def test_bench_live_rescore_scores_the_saved_maps_again_and_keeps_the_stream_measurements(small_scene, tmp_path):
+    from instascene_ros.cli import main
+
+    work = tmp_path / "work"
+    offline = work / "offline-s3-r64-v10"
+    result = subprocess.run([sys.executable, "-m", "instascene_ros.cli", "run", str(small_scene), "--out", str(offline),
+                             "--finish-seconds", "3", "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((offline / "metrics.json").read_text())
+    assert metrics["n_instances"] > 0
+    (work / "live-s3").mkdir()
+    shutil.copy(offline / "map.instascene", work / "live-s3" / "map.instascene")
+    bench_json = tmp_path / "live.json"
+    stale = {"miou": -1.0, "biou": -1.0, "pq_scene": -1.0, "cloud_precision": -1.0, "n_instances": -1}
+    bench_json.write_text(json.dumps({"scene": str(small_scene), "targets": {}, "rows": {
+        "offline": {**stale, "psnr": 12.5}, "live": {**stale, "frames_in": 123.0, "rss_trend_mb_per_min": 0.5}}}))
+    args = ["bench", "live", "--rescore", "--seed", "3", "--res", "64", "--views", "10", "--work", str(work)]
+    assert main(args + ["--json", str(bench_json), "--rows", "offline,live"]) == 0
+    rows = json.loads(bench_json.read_text())["rows"]
+    for name in ("offline", "live"):  # the same map: the run's own scores, read again
+        assert rows[name]["rescored"] is True
+        for key in ("miou", "biou", "pq_scene", "cloud_precision", "n_instances"):
+            assert rows[name][key] == pytest.approx(metrics[key]), (name, key)
+    assert rows["offline"]["psnr"] == 12.5  # not a score of the instances: kept as measured
+    assert rows["live"]["frames_in"] == 123.0 and rows["live"]["rss_trend_mb_per_min"] == 0.5
+    # Refused before any work: a row without its saved map, or no measurements to keep.
+    with pytest.raises(SystemExit, match="live-pose-noise"):
+        main(args + ["--json", str(bench_json), "--rows", "live,live-pose-noise"])
+    with pytest.raises(SystemExit, match="--json"):
+        main(args + ["--rows", "live"])

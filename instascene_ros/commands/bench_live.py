@@ -25,6 +25,10 @@ Protocol (one generated scene, the same data for every row):
 
 Memory is "flat" when the resident memory's linear trend over the second half of the stream
 is below `--flat-mb-per-min`. JSON: {"scene", "rows": {name: {...}}, "targets": {...}}.
+
+`--rescore` streams nothing: it scores the rows' saved maps again with the current code (a
+change to how a finished map is read: instance extraction, masks, pixel queries) and keeps every
+other measurement of each row from `--json`; rescored rows carry `"rescored": true`.
 """
 from __future__ import annotations
 
@@ -70,6 +74,11 @@ def add_parser(benches) -> None:
     sub.add_argument("--node-param", action="append", default=[], metavar="NAME:=VALUE",
                      help="override one of the node's parameters in the live rows (repeatable), e.g. max_keyframes:=64")
     sub.add_argument("--reuse", action="store_true", help="reuse the offline run folder when it holds metrics.json")
+    sub.add_argument("--rescore", action="store_true",
+                     help="stream nothing: score the saved maps of the chosen rows again with this code (map, "
+                          "tracker and field as saved; instances, masks, the id choice and the clouds recomputed) "
+                          "and keep every other measurement of each row from --json: for changes to how a "
+                          "finished map is read")
     sub.set_defaults(run=run_live)
 
 
@@ -219,6 +228,8 @@ def run_live(args) -> int:
     malformed = [a for a in args.node_param if ":=" not in a or not a.split(":=", 1)[0].strip()]
     if malformed:
         raise SystemExit(f"--node-param takes NAME:=VALUE, got {malformed}")
+    if args.rescore:
+        return rescore_live(args, wanted)
     args.work.mkdir(parents=True, exist_ok=True)
     scene = _scene(args.work, args.seed, args.res, args.views)
     result = {"scene": str(scene), "targets": TARGETS, "rows": {}}
@@ -233,7 +244,7 @@ def run_live(args) -> int:
             tmp.replace(args.json)
 
     if "offline" in wanted:
-        run_dir = args.work / f"offline-s{args.seed}-r{args.res}-v{args.views}"
+        run_dir = row_folder(args.work, "offline", args.seed, args.res, args.views)
         if args.reuse and (run_dir / "metrics.json").exists():
             metrics = json.loads((run_dir / "metrics.json").read_text())
         else:
@@ -243,13 +254,61 @@ def run_live(args) -> int:
             "psnr", "psnr_object", "ssim", "miou", "biou", "pq_scene", "cloud_precision", "n_instances",
             "keyframes", "wall_s", "n_gaussians")}
         save()
-    live_rows = {"live": ("live", "", True), "live-unrefined": ("live-unrefined", "", False),
-                 "live-pose-noise": ("live-noise", args.pose_noise, True),
-                 "live-pose-noise-unrefined": ("live-noise-unrefined", args.pose_noise, False)}
-    for name, (folder, pose_noise, refine) in live_rows.items():
+    live_rows = {"live": ("", True), "live-unrefined": ("", False), "live-pose-noise": (args.pose_noise, True),
+                 "live-pose-noise-unrefined": (args.pose_noise, False)}
+    for name, (pose_noise, refine) in live_rows.items():
         if name in wanted and (pose_noise or "noise" not in name):
-            result["rows"][name] = live_row(scene, args.work / f"{folder}-s{args.seed}", args, pose_noise, refine)
+            folder = row_folder(args.work, name, args.seed, args.res, args.views)
+            result["rows"][name] = live_row(scene, folder, args, pose_noise, refine)
             save()
+    print_table(result, args)
+    return 0
+
+
+def row_folder(work: pathlib.Path, name: str, seed: int, res: int, views: int) -> pathlib.Path:
+    """Where a row's run (and its saved map) lives under --work."""
+    if name == "offline":
+        return work / f"offline-s{seed}-r{res}-v{views}"
+    return work / f"{name.replace('-pose-noise', '-noise')}-s{seed}"
+
+
+RESCORED = ("miou", "biou", "pq_scene", "cloud_precision", "n_instances")
+
+
+def rescore_live(args, wanted: list[str]) -> int:
+    """`--rescore`: the chosen rows' saved maps scored again (`score_decomposition`: the instance
+    scores; renders and PSNR depend on the map alone and are kept), every stream measurement of
+    the rows kept from --json."""
+    from instascene_ros.core.evaluation import score_decomposition
+    from instascene_ros.core.io.dataset import load_dataset
+    from instascene_ros.core.pipeline import Pipeline, PipelineConfig
+
+    if args.json is None or not args.json.exists():
+        raise SystemExit("--rescore keeps each row's stream measurements: give the --json of the run that made the maps")
+    result = json.loads(args.json.read_text())
+    scene = pathlib.Path(result["scene"])
+    if not scene.exists():
+        scene = args.work / scene.name  # the folder was copied or moved with its runs
+    missing = [name for name in wanted
+               if not (row_folder(args.work, name, args.seed, args.res, args.views) / "map.instascene").exists()]
+    if missing or not scene.exists():
+        raise SystemExit(f"--rescore needs the saved maps and the scene under {args.work}: missing "
+                         f"{missing or [scene.name]}")
+    dataset = load_dataset(scene)
+    for name in wanted:
+        pipeline = Pipeline(PipelineConfig.from_preset("cpu"))
+        pipeline.load(str(row_folder(args.work, name, args.seed, args.res, args.views) / "map.instascene"))
+        scores = score_decomposition(pipeline, dataset)
+        row = result["rows"].setdefault(name, {})
+        before = {key: row.get(key) for key in RESCORED}
+        row.update({key: scores.get(key) for key in RESCORED})
+        row["rescored"] = True
+        print(f"[bench live] {name} rescored: mIoU {_fmt(before['miou'], 1)} -> {_fmt(row['miou'], 1)}, "
+              f"cloud precision {_fmt(before['cloud_precision'], 3)} -> {_fmt(row['cloud_precision'], 3)}, "
+              f"instances {before['n_instances']} -> {row['n_instances']}", flush=True)
+        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2, default=str))
+        tmp.replace(args.json)
     print_table(result, args)
     return 0
 
