@@ -142,7 +142,7 @@ class InstanceConfig:
     # instance's members carried 54% of the weight). Unlike the snap, it never names an
     # instance that is merely drawn around the pixel: an object without an instance of its own
     # has no members under the click (the saved live map where the snap named a neighbour read
-    # 23% there and stays unnamed). Measured on 21 saved maps (runs/dev/click_rules.py): 6
+    # 23% there and stays unnamed). Measured on 21 saved maps (runs/dev/click_rules.py): 5
     # clicks named, none wrongly; 0 turns it off.
     query_member_share: float = 0.5
     # Instance clouds are surface points, not Gaussian centres. What a camera sees of a 3D
