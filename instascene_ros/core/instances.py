@@ -564,7 +564,6 @@ def vote_gaussian_labels(gaussians, cameras: Iterable[Camera], label_images: Ite
     contributes). With perfect masks this is a perfect lifting, against which learned ones
     are measured (the geometry bound of the decomposition bench)."""
     from instascene_ros.core.splat import contributors
-    from instascene_ros.core.splat.numba_projection import reach_mask
 
     n = int(gaussians.means.shape[0])
     views = [(camera, np.asarray(image)) for camera, image in zip(cameras, label_images)]
