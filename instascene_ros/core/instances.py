@@ -638,7 +638,7 @@ def instance_by_members(gaussians, instances: Instances, camera: Camera, u: floa
     if total <= 0.0:
         return 0, 0.0
     members = instances.labels[rows]
-    named = members > 0
+    named = np.isin(members, instances.instance_ids)  # 0 is none; every label names a kept instance
     if not named.any():
         return 0, 0.0
     ids, slots = np.unique(members[named], return_inverse=True)
