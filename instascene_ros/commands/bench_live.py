@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -237,11 +238,7 @@ def run_live(args) -> int:
         result["rows"] = json.loads(args.json.read_text()).get("rows", {})  # rows of an earlier call are kept
 
     def save() -> None:
-        if args.json is not None:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-            tmp.write_text(json.dumps(result, indent=2, default=str))
-            tmp.replace(args.json)
+        save_results(args.json, result)
 
     if "offline" in wanted:
         run_dir = row_folder(args.work, "offline", args.seed, args.res, args.views)
@@ -263,6 +260,17 @@ def run_live(args) -> int:
             save()
     print_table(result, args)
     return 0
+
+
+def save_results(path: Optional[pathlib.Path], result: dict) -> None:
+    """Write the bench JSON atomically (a temporary file, then a rename): an interrupted bench
+    keeps the rows saved before it."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    tmp.replace(path)
 
 
 def row_folder(work: pathlib.Path, name: str, seed: int, res: int, views: int) -> pathlib.Path:
@@ -306,9 +314,7 @@ def rescore_live(args, wanted: list[str]) -> int:
         print(f"[bench live] {name} rescored: mIoU {_fmt(before['miou'], 1)} -> {_fmt(row['miou'], 1)}, "
               f"cloud precision {_fmt(before['cloud_precision'], 3)} -> {_fmt(row['cloud_precision'], 3)}, "
               f"instances {before['n_instances']} -> {row['n_instances']}", flush=True)
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2, default=str))
-        tmp.replace(args.json)
+        save_results(args.json, result)
     print_table(result, args)
     return 0
 
