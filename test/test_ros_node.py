@@ -63,6 +63,10 @@ def test_node_end_to_end(small_scene, ros_env, ros_processes, tmp_path):
     assert int(diagnostics["frames_mapped"]) >= 14
     assert diagnostics["map_settled"] in ("True", "False")  # the settle (test_pipeline) is reported
     assert int(diagnostics["stalls"]) >= 0 and float(diagnostics["stall_worst_ms"]) >= 0.0  # the watchdog runs
+    # the stalls' time split: the CPU wait and the steal are parts of it
+    stalled = float(diagnostics["stall_total_ms"])
+    assert 0.0 <= float(diagnostics["stall_cpu_wait_ms"]) <= stalled + 1e-6, diagnostics
+    assert 0.0 <= float(diagnostics["stall_steal_ms"]) <= stalled + 1e-6, diagnostics
     # the startup objects frozen out of the collector (a loaded node: ~460k; a full collection
     # over them held the GIL 200 ms), and the collections it still makes are short
     assert int(diagnostics["gc_frozen_objects"]) > 100_000, diagnostics

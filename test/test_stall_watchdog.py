@@ -1,12 +1,15 @@
 """The stall watchdog notices a thread that keeps the GIL and names it (and a long garbage
-collection); a sleeping thread is no stall."""
+collection), tells a stall spent waiting for a CPU from one spent waiting for the GIL; a sleeping
+thread is no stall."""
 import gc
+import multiprocessing
+import os
 import threading
 import time
 
 import pytest
 
-from instascene_ros.ros.stall_watchdog import StallWatchdog
+from instascene_ros.ros.stall_watchdog import SchedulerClock, StallWatchdog
 
 
 def hold_the_gil_for_a_while() -> int:
@@ -103,3 +106,79 @@ def test_a_long_collection_is_named_even_when_a_young_one_ran_after_it_in_the_sa
     later = time.monotonic()
     time.sleep(0.06)
     assert watchdog._collection_in(later, time.monotonic(), late=0.06) == ""
+
+
+def spin_on_cpu_0(seconds: float) -> None:
+    os.sched_setaffinity(0, {0})
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+linux_scheduler = pytest.mark.skipif(not SchedulerClock().available or not hasattr(os, "sched_setaffinity"),
+                                     reason="needs Linux's /proc scheduler statistics and CPU affinity")
+
+
+@linux_scheduler
+def test_a_stall_spent_waiting_for_a_cpu_is_told_from_one_spent_waiting_for_the_gil():
+    # Starved: the watchdog's thread pinned to CPU 0 at the lowest priority (affinity and nice
+    # are per thread on Linux, and a thread inherits its creator's), four processes spinning on
+    # CPU 0 at normal priority. No thread of this process holds the GIL meanwhile.
+    reports, made = [], {}
+
+    def start_a_low_priority_watchdog_on_cpu_0():
+        os.sched_setaffinity(0, {0})
+        os.nice(19)
+        made["watchdog"] = StallWatchdog(threshold_s=0.02, report=reports.append, period_s=0.01,
+                                         report_every_s=0.0).start()
+
+    starter = threading.Thread(target=start_a_low_priority_watchdog_on_cpu_0)
+    starter.start()
+    starter.join()
+    watchdog = made["watchdog"]
+    try:
+        time.sleep(0.1)
+        spinners = [multiprocessing.get_context("fork").Process(target=spin_on_cpu_0, args=(1.0,)) for _ in range(4)]
+        for spinner in spinners:
+            spinner.start()
+        for spinner in spinners:
+            spinner.join()
+        time.sleep(0.1)
+    finally:
+        watchdog.stop()
+    assert watchdog.stalls >= 1 and watchdog.stalled_s > 0.1, (watchdog.stalls, watchdog.stalled_s)
+    assert watchdog.cpu_wait_s >= 0.8 * watchdog.stalled_s, (watchdog.cpu_wait_s, watchdog.stalled_s)
+    assert "waiting for a CPU" in reports[0] and "tasks runnable on" in reports[0], reports[0]
+
+    # Held: one thread keeps the GIL on an otherwise idle machine; the watchdog had a CPU.
+    watchdog, reports, _ = watch([hold_the_gil_for_a_while])
+    assert watchdog.stalls >= 1 and watchdog.cpu_wait_s <= 0.2 * watchdog.stalled_s, (watchdog.cpu_wait_s,
+                                                                                    watchdog.stalled_s)
+
+
+@linux_scheduler
+def test_the_scheduler_clock_counts_a_threads_wait_for_a_cpu():
+    clock, waited = SchedulerClock(), {}
+
+    def spin_for_half_a_second_on_cpu_0():
+        os.sched_setaffinity(0, {0})
+        mine = SchedulerClock()
+        before = mine.runqueue_wait_s()
+        spin_on_cpu_0(0.5)
+        waited["s"] = mine.runqueue_wait_s() - before
+        mine.close()
+
+    rivals = [multiprocessing.get_context("fork").Process(target=spin_on_cpu_0, args=(0.8,)) for _ in range(3)]
+    for rival in rivals:
+        rival.start()
+    thread = threading.Thread(target=spin_for_half_a_second_on_cpu_0)
+    thread.start()
+    thread.join()
+    for rival in rivals:
+        rival.join()
+    # Four spinners on one CPU: each runs about a quarter of the time and waits the rest (the
+    # first field, time on a CPU, would read about 0.125 s).
+    assert 0.25 < waited["s"] < 0.5, waited
+    stolen, runnable = clock.steal_and_runnable()
+    assert stolen >= 0.0 and runnable >= 1  # this thread itself is running
+    clock.close()

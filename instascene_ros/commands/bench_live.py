@@ -177,6 +177,8 @@ def live_row(scene: pathlib.Path, out: pathlib.Path, args, pose_noise: str, refi
         if not saved.success:
             raise RuntimeError(f"save_map failed: {saved.message}")
         last = probe.history[-1][1] if probe.history else {}
+        streamed = [values for t, values in probe.history if t <= stream_end]
+        at_stream_end = streamed[-1] if streamed else {}
         during = {kind: [a for a in answers if a[0] <= stream_end] for kind, answers in probe.answers.items()}
         row.update({
             "stream_s": stream_end - stream_start,
@@ -192,6 +194,10 @@ def live_row(scene: pathlib.Path, out: pathlib.Path, args, pose_noise: str, refi
             "keyframe_poses_refined": float(last.get("keyframe_poses_refined", "nan")),
             "keyframe_poses_kept": float(last.get("keyframe_poses_kept", "nan")),
             **_memory_trend(probe.history, stream_start, stream_end),
+            # the node's stall watchdog over the stream (only with --node-param stall_report_ms:=...)
+            **{f"stream_{key}": float(at_stream_end[key]) for key in (
+                "stalls", "stall_worst_ms", "stall_total_ms", "stall_cpu_wait_ms", "stall_steal_ms", "gc_worst_ms")
+               if key in at_stream_end},
             **{f"{kind}_p95_ms": _percentile_ms(answers, 95) for kind, answers in during.items()},
             **{f"{kind}_p50_ms": _percentile_ms(answers, 50) for kind, answers in during.items()},
             **{f"{kind}_answers": len(answers) for kind, answers in during.items()},
@@ -331,7 +337,9 @@ def print_table(result: dict, args) -> None:
                         ("frames_in", 0), ("frames_covered", 0), ("frames_mapped", 0), ("drops_total", 0), ("queue_max", 0),
                         ("settle_s", 0), ("settled", 0), ("rss_start_mb", 0), ("rss_end_mb", 0), ("rss_trend_mb_per_min", 2),
                         ("list_instances_p95_ms", 1), ("segment_at_pixel_p95_ms", 1),
-                        ("segment_at_pixel_mask_p95_ms", 1), ("exit_code", 0)):
+                        ("segment_at_pixel_mask_p95_ms", 1), ("stream_stalls", 0), ("stream_stall_worst_ms", 0),
+                        ("stream_stall_total_ms", 0), ("stream_stall_cpu_wait_ms", 0), ("stream_stall_steal_ms", 0),
+                        ("stream_gc_worst_ms", 1), ("exit_code", 0)):
         cells = []
         for n in names:
             value = rows[n].get(key)

@@ -309,9 +309,14 @@ class InstaSceneNode(Node):
                        "keyframe_poses_kept_by_neighbours": pose_stats.get("kept_by_neighbours", 0),
                        "keyframe_pose_photometric_steps": pose_stats.get("photometric_steps", 0)})
         if self.stall_watchdog is not None:
-            values.update({"stalls": self.stall_watchdog.stalls,
-                           "stall_worst_ms": round(self.stall_watchdog.worst_s * 1000.0, 1),
-                           "gc_worst_ms": round(self.stall_watchdog.gc_worst_s * 1000.0, 1)})
+            watchdog = self.stall_watchdog
+            values.update({"stalls": watchdog.stalls, "stall_worst_ms": round(watchdog.worst_s * 1000.0, 1),
+                           # the stalls' time, and how much of it the watchdog waited for a CPU or
+                           # the hypervisor took (the rest: some thread kept the GIL)
+                           "stall_total_ms": round(watchdog.stalled_s * 1000.0, 1),
+                           "stall_cpu_wait_ms": round(watchdog.cpu_wait_s * 1000.0, 1),
+                           "stall_steal_ms": round(watchdog.steal_s * 1000.0, 1),
+                           "gc_worst_ms": round(watchdog.gc_worst_s * 1000.0, 1)})
         values["gc_frozen_objects"] = self.gc_frozen_objects
         values.update({f"drops/{reason}": count for reason, count in self.drops.items()})
         values.update({f"seconds/{stage}": seconds for stage, seconds in self.stage_seconds.items()})

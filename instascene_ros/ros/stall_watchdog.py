@@ -18,6 +18,12 @@ with the GIL held (a loaded node tracks ~460k, mostly its libraries' functions, 
 dicts: 200 ms). The watchdog times every collection (`gc.callbacks`) and names one that
 overlapped a stall; the node freezes its startup objects out of the collector's sight.
 
+The GIL is not the only way to stop a thread: on a machine with fewer cores than runnable
+threads (the live bench puts a node, a publisher and a planner stand-in on 2), the watchdog may
+wait for a CPU instead, and a virtual machine's CPUs can be taken by the hypervisor (steal). On
+Linux the kernel counts both (`SchedulerClock`), so each stall is split into the part this thread
+spent runnable on a run queue, the CPU time stolen meanwhile, and the rest: waiting for the GIL.
+
 Those stacks are taken after the stall. With `traceback_file`, the thread also arms Python's
 `faulthandler` before every sleep: its C timer thread needs no GIL, so when the watchdog has not
 re-armed it within threshold + period it writes every thread's stack to that file *during* the
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import faulthandler
 import gc
+import os
 import sys
 import threading
 import time
@@ -36,9 +43,50 @@ from collections import deque
 from typing import Callable, Optional
 
 
+class SchedulerClock:
+    """The kernel's account of where a thread's time went, read from /proc (Linux; `available`
+    is False elsewhere): this thread's total wait on a run queue (runnable, no CPU given), and the
+    CPU time the hypervisor took from the whole machine (steal, summed over its CPUs). Build it in
+    the thread it is to watch: /proc/thread-self names the thread that opens it."""
+
+    def __init__(self):
+        self.cpus = os.cpu_count() or 1
+        self._tick_s = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
+        try:
+            self._schedstat = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+            self._stat = os.open("/proc/stat", os.O_RDONLY)
+        except (OSError, AttributeError):
+            self._schedstat = self._stat = None
+
+    @property
+    def available(self) -> bool:
+        return self._schedstat is not None
+
+    def runqueue_wait_s(self) -> float:
+        # "<ns on a CPU> <ns waiting on a run queue> <timeslices>"
+        return int(os.pread(self._schedstat, 128, 0).split()[1]) * 1e-9
+
+    def steal_and_runnable(self) -> tuple[float, int]:
+        """(CPU seconds stolen since boot over all CPUs, tasks runnable right now, machine-wide)."""
+        text = os.pread(self._stat, 1 << 16, 0)
+        fields = text[:text.index(b"\n")].split()  # "cpu user nice system idle iowait irq softirq steal ..."
+        steal = int(fields[8]) * self._tick_s if len(fields) > 8 else 0.0
+        at = text.find(b"procs_running ")
+        runnable = int(text[at + 14:text.index(b"\n", at)]) if at >= 0 else -1
+        return steal, runnable
+
+    def close(self) -> None:
+        for fd in (self._schedstat, self._stat):
+            if fd is not None:
+                os.close(fd)
+        self._schedstat = self._stat = None
+
+
 class StallWatchdog:
     """Reports wake-ups later than `threshold_s` through `report(message)` (at most one report per
-    `report_every_s`; every stall is counted). `stalls`, `worst_s` and `gc_worst_s` are for diagnostics."""
+    `report_every_s`; every stall is counted). `stalls`, `worst_s`, `gc_worst_s` and the stalls'
+    seconds (`stalled_s`, of which `cpu_wait_s` waiting for a CPU and `steal_s` stolen, per CPU)
+    are for diagnostics."""
 
     GC_WORTH_NAMING_S = 0.001  # young collections take microseconds; keep them out of the history
 
@@ -51,6 +99,7 @@ class StallWatchdog:
         self._report = report
         self.stalls = 0
         self.worst_s = 0.0
+        self.stalled_s = self.cpu_wait_s = self.steal_s = 0.0
         self._reported_at = -float("inf")
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -110,9 +159,19 @@ class StallWatchdog:
             self._traceback_file = None
 
     def _run(self) -> None:
+        clock = SchedulerClock()
+        try:
+            self._watch(clock)
+        finally:
+            clock.close()
+
+    def _watch(self, clock: SchedulerClock) -> None:
+        waited_before = stolen_before = 0.0
         while not self._stop.is_set():
             if self._traceback_file is not None:
                 faulthandler.dump_traceback_later(self.threshold_s + self.period_s, file=self._traceback_file)
+            if clock.available:
+                waited_before, (stolen_before, _) = clock.runqueue_wait_s(), clock.steal_and_runnable()
             asleep = time.monotonic()
             time.sleep(self.period_s)
             late = time.monotonic() - asleep - self.period_s
@@ -129,11 +188,23 @@ class StallWatchdog:
                 self._traceback_file.flush()
             self.stalls += 1
             self.worst_s = max(self.worst_s, late)
+            self.stalled_s += late
+            scheduler = ""
+            if clock.available:
+                # The sleep itself is never a wait for a CPU; the wake-up's and the GIL hand-over's are.
+                waited = min(late, clock.runqueue_wait_s() - waited_before)
+                stolen_now, runnable = clock.steal_and_runnable()
+                stolen = min(late, (stolen_now - stolen_before) / clock.cpus)
+                self.cpu_wait_s += waited
+                self.steal_s += stolen
+                scheduler = (f": {waited * 1e3:.0f} ms of it waiting for a CPU ({runnable} tasks runnable on "
+                             f"{clock.cpus} CPUs), {stolen * 1e3:.0f} ms per CPU stolen by the hypervisor, "
+                             f"the rest waiting for the GIL")
             collection = self._collection_in(asleep, woke, late)
             if report:
                 self._reported_at = woke
                 self._report(f"process stalled {late * 1e3:.0f} ms (stall {self.stalls}, worst "
-                             f"{self.worst_s * 1e3:.0f} ms){collection}; threads at wake-up:\n{stacks}")
+                             f"{self.worst_s * 1e3:.0f} ms){scheduler}{collection}; threads at wake-up:\n{stacks}")
 
     def _stacks(self) -> str:
         names = {thread.ident: thread.name for thread in threading.enumerate()}
