@@ -22,7 +22,9 @@ The GIL is not the only way to stop a thread: on a machine with fewer cores than
 threads (the live bench puts a node, a publisher and a planner stand-in on 2), the watchdog may
 wait for a CPU instead, and a virtual machine's CPUs can be taken by the hypervisor (steal). On
 Linux the kernel counts both (`SchedulerClock`), so each stall is split into the part this thread
-spent runnable on a run queue, the CPU time stolen meanwhile, and the rest: waiting for the GIL.
+spent runnable on a run queue, the CPU time stolen meanwhile, and the rest: waiting for the GIL
+(its holder may itself have waited for a CPU meanwhile; only that thread's own counters could
+say, and reading every thread's on every wake-up would cost more than the watchdog should).
 
 Those stacks are taken after the stall. With `traceback_file`, the thread also arms Python's
 `faulthandler` before every sleep: its C timer thread needs no GIL, so when the watchdog has not
