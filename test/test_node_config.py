@@ -142,6 +142,39 @@ def test_stall_report_rejects_negatives():
         validate(replace(NodeParameters(), stall_report_ms=-1.0))
 
 
+def test_mapper_nice_is_checked_and_lowers_only_the_calling_thread():
+    import os
+    import sys
+    import threading
+    from dataclasses import replace
+
+    from instascene_ros.ros.mapper_node import lower_this_threads_priority
+
+    validate(replace(NodeParameters(), mapper_nice=0))
+    for wrong in (-1, 20):
+        with pytest.raises(ValueError, match="mapper_nice must be 0-19"):
+            validate(replace(NodeParameters(), mapper_nice=wrong))
+    if sys.platform != "linux":
+        assert "Linux" in lower_this_threads_priority(10)
+        return
+    seen = {}
+
+    def mapper_like():
+        seen["refused"] = lower_this_threads_priority(10)
+        seen["own"] = os.getpriority(os.PRIO_PROCESS, 0)
+        child = threading.Thread(target=lambda: seen.update(child=os.getpriority(os.PRIO_PROCESS, 0)))
+        child.start()
+        child.join()
+
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    thread = threading.Thread(target=mapper_like)
+    thread.start()
+    thread.join()
+    assert seen == {"refused": "", "own": max(10, before), "child": seen["own"]}, seen
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the executor's threads keep theirs
+    assert lower_this_threads_priority(0) == ""
+
+
 def test_pose_parameters_reach_the_mapper():
     from instascene_ros.core.pipeline import PipelineConfig
 

@@ -9,7 +9,6 @@ import json
 import pathlib
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -63,6 +62,7 @@ def test_node_end_to_end(small_scene, ros_env, ros_processes, tmp_path):
     assert int(diagnostics["frames_mapped"]) >= 14
     assert diagnostics["map_settled"] in ("True", "False")  # the settle (test_pipeline) is reported
     assert int(diagnostics["stalls"]) >= 0 and float(diagnostics["stall_worst_ms"]) >= 0.0  # the watchdog runs
+    assert int(diagnostics["mapper_thread_nice"]) == 10, diagnostics  # the mapping thread yields to the executor
     # the stalls' time split: the CPU wait and the steal are parts of it
     stalled = float(diagnostics["stall_total_ms"])
     assert 0.0 <= float(diagnostics["stall_cpu_wait_ms"]) <= stalled + 1e-6, diagnostics

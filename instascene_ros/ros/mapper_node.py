@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import os
 import queue
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -128,6 +129,7 @@ class InstaSceneNode(Node):
                                                     traceback_file=traceback_file).start()
             except OSError as error:  # run_node reports a ValueError as "cannot start: ..."
                 raise ValueError(f"stall_traceback_file '{traceback_file}' cannot be opened: {error}") from error
+        self._worker_tid = None
         self._worker = threading.Thread(target=self._work, name="instascene-mapper", daemon=True)
         self._worker.start()
         self.get_logger().info(f"ready: preset={self.params.preset} device={self.params.device} "
@@ -189,6 +191,10 @@ class InstaSceneNode(Node):
 
     # ------------------------------------------------------------------ worker
     def _work(self) -> None:
+        self._worker_tid = threading.get_native_id()
+        refused = lower_this_threads_priority(self.params.mapper_nice)
+        if refused:
+            self.get_logger().warning(f"mapper_nice {self.params.mapper_nice} not applied: {refused}")
         while not self._stop.is_set():
             try:
                 synced = self._queue.get(timeout=0.2)
@@ -318,6 +324,11 @@ class InstaSceneNode(Node):
                            "stall_steal_ms": round(watchdog.steal_s * 1000.0, 1),
                            "gc_worst_ms": round(watchdog.gc_worst_s * 1000.0, 1)})
         values["gc_frozen_objects"] = self.gc_frozen_objects
+        if self._worker_tid is not None and sys.platform == "linux":
+            try:  # what the kernel holds for the mapping thread, not what was asked
+                values["mapper_thread_nice"] = os.getpriority(os.PRIO_PROCESS, self._worker_tid)
+            except OSError:
+                pass
         values.update({f"drops/{reason}": count for reason, count in self.drops.items()})
         values.update({f"seconds/{stage}": seconds for stage, seconds in self.stage_seconds.items()})
         healthy = self._queue.qsize() < self.params.queue_size
@@ -332,11 +343,32 @@ class InstaSceneNode(Node):
             self.stall_watchdog.stop()
 
 
+def lower_this_threads_priority(nice: int) -> str:
+    """Give the calling thread niceness `nice` (> 0: lower priority), and with it every thread it
+    starts later (numba's and torch's pools, where it starts them). Returns why not, or "".
+
+    Why: on a robot's few cores the mapper keeps a core busy all the time; at the same priority
+    the scheduler shares that core evenly with the executor's threads and DDS, so a service call
+    waits in the run queue behind a mapping step (on the live bench the executor's threads spent
+    longer runnable without a CPU than running). Niceness is per thread on Linux only; elsewhere
+    `setpriority` would lower the whole process, queries included, so it is left alone."""
+    if nice <= 0:
+        return ""
+    if sys.platform != "linux":
+        return f"per-thread niceness is Linux's, not {sys.platform}'s"
+    try:
+        # who = 0: the calling thread (Linux/NPTL). Never above what it already has: a node
+        # started with `nice` stays at least that nice (and raising needs privileges).
+        os.setpriority(os.PRIO_PROCESS, 0, max(nice, os.getpriority(os.PRIO_PROCESS, 0)))
+    except OSError as error:
+        return str(error)
+    return ""
+
+
 def main(args=None) -> int:
     # a parameter that cannot work raises ValueError in the constructor
     return run_node(InstaSceneNode, "instascene_node", (ValueError,), num_threads=4, args=args)
 
 
 if __name__ == "__main__":
-    import sys
     sys.exit(main())

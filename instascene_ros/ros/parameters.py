@@ -23,6 +23,7 @@ class NodeParameters:
     device: str = "cpu"  # "cpu" (numba kernels) or "cuda" (gsplat)
     primitive: str = "3dgs"  # "3dgs" (3D Gaussians) or "2dgs" (2D surfels)
     numba_threads: int = 1
+    mapper_nice: int = 10  # the mapping thread's niceness (Linux): the executor's threads preempt it
     sync_slop_s: float = 0.02
     mask_wait_s: float = 1.5
     pose_max_gap_s: float = 0.05
@@ -60,6 +61,7 @@ DESCRIPTIONS = {
     "device": "'cpu' (numba kernels) or 'cuda' (gsplat)",
     "primitive": "'3dgs' (3D Gaussians, the default by the mapping bench) or '2dgs' (2D surfels: median depth and normals); the instance layer renders the same",
     "numba_threads": "threads for the CPU splatting kernels (leave one core to the executor)",
+    "mapper_nice": "niceness of the mapping thread (and of the threads it starts), 0-19 (Linux, where niceness is per thread): mapping is background work, so services, callbacks and DDS preempt it when the cores are busy; 0 = the same priority as the rest",
     "sync_slop_s": "max stamp difference between an image and its camera_info / depth / mask",
     "mask_wait_s": "how long an image waits for a late mask from a slow segmenter",
     "pose_max_gap_s": "pose_topic: max stamp difference between an image and the nearest pose",
@@ -138,6 +140,8 @@ def validate(parameters: NodeParameters) -> None:
     if parameters.max_keyframes < 0 or parameters.max_keyframes in (1, 2):
         raise ValueError(f"max_keyframes must be 0 (unbounded) or >= 3 (the first, the newest and one to "
                          f"replace), not {parameters.max_keyframes}")
+    if not 0 <= parameters.mapper_nice <= 19:
+        raise ValueError(f"mapper_nice must be 0-19 (0 = as the rest of the node), not {parameters.mapper_nice}")
     if not parameters.stall_report_ms >= 0.0:
         raise ValueError(f"stall_report_ms must be >= 0 (0 = off), not {parameters.stall_report_ms}")
     if parameters.queue_size < 1:
