@@ -99,13 +99,13 @@ def test_a_long_collection_is_named_even_when_a_young_one_ran_after_it_in_the_sa
     watchdog._on_gc("stop", {"generation": 2})
     watchdog._on_gc("start", {"generation": 0})
     woke = time.monotonic()
-    words = watchdog._collection_in(asleep, woke, late=woke - asleep)
+    words = watchdog._culprit_in(asleep, woke, late=woke - asleep)
     assert "a generation-2 garbage collection took" in words, words
     watchdog._on_gc("stop", {"generation": 0})
     # A collection that ended before this sleep began is no part of the stall.
     later = time.monotonic()
     time.sleep(0.06)
-    assert watchdog._collection_in(later, time.monotonic(), late=0.06) == ""
+    assert watchdog._culprit_in(later, time.monotonic(), late=0.06) == ""
 
 
 def spin_on_cpu_0(seconds: float) -> None:
@@ -182,3 +182,25 @@ def test_the_scheduler_clock_counts_a_threads_wait_for_a_cpu():
     stolen, runnable = clock.steal_and_runnable()
     assert stolen >= 0.0 and runnable >= 1  # this thread itself is running
     clock.close()
+
+
+def test_a_declared_episode_that_overlaps_a_stall_is_named():
+    # e.g. malloc_trim: the C call releases the GIL, but a thread that allocates meanwhile waits
+    # for the heap's lock with the GIL held. Here a thread holds the GIL during the episode.
+    reports = []
+    watchdog = StallWatchdog(threshold_s=0.1, report=reports.append, period_s=0.01, report_every_s=0.0).start()
+    try:
+        time.sleep(0.1)
+        with watchdog.episode("malloc_trim (memory given back)"):
+            holder = threading.Thread(target=hold_the_gil_for_a_while)
+            holder.start()
+            holder.join()
+        time.sleep(0.1)
+        quiet = watchdog.stalls
+        with watchdog.episode("an episode far from any stall"):
+            time.sleep(0.05)
+        time.sleep(0.1)
+    finally:
+        watchdog.stop()
+    assert any("malloc_trim (memory given back) took" in report for report in reports), reports
+    assert watchdog.stalls == quiet and not any("far from any stall" in report for report in reports)

@@ -196,7 +196,8 @@ def live_row(scene: pathlib.Path, out: pathlib.Path, args, pose_noise: str, refi
             **_memory_trend(probe.history, stream_start, stream_end),
             # the node's stall watchdog over the stream (only with --node-param stall_report_ms:=...)
             **{f"stream_{key}": float(at_stream_end[key]) for key in (
-                "stalls", "stall_worst_ms", "stall_total_ms", "stall_cpu_wait_ms", "stall_steal_ms", "gc_worst_ms")
+                "stalls", "stall_worst_ms", "stall_total_ms", "stall_cpu_wait_ms", "stall_steal_ms", "gc_worst_ms",
+                "memory_trim_worst_ms")
                if key in at_stream_end},
             **{f"{kind}_p95_ms": _percentile_ms(answers, 95) for kind, answers in during.items()},
             **{f"{kind}_p50_ms": _percentile_ms(answers, 50) for kind, answers in during.items()},
@@ -339,7 +340,7 @@ def print_table(result: dict, args) -> None:
                         ("list_instances_p95_ms", 1), ("segment_at_pixel_p95_ms", 1),
                         ("segment_at_pixel_mask_p95_ms", 1), ("stream_stalls", 0), ("stream_stall_worst_ms", 0),
                         ("stream_stall_total_ms", 0), ("stream_stall_cpu_wait_ms", 0), ("stream_stall_steal_ms", 0),
-                        ("stream_gc_worst_ms", 1), ("exit_code", 0)):
+                        ("stream_gc_worst_ms", 1), ("stream_memory_trim_worst_ms", 1), ("exit_code", 0)):
         cells = []
         for n in names:
             value = rows[n].get(key)

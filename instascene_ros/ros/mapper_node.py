@@ -8,6 +8,7 @@ so a slow mapping step never stalls a query.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import queue
@@ -68,6 +69,7 @@ class InstaSceneNode(Node):
         self.frames_in = self.frames_mapped = self.frames_covered = 0
         self.map_settled = False  # see publish_diagnostics
         self._memory_released_at = 0.0
+        self.memory_trim_worst_s = 0.0
         self._queue: queue.Queue = queue.Queue(maxsize=self.params.queue_size)
         self._stop = threading.Event()
 
@@ -230,8 +232,11 @@ class InstaSceneNode(Node):
         the heaps limited to two, the live bench's mask-query p95 went 82 -> 120 ms.)"""
         now = time.monotonic()
         if now - self._memory_released_at >= RELEASE_MEMORY_EVERY_S:
-            release_free_memory()
-            self._memory_released_at = now
+            watchdog = self.stall_watchdog
+            with watchdog.episode("malloc_trim (freed memory given back)") if watchdog else contextlib.nullcontext():
+                release_free_memory()
+            self._memory_released_at = time.monotonic()
+            self.memory_trim_worst_s = max(self.memory_trim_worst_s, self._memory_released_at - now)
 
     def _map_one(self, synced) -> None:
         start = time.perf_counter()
@@ -324,6 +329,7 @@ class InstaSceneNode(Node):
                            "stall_steal_ms": round(watchdog.steal_s * 1000.0, 1),
                            "gc_worst_ms": round(watchdog.gc_worst_s * 1000.0, 1)})
         values["gc_frozen_objects"] = self.gc_frozen_objects
+        values["memory_trim_worst_ms"] = round(self.memory_trim_worst_s * 1000.0, 1)
         if self._worker_tid is not None and sys.platform == "linux":
             try:  # what the kernel holds for the mapping thread, not what was asked
                 values["mapper_thread_nice"] = os.getpriority(os.PRIO_PROCESS, self._worker_tid)

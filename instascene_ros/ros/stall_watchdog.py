@@ -34,6 +34,7 @@ stall, the holder's at the line of the call that keeps the GIL. Each re-arm star
 """
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import gc
 import os
@@ -90,7 +91,7 @@ class StallWatchdog:
     seconds (`stalled_s`, of which `cpu_wait_s` waiting for a CPU and `steal_s` stolen, per CPU)
     are for diagnostics."""
 
-    GC_WORTH_NAMING_S = 0.001  # young collections take microseconds; keep them out of the history
+    WORTH_NAMING_S = 0.001  # young collections take microseconds; keep them out of the history
 
     def __init__(self, threshold_s: float, report: Callable[[str], None], period_s: float = 0.02,
                  report_every_s: float = 10.0, frames: int = 4, traceback_file: Optional[str] = None):
@@ -106,12 +107,15 @@ class StallWatchdog:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._traceback_file = open(traceback_file, "a") if traceback_file else None
-        # Garbage collections: the longest, the one running, and the recent ones worth naming.
-        # Not just the last: a stall that holds a long collection often ends in a gen-0 one
-        # started by the next few hundred allocations, before the watchdog gets the GIL back.
+        # Episodes that may stop every thread: garbage collections (timed by the collector's
+        # callbacks) and work the node declares (`episode`). The ones running and the recent ones
+        # worth naming: not just the last, since a stall that holds a long collection often ends
+        # in a gen-0 one started by the next few hundred allocations, before the watchdog gets
+        # the GIL back.
         self.gc_worst_s = 0.0
         self._gc_running: Optional[tuple[float, int]] = None  # (start, generation) while one runs
-        self._gc_recent: deque[tuple[float, float, int]] = deque(maxlen=64)  # (start, end, generation)
+        self._running: dict[int, tuple[float, str]] = {}  # declared episodes: token -> (start, words)
+        self._recent: deque[tuple[float, float, str]] = deque(maxlen=64)  # (start, end, words)
 
     def _on_gc(self, phase: str, info: dict) -> None:
         now = time.monotonic()
@@ -121,27 +125,48 @@ class StallWatchdog:
         if self._gc_running is not None:
             started, generation = self._gc_running
             self.gc_worst_s = max(self.gc_worst_s, now - started)
-            if now - started >= self.GC_WORTH_NAMING_S:
-                self._gc_recent.append((started, now, generation))
+            if now - started >= self.WORTH_NAMING_S:
+                self._recent.append((started, now, self._gc_words(generation)))
             self._gc_running = None
 
-    def _collection_in(self, since: float, now: float, late: float) -> str:
-        """Words for the garbage collection that took the largest part of the stall between
-        `since` and `now`, if that part is a good share of it: one that ended in it, or one still
-        running (the watchdog can win the GIL inside the collector's own "stop" callback, before
-        it is recorded)."""
-        collections = list(self._gc_recent)
+    @staticmethod
+    def _gc_words(generation: int) -> str:
+        return f"a generation-{generation} garbage collection"
+
+    @contextlib.contextmanager
+    def episode(self, words: str):
+        """Time a piece of work that may stop other threads without holding the GIL itself (a
+        C call that locks what they need: glibc's malloc_trim locks each heap it trims, and a
+        thread that allocates meanwhile waits with the GIL held), so a stall it overlaps names
+        it: "...; `words` took N ms of it"."""
+        token = object()
+        self._running[id(token)] = (time.monotonic(), words)
+        try:
+            yield
+        finally:
+            started, _ = self._running.pop(id(token))
+            ended = time.monotonic()
+            if ended - started >= self.WORTH_NAMING_S:
+                self._recent.append((started, ended, words))
+
+    def _culprit_in(self, since: float, now: float, late: float) -> str:
+        """Words for the episode (a garbage collection or a declared one) that took the largest
+        part of the stall between `since` and `now`, if that part is a good share of it: one that
+        ended in it, or one still running (the watchdog can win the GIL inside the collector's own
+        "stop" callback, before it is recorded)."""
+        episodes = list(self._recent)
         running = self._gc_running
         if running is not None:
-            collections.append((running[0], now, running[1]))
-        best_overlap, best_generation = 0.0, -1
-        for started, ended, generation in collections:
+            episodes.append((running[0], now, self._gc_words(running[1])))
+        episodes += [(started, now, words) for started, words in list(self._running.values())]
+        best_overlap, best_words = 0.0, ""
+        for started, ended, words in episodes:
             overlap = min(ended, now) - max(started, since)
             if overlap > best_overlap:
-                best_overlap, best_generation = overlap, generation
+                best_overlap, best_words = overlap, words
         if best_overlap <= 0.2 * late:
             return ""
-        return f"; a generation-{best_generation} garbage collection took {best_overlap * 1e3:.0f} ms of it"
+        return f"; {best_words} took {best_overlap * 1e3:.0f} ms of it"
 
     def start(self) -> "StallWatchdog":
         gc.callbacks.append(self._on_gc)
@@ -202,7 +227,7 @@ class StallWatchdog:
                 scheduler = (f": {waited * 1e3:.0f} ms of it waiting for a CPU ({runnable} tasks runnable on "
                              f"{clock.cpus} CPUs), {stolen * 1e3:.0f} ms per CPU stolen by the hypervisor, "
                              f"the rest waiting for the GIL")
-            collection = self._collection_in(asleep, woke, late)
+            collection = self._culprit_in(asleep, woke, late)
             if report:
                 self._reported_at = woke
                 self._report(f"process stalled {late * 1e3:.0f} ms (stall {self.stalls}, worst "
