@@ -204,3 +204,13 @@ def test_a_declared_episode_that_overlaps_a_stall_is_named():
         watchdog.stop()
     assert any("malloc_trim (memory given back) took" in report for report in reports), reports
     assert watchdog.stalls == quiet and not any("far from any stall" in report for report in reports)
+
+
+def test_an_unreadable_scheduler_clock_costs_the_split_not_the_watchdog(monkeypatch):
+    def unknown_format(self):
+        raise ValueError("a /proc/thread-self/schedstat this parser does not know")
+
+    monkeypatch.setattr(SchedulerClock, "runqueue_wait_s", unknown_format)
+    watchdog, reports, _ = watch([hold_the_gil_for_a_while])
+    assert watchdog.stalls >= 1 and watchdog.cpu_wait_s == 0.0, (watchdog.stalls, watchdog.cpu_wait_s)
+    assert reports and "waiting for a CPU" not in reports[0], reports

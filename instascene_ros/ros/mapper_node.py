@@ -356,7 +356,8 @@ def lower_this_threads_priority(nice: int) -> str:
     Why: on a robot's few cores the mapper keeps a core busy all the time; at the same priority
     the scheduler shares that core evenly with the executor's threads and DDS, so a service call
     waits in the run queue behind a mapping step (on the live bench the executor's threads spent
-    longer runnable without a CPU than running). Niceness is per thread on Linux only; elsewhere
+    longer runnable without a CPU than running; the gain there is within its run-to-run spread, see
+    the README's live section). Niceness is per thread on Linux only; elsewhere
     `setpriority` would lower the whole process, queries included, so it is left alone."""
     if nice <= 0:
         return ""

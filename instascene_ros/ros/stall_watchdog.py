@@ -198,7 +198,10 @@ class StallWatchdog:
             if self._traceback_file is not None:
                 faulthandler.dump_traceback_later(self.threshold_s + self.period_s, file=self._traceback_file)
             if clock.available:
-                waited_before, (stolen_before, _) = clock.runqueue_wait_s(), clock.steal_and_runnable()
+                try:
+                    waited_before, (stolen_before, _) = clock.runqueue_wait_s(), clock.steal_and_runnable()
+                except (OSError, ValueError, IndexError):  # a /proc this parser does not know:
+                    clock.close()  # go on without the split rather than lose the watchdog
             asleep = time.monotonic()
             time.sleep(self.period_s)
             late = time.monotonic() - asleep - self.period_s
@@ -217,7 +220,7 @@ class StallWatchdog:
             self.worst_s = max(self.worst_s, late)
             self.stalled_s += late
             scheduler = ""
-            if clock.available:
+            if clock.available:  # (read before this sleep, so these reads parse too)
                 # The sleep itself is never a wait for a CPU; the wake-up's and the GIL hand-over's are.
                 waited = min(late, clock.runqueue_wait_s() - waited_before)
                 stolen_now, runnable = clock.steal_and_runnable()
