@@ -463,6 +463,35 @@ def test_undersegmented_mask_dropped_at_thirty_percent(n_split, dropped):
         assert 0 != result.labels[10][3] != result.labels[10][5] != 0
 
 
+@pytest.mark.parametrize("cover, dropped", [(0.0, False), (0.5, True)])
+def test_a_small_object_merged_into_a_big_one_is_caught_by_the_cover_rule(cover, dropped):
+    # X is big (150 Gaussians), Y small (15), touching. Frames 0-5 merge them into one mask; in
+    # frames 6-9 the segmenter keeps them apart. There X holds 150 / 165 = 0.91 of the merged
+    # mask, above the share rule's 0.8, so only the cover rule sees that the merged mask holds
+    # all of Y's own mask as well: split in 4 of the 9 frames that judge frame 0's mask.
+    X, Y = ids(0, 150), ids(150, 165)
+    both = np.concatenate([X, Y])
+    tracker = SpatialTracker(TrackerConfig(undersegment_cover=cover))
+    for frame in range(6):
+        tracker.add_frame(frame, None, {7: both}, both)
+    for frame in range(6, 10):
+        tracker.add_frame(frame, None, {3: X, 5: Y}, both)
+    result = tracker.solve()
+    assert ((0, 7) in result.undersegmented) == dropped
+    if dropped:  # the merged views no longer vote X and Y together: Y keeps an instance of its own
+        assert 0 != result.labels[6][3] != result.labels[6][5] != 0
+    assert (6, 3) not in result.undersegmented and (6, 5) not in result.undersegmented
+
+
+def test_the_cover_rule_leaves_a_fragmented_object_alone_in_few_frames():
+    X = ids(0, 150)
+    tracker = SpatialTracker(TrackerConfig(undersegment_cover=0.5))
+    for frame in range(10):  # X whole in 8 of 10 frames, cut in two (140 + 10) in 2
+        masks = {2: X[:140], 4: X[140:]} if frame in (4, 7) else {7: X}
+        tracker.add_frame(frame, None, masks, X)
+    assert not {key for key in tracker.solve().undersegmented if key[1] == 7}
+
+
 def test_undersegmentation_decision_is_revisited_as_frames_arrive():
     X, Y = ids(0, 80), ids(80, 160)
     merged, parts = np.concatenate([X, Y]), np.concatenate([X, Y])

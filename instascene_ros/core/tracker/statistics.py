@@ -7,7 +7,9 @@ A tracker a (a mask of frame i) is judged by every other frame k (MaskClustering
   mask of k (else the segmenter said nothing there, or the Gaussians sit on a boundary between two
   masks of k: the frame abstains);
 - contained by mask m of k: m holds >= contained_fraction of a's Gaussians labelled in k;
-- split in k: it meets several masks of k and the largest holds < undersegment_share of them.
+- split in k: it meets several masks of k and the largest holds < undersegment_share of them
+  (or, with undersegment_cover > 0, it holds >= that share of another mask of k besides the
+  largest: `_second_mask_cover`).
 A mask split in >= undersegment_frame_ratio of the frames judging it is under-segmented and
 dropped; as in MaskClustering, a dropped mask stops being a container, and the trackers it
 contained no longer count its frame as an observer.
@@ -149,6 +151,22 @@ def _gaussian_major_lists(problem: Problem) -> tuple[np.ndarray, ...]:
     return labelled_ptr, labelled_tracker, unlabelled.indptr.astype(np.int64), unlabelled.indices.astype(np.int32)
 
 
+def _second_mask_cover(problem: Problem, first: int, last: int, best_tracker: np.ndarray, sizes: np.ndarray,
+                       min_gaussians: int) -> np.ndarray:
+    """(last - first, F): for trackers first..last and every frame k, the largest share of another
+    tracker of k (of >= min_gaussians Gaussians, not the one holding most of the row's Gaussians
+    in k) that the row's tracker holds. A mask that swallowed a small neighbour holds most of that
+    neighbour's own mask wherever the segmenter kept the two apart."""
+    incidence = problem.incidence.astype(np.int32)  # counts: int8 ones would overflow
+    shared = (incidence[first:last] @ incidence.T).tocoo()  # Gaussians in common, tracker pairs
+    rows, cols = shared.row, shared.col
+    frames = problem.tracker_frame[cols]
+    keep = (sizes[cols] >= min_gaussians) & (cols != best_tracker[rows, frames]) & (rows + first != cols)
+    cover = np.zeros((last - first, problem.n_frames))
+    np.maximum.at(cover, (rows[keep], frames[keep]), shared.data[keep] / sizes[cols[keep]])
+    return cover
+
+
 def judge(problem: Problem, config: TrackerConfig) -> Observations:
     """Judge every tracker in every other frame, apply the under-segmentation filter."""
     n_trackers, n_frames = problem.n_trackers, problem.n_frames
@@ -173,6 +191,9 @@ def judge(problem: Problem, config: TrackerConfig) -> Observations:
         share = best_count / np.maximum(labelled, 1)
         contained = judged & (share >= config.contained_fraction)
         split = judged & (masks_met >= 2) & (share < config.undersegment_share)
+        if config.undersegment_cover > 0.0:
+            cover = _second_mask_cover(problem, first, last, best_tracker, sizes, config.undersegment_cover_min_gaussians)
+            split |= judged & (cover >= config.undersegment_cover)
         judged_frames[first:last] = judged.sum(axis=1)
         split_frames[first:last] = split.sum(axis=1)
         rows, frames = np.nonzero(contained)
