@@ -618,22 +618,20 @@ def instance_by_members(gaussians, instances: Instances, camera: Camera, u: floa
     `query_member_share` or nothing is drawn there. `gaussians` (a splat `Gaussians`) must be
     row-aligned with `instances.ids`, as the snapshot's frozen copy is. Renders that one pixel."""
     from instascene_ros.core.splat import contributors
-    from instascene_ros.core.splat.numba_projection import reach_mask
+    from instascene_ros.core.splat.numba_projection import reaching
 
     n = int(gaussians.means.shape[0])
     if n != instances.labels.shape[0]:
         raise ValueError(f"{n} Gaussians but {instances.labels.shape[0]} instance labels: not row-aligned")
     col, row = int(np.floor(u)), int(np.floor(v))
     pixel = camera.cropped(col, row, 1, 1)
-    candidates = np.arange(n)
-    if config.primitive == "3dgs" and not gaussians.means.is_cuda:
-        # Only the Gaussians whose footprint can reach the pixel are projected (a live map's 40k
-        # would cost ~10 ms a read, and a mask query reads up to three times).
-        candidates = np.flatnonzero(reach_mask(gaussians, [pixel], config.raster))
-        gaussians = gaussians.map(lambda tensor: tensor[torch.from_numpy(candidates)])
+    # Only the Gaussians whose footprint can reach the pixel are projected (a live map's 40k
+    # would cost ~10 ms a read, and a mask query reads up to three times).
+    gaussians, candidates = reaching(gaussians, [pixel], config.raster, config.primitive)
     # Every Gaussian composited until the pixel is opaque (transmittance 1e-3), as the label vote.
     _, rows, weights = contributors(gaussians, pixel, t_min=1e-3, primitive=config.primitive, config=config.raster)
-    rows = candidates[rows]
+    if candidates is not None:
+        rows = candidates[rows]
     total = float(weights.sum())
     if total <= 0.0:
         return 0, 0.0

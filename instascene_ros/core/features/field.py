@@ -32,7 +32,7 @@ from scipy.spatial import cKDTree
 
 from instascene_ros.core.camera import Camera
 from instascene_ros.core.splat import Gaussians, RenderOutput, render
-from instascene_ros.core.splat.numba_projection import reach_mask
+from instascene_ros.core.splat.numba_projection import reaching
 from instascene_ros.core.splat.types import RasterConfig
 
 from .baseline import IdentityClassifier
@@ -147,7 +147,7 @@ def render_features(scene, features: torch.Tensor, cameras: Union[Camera, Sequen
     Returns the RenderOutput; `features` (C, H, W, F) is a blend of unit vectors (divide by
     alpha, or normalise, before comparing directions) and `alpha` (C, H, W).
 
-    On the CPU, 3D Gaussians that cannot reach any of the images (`reach_mask`) are left
+    On the CPU, 3D Gaussians that cannot reach any of the images (`reaching`) are left
     out before the projection: the images are the same, and a small view of a large map (a
     pixel query's window, an instance's box) costs its own Gaussians, not the whole map's.
     Their rows of `radii` are 0 (not drawn) and of `means2d` 0.
@@ -155,20 +155,13 @@ def render_features(scene, features: torch.Tensor, cameras: Union[Camera, Sequen
     features = torch.as_tensor(features, dtype=torch.float32, device=scene.means.device)
     gaussians = scene_gaussians(scene, features.detach())
     cameras = [cameras] if isinstance(cameras, Camera) else list(cameras)
-    if primitive != "3dgs" or gaussians.means.is_cuda or not cameras:
-        gaussians.features = F.normalize(gaussians.features, dim=-1)
-        return render(gaussians, cameras, primitive=primitive, backend=backend, config=raster)
-    device = gaussians.means.device
-    reach = torch.from_numpy(reach_mask(gaussians, cameras, raster))
-    rows = torch.nonzero(reach).squeeze(1)
-    culled = len(rows) < len(reach)
-    if culled:
-        gaussians = gaussians.map(lambda tensor: tensor[rows])
+    n, device = len(gaussians.means), gaussians.means.device
+    gaussians, rows = reaching(gaussians, cameras, raster, primitive)
     gaussians.features = F.normalize(gaussians.features, dim=-1)
     out = render(gaussians, cameras, primitive=primitive, backend=backend, config=raster)
-    if not culled:
+    if rows is None:
         return out
-    n, n_cameras = len(reach), len(cameras)
+    rows, n_cameras = torch.from_numpy(rows), len(cameras)
     radii = torch.zeros((n_cameras, n, 2), dtype=out.radii.dtype, device=device)
     radii[:, rows] = out.radii
     means2d = torch.zeros((n_cameras, n, 2), dtype=out.means2d.dtype, device=device)

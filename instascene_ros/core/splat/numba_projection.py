@@ -17,7 +17,7 @@ Per Gaussian and camera (notation of project_gaussians):
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -266,6 +266,21 @@ def reach_mask(gaussians: Gaussians, cameras: Sequence[Camera], config: RasterCo
                            int(cameras[0].width), int(cameras[0].height), float(config.near_plane),
                            float(config.far_plane), float(config.min_alpha), float(config.radius_sigmas),
                            float(config.eps2d), JACOBIAN_FOV_MARGIN)
+
+
+def reaching(gaussians: Gaussians, cameras: Sequence[Camera], config: RasterConfig,
+             primitive: str = "3dgs") -> tuple[Gaussians, Optional[np.ndarray]]:
+    """(the Gaussians that may reach the images, their rows in `gaussians`) for a render whose
+    result does not depend on the others (`reach_mask`), or (`gaussians`, None) where nothing is
+    left out: 2D surfels, CUDA tensors (gsplat projects those), no camera, or every Gaussian may
+    reach. Callers map rows of the smaller render back through the returned rows."""
+    if primitive != "3dgs" or gaussians.means.is_cuda or not cameras:
+        return gaussians, None
+    rows = np.flatnonzero(reach_mask(gaussians, cameras, config))
+    if len(rows) == len(gaussians.means):
+        return gaussians, None
+    index = torch.from_numpy(rows)
+    return gaussians.map(lambda tensor: tensor[index]), rows
 
 
 class _NumbaProjection(torch.autograd.Function):
