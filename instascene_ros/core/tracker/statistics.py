@@ -151,14 +151,14 @@ def _gaussian_major_lists(problem: Problem) -> tuple[np.ndarray, ...]:
     return labelled_ptr, labelled_tracker, unlabelled.indptr.astype(np.int64), unlabelled.indices.astype(np.int32)
 
 
-def _second_mask_cover(problem: Problem, first: int, last: int, best_tracker: np.ndarray, sizes: np.ndarray,
-                       min_gaussians: int) -> np.ndarray:
+def _second_mask_cover(problem: Problem, counts: sparse.csr_matrix, first: int, last: int, best_tracker: np.ndarray,
+                       sizes: np.ndarray, min_gaussians: int) -> np.ndarray:
     """(last - first, F): for trackers first..last and every frame k, the largest share of another
     tracker of k (of >= min_gaussians Gaussians, not the one holding most of the row's Gaussians
     in k) that the row's tracker holds. A mask that swallowed a small neighbour holds most of that
-    neighbour's own mask wherever the segmenter kept the two apart."""
-    incidence = problem.incidence.astype(np.int32)  # counts: int8 ones would overflow
-    shared = (incidence[first:last] @ incidence.T).tocoo()  # Gaussians in common, tracker pairs
+    neighbour's own mask wherever the segmenter kept the two apart. `counts`: the incidence as
+    int32 (its int8 ones would overflow in the product)."""
+    shared = (counts[first:last] @ counts.T).tocoo()  # Gaussians in common, tracker pairs
     rows, cols = shared.row, shared.col
     frames = problem.tracker_frame[cols]
     keep = (sizes[cols] >= min_gaussians) & (cols != best_tracker[rows, frames]) & (rows + first != cols)
@@ -180,6 +180,7 @@ def judge(problem: Problem, config: TrackerConfig) -> Observations:
     contained_tracker, contained_frame, container = [], [], []
     judged_frames = np.zeros(n_trackers, np.int64)
     split_frames = np.zeros(n_trackers, np.int64)
+    counts = incidence.astype(np.int32) if config.undersegment_cover > 0.0 else None
     for first in range(0, n_trackers, chunk):
         last = min(n_trackers, first + chunk)
         seen, labelled, best_count, best_tracker, masks_met = frame_statistics(
@@ -192,7 +193,8 @@ def judge(problem: Problem, config: TrackerConfig) -> Observations:
         contained = judged & (share >= config.contained_fraction)
         split = judged & (masks_met >= 2) & (share < config.undersegment_share)
         if config.undersegment_cover > 0.0:
-            cover = _second_mask_cover(problem, first, last, best_tracker, sizes, config.undersegment_cover_min_gaussians)
+            cover = _second_mask_cover(problem, counts, first, last, best_tracker, sizes,
+                                       config.undersegment_cover_min_gaussians)
             split |= judged & (cover >= config.undersegment_cover)
         judged_frames[first:last] = judged.sum(axis=1)
         split_frames[first:last] = split.sum(axis=1)
