@@ -66,7 +66,7 @@ def _decomposed_blob_pipeline(primitive: str = "3dgs") -> Pipeline:
     for index, (camera, mask) in enumerate(zip(blob.cameras, blob.masks)):
         pipeline.mapper.keyframes.append(Keyframe(index=index, name=str(float(index)), camera=camera,
                                                   rgb=torch.zeros(camera.height, camera.width, 3, dtype=torch.uint8),
-                                                  depth=None, median_depth=None))
+                                                  depth_half=None, median_depth=None))
         pipeline.masks[index] = mask
         trackers, visible = pipeline._trace(camera, mask)
         pipeline.tracker.add_frame(index, mask, trackers, visible)

@@ -206,7 +206,11 @@ class Keyframe:
     name: str
     camera: Camera
     rgb: torch.Tensor  # (H, W, 3) uint8
-    depth: Optional[torch.Tensor]  # (H, W) float32 metres, 0 where invalid
+    # (H, W) metres, 0 where invalid, held as float16: a keyframe is kept for the whole session
+    # and float32 made depth the largest part of it. float16 keeps 11 significant bits, a step of
+    # 0.5 mm at 0.5-1 m and 1 mm at 1-2 m, below a depth camera's own noise there and a 16UC1
+    # millimetre image's step. `depth` gives float32 for computing.
+    depth_half: Optional[torch.Tensor]
     median_depth: Optional[float]
     keypoints: Optional[np.ndarray] = None  # (M, 2) (u, v) pixels, continuous frame (RGB only)
     descriptors: Optional[np.ndarray] = None
@@ -215,6 +219,22 @@ class Keyframe:
     # pose refinement (PoseRefinementConfig.photometric_step_*).
     pose_moments: Optional[np.ndarray] = None
     pose_steps: int = 0
+
+    @property
+    def depth(self) -> Optional[torch.Tensor]:
+        """(H, W) float32 metres, 0 where invalid (a fresh tensor: writing to it changes nothing)."""
+        return None if self.depth_half is None else self.depth_half.float()
+
+    @property
+    def has_depth(self) -> bool:
+        return self.depth_half is not None
+
+    def __setstate__(self, state: dict) -> None:
+        # Maps saved before depth was held as float16 (MAP_FORMAT 1 either way) pickled `depth`.
+        if "depth" in state:
+            depth = state.pop("depth")
+            state["depth_half"] = None if depth is None else depth.half()
+        self.__dict__.update(state)
 
 
 # ---------------------------------------------------------------------------------------- losses
@@ -655,7 +675,7 @@ class Mapper:
         world = transform_points(camera.T_world_cam, back_project(camera, probe, cols, rows)[valid])
         scored = []
         for kf in self.keyframes:
-            if kf.depth is None or kf.index == exclude:
+            if not kf.has_depth or kf.index == exclude:
                 continue
             uv, z = kf.camera.project(world)
             front = z > 1e-6
@@ -664,8 +684,8 @@ class Mapper:
             if not inside.any():
                 continue
             # Only the probed pixels leave the device, not the keyframe's whole depth map.
-            measured = kf.depth[torch.from_numpy(py[inside]).to(kf.depth.device),
-                                torch.from_numpy(px[inside]).to(kf.depth.device)].cpu().numpy()
+            measured = kf.depth_half[torch.from_numpy(py[inside]).to(kf.depth_half.device),
+                                     torch.from_numpy(px[inside]).to(kf.depth_half.device)].float().cpu().numpy()
             seen = np.abs(measured - z[inside]) < 0.02
             scored.append((int(seen.sum()), kf.index, kf))
         scored.sort(key=lambda item: (-item[0], -item[1]))
@@ -687,7 +707,7 @@ class Mapper:
             return False
         # Corrected keyframes, and keyframes the gauge moved with the map (a refused keyframe
         # inserted before a gauge move sits at the move times its TF pose).
-        corrected = [kf for kf in self.keyframes if kf.depth is not None and kf.measured_T_world_cam is not None
+        corrected = [kf for kf in self.keyframes if kf.has_depth and kf.measured_T_world_cam is not None
                      and (kf.index in self.gauge.corrections
                           or not np.array_equal(kf.camera.T_world_cam, kf.measured_T_world_cam))]
         corrected.sort(key=lambda kf: self._revisited.get(kf.index, -1))
@@ -788,7 +808,7 @@ class Mapper:
         median = None
         if frame.depth is not None:
             valid = self._valid_depth(frame.depth)
-            depth_np = np.where(valid, frame.depth, 0.0).astype(np.float32)
+            depth_np = np.where(valid, frame.depth, 0.0).astype(np.float16)
             depth = torch.from_numpy(depth_np).to(self.device)
             median = float(np.median(frame.depth[valid]))
         camera = frame.camera
@@ -796,7 +816,7 @@ class Mapper:
             camera = Camera(K=camera.K, width=camera.width, height=camera.height, T_world_cam=refinement.T_world_cam)
         kf = Keyframe(index=self.keyframes_made, name=frame.name, camera=camera,
                       rgb=torch.from_numpy(np.ascontiguousarray(frame.rgb)).to(self.device),
-                      depth=depth, median_depth=median, measured_T_world_cam=frame.camera.T_world_cam.copy())
+                      depth_half=depth, median_depth=median, measured_T_world_cam=frame.camera.T_world_cam.copy())
         if depth is None:
             detect_features(kf, self.config.insertion)
         return kf
@@ -831,8 +851,8 @@ class Mapper:
         if self._background_initialised:
             return
         rgb = kf.rgb.float() / 255.0
-        if kf.depth is not None:
-            empty = kf.depth <= 0
+        if kf.has_depth:
+            empty = kf.depth_half <= 0
             if int(empty.sum()) < self.config.optimisation.background_min_pixels:
                 return
             samples = rgb[empty]
@@ -849,7 +869,7 @@ class Mapper:
             return 0
         alpha, rendered_depth = self._coverage(kf.camera)
         ins = self.config.insertion
-        if kf.depth is not None:
+        if kf.has_depth:
             new = seeds_from_depth(kf, alpha, ins, self.rng, self.device)
         else:
             earlier = self.keyframes[:-1]  # kf was appended before insertion
@@ -887,7 +907,7 @@ class Mapper:
         crop = self.config.optimisation.crop_size
         cam = kf.camera
         rgb = kf.rgb
-        depth = kf.depth
+        depth = kf.depth_half
         if crop is not None and (crop < cam.width or crop < cam.height):
             cw, ch = min(crop, cam.width), min(crop, cam.height)
             x0 = self._crop_offset(cam.width, cw)
@@ -896,7 +916,7 @@ class Mapper:
             rgb = rgb[y0:y0 + ch, x0:x0 + cw]
             depth = depth[y0:y0 + ch, x0:x0 + cw] if depth is not None else None
         fraction = (cam.width * cam.height) / (kf.camera.width * kf.camera.height)
-        return cam, rgb.float() / 255.0, depth, fraction
+        return cam, rgb.float() / 255.0, depth.float() if depth is not None else None, fraction
 
     def _crop_offset(self, size: int, crop: int) -> int:
         """Start of a random crop. Offsets drawn uniformly from [0, size - crop] would cover the
@@ -976,7 +996,7 @@ class Mapper:
         # once per map: a reset at or after `first` (this one, or a periodic one) has done its work
         return (first is not None and it >= first and self.last_opacity_reset < first
                 and it + 2 * opt.densify_interval < opt.densify_until
-                and not any(kf.depth is not None for kf in self.keyframes))
+                and not any(kf.has_depth for kf in self.keyframes))
 
     def _reset_opacity(self, it: int) -> None:
         self.scene.reset_opacity()

@@ -36,6 +36,7 @@ from instascene_ros.core.features.baseline import video_associate
 from instascene_ros.core.instances import (InstanceConfig, Instances, SurfaceView, extract_instances,
                                            instances_from_labels, masks_from_feature_image, on_rendered_surface,
                                            segment_at_pixel)
+from instascene_ros.core.keyframe_masks import KeyframeMasks
 from instascene_ros.core.mapping import PRESETS, Mapper, MapperConfig
 from instascene_ros.core.scene import sh_dc_to_rgb
 from instascene_ros.core.splat.types import Gaussians
@@ -214,7 +215,7 @@ class Pipeline:
         self.mapper = Mapper(self.config.mapper, progress_bar=self.progress_bar)
         self.tracker = SpatialTracker(self.config.tracker)
         self.field = FeatureField(self.config.features)
-        self.masks: dict[int, np.ndarray] = {}  # keyframe index -> its raw 2D mask
+        self.masks = KeyframeMasks()  # keyframe index -> its raw 2D mask (int32 when read)
         self.traced_at: dict[int, int] = {}  # keyframe index -> mapper iteration of its last trace
         self.priors: dict[int, np.ndarray] = {}
         self.consistent_labels: dict[int, dict[int, int]] = {}
@@ -360,7 +361,7 @@ class Pipeline:
         """The identity-classifier baseline's training ids: the keyframes' masks made consistent
         by the video associator (mask IoU propagated frame to frame, warped by sensor depth
         when every keyframe has it), in keyframe order; not the tracker's labels."""
-        depths = [kf.depth.cpu().numpy() if kf.depth is not None else None for kf in keyframes]
+        depths = [kf.depth.cpu().numpy() if kf.has_depth else None for kf in keyframes]
         warp = all(d is not None for d in depths)
         return video_associate([self.masks[kf.index] for kf in keyframes],
                                [kf.camera for kf in keyframes] if warp else None, depths if warp else None,
@@ -849,7 +850,9 @@ class Pipeline:
         with self.lock:
             version = self.snapshot.map_version
             self.mapper, self.tracker, self.field = state["mapper"], state["tracker"], state["field"]
-            self.masks, self.traced_at = state["masks"], state["traced_at"]
+            # maps saved before the masks were held packed hold a dict of int32 arrays
+            self.masks = KeyframeMasks(state["masks"]) if isinstance(state["masks"], dict) else state["masks"]
+            self.traced_at = state["traced_at"]
             self.priors, self.forgotten = state["priors"], state["forgotten"]
             # maps saved before the key existed settle again when the node idles (a re-fit)
             self._settle_fit = tuple(state.get("settle_fit", (-1, 0)))

@@ -57,6 +57,19 @@ def _as_ids(ids) -> np.ndarray:
     return unique_sorted(np.asarray(ids, dtype=np.int64))
 
 
+_INT32 = np.iinfo(np.int32)
+
+
+def _held_ids(ids) -> np.ndarray:
+    """`_as_ids`, as int32 while the ids fit (persistent ids count up from 0: 2^31 Gaussians
+    made). A frame record is held as long as its keyframe, and its visible set (~15k ids at
+    256x256) was the tracker's largest array; readers widen ids as they index them (IdIndex)."""
+    ids = _as_ids(ids)
+    if ids.size and (ids[0] < _INT32.min or ids[-1] > _INT32.max):
+        return ids
+    return ids.astype(np.int32)
+
+
 def _positions_table(positions_by_id: Optional[PositionsById]) -> Optional[tuple[np.ndarray, np.ndarray]]:
     """(sorted ids, positions in that order) from either accepted form."""
     if positions_by_id is None:
@@ -219,11 +232,11 @@ class SpatialTracker:
                 raise ValueError(f"frame {frame_index}: mask id 0 means 'no mask' and has no tracker")
             if mask_id not in known:
                 raise ValueError(f"frame {frame_index}: a tracker for mask {mask_id}, which the mask does not hold")
-            ids = _as_ids(ids)
+            ids = _held_ids(ids)
             if ids.size:
                 cleaned[mask_id] = ids
         # A tracker's Gaussians render the frame, whatever the caller's visible set says.
-        visible = _as_ids(np.concatenate([np.asarray(visible_set, dtype=np.int64).reshape(-1), *cleaned.values()]))
+        visible = _held_ids(np.concatenate([np.asarray(visible_set, dtype=np.int64).reshape(-1), *cleaned.values()]))
         return FrameRecord(mask_ids=mask_ids, trackers=cleaned, visible=visible)
 
     # -- persistence ----------------------------------------------------------------------------
@@ -241,8 +254,8 @@ class SpatialTracker:
         if state.get("version") != STATE_DICT_VERSION:
             raise ValueError(f"tracker state version {state.get('version')}, expected {STATE_DICT_VERSION}")
         self._frames = {int(index): FrameRecord(mask_ids=np.asarray(frame["mask_ids"], dtype=np.int64),
-                                                trackers={int(m): _as_ids(t) for m, t in frame["trackers"].items()},
-                                                visible=_as_ids(frame["visible"]))
+                                                trackers={int(m): _held_ids(t) for m, t in frame["trackers"].items()},
+                                                visible=_held_ids(frame["visible"]))
                         for index, frame in state["frames"].items()}
         self._ids.previous = {int(i): _as_ids(g) for i, g in state["instances"].items()}
         self._ids.next_id = int(state["next_id"])
