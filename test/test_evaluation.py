@@ -110,3 +110,26 @@ def test_bench_live_rescore_scores_the_saved_maps_again_and_keeps_the_stream_mea
         main(args + ["--json", str(bench_json), "--rows", "live,live-pose-noise"])
     with pytest.raises(SystemExit, match="--json"):
         main(args + ["--rows", "live"])
+
+
+def test_bench_live_memory_trend_reads_the_held_memory_once_per_release_beside_every_sample():
+    """The every-sample trend follows where the swings of the working set fall; the trend after
+    each release follows what is held. A 2 MB/min growth under a 160 MB swing whose peaks crowd
+    the stream's end (as a busier phase would): only the held trend finds the 2 MB/min."""
+    from instascene_ros.commands.bench_live import _memory_trend
+
+    history, releases = [], 0
+    for step in range(1200):  # 10 minutes at 2 Hz
+        t = step * 0.5
+        held = 600.0 + 2.0 * t / 60.0
+        if step % 30 == 0:  # a release every 15 s; diagnostics repeat its value until the next
+            releases += 1
+            after = held
+        swing = 160.0 if (t > 450 and step % 3) else 0.0
+        history.append((t, {"rss_mb": str(held + swing), "rss_after_release_mb": str(after),
+                            "memory_releases": str(releases), "keyframes": str(min(step // 8, 120))}))
+    trend = _memory_trend(history, 0.0, 599.5)
+    assert trend["rss_held_trend_mb_per_min"] == pytest.approx(2.0, abs=1e-6)
+    assert trend["rss_held_points"] == 20  # one point per release in the second half, not 600
+    assert trend["rss_trend_mb_per_min"] > 20.0  # the swing's timing, read as growth
+    assert trend["keyframes_at_half"] == 75 and trend["rss_max_mb"] == pytest.approx(600.0 + 2.0 * 599.5 / 60 + 160)

@@ -71,6 +71,10 @@ def test_node_end_to_end(small_scene, ros_env, ros_processes, tmp_path):
     # over them held the GIL 200 ms), and the collections it still makes are short
     assert int(diagnostics["gc_frozen_objects"]) > 100_000, diagnostics
     assert float(diagnostics["gc_worst_ms"]) < 100.0, diagnostics
+    # the resident memory right after the worker's latest release: measured (not the NaN before
+    # any release), and at most the process's peak
+    assert int(diagnostics["memory_releases"]) >= 1, diagnostics
+    assert 100.0 < float(diagnostics["rss_after_release_mb"]) <= float(diagnostics["max_rss_mb"]), diagnostics
 
     # instances against ground truth: every object found once, clouds on their own object
     meshes = {int(p.stem): trimesh.load(p, force="mesh") for p in (small_scene / "gt_meshes").glob("*.ply")}
