@@ -244,6 +244,8 @@ def live_row(scene: pathlib.Path, out: pathlib.Path, args, pose_noise: str, refi
     pipeline = Pipeline(PipelineConfig.from_preset("cpu"))
     pipeline.load(str(out / "map.instascene"))
     metrics = evaluate_run(pipeline, dataset, out, progress=False)
+    # all of it beside the map, as `instascene run` writes it: per-object IoU and the id choice
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
     row.update({k: metrics.get(k) for k in ("psnr", "psnr_object", "ssim", "miou", "biou", "pq_scene",
                                             "cloud_precision", "n_instances")})
     return row
