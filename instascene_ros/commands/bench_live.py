@@ -25,7 +25,8 @@ Protocol (one generated scene, the same data for every row):
 
 Memory is "flat" when the resident memory's linear trend over the second half of the stream
 is below `--flat-mb-per-min`. Two trends are given: of every diagnostics sample (`rss_mb`, which
-also carries the working set of the step under way, 150-190 MB peak to peak) and of the resident
+also carries the working set of the step under way: 150-190 MB between its 5th and 95th
+percentiles on the live bench) and of the resident
 memory right after each of the worker's releases (the same point of every work cycle). While the
 map still takes keyframes (see `keyframes_at_half` and `keyframes`) both include its growth.
 JSON: {"scene", "rows": {name: {...}}, "targets": {...}}.

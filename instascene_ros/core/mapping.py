@@ -54,8 +54,9 @@ class KeyframeConfig:
 
     min_translation_m: float = 0.05
     min_rotation_deg: float = 5.0
-    # 0 = unbounded. Else the keyframe memory budget (RGB, depth, mask and tracker record: ~1 MB
-    # of data, ~1.7 MB resident, per 256x256 RGB-D keyframe, measured on the live bench). At the
+    # 0 = unbounded. Else the keyframe memory budget (RGB, depth, mask and tracker record: ~0.5 MB
+    # per 256x256 RGB-D keyframe as held, measured on a live-bench map; 0.3-0.45 MB of resident
+    # memory after a release, live bench and runs/dev/rss_phases.py). At the
     # limit a new view is taken only if it lies farther from every keyframe than the most
     # redundant keyframe lies from its nearest neighbour, and it replaces that one. The set
     # spreads out over the views seen (greedy max-min dispersion) instead of forgetting the
@@ -207,9 +208,9 @@ class Keyframe:
     camera: Camera
     rgb: torch.Tensor  # (H, W, 3) uint8
     # (H, W) metres, 0 where invalid, held as float16: a keyframe is kept for the whole session
-    # and float32 made depth the largest part of it. float16 keeps 11 significant bits, a step of
-    # 0.5 mm at 0.5-1 m and 1 mm at 1-2 m, below a depth camera's own noise there and a 16UC1
-    # millimetre image's step. `depth` gives float32 for computing.
+    # and float32 made depth the largest part of it. float16 keeps 11 significant bits: a step of
+    # 0.5 mm at 0.5-1 m, 1 mm at 1-2 m (a 16UC1 millimetre image's step), 2 mm at 2-4 m, each
+    # below a depth camera's own noise at that range. `depth` gives float32 for computing.
     depth_half: Optional[torch.Tensor]
     median_depth: Optional[float]
     keypoints: Optional[np.ndarray] = None  # (M, 2) (u, v) pixels, continuous frame (RGB only)

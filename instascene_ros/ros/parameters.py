@@ -55,7 +55,7 @@ DESCRIPTIONS = {
     "use_depth": "pair each image with a depth image (32FC1 metres or 16UC1 mm, registered to colour)",
     "refine_poses": "correct each RGB-D keyframe's TF pose by point-to-plane ICP against the map (kinematic and calibration error of a few mm / tenths of a degree); false = trust TF as is",
     "photometric_poses": "with refine_poses: every mapping iteration also steps the trained keyframe's pose down the mapping loss (colour, SSIM, depth; PoseRefinementConfig.photometric_step_*), so keyframes keep agreeing with the map as it grows; false = ICP at insertion only",
-    "max_keyframes": "keyframe memory budget: at most this many keyframes (about 1 MB of data and 1.7 MB of resident memory each at 256x256 RGB-D with masks, in proportion to pixels); when full, a new view replaces the most redundant keyframe only if it spreads the set out more; 0 = unbounded (a long stream over new ground grows without limit)",
+    "max_keyframes": "keyframe memory budget: at most this many keyframes (about 0.5 MB each at 256x256 RGB-D with masks, held compact: uint8 image, float16 depth, packed mask; in proportion to pixels); when full, a new view replaces the most redundant keyframe only if it spreads the set out more; 0 = unbounded (a long stream over new ground grows without limit)",
     "use_masks": "wait for 2D instance masks on 'mask' (optional per frame: frames without one are still mapped)",
     "preset": "mapper budgets: 'cpu' (2 cores) or 'paper' (GPU, published iteration counts)",
     "device": "'cpu' (numba kernels) or 'cuda' (gsplat)",
