@@ -48,7 +48,7 @@ def test_a_keyframe_is_kept_in_under_two_thirds_of_the_bytes_and_reads_back_as_b
     frames = []
     for az in (0, 40, 80):
         frame = scene.frame(orbit_camera(32, az, 40))
-        # a segmenter's sparse ids: the table 1000, the sphere 2000
+        # a segmenter's sparse ids: 1000 for what it sees, 2000 for its nearer part
         frame.mask = np.where(frame.depth > 0, 1000, 0).astype(np.int32)
         frame.mask[(frame.depth > 0) & (frame.depth < np.median(frame.depth[frame.depth > 0]) - 0.05)] = 2000
         assert pipeline.add_frame(frame).keyframe
