@@ -70,16 +70,23 @@ def test_a_keyframe_is_kept_in_under_two_thirds_of_the_bytes_and_reads_back_as_b
         unpacked += kf.rgb.numel() + 4 * depth.size + 4 * frame.mask.size + sum(8 * a.size for a in ids)
     # uint8 RGB (3 B) + float16 depth (2) + packed mask (1) + int32 ids against 3 + 4 + 4 + int64
     assert held < 0.65 * unpacked, (held, unpacked)
-    # a map saved before the masks were packed (a dict of int32 images) loads packed
+    # a map saved before the masks were packed (format 1, a dict of int32 images) loads packed
     path = tmp_path / "map.instascene"
     pipeline.save(str(path))
     state = torch.load(path, weights_only=False)
-    state["masks"] = {index: state["masks"][index] for index in state["masks"]}
+    assert state["format"] == 2
+    state["format"], state["masks"] = 1, {index: state["masks"][index] for index in state["masks"]}
     torch.save(state, path)
     loaded = Pipeline(pipeline.config)
     loaded.load(str(path))
     assert isinstance(loaded.masks, KeyframeMasks) and list(loaded.masks) == list(pipeline.masks)
     assert all(np.array_equal(loaded.masks[i], pipeline.masks[i]) for i in pipeline.masks)
+    # a format this package does not know is refused with the formats it reads, the map untouched
+    state["format"] = 3
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="map format 3 is not supported .this package reads 1, 2"):
+        loaded.load(str(path))
+    assert list(loaded.masks) == list(pipeline.masks)
 
 
 def test_keyframes_of_maps_saved_with_float32_depth_load_as_float16():

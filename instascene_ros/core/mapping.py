@@ -231,7 +231,7 @@ class Keyframe:
         return self.depth_half is not None
 
     def __setstate__(self, state: dict) -> None:
-        # Maps saved before depth was held as float16 (MAP_FORMAT 1 either way) pickled `depth`.
+        # Maps saved before depth was held as float16 (MAP_FORMAT 1) pickled `depth`.
         if "depth" in state:
             depth = state.pop("depth")
             state["depth_half"] = None if depth is None else depth.half()

@@ -52,7 +52,11 @@ QUERY_WINDOW_PX = 16
 # Margin around an instance's projected Gaussian centres when only its mask is rendered: covers
 # the splats' footprints (3 sigma of the mm-scale Gaussians of a tabletop object at 256 px).
 QUERY_MASK_MARGIN_PX = 8
-MAP_FORMAT = 1
+# 2: keyframe depth as float16 and the masks packed (KeyframeMasks). This code reads format 1 too
+# (converted on load); a package from before 2 refuses a format-2 file with this message instead
+# of failing on the first keyframe it reads.
+MAP_FORMAT = 2
+READABLE_MAP_FORMATS = (1, 2)
 
 
 @dataclass
@@ -840,8 +844,9 @@ class Pipeline:
             raise ValueError(f"not a readable map file ({type(error).__name__}: {error})") from error
         if not isinstance(state, dict) or state.get("magic") != MAP_MAGIC:
             raise ValueError("not an instascene map (no instascene header)")
-        if state.get("format") != MAP_FORMAT:
-            raise ValueError(f"map format {state.get('format')} is not supported (expected {MAP_FORMAT})")
+        if state.get("format") not in READABLE_MAP_FORMATS:
+            raise ValueError(f"map format {state.get('format')} is not supported (this package reads "
+                             f"{', '.join(map(str, READABLE_MAP_FORMATS))})")
         # map_location put the tensors on this pipeline's device; the objects' device attributes
         # still name the saver's (a GPU robot's map opened on a CPU machine would render with gsplat).
         device = torch.device(self.config.mapper.device)
