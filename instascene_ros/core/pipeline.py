@@ -53,8 +53,8 @@ QUERY_WINDOW_PX = 16
 # the splats' footprints (3 sigma of the mm-scale Gaussians of a tabletop object at 256 px).
 QUERY_MASK_MARGIN_PX = 8
 # 2: keyframe depth as float16 and the masks packed (KeyframeMasks). This code reads format 1 too
-# (converted on load); a package from before 2 refuses a format-2 file with this message instead
-# of failing on the first keyframe it reads.
+# (converted on load). A package from before 2 cannot unpickle the new classes and refuses a
+# format-2 file as unreadable; a later format is refused here by its number.
 MAP_FORMAT = 2
 READABLE_MAP_FORMATS = (1, 2)
 
