@@ -21,6 +21,7 @@ from PIL import Image
 from scipy import ndimage
 
 from instascene_ros.core import metrics
+from instascene_ros.core.keyframe_masks import KeyframeMasks
 from instascene_ros.core.viz import colorize_ids, contact_sheet, overlay
 
 log = logging.getLogger(__name__)
@@ -283,11 +284,12 @@ def retrain_field(pipeline, features, steps: int, tracker=None, masks=None) -> f
             for index in list(pipeline.masks):
                 pipeline.tracker.remove_frame(index)
                 pipeline.traced_at.pop(index, None)
-            pipeline.masks = {}
+            pipeline.masks = KeyframeMasks()  # held packed, as the pipeline holds its own
             for index, mask in sorted(masks.items()):
-                pipeline.masks[index] = np.asarray(mask, np.int32)
-                trackers, visible = pipeline._trace(cameras[index], pipeline.masks[index])
-                pipeline.tracker.add_frame(index, pipeline.masks[index], trackers, visible)
+                mask = np.asarray(mask, np.int32)
+                pipeline.masks[index] = mask
+                trackers, visible = pipeline._trace(cameras[index], mask)
+                pipeline.tracker.add_frame(index, mask, trackers, visible)
                 pipeline.traced_at[index] = pipeline.mapper.iteration
             retrace = 0  # every frame was just traced
         pipeline.field = FeatureField(features)

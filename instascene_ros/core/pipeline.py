@@ -254,9 +254,10 @@ class Pipeline:
             keyframe = self.mapper.keyframes[-1]
             if frame.mask is not None:
                 tic = time.perf_counter()
-                self.masks[keyframe.index] = np.asarray(frame.mask, np.int32)
-                trackers, visible = self._trace(keyframe.camera, self.masks[keyframe.index])
-                self.tracker.add_frame(keyframe.index, self.masks[keyframe.index], trackers, visible)
+                mask = np.asarray(frame.mask, np.int32)
+                self.masks[keyframe.index] = mask  # held packed; `mask` serves the trace
+                trackers, visible = self._trace(keyframe.camera, mask)
+                self.tracker.add_frame(keyframe.index, mask, trackers, visible)
                 self.traced_at[keyframe.index] = self.mapper.iteration
                 self.keyframes_since_solve += 1
                 timings["trace"] = time.perf_counter() - tic
@@ -311,12 +312,12 @@ class Pipeline:
             tic = time.perf_counter()
             masked = [kf for kf in self.mapper.keyframes if kf.index in self.masks]
             if masked and self.priors and feature_steps > 0:
+                raw = [self.masks[kf.index] for kf in masked]  # each unpacked once
                 if self.field.config.objective == "classifier":
                     consistent = self._video_associated(masked)
                 else:
-                    consistent = [result.label_image(kf.index, self.masks[kf.index]) for kf in masked]
-                labels = [KeyframeLabels(consistent=ids, masks=self.masks[kf.index])
-                          for kf, ids in zip(masked, consistent)]
+                    consistent = [result.label_image(kf.index, mask) for kf, mask in zip(masked, raw)]
+                labels = [KeyframeLabels(consistent=ids, masks=mask) for ids, mask in zip(consistent, raw)]
                 self.identity_splits += self._train_field(masked, labels, feature_steps)
             timings["features"] = time.perf_counter() - tic
             tic = time.perf_counter()
