@@ -80,6 +80,27 @@ def test_clone_keeps_parent_split_replaces_parent_prune_forgets():
         assert p.shape[0] == scene.n
 
 
+def test_oversized_prune_by_screen_radius_and_by_world_scale():
+    """Rows 0-1 were drawn larger than max_screen_radius, rows 2-3 are larger in the world than
+    max_world_scale_fraction x extent, rows 4-5 neither. Nothing oversized goes unless asked;
+    with max_screen_radius None only the world-size rule prunes."""
+    def prepared(**config) -> GaussianScene:
+        scene = make_scene(6, max_gaussians=100, **config)
+        scene.extent = 1.0
+        with torch.no_grad():
+            scene.log_scales[2:4] = math.log(0.5)
+        scene.max_radii2d[:] = torch.tensor([50.0, 30.0, 5.0, 5.0, 5.0, 19.0])
+        return scene
+
+    def survivors(scene: GaussianScene, prune_oversized: bool) -> list[int]:
+        scene.densify_and_prune(prune_oversized=prune_oversized)  # no gradients: prunes only
+        return sorted(scene.ids.tolist())
+
+    assert survivors(prepared(), False) == [0, 1, 2, 3, 4, 5]
+    assert survivors(prepared(), True) == [4, 5]
+    assert survivors(prepared(max_screen_radius=None), True) == [0, 1, 4, 5]
+
+
 def test_adam_state_follows_the_gaussians():
     scene = make_scene(8)
     take_adam_step(scene)

@@ -104,8 +104,11 @@ class SceneConfig:
     split_children: int = 2  # 3DGS N = 2
     split_scale_divisor: float = 1.6  # children scale = parent / (0.8 * N)
     min_opacity: float = 0.005  # prune below this opacity
-    max_screen_radius: float = 20.0  # prune when the projected radius (px) exceeded this
-    max_world_scale_fraction: float = 0.1  # prune when max scale > this * extent
+    # Oversized Gaussians (pruned only once `densify_and_prune(prune_oversized=True)`, see the
+    # mapper's `prune_large_from`): projected radius (px) above this since the last
+    # densification (None: no screen-size prune), or largest scale above this x extent.
+    max_screen_radius: Optional[float] = 20.0
+    max_world_scale_fraction: float = 0.1
     opacity_reset_value: float = 0.01  # opacities are clamped to this at an opacity reset
 
     # Hard budget: the number of Gaussians never exceeds this.
@@ -545,14 +548,14 @@ class GaussianScene:
         return self.remove(evict)
 
     # ------------------------------------------------------------------ densify / prune
-    def densify_and_prune(self, max_screen_radius: Optional[float] = None,
+    def densify_and_prune(self, prune_oversized: bool = False,
                           importance_fn: Optional[Callable[["GaussianScene"], torch.Tensor]] = None
                           ) -> dict[str, int]:
         """3DGS densification step under the budget.
 
-        1. Prune: opacity below `min_opacity`; with `max_screen_radius`, also Gaussians whose
-           projected radius exceeded it or whose largest scale exceeds
-           `max_world_scale_fraction` x extent (3DGS prunes after densifying; pruning first
+        1. Prune: opacity below `min_opacity`; with `prune_oversized`, also Gaussians whose
+           projected radius exceeded `max_screen_radius` (unless None) or whose largest scale
+           exceeds `max_world_scale_fraction` x extent (3DGS prunes after densifying; pruning first
            frees budget for this step's densification, and nothing it removes could densify).
         2. Candidates: mean NDC gradient >= `densify_grad_threshold`; clone if the largest scale
            is <= `percent_dense` x extent, else split into `split_children`.
@@ -571,8 +574,9 @@ class GaussianScene:
             return counts
         with torch.no_grad():
             prune = self.opacities < c.min_opacity
-            if max_screen_radius is not None:
-                prune |= self.max_radii2d > max_screen_radius
+            if prune_oversized:
+                if c.max_screen_radius is not None:
+                    prune |= self.max_radii2d > c.max_screen_radius
                 prune |= self.scales.max(dim=1).values > c.max_world_scale_fraction * self.extent
             counts["pruned"] = self.remove(prune)
 
