@@ -163,9 +163,10 @@ class MapperConfig:
         keyframes in random order, close-ups among them, and the rule (pruning included) removed
         800-1100 Gaussians a densification (200-500 while streaming); the training PSNR fell
         from 26.4 to 21.8 dB by the end of densification and the rest of the refinement went to
-        recovering it. Without it, on the mapping bench's scene (256 px, 60 views, one run each,
-        README "Mapping"): RGB-D held out 20.98-21.33 -> 21.46-21.70 dB, objects 24.96-26.13 ->
-        26.84-26.99, object depth error 1.70-1.80 -> 1.15-1.20 mm; RGB only 16.44 -> 17.92 dB.
+        recovering it. Without it, on the mapping bench's scene (256 px, 60 views, two runs each
+        way, README "Mapping"): RGB-D held out 20.98-21.33 -> 21.46-21.95 dB, objects
+        24.96-26.13 -> 26.56-26.99, object depth error 1.70-1.80 -> 1.15 mm; RGB only (one run
+        before, two after) 16.44 -> 17.92-18.29 dB.
         SH degree 0: view dependence is not worth its 16x colour cost at this iteration count.
         """
         scene = SceneConfig(sh_degree=0, max_gaussians=40_000, position_lr_max_steps=4000, max_screen_radius=None)
