@@ -115,21 +115,40 @@ def test_bench_live_rescore_scores_the_saved_maps_again_and_keeps_the_stream_mea
 def test_bench_live_memory_trend_reads_the_held_memory_once_per_release_beside_every_sample():
     """The every-sample trend follows where the swings of the working set fall; the trend after
     each release follows what is held. A 2 MB/min growth under a 160 MB swing whose peaks crowd
-    the stream's end (as a busier phase would): only the held trend finds the 2 MB/min."""
+    the stream's end (as a busier phase would): only the held trend finds the 2 MB/min. With
+    the keyframe store growing too (0.5 MB a keyframe, reported at each release), the trend
+    of held memory less the store is the 2 MB/min that is not the map."""
     from instascene_ros.commands.bench_live import _memory_trend
 
     history, releases = [], 0
     for step in range(1200):  # 10 minutes at 2 Hz
         t = step * 0.5
+        keyframes = min(step // 8, 120)
         held = 600.0 + 2.0 * t / 60.0
         if step % 30 == 0:  # a release every 15 s; diagnostics repeat its value until the next
             releases += 1
-            after = held
+            after, store = held, 0.5 * keyframes
         swing = 160.0 if (t > 450 and step % 3) else 0.0
         history.append((t, {"rss_mb": str(held + swing), "rss_after_release_mb": str(after),
-                            "memory_releases": str(releases), "keyframes": str(min(step // 8, 120))}))
+                            "memory_releases": str(releases), "keyframes": str(keyframes),
+                            "keyframe_store_mb": str(store)}))
     trend = _memory_trend(history, 0.0, 599.5)
     assert trend["rss_held_trend_mb_per_min"] == pytest.approx(2.0, abs=1e-6)
     assert trend["rss_held_points"] == 20  # one point per release in the second half, not 600
     assert trend["rss_trend_mb_per_min"] > 20.0  # the swing's timing, read as growth
     assert trend["keyframes_at_half"] == 75 and trend["rss_max_mb"] == pytest.approx(600.0 + 2.0 * 599.5 / 60 + 160)
+    # held memory here excludes the store, so less it the trend falls below the 2 MB/min
+    # by the store's own trend (it grows 7.5 MB/min until the 120th keyframe at 8 min)
+    assert trend["rss_held_beyond_keyframes_trend_mb_per_min"] < 2.0 - 3.0
+    assert trend["keyframe_store_second_half_mb"] == pytest.approx(0.5 * (120 - 75))
+
+    # the store inside the held memory, as the node measures it: less the store, 2 MB/min is left
+    for t, values in history:
+        values["rss_after_release_mb"] = str(float(values["rss_after_release_mb"]) + float(values["keyframe_store_mb"]))
+    trend = _memory_trend(history, 0.0, 599.5)
+    assert trend["rss_held_trend_mb_per_min"] > 2.0 + 3.0
+    assert trend["rss_held_beyond_keyframes_trend_mb_per_min"] == pytest.approx(2.0, abs=1e-6)
+    # a node without the diagnostic: no such trend rather than a wrong one
+    for t, values in history:
+        del values["keyframe_store_mb"]
+    assert _memory_trend(history, 0.0, 599.5)["rss_held_beyond_keyframes_trend_mb_per_min"] is None

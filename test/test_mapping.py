@@ -512,3 +512,10 @@ def test_pipeline_drops_masks_and_tracker_records_of_keyframes_the_budget_gave_u
     assert kept == {0, 3, 4}
     assert set(pipeline.masks) == kept and set(pipeline.traced_at) == kept
     assert set(pipeline.tracker.frame_indices) == kept
+    # ... and the keyframe store the node reports (diagnostics `keyframe_store_mb`) counts what
+    # is held: three keyframes' RGB (uint8) and depth (float16), their packed masks and records.
+    held = pipeline.mapper.keyframes
+    assert sum(kf.rgb.nbytes + kf.depth_half.nbytes for kf in held) == 3 * 24 * 24 * (3 + 2)
+    records = sum(r.nbytes for r in pipeline.tracker._frames.values())
+    assert records > 0 and pipeline.masks.nbytes >= 3 * 24 * 24  # at least a byte a pixel
+    assert pipeline.keyframe_store_bytes() == sum(kf.nbytes for kf in held) + pipeline.masks.nbytes + records

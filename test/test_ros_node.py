@@ -75,6 +75,8 @@ def test_node_end_to_end(small_scene, ros_env, ros_processes, tmp_path):
     # any release), and at most the process's peak
     assert int(diagnostics["memory_releases"]) >= 1, diagnostics
     assert 100.0 < float(diagnostics["rss_after_release_mb"]) <= float(diagnostics["max_rss_mb"]), diagnostics
+    # of which the keyframe store, at that release: measured, and a small part of it
+    assert 0.0 < float(diagnostics["keyframe_store_mb"]) < 0.5 * float(diagnostics["rss_after_release_mb"]), diagnostics
 
     # instances against ground truth: every object found once, clouds on their own object
     meshes = {int(p.stem): trimesh.load(p, force="mesh") for p in (small_scene / "gt_meshes").glob("*.ply")}

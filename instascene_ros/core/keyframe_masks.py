@@ -66,4 +66,4 @@ class KeyframeMasks(MutableMapping):
 
     @property
     def nbytes(self) -> int:
-        return sum(packed.nbytes for packed in self._packed.values())
+        return sum(packed.nbytes for packed in list(self._packed.values()))

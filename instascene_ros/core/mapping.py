@@ -238,6 +238,14 @@ class Keyframe:
     def has_depth(self) -> bool:
         return self.depth_half is not None
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the images and arrays this keyframe holds (RGB, depth, keypoints)."""
+        tensors = (self.rgb, self.depth_half)
+        arrays = (self.keypoints, self.descriptors, self.pose_moments)
+        return (sum(t.element_size() * t.nelement() for t in tensors if t is not None)
+                + sum(a.nbytes for a in arrays if a is not None))
+
     def __setstate__(self, state: dict) -> None:
         # Maps saved before depth was held as float16 (MAP_FORMAT 1) pickled `depth`.
         if "depth" in state:

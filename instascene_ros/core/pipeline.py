@@ -523,6 +523,14 @@ class Pipeline:
                 return False
             return self._settle_steps_given() >= self.config.cadence.finish_feature_steps
 
+    def keyframe_store_bytes(self) -> int:
+        """Bytes held per keyframe, for all keyframes: the mapper's images (RGB, depth,
+        keypoints), the packed 2D masks and the tracker's frame records. The map's own growth,
+        bounded by the keyframe budget; resident memory growing beyond it is something else.
+        Lists are copied before summing, so a diagnostics thread may call it while mapping runs."""
+        keyframes = list(self.mapper.keyframes)
+        return sum(kf.nbytes for kf in keyframes) + self.masks.nbytes + self.tracker.nbytes
+
     def finish(self, extra_iterations: Optional[int] = None, time_budget_s: Optional[float] = None) -> dict:
         """End of stream: global refinement, full re-trace, and a longer feature-field fit."""
         with self.lock:

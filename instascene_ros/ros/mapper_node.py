@@ -72,6 +72,7 @@ class InstaSceneNode(Node):
         self.memory_trim_worst_s = 0.0
         # Resident memory just after each release (see publish_diagnostics), and how many so far.
         self.rss_after_release_mb = float("nan")
+        self.keyframe_store_after_release_mb = float("nan")
         self.memory_releases = 0
         self._queue: queue.Queue = queue.Queue(maxsize=self.params.queue_size)
         self._stop = threading.Event()
@@ -241,6 +242,7 @@ class InstaSceneNode(Node):
             self._memory_released_at = time.monotonic()
             self.memory_trim_worst_s = max(self.memory_trim_worst_s, self._memory_released_at - now)
             self.rss_after_release_mb = resident_mb()
+            self.keyframe_store_after_release_mb = self.pipeline.keyframe_store_bytes() / 2**20
             self.memory_releases += 1
 
     def _map_one(self, synced) -> None:
@@ -340,6 +342,10 @@ class InstaSceneNode(Node):
         # bench); measured right after the worker's step and the release, it is what the map
         # and the process hold, at the same point of every cycle: the series a leak shows in.
         values["rss_after_release_mb"] = round(self.rss_after_release_mb, 1)
+        # Of which the keyframes' images, masks and tracker records, at the same moment: the map
+        # grows by these until the keyframe budget (max_keyframes) is full. Held memory growing
+        # faster than this is not the map.
+        values["keyframe_store_mb"] = round(self.keyframe_store_after_release_mb, 1)
         values["memory_releases"] = self.memory_releases
         if self._worker_tid is not None and sys.platform == "linux":
             try:  # what the kernel holds for the mapping thread, not what was asked

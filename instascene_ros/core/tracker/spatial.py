@@ -169,6 +169,11 @@ class SpatialTracker:
     def __len__(self) -> int:
         return len(self._frames)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the frame records' arrays (what the tracker holds per keyframe)."""
+        return sum(record.nbytes for record in list(self._frames.values()))
+
     def add_frame(self, frame_index: int, mask: Optional[np.ndarray], trackers: Mapping[int, np.ndarray],
                   visible_set: np.ndarray) -> None:
         """Record a new frame: its (H, W) mask (only its ids are kept; None = the trackers' ids),

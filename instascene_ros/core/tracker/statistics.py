@@ -35,6 +35,10 @@ class FrameRecord:
     trackers: dict[int, np.ndarray]  # mask id -> sorted unique persistent Gaussian ids (non-empty)
     visible: np.ndarray  # sorted unique persistent ids contributing anywhere (trackers included)
 
+    @property
+    def nbytes(self) -> int:
+        return self.mask_ids.nbytes + self.visible.nbytes + sum(ids.nbytes for ids in self.trackers.values())
+
 
 @dataclass
 class Problem:
