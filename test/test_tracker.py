@@ -509,6 +509,37 @@ def test_undersegmentation_decision_is_revisited_as_frames_arrive():
     assert (0, 7) not in tracker.solve().undersegmented
 
 
+def test_a_repeated_solve_returns_the_last_result_until_an_input_changes():
+    """A settling map re-solves an unchanged tracker after every field chunk: the same input
+    gives the last result (events already reported), and any change to the frames, the
+    Gaussians' positions or the config is solved anew."""
+    X, Y = ids(0, 80), ids(80, 160)
+    tracker = SpatialTracker()
+    for frame in range(8):
+        tracker.add_frame(frame, None, {3: X, 5: Y}, np.concatenate([X, Y]))
+    positions = (np.arange(160, dtype=np.int64), np.zeros((160, 3), np.float32))
+    first = tracker.solve(positions)
+    assert len(first.instances) == 2 and [e.kind for e in first.events] == ["created", "created"]
+    again = tracker.solve((positions[0].copy(), positions[1].copy()))  # equal, not the same arrays
+    assert again.stats.get("reused") == 1.0 and again.events == []
+    assert {i: list(inst.gaussian_ids) for i, inst in again.instances.items()} == \
+        {i: list(inst.gaussian_ids) for i, inst in first.instances.items()}
+    # a Gaussian pruned from the map (no position): solved anew, and it leaves its prior
+    pruned = tracker.solve((positions[0][1:], positions[1][1:]))
+    assert "reused" not in pruned.stats and all(0 not in inst.gaussian_ids for inst in pruned.instances.values())
+    # a frame that merges the two (re-traced after the map changed) is seen
+    tracker.solve(positions)
+    for frame in range(8):
+        tracker.retrace(frame, {3: np.concatenate([X, Y])}, np.concatenate([X, Y]))
+    merged = tracker.solve(positions)
+    assert "reused" not in merged.stats and len(merged.instances) == 1
+    assert [e.kind for e in merged.events] == ["merged"]
+    # and a config change
+    tracker.solve(positions)
+    tracker.config = TrackerConfig(consensus_threshold=tracker.config.consensus_threshold * 0.5)
+    assert "reused" not in tracker.solve(positions).stats
+
+
 def test_frames_meeting_one_mask_are_fine_and_missed_frames_abstain():
     X, Y = ids(0, 80), ids(80, 160)
     tracker = SpatialTracker()

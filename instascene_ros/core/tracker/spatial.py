@@ -1,8 +1,9 @@
 """SpatialTracker: keeps every frame's trackers; `solve` associates masks across views."""
 from __future__ import annotations
 
+import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Optional, Union
 
 import numpy as np
@@ -160,6 +161,10 @@ class SpatialTracker:
         self.config = config or TrackerConfig()
         self._frames: dict[int, FrameRecord] = {}
         self._ids = InstanceIds(self.config.match_min_share)
+        # Bumped by every change to the frames or ids; with the config and the positions it keys
+        # the last solve, which a solve of the same input returns (see `solve`).
+        self._revision = 0
+        self._last_solve: Optional[tuple] = None
 
     # -- frames ---------------------------------------------------------------------------------
     @property
@@ -187,6 +192,7 @@ class SpatialTracker:
         else:
             mask_ids = np.array(sorted(int(m) for m in trackers), dtype=np.int64)
         self._frames[frame_index] = self._record(frame_index, mask_ids, trackers, visible_set)
+        self._revision += 1
 
     def retrace(self, frame_index: int, trackers: Mapping[int, np.ndarray], visible_set: np.ndarray) -> None:
         """Replace a frame's trackers and visible set after the map changed (same mask)."""
@@ -195,9 +201,11 @@ class SpatialTracker:
             raise KeyError(f"frame {frame_index} is not tracked")
         self._frames[frame_index] = self._record(frame_index, self._frames[frame_index].mask_ids, trackers,
                                                  visible_set)
+        self._revision += 1
 
     def remove_frame(self, frame_index: int) -> None:
         del self._frames[int(frame_index)]
+        self._revision += 1
 
     def inherit(self, child_ids: np.ndarray, parent_ids: np.ndarray) -> int:
         """Let Gaussians born by cloning / splitting join their parent's trackers and visible sets.
@@ -225,6 +233,8 @@ class SpatialTracker:
             visible = np.concatenate([record.visible, child_ids[seen]])
             self._frames[frame_index] = self._record(frame_index, record.mask_ids, trackers, visible)
             added += int(seen.sum())
+        if added:
+            self._revision += 1
         return added
 
     def _record(self, frame_index: int, mask_ids: np.ndarray, trackers: Mapping[int, np.ndarray],
@@ -264,6 +274,7 @@ class SpatialTracker:
                         for index, frame in state["frames"].items()}
         self._ids.previous = {int(i): _as_ids(g) for i, g in state["instances"].items()}
         self._ids.next_id = int(state["next_id"])
+        self._revision += 1
 
     # -- solving --------------------------------------------------------------------------------
     def solve(self, positions_by_id: Optional[PositionsById] = None) -> TrackerResult:
@@ -272,7 +283,39 @@ class SpatialTracker:
         positions_by_id: current Gaussian positions, {persistent id: (3,)} or (ids (N,),
         positions (N, 3)). Gaussians without a position (pruned from the map) leave the priors,
         and each prior keeps its largest DBSCAN component. None: no pruning, no DBSCAN.
+
+        A solve of exactly the last solve's input (no frame added, re-traced, removed or
+        inherited into since, the same config and positions) returns the last result without
+        its events, which were reported then (stats["reused"] = 1): solving is deterministic
+        and re-solving gives the same instances and ids. A settling live map fits its field in
+        chunks with fresh instances after each, on a map and tracker that no longer change; the
+        re-solve was ~1.1 s of each ~6 s chunk on the live bench.
         """
+        key = self._solve_key(positions_by_id)
+        if key is not None and self._last_solve is not None and self._same_solve_key(key, self._last_solve[0]):
+            last = self._last_solve[1]
+            return replace(last, events=[], stats={**last.stats, "reused": 1.0, "time_total_s": 0.0})
+        result = self._solve(positions_by_id)
+        self._last_solve = None if key is None else (key, result)
+        return result
+
+    def _solve_key(self, positions_by_id: Optional[PositionsById]) -> Optional[tuple]:
+        """What a solve depends on, copied; None when it cannot be compared cheaply (a mapping)."""
+        if positions_by_id is None:
+            positions = None
+        elif isinstance(positions_by_id, tuple):
+            positions = tuple(np.array(a, copy=True) for a in positions_by_id)
+        else:
+            return None
+        return self._revision, copy.deepcopy(self.config), positions
+
+    @staticmethod
+    def _same_solve_key(a: tuple, b: tuple) -> bool:
+        if a[0] != b[0] or a[1] != b[1] or (a[2] is None) != (b[2] is None):
+            return False
+        return a[2] is None or all(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a[2], b[2]))
+
+    def _solve(self, positions_by_id: Optional[PositionsById]) -> TrackerResult:
         config = self.config
         start = time.perf_counter()
         positions = _positions_table(positions_by_id)
