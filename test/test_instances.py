@@ -240,6 +240,25 @@ def test_a_click_on_a_stray_feature_is_read_through_the_instances_of_the_gaussia
     assert found == 0 and share < 0.5
     assert segment_at_pixel(image, *centre, stray, alpha=alpha, config=config, gaussians=gaussians,
                             camera=camera)[0] == 0
+    # With the Gaussians' features at hand (as the snapshot's frozen copy has them): a stray of
+    # no instance that resembles no prototype (e3: cosine 0 to e1 and e2) is no evidence, and
+    # the members behind it name the pixel; one that resembles instance 2 (cosine 0.6 to e2)
+    # still counts against wall 1, and the click names nothing.
+    def with_features(stray_feature):
+        features = rendered.copy()
+        features[-1] = stray_feature
+        return dataclasses.replace(gaussians, features=torch.tensor(features, dtype=torch.float32))
+
+    found, share = instance_by_members(with_features(np.eye(3)[2]), stray, camera, *centre, config)
+    assert found == 1 and share > 0.99
+    assert segment_at_pixel(image, *centre, stray, alpha=alpha, config=config, gaussians=with_features(np.eye(3)[2]),
+                            camera=camera)[0] == 1
+    off = dataclasses.replace(config, query_member_featureless_similarity=0.0)
+    assert instance_by_members(with_features(np.eye(3)[2]), stray, camera, *centre, off)[0] == 0
+    resembling = instances_with(np.array([0.0, 0.6, 0.8]))
+    assert resembling.labels[-1] == 0
+    found, share = instance_by_members(with_features(np.array([0.0, 0.6, 0.8])), resembling, camera, *centre, config)
+    assert found == 0 and share < 0.5
     # A plain click on wall 2 is read from its feature, as before.
     col2 = float(camera.project(np.array([[0.22, 0.0, 1.0]]))[0][0][0])
     assert segment_at_pixel(image, col2, 16.0, stray, alpha=alpha, config=config, gaussians=gaussians,

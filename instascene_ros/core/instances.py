@@ -145,6 +145,19 @@ class InstanceConfig:
     # 23% there and stays unnamed). Measured on 21 saved maps (runs/dev/click_rules.py): 5
     # clicks named, none wrongly; 0 turns it off.
     query_member_share: float = 0.5
+    # Ours: in that share, a Gaussian that belongs to no instance and whose feature resembles
+    # none (cosine below this to every prototype: a surface few views saw, whose feature the
+    # field barely trained, such as the inside of a mug seen from above) is no evidence and
+    # does not count. The live bench's clean row lost an object (a mug, 5.7 of its mIoU) to its
+    # click, into the mug: 31% of the weight was its instance's members, the other 69% Gaussians
+    # of no instance that resembled nothing (cosine 0.15-0.3) -> 99% once those are set aside.
+    # An unlabelled Gaussian that resembles a prototype still counts against the members: report
+    # seed 11's ring, which has no instance, reads 46-47% the mug's members and the rest ring
+    # Gaussians resembling the U-block or a jenga at 0.4-0.6 (at 0.5 one map's share reached 50%
+    # and named the mug). Measured on every evaluation click of 48 saved maps (live, report and
+    # completion maps of sessions 30-34, runs/dev/click_rules2.py, 603 clicks): one click named
+    # (the mug, right), none changed otherwise. 0 turns it off.
+    query_member_featureless_similarity: float = 0.4
     # Instance clouds are surface points, not Gaussian centres. What a camera sees of a 3D
     # Gaussian map is the Gaussians' footprints, so their centres sit about one scale inside
     # the surface (dev seed 0, 128 px: median 4 mm inside the soccer ball and the ducks, a
@@ -615,7 +628,8 @@ def instance_by_members(gaussians, instances: Instances, camera: Camera, u: floa
                         config: InstanceConfig = InstanceConfig()) -> tuple[int, float]:
     """(instance id, share) of the instance whose member Gaussians carry the largest share of the
     blend weight composited at pixel (u, v) of `camera`; id 0 when that share is under
-    `query_member_share` or nothing is drawn there. `gaussians` (a splat `Gaussians`) must be
+    `query_member_share` or nothing is drawn there. Gaussians of no instance whose feature
+    resembles no prototype (`query_member_featureless_similarity`) are left out of the weight. `gaussians` (a splat `Gaussians`) must be
     row-aligned with `instances.ids`, as the snapshot's frozen copy is. Renders that one pixel."""
     from instascene_ros.core.splat import contributors
     from instascene_ros.core.splat.numba_projection import reaching
@@ -630,14 +644,16 @@ def instance_by_members(gaussians, instances: Instances, camera: Camera, u: floa
     gaussians, candidates = reaching(gaussians, [pixel], config.raster, config.primitive)
     # Every Gaussian composited until the pixel is opaque (transmittance 1e-3), as the label vote.
     _, rows, weights = contributors(gaussians, pixel, t_min=1e-3, primitive=config.primitive, config=config.raster)
+    local_rows = rows
     if candidates is not None:
         rows = candidates[rows]
-    total = float(weights.sum())
-    if total <= 0.0:
-        return 0, 0.0
     members = instances.labels[rows]
     named = np.isin(members, instances.instance_ids)  # 0 is none; every label names a kept instance
     if not named.any():
+        return 0, 0.0
+    featureless = ~named & _resembles_nothing(gaussians, local_rows, instances, config.query_member_featureless_similarity)
+    total = float(weights[~featureless].sum())
+    if total <= 0.0:
         return 0, 0.0
     ids, slots = np.unique(members[named], return_inverse=True)
     shares = np.bincount(slots, weights=weights[named]) / total
@@ -645,6 +661,18 @@ def instance_by_members(gaussians, instances: Instances, camera: Camera, u: floa
     if shares[best] < config.query_member_share:
         return 0, float(shares[best])
     return int(ids[best]), float(shares[best])
+
+
+def _resembles_nothing(gaussians, rows: np.ndarray, instances: Instances, similarity: float) -> np.ndarray:
+    """(len(rows),) bool: the Gaussian's feature has cosine below `similarity` to every instance
+    prototype (all False when off, or without features or prototypes)."""
+    features = getattr(gaussians, "features", None)
+    keys, prototypes = instances.prototypes()
+    if similarity <= 0.0 or features is None or keys.size == 0 or rows.size == 0:
+        return np.zeros(rows.shape[0], dtype=bool)
+    chosen = _numpy(features[rows]).astype(np.float32, copy=False)
+    chosen = chosen / np.maximum(np.linalg.norm(chosen, axis=1, keepdims=True), 1e-12)
+    return (chosen @ prototypes.T).max(axis=1) < similarity
 
 
 def segment_at_pixel(rendered_features: FeatureSource, u: float, v: float, instances: Instances,
