@@ -538,6 +538,16 @@ def test_a_repeated_solve_returns_the_last_result_until_an_input_changes():
     tracker.solve(positions)
     tracker.config = TrackerConfig(consensus_threshold=tracker.config.consensus_threshold * 0.5)
     assert "reused" not in tracker.solve(positions).stats
+    # a saved map holds no cached solve, and one saved before the cache existed still solves
+    import pickle
+    saved = pickle.dumps(tracker)
+    assert tracker._last_solve is not None and b"TrackerResult" not in saved
+    loaded = pickle.loads(saved)
+    assert loaded._last_solve is None and "reused" not in loaded.solve(positions).stats
+    old_state = {k: v for k, v in tracker.__getstate__().items() if k != "_revision"}
+    old = SpatialTracker.__new__(SpatialTracker)
+    old.__setstate__(old_state)
+    assert len(old.solve(positions).instances) == 1 and old.solve(positions).stats.get("reused") == 1.0
 
 
 def test_frames_meeting_one_mask_are_fine_and_missed_frames_abstain():

@@ -166,6 +166,15 @@ class SpatialTracker:
         self._revision = 0
         self._last_solve: Optional[tuple] = None
 
+    def __getstate__(self) -> dict:
+        # The last solve is a cache of what the frames give: not saved with a map.
+        return {key: value for key, value in self.__dict__.items() if key != "_last_solve"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_revision", 0)  # maps saved before the solve was cached
+        self._last_solve = None
+
     # -- frames ---------------------------------------------------------------------------------
     @property
     def frame_indices(self) -> list[int]:
