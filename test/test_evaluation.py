@@ -103,6 +103,7 @@ def test_bench_live_rescore_scores_the_saved_maps_again_and_keeps_the_stream_mea
         assert rows[name]["rescored"] is True
         for key in ("miou", "biou", "pq_scene", "cloud_precision", "n_instances"):
             assert rows[name][key] == pytest.approx(metrics[key]), (name, key)
+        assert rows[name]["per_object_iou"] == pytest.approx(metrics["per_object_iou"])
     assert rows["offline"]["psnr"] == 12.5  # not a score of the instances: kept as measured
     assert rows["live"]["frames_in"] == 123.0 and rows["live"]["rss_trend_mb_per_min"] == 0.5
     # Refused before any work: a row without its saved map, or no measurements to keep.
@@ -110,6 +111,21 @@ def test_bench_live_rescore_scores_the_saved_maps_again_and_keeps_the_stream_mea
         main(args + ["--json", str(bench_json), "--rows", "live,live-pose-noise"])
     with pytest.raises(SystemExit, match="--json"):
         main(args + ["--rows", "live"])
+
+
+def test_bench_live_names_the_objects_that_make_a_gap_between_rows():
+    """A row's mIoU gap is usually one or two objects lost or found: those are listed, the rest
+    (within 0.2 everywhere) are not, and a row without per-object scores is left out."""
+    from instascene_ros.commands.bench_live import objects_that_differ
+
+    rows = {"offline": {"per_object_iou": {"1": 0.9, "2": 0.8, "10": 0.62}},
+            "live": {"per_object_iou": {"1": 0.0, "2": 0.75, "10": 0.76}},
+            "live-pose-noise": {"per_object_iou": {"1": 0.88, "2": 0.95, "10": 0.85}},
+            "live-unrefined": {"miou": 50.0}}
+    lines = objects_that_differ(rows, ["offline", "live", "live-pose-noise", "live-unrefined"])
+    assert lines == ["  object 1: offline 0.90, live 0.00, live-pose-noise 0.88",
+                     "  object 10: offline 0.62, live 0.76, live-pose-noise 0.85"]
+    assert objects_that_differ(rows, ["offline", "live-unrefined"]) == []
 
 
 def test_bench_live_memory_trend_reads_the_held_memory_once_per_release_beside_every_sample():

@@ -261,7 +261,7 @@ def live_row(scene: pathlib.Path, out: pathlib.Path, args, pose_noise: str, refi
     # all of it beside the map, as `instascene run` writes it: per-object IoU and the id choice
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
     row.update({k: metrics.get(k) for k in ("psnr", "psnr_object", "ssim", "miou", "biou", "pq_scene",
-                                            "cloud_precision", "n_instances")})
+                                            "cloud_precision", "n_instances", "per_object_iou")})
     return row
 
 
@@ -295,7 +295,7 @@ def run_live(args) -> int:
             metrics = _run(scene, run_dir, [], None)
         result["rows"]["offline"] = {k: metrics.get(k) for k in (
             "psnr", "psnr_object", "ssim", "miou", "biou", "pq_scene", "cloud_precision", "n_instances",
-            "keyframes", "wall_s", "n_gaussians")}
+            "keyframes", "wall_s", "n_gaussians", "per_object_iou")}
         save()
     live_rows = {"live": ("", True), "live-unrefined": ("", False), "live-pose-noise": (args.pose_noise, True),
                  "live-pose-noise-unrefined": (args.pose_noise, False)}
@@ -326,7 +326,7 @@ def row_folder(work: pathlib.Path, name: str, seed: int, res: int, views: int) -
     return work / f"{name.replace('-pose-noise', '-noise')}-s{seed}"
 
 
-RESCORED = ("miou", "biou", "pq_scene", "cloud_precision", "n_instances")
+RESCORED = ("miou", "biou", "pq_scene", "cloud_precision", "n_instances", "per_object_iou")
 
 
 def rescore_live(args, wanted: list[str]) -> int:
@@ -365,6 +365,28 @@ def rescore_live(args, wanted: list[str]) -> int:
     return 0
 
 
+# An object whose IoU moves this much between rows is a lost or found object, not noise: the
+# live bench's mIoU gaps are mostly one or two such objects (see the README's live sections).
+OBJECT_DIFFERENCE = 0.2
+
+
+def objects_that_differ(rows: dict, names: list[str]) -> list[str]:
+    """One line per object whose per-object IoU spans >= OBJECT_DIFFERENCE across the rows that
+    have per-object scores (rows without them, e.g. from an older --json, are left out)."""
+    scored = [n for n in names if isinstance(rows[n].get("per_object_iou"), dict)]
+    if len(scored) < 2:
+        return []
+    objects = sorted({k for n in scored for k in rows[n]["per_object_iou"]}, key=int)
+    lines = []
+    for gt_id in objects:
+        values = [rows[n]["per_object_iou"].get(gt_id) for n in scored]
+        present = [v for v in values if v is not None]
+        if present and max(present) - min(present) >= OBJECT_DIFFERENCE:
+            cells = ", ".join(f"{n} {_fmt(v, 2) if v is not None else '-'}" for n, v in zip(scored, values))
+            lines.append(f"  object {gt_id}: {cells}")
+    return lines
+
+
 def print_table(result: dict, args) -> None:
     rows = result["rows"]
     offline, live, noisy = rows.get("offline", {}), rows.get("live", {}), rows.get("live-pose-noise", {})
@@ -390,6 +412,13 @@ def print_table(result: dict, args) -> None:
 
     def gap(a, b):
         return None if a is None or b is None else a - b
+
+    differing = objects_that_differ(rows, names)
+    if differing:
+        print(f"\nobjects whose IoU differs by >= {OBJECT_DIFFERENCE} between rows (an object at 0 has no "
+              "instance, or the evaluation's click on it named another one):")
+        for line in differing:
+            print(line)
 
     print(f"\ntargets: live within {TARGETS['psnr_gap_db']} dB PSNR and {TARGETS['miou_gap']} mIoU of offline "
           f"(gap {_fmt(gap(offline.get('psnr'), live.get('psnr')))} dB, {_fmt(gap(offline.get('miou'), live.get('miou')), 1)}"
