@@ -4,6 +4,7 @@ Inputs are built by hand (sets of Gaussian ids) or by a tiny synthetic geometry:
 sets on a ground plane, pinhole cameras around them, and a z-buffer point splatter standing in
 for `splat.contributors` (per pixel: the points of the front surface, equal weights).
 """
+import pickle
 import time
 
 import numpy as np
@@ -527,7 +528,7 @@ def test_a_repeated_solve_returns_the_last_result_until_an_input_changes():
     # a Gaussian pruned from the map (no position): solved anew, and it leaves its prior
     pruned = tracker.solve((positions[0][1:], positions[1][1:]))
     assert "reused" not in pruned.stats and all(0 not in inst.gaussian_ids for inst in pruned.instances.values())
-    # a frame that merges the two (re-traced after the map changed) is seen
+    # frames that merge the two (re-traced after the map changed) are seen
     tracker.solve(positions)
     for frame in range(8):
         tracker.retrace(frame, {3: np.concatenate([X, Y])}, np.concatenate([X, Y]))
@@ -539,7 +540,6 @@ def test_a_repeated_solve_returns_the_last_result_until_an_input_changes():
     tracker.config = TrackerConfig(consensus_threshold=tracker.config.consensus_threshold * 0.5)
     assert "reused" not in tracker.solve(positions).stats
     # a saved map holds no cached solve, and one saved before the cache existed still solves
-    import pickle
     saved = pickle.dumps(tracker)
     assert tracker._last_solve is not None and b"TrackerResult" not in saved
     loaded = pickle.loads(saved)

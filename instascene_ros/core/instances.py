@@ -631,8 +631,9 @@ def instance_by_members(gaussians, instances: Instances, camera: Camera, u: floa
     """(instance id, share) of the instance whose member Gaussians carry the largest share of the
     blend weight composited at pixel (u, v) of `camera`; id 0 when that share is under
     `query_member_share` or nothing is drawn there. Gaussians of no instance whose feature
-    resembles no prototype (`query_member_featureless_similarity`) are left out of the weight. `gaussians` (a splat `Gaussians`) must be
-    row-aligned with `instances.ids`, as the snapshot's frozen copy is. Renders that one pixel."""
+    resembles no prototype (`query_member_featureless_similarity`) are left out of the weight.
+    `gaussians` (a splat `Gaussians`) must be row-aligned with `instances.ids`, as the
+    snapshot's frozen copy is. Renders that one pixel."""
     from instascene_ros.core.splat import contributors
     from instascene_ros.core.splat.numba_projection import reaching
 
