@@ -241,10 +241,8 @@ class Keyframe:
     @property
     def nbytes(self) -> int:
         """Bytes of the images and arrays this keyframe holds (RGB, depth, keypoints)."""
-        tensors = (self.rgb, self.depth_half)
-        arrays = (self.keypoints, self.descriptors, self.pose_moments)
-        return (sum(t.element_size() * t.nelement() for t in tensors if t is not None)
-                + sum(a.nbytes for a in arrays if a is not None))
+        held = (self.rgb, self.depth_half, self.keypoints, self.descriptors, self.pose_moments)
+        return sum(x.nbytes for x in held if x is not None)  # torch tensors and numpy arrays alike
 
     def __setstate__(self, state: dict) -> None:
         # Maps saved before depth was held as float16 (MAP_FORMAT 1) pickled `depth`.
