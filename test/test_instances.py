@@ -318,6 +318,51 @@ def test_dbscan_drops_far_away_look_alikes():
     assert instances[7].n_gaussians == 60 and not np.isin([60, 61], instances[7].gaussian_ids).any()
 
 
+def test_prior_gaussians_in_a_sparse_part_survive_the_clean_up_look_alikes_do_not():
+    # A 6 x 6 sheet at 1 cm (adaptive eps 8 cm) and, 20 cm away on either side, two groups of
+    # three Gaussians with the sheet's feature: too few for DBSCAN (noise), too far for growth.
+    # The first group is in the instance's prior (the tracker's masks held it, as they hold an
+    # object's sides seen at grazing angles), the second is not. The first stays, the second
+    # goes; with the option off both go. Beside the first group lies a strand of Gaussians that
+    # growth would take (cosine 0.8) if it started there, as it would run into a neighbour with
+    # no instance of its own: the sparse part joins after the growth and does not seed it.
+    grid = np.arange(6) * 0.01
+    sheet = np.stack(np.meshgrid(grid, grid, [0.0]), axis=-1).reshape(-1, 3)
+    sparse_prior = np.array([[0.25, 0.0, 0.0], [0.26, 0.0, 0.0], [0.25, 0.01, 0.0]])
+    look_alike = np.array([[-0.2, 0.0, 0.0], [-0.21, 0.0, 0.0], [-0.2, 0.01, 0.0]])
+    strand = np.array([[0.27 + 0.01 * i, 0.0, 0.0] for i in range(3)])
+    positions = np.concatenate([sheet, sparse_prior, look_alike, strand])
+    features = np.concatenate([np.tile([0.0, 1.0], (42, 1)), np.tile([0.6, 0.8], (3, 1))])
+    ids = np.arange(len(positions))
+    prior = {4: np.concatenate([ids[:20], ids[36:39]])}
+    kept = extract_instances(features, ids, prior, positions, np.zeros((len(ids), 3)))
+    assert sorted(kept[4].gaussian_ids.tolist()) == list(range(39))
+    assert kept.labels[36:39].tolist() == [4] * 3 and not kept.labels[39:].any()
+    plain = extract_instances(features, ids, prior, positions, np.zeros((len(ids), 3)),
+                              InstanceConfig(dbscan_keep_prior_noise=False))
+    assert sorted(plain[4].gaussian_ids.tolist()) == list(range(36))
+
+
+def test_discarding_rows_takes_them_out_of_every_instance_and_drops_what_is_left_too_small():
+    positions = np.concatenate([np.stack([np.arange(12) * 0.01, np.zeros(12), np.zeros(12)], axis=1),
+                                np.stack([np.arange(12) * 0.01, np.ones(12), np.zeros(12)], axis=1)])
+    features = np.concatenate([np.tile([1.0, 0.0], (12, 1)), np.tile([0.0, 1.0], (12, 1))])
+    ids = np.arange(100, 124)
+    instances = extract_instances(features, ids, {1: ids[:12], 2: ids[12:]}, positions, np.zeros((24, 3)),
+                                  InstanceConfig(min_gaussians=5))
+    assert instances.instance_ids == [1, 2]
+    rows = np.zeros(24, bool)
+    rows[[0, 1, 2]] = True  # three of instance 1
+    rows[12:20] = True  # eight of instance 2: four are left, under min_gaussians
+    assert instances.discard(rows, min_gaussians=5) == 11
+    assert instances.instance_ids == [1]
+    assert sorted(instances[1].gaussian_ids.tolist()) == list(range(103, 112))
+    assert len(instances[1].points) == len(instances[1].colors) == 9
+    assert not instances.labels[rows].any() and not instances.labels[12:].any()
+    with pytest.raises(ValueError, match="row mask"):
+        instances.discard(np.zeros(3, bool))
+
+
 def test_a_prior_of_a_few_gaussians_makes_no_instance():
     # A 60-Gaussian "table" whose feature a 4-Gaussian prior shares (the field could not give
     # so few Gaussians a feature of their own): it must not become a table-sized instance,

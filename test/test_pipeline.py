@@ -424,6 +424,45 @@ def test_the_table_is_background_in_masks_and_queries_even_where_its_features_re
     assert pipeline.query_pixel(blob.heldout, u, v, return_mask=False)[0] == 0  # a click on the table
 
 
+def test_instances_leave_the_table_under_and_beside_an_object_out_of_their_clouds():
+    """The field names a ring of table around the red sphere as the sphere (masks that spill onto
+    the table teach it that): the extraction takes that table into the sphere's instance. With
+    `clouds_off_table` the Gaussians whose surface lies within the band of the table plane leave
+    the instance (its cloud, its members for queries and completion); the sphere's own stay."""
+    from instascene_ros.core.features.synthetic import make_blob_scene
+
+    pipeline = _decomposed_blob_pipeline()
+    blob = make_blob_scene(size=48, n_cameras=6, table=True)
+    scene, field = pipeline.mapper.scene, pipeline.field
+    ids, means = scene.ids.numpy(), scene.means.detach().numpy()
+    row_of = {int(i): r for r, i in enumerate(ids)}
+    red = max(pipeline.snapshot.extraction, key=lambda instance: np.mean(
+        blob.gaussian_labels[[row_of[int(i)] for i in instance.gaussian_ids]] == 1))
+    sphere = blob.gaussian_labels == 1
+    centre = means[sphere, :2].mean(axis=0)
+    ring = (blob.gaussian_labels == 0) & (np.linalg.norm(means[:, :2] - centre, axis=1) < 0.12)
+    with torch.no_grad():
+        field.features[field.rows_of(ids[ring])] = torch.from_numpy(red.prototype)
+    pipeline.config.table.mask_band = 0.012  # the blob table's 14 mm Gaussians: see the test above
+
+    def red_members(clouds_off_table):
+        pipeline.config.table.clouds_off_table = clouds_off_table
+        pipeline._publish_snapshot()
+        instance = max(pipeline.snapshot.extraction, key=lambda inst: np.isin(inst.gaussian_ids, red.gaussian_ids).mean())
+        rows = np.array([row_of[int(i)] for i in instance.gaussian_ids])
+        return rows, pipeline.snapshot.table_plane.height(instance.points)
+
+    rows_in, heights_in = red_members(False)
+    assert ring[rows_in].sum() >= 20, ring[rows_in].sum()  # the table around it joined the sphere's instance
+    rows_out, heights_out = red_members(True)
+    assert (heights_out >= 0.012).all()
+    assert ring[rows_out].sum() <= 0.1 * ring[rows_in].sum(), (ring[rows_out].sum(), ring[rows_in].sum())
+    # Exactly the members whose surface lies in the band left: the sphere keeps everything above
+    # it (its bottom cap of 14 mm Gaussians is within 12 mm of the table it rests on).
+    assert set(rows_out.tolist()) == set(rows_in[heights_in >= 0.012].tolist())
+    assert sphere[rows_out].sum() >= 0.85 * sphere[rows_in].sum() > 0
+
+
 def test_a_map_saved_on_a_gpu_opens_on_a_cpu_machine(tmp_path):
     """A GPU robot's map pickles objects whose device attributes say 'cuda' (its tensors are CUDA
     tensors, which torch.load's map_location brings to the CPU). Without a GPU here, the saved

@@ -54,6 +54,15 @@ class InstanceConfig:
     dbscan_eps: Optional[float] = None
     dbscan_eps_factor: float = 8.0
     dbscan_min_samples: int = 5
+    # Ours: a Gaussian of the instance's own 3D prior (multi-view mask evidence, already
+    # DBSCAN-cleaned by the tracker at table-top scale) that also passes the 0.9 feature test is
+    # kept where DBSCAN calls it noise. The adaptive eps follows the median spacing, which the
+    # faces seen head-on set; an object's sides seen at grazing angles are several times sparser
+    # and came out as noise: the completion report map of seed 34 lost the lower half of a cup
+    # so (155 noise points, 144 of them in its prior, cosine 0.97), and its completed mesh the
+    # part the generator had to guess. They join after the hysteresis growth, which does not
+    # start from them (see `extract_instances`). False = every noise point dropped.
+    dbscan_keep_prior_noise: bool = True
     min_gaussians: int = 10  # smaller instances (after clean-up) and smaller priors are dropped
     # An instance holding more than this many times its prior's Gaussians (after growth) is
     # dropped: the field gave a small object the background's feature, and the 0.9 test or the
@@ -259,6 +268,31 @@ class Instances:
         for instance in self.items.values():
             instance.points = positions[_rows_of(self.ids, instance.gaussian_ids)]
 
+    def discard(self, rows: np.ndarray, min_gaussians: int = 1) -> int:
+        """Take the extraction rows where `rows` ((N,) bool) is set out of every instance (their
+        label becomes 0); an instance left with fewer than `min_gaussians` is dropped. Returns
+        how many Gaussians left an instance."""
+        rows = np.asarray(rows, bool)
+        if rows.shape != self.ids.shape:
+            raise ValueError(f"row mask {rows.shape} does not match the {self.ids.shape[0]} extraction rows")
+        removed = int((rows & (self.labels != 0)).sum())
+        if removed == 0:
+            return 0
+        for instance_id in list(self.items):
+            instance = self.items[instance_id]
+            keep = ~rows[_rows_of(self.ids, instance.gaussian_ids)]
+            if keep.all():
+                continue
+            if keep.sum() < min_gaussians:
+                del self.items[instance_id]
+                self.labels[self.labels == instance_id] = 0
+                continue
+            self.items[instance_id] = dataclasses.replace(
+                instance, gaussian_ids=instance.gaussian_ids[keep], points=instance.points[keep],
+                colors=np.asarray(instance.colors)[keep])
+        self.labels[rows] = 0
+        return removed
+
     def gaussians_without(self, instance_ids: Union[int, Iterable[int]],
                           ids: Optional[np.ndarray] = None) -> np.ndarray:
         """(N,) bool row mask of every Gaussian *not* in the given instances (object removal)."""
@@ -346,18 +380,25 @@ def on_rendered_surface(points: np.ndarray, views: Iterable[SurfaceView], tolera
     return out.astype(np.float32)
 
 
-def _dbscan_keep(points: np.ndarray, anchors: Optional[np.ndarray], config: InstanceConfig) -> np.ndarray:
-    """Bool mask of the points DBSCAN keeps: not noise, and in a cluster that holds an anchor
-    (a prior Gaussian) — or, without anchors or when no cluster holds one, in the largest."""
+def _dbscan_clusters(points: np.ndarray, config: InstanceConfig) -> np.ndarray:
+    """(M,) DBSCAN cluster of each point (-1 = noise), eps fixed or adaptive (see InstanceConfig)."""
     if points.shape[0] == 0:
-        return np.zeros(0, dtype=bool)
+        return np.zeros(0, np.int64)
     eps = config.dbscan_eps
     if eps is None:
         if points.shape[0] < 2:
-            return np.zeros(points.shape[0], dtype=bool)
+            return np.full(points.shape[0], -1, np.int64)
         spacing, _ = cKDTree(points).query(points, k=2)
         eps = max(config.dbscan_eps_factor * float(np.median(spacing[:, 1])), 1e-9)
-    cluster = DBSCAN(eps=eps, min_samples=config.dbscan_min_samples).fit_predict(points)
+    return DBSCAN(eps=eps, min_samples=config.dbscan_min_samples).fit_predict(points)
+
+
+def _dbscan_keep(points: np.ndarray, anchors: Optional[np.ndarray], config: InstanceConfig,
+                 cluster: Optional[np.ndarray] = None) -> np.ndarray:
+    """Bool mask of the points DBSCAN keeps: not noise, and in a cluster that holds an anchor
+    (a prior Gaussian) — or, without anchors or when no cluster holds one, in the largest.
+    `cluster`: the points' `_dbscan_clusters`, when the caller has them already."""
+    cluster = _dbscan_clusters(points, config) if cluster is None else cluster
     if anchors is not None and anchors.any():
         anchored = np.unique(cluster[anchors & (cluster >= 0)])
         if anchored.size:
@@ -482,13 +523,18 @@ def extract_instances(features, ids, priors: Mapping[int, np.ndarray], positions
     best = similarity.argmax(axis=1)
     best_similarity = similarity[np.arange(n), best]
     claimed = best_similarity > config.similarity_threshold
+    sparse_prior: dict[int, np.ndarray] = {}  # instance id -> its prior's rows DBSCAN called noise
     for k, instance_id in enumerate(keys):
         rows = np.flatnonzero(claimed & (best == k))
         if rows.size == 0:
             continue
         in_prior = np.zeros(n, dtype=bool)
         in_prior[prior_rows[k]] = True
-        rows = rows[_dbscan_keep(positions[rows], in_prior[rows], config)]
+        cluster = _dbscan_clusters(positions[rows], config)
+        kept = _dbscan_keep(positions[rows], in_prior[rows], config, cluster)
+        if config.dbscan_keep_prior_noise and (kept & in_prior[rows]).any():
+            sparse_prior[instance_id] = rows[in_prior[rows] & (cluster < 0)]
+        rows = rows[kept]
         if rows.size < config.min_gaussians:
             continue
         recall = float(in_prior[rows].sum()) / float(prior_rows[k].size)
@@ -499,6 +545,19 @@ def extract_instances(features, ids, priors: Mapping[int, np.ndarray], positions
     for rows in prior_rows:
         in_no_prior[rows] = False
     _grow_instances(items, labels, unit, ids, positions, colors, config, background=in_no_prior)
+    # The prior's sparse parts join after the growth and do not seed it: a chain from an
+    # outlying point can run into a neighbour that has no instance of its own (completion
+    # report seed 34: a ring's instance grew from 3 such points over 33 Gaussians of the
+    # L-block under it).
+    for instance_id, rows in sparse_prior.items():
+        rows = rows[labels[rows] == 0]
+        if instance_id not in items or rows.size == 0:
+            continue
+        rows = np.concatenate([np.flatnonzero(labels == instance_id), rows])
+        labels[rows] = instance_id
+        old = items[instance_id]
+        items[instance_id] = _make_instance(instance_id, rows, unit, ids, positions, colors, old.prototype,
+                                            old.confidence)
     # After growth, which can spread an instance with the background's feature over the table
     # as well as the 0.9 test can (report seed 11, clean masks: 36 prior Gaussians, 11,794 grown).
     prior_size = dict(zip(keys, (rows.size for rows in prior_rows)))

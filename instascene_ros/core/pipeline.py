@@ -390,10 +390,15 @@ class Pipeline:
         views = self._surface_views() if len(extraction) else []
         table_plane = None
         if views:
-            extraction.set_points(on_rendered_surface(positions, views, self.config.instances.surface_tolerance,
-                                                      self.config.instances.surface_min_alpha))
+            surface = on_rendered_surface(positions, views, self.config.instances.surface_tolerance,
+                                          self.config.instances.surface_min_alpha)
+            extraction.set_points(surface)
             table_plane = fit_table_plane(surface_points(views, self.config.instances.surface_min_alpha),
                                           self.config.table)
+            band = self.config.table.mask_band
+            if table_plane is not None and band and self.config.table.clouds_off_table:
+                on_table = (extraction.labels != 0) & (table_plane.height(surface) < band)
+                extraction.discard(on_table, self.config.instances.min_gaussians)
         lo, hi = np.asarray(self.config.workspace_min, float), np.asarray(self.config.workspace_max, float)
         summaries, points, point_colors, point_ids = [], [], [], []
         for instance in extraction:

@@ -78,7 +78,7 @@ DESCRIPTIONS = {
     "overlay_every_n_keyframes": "publish ~/instance_mask and ~/instance_overlay for every n-th keyframe",
     "max_scene_cloud_points": "~/scene/cloud is subsampled to at most this many points",
     "mask_contact_border_px": "pixels this close to a touching mask are not traced by the tracker (about the 2D segmenter's boundary error at contacts; 0 = trace every mask pixel)",
-    "table_band_m": "instance masks and pixel queries read a pixel as background when its rendered surface lies less than this many metres above the table plane (the level plane under the scene, fitted to the map's rendered surface in global_frame, z up); objects thinner than this vanish from the masks; 0 = off",
+    "table_band_m": "instance masks and pixel queries read a pixel as background when its rendered surface lies less than this many metres above the table plane (the level plane under the scene, fitted to the map's rendered surface in global_frame, z up), and instances (their clouds, completion) leave out Gaussians whose surface lies there; objects thinner than this vanish from the masks; 0 = off",
     "instance_field": "decomposition method: 'instascene' (contrastive field around the tracker's priors), 'codebook' (Unified-Lift slots) or 'classifier' (Gaussian Grouping baseline on video-associated ids)",
     "completion_generator": "default generator for completion: 'geometric' (no weights) or 'diffusion' (local weights)",
     "completion_max_faces": "default face budget of completed meshes",
