@@ -343,6 +343,28 @@ def test_prior_gaussians_in_a_sparse_part_survive_the_clean_up_look_alikes_do_no
     assert sorted(plain[4].gaussian_ids.tolist()) == list(range(36))
 
 
+def test_a_part_the_map_holds_apart_joins_its_instance_a_far_look_alike_does_not():
+    # A 30 x 3 strip at 1 cm (the prior's part; adaptive eps 8 cm, box diagonal 29 cm) and two
+    # 3 x 3 groups with its feature, in no prior: one 10 cm past its end (a separate DBSCAN
+    # cluster, within 0.5 x the diagonal), one 40 cm past it. The near group joins, after the
+    # growth: the strand beyond it (cosine 0.8, a growth candidate) stays out. With the option
+    # off neither group joins.
+    strip = np.stack(np.meshgrid(np.arange(30) * 0.01, np.arange(3) * 0.01, [0.0]), axis=-1).reshape(-1, 3)
+    group = np.stack(np.meshgrid(np.arange(3) * 0.01, np.arange(3) * 0.01, [0.0]), axis=-1).reshape(-1, 3)
+    near, far = group + [0.39, 0.0, 0.0], group + [0.69, 0.0, 0.0]
+    strand = np.array([[0.42 + 0.01 * i, 0.0, 0.0] for i in range(3)])
+    positions = np.concatenate([strip, near, far, strand])
+    features = np.concatenate([np.tile([0.0, 1.0], (108, 1)), np.tile([0.6, 0.8], (3, 1))])
+    ids = np.arange(len(positions))
+    prior = {2: ids[:60]}
+    kept = extract_instances(features, ids, prior, positions, np.zeros((len(ids), 3)))
+    assert sorted(kept[2].gaussian_ids.tolist()) == list(range(99))
+    assert not kept.labels[99:].any()
+    plain = extract_instances(features, ids, prior, positions, np.zeros((len(ids), 3)),
+                              InstanceConfig(dbscan_keep_near_clusters=None))
+    assert sorted(plain[2].gaussian_ids.tolist()) == list(range(90))
+
+
 def test_discarding_rows_takes_them_out_of_every_instance_and_drops_what_is_left_too_small():
     positions = np.concatenate([np.stack([np.arange(12) * 0.01, np.zeros(12), np.zeros(12)], axis=1),
                                 np.stack([np.arange(12) * 0.01, np.ones(12), np.zeros(12)], axis=1)])
