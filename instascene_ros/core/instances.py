@@ -3,7 +3,8 @@
 - `extract_instances`: a 3D prior's instance = the Gaussians whose feature has cosine > 0.9 to
   the prior's mean feature (a Gaussian claimed by several goes to the most similar), cleaned
   by DBSCAN on the Gaussian centres, then grown by hysteresis into the unclaimed Gaussians
-  connected to it (cosine > 0.7). `instances_from_labels` does the same from per-Gaussian
+  connected to it (cosine > 0.7); the prior's sparse parts and parts the map holds apart join
+  after that. `instances_from_labels` does the same from per-Gaussian
   labels read straight from the codebook or the classifier (no priors, no clustering of
   features).
 - `render_instance_masks`: per-view instance masks by rendering the features.
@@ -281,7 +282,7 @@ class Instances:
     def discard(self, rows: np.ndarray, min_gaussians: int = 1) -> int:
         """Take the extraction rows where `rows` ((N,) bool) is set out of every instance (their
         label becomes 0); an instance left with fewer than `min_gaussians` is dropped. Returns
-        how many Gaussians left an instance."""
+        how many of the given rows were in an instance."""
         rows = np.asarray(rows, bool)
         if rows.shape != self.ids.shape:
             raise ValueError(f"row mask {rows.shape} does not match the {self.ids.shape[0]} extraction rows")
@@ -512,8 +513,11 @@ def extract_instances(features, ids, priors: Mapping[int, np.ndarray], positions
     persistent Gaussian ids (the tracker's); positions (N, 3); colors (N, 3). A Gaussian joins
     the prior whose mean unit feature is the most similar, if that cosine > similarity_threshold.
     Each instance is then cleaned with DBSCAN (eps, min_samples), keeping the clusters that hold
-    a prior Gaussian. Confidence = mean member cosine x the share of the prior's (surviving)
-    Gaussians that ended in the instance: high when the field agrees with the tracker.
+    a prior Gaussian, and grown by hysteresis; after the growth the prior's Gaussians DBSCAN
+    called noise and the unanchored clusters near the kept part join it
+    (`dbscan_keep_prior_noise`, `dbscan_keep_near_clusters`). Confidence = mean member cosine x
+    the share of the prior's (surviving) Gaussians that ended in the instance: high when the
+    field agrees with the tracker.
     Priors in `exclude` (forgotten instances) and priors of fewer than `min_gaussians` Gaussians
     are skipped; an instance larger than `max_instance_to_prior` x its prior is dropped.
     """
@@ -547,7 +551,7 @@ def extract_instances(features, ids, priors: Mapping[int, np.ndarray], positions
     claimed = best_similarity > config.similarity_threshold
     # instance id -> the rows that join it after the growth: its prior's rows DBSCAN called noise
     # and its unanchored clusters near the anchored part
-    sparse_prior: dict[int, np.ndarray] = {}
+    join_after_growth: dict[int, np.ndarray] = {}
     for k, instance_id in enumerate(keys):
         rows = np.flatnonzero(claimed & (best == k))
         if rows.size == 0:
@@ -562,7 +566,7 @@ def extract_instances(features, ids, priors: Mapping[int, np.ndarray], positions
             later |= in_prior[rows] & (cluster < 0)
         if config.dbscan_keep_near_clusters is not None and anchored:
             later |= _near_clusters(positions[rows], cluster, kept, config.dbscan_keep_near_clusters)
-        sparse_prior[instance_id] = rows[later]
+        join_after_growth[instance_id] = rows[later]
         rows = rows[kept]
         if rows.size < config.min_gaussians:
             continue
@@ -578,7 +582,7 @@ def extract_instances(features, ids, priors: Mapping[int, np.ndarray], positions
     # not seed it: a chain from an outlying point can run into a neighbour that has no instance
     # of its own (completion report seed 34: a ring's instance grew from 3 such points over 33
     # Gaussians of the L-block under it).
-    for instance_id, rows in sparse_prior.items():
+    for instance_id, rows in join_after_growth.items():
         rows = rows[labels[rows] == 0]
         if instance_id not in items or rows.size == 0:
             continue
