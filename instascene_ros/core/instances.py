@@ -487,12 +487,18 @@ def _grow_instances(items: dict, labels: np.ndarray, unit: np.ndarray, ids: np.n
         added = _grow(rows, np.flatnonzero(free & (best == k)), positions, config, local_spacing)
         if added.size == 0:
             continue
-        rows = np.concatenate([rows, added])
-        labels[added] = instance_id
+        _join(items, labels, instance_id, added, unit, ids, positions, colors)
         free[added] = False
-        old = items[instance_id]
-        items[instance_id] = _make_instance(instance_id, rows, unit, ids, positions, colors, old.prototype,
-                                            old.confidence)
+
+
+def _join(items: dict, labels: np.ndarray, instance_id: int, added: np.ndarray, unit: np.ndarray, ids: np.ndarray,
+          positions: np.ndarray, colors: np.ndarray) -> None:
+    """Add the rows `added` (in no instance) to instance `instance_id` of `items`, in place; its
+    prototype and confidence stay those of its extraction."""
+    rows = np.concatenate([np.flatnonzero(labels == instance_id), added])
+    labels[added] = instance_id
+    old = items[instance_id]
+    items[instance_id] = _make_instance(instance_id, rows, unit, ids, positions, colors, old.prototype, old.confidence)
 
 
 def _make_instance(instance_id: int, rows: np.ndarray, unit: np.ndarray, ids: np.ndarray, positions: np.ndarray,
@@ -584,13 +590,8 @@ def extract_instances(features, ids, priors: Mapping[int, np.ndarray], positions
     # Gaussians of the L-block under it).
     for instance_id, rows in join_after_growth.items():
         rows = rows[labels[rows] == 0]
-        if instance_id not in items or rows.size == 0:
-            continue
-        rows = np.concatenate([np.flatnonzero(labels == instance_id), rows])
-        labels[rows] = instance_id
-        old = items[instance_id]
-        items[instance_id] = _make_instance(instance_id, rows, unit, ids, positions, colors, old.prototype,
-                                            old.confidence)
+        if instance_id in items and rows.size:
+            _join(items, labels, instance_id, rows, unit, ids, positions, colors)
     # After growth, which can spread an instance with the background's feature over the table
     # as well as the 0.9 test can (report seed 11, clean masks: 36 prior Gaussians, 11,794 grown).
     prior_size = dict(zip(keys, (rows.size for rows in prior_rows)))
