@@ -14,6 +14,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
 
 from instascene_ros.core.camera import Camera
 from instascene_ros.core.complete.config import CompletionConfig
@@ -87,6 +89,38 @@ def _resize_nearest(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return image[rows][:, cols]
 
 
+def stray_groups(points: np.ndarray, link: float, max_share: float, min_distance: float) -> np.ndarray:
+    """(N,) bool: the points in stray groups (see CompletionConfig.stray_link).
+
+    Single linkage over one point per cell of side link / 2 (each point takes its cell's group),
+    so a dense instance costs what its surface area does, and a group of a few points far away
+    always keeps a cell of its own.
+    """
+    points = np.asarray(points, float)
+    stray = np.zeros(len(points), bool)
+    if max_share <= 0.0 or len(points) < 2:
+        return stray
+    lo = np.percentile(points, 1, axis=0)
+    size = float(np.linalg.norm(np.percentile(points, 99, axis=0) - lo))
+    if size <= 0.0:
+        return stray
+    _, first, cell_of_point = np.unique(np.floor((points - lo) / (0.5 * link * size)).astype(np.int64), axis=0,
+                                        return_index=True, return_inverse=True)
+    cells = cKDTree(points[first])
+    _, group_of_cell = connected_components(cells.sparse_distance_matrix(cells, link * size), directed=False)
+    group = group_of_cell[cell_of_point.ravel()]
+    sizes = np.bincount(group)
+    everything = cKDTree(points)
+    for small in np.flatnonzero(sizes < max_share * len(points)):
+        members = group == small
+        # Far from the rest: no member has a point of another group within min_distance.
+        around = everything.query_ball_point(points[members], min_distance * size, return_length=True)
+        own = cKDTree(points[members]).query_ball_point(points[members], min_distance * size, return_length=True)
+        if np.array_equal(around, own):
+            stray |= members
+    return stray
+
+
 def observe_keyframes(object_gaussians: Gaussians, scene_gaussians: Gaussians, keyframes: Sequence, object_size: float,
                       max_keyframes: int, max_side: int, sensor_agreement: float) -> list[ObservedView]:
     """Real keyframes that see the object, as object masks + depth + colour (downscaled to `max_side`).
@@ -142,6 +176,11 @@ def build_context(scene_gaussians: Gaussians, object_rows: np.ndarray, other_row
     optional `.depth` ((H, W) metres).
     """
     object_rows = np.asarray(object_rows, np.int64)
+    stray = stray_groups(scene_gaussians.means.detach().cpu().numpy()[object_rows], config.stray_link,
+                         config.stray_max_share, config.stray_min_distance) if len(object_rows) else []
+    if np.any(stray):
+        log.info("completion of instance %d leaves out %d stray Gaussians", instance_id, int(np.sum(stray)))
+        object_rows = object_rows[~stray]
     if len(object_rows) < MIN_GAUSSIANS:
         raise CompletionError(f"instance {instance_id} has only {len(object_rows)} Gaussians (need {MIN_GAUSSIANS}); "
                               f"map it from more views first")
