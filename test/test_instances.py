@@ -365,6 +365,33 @@ def test_a_part_the_map_holds_apart_joins_its_instance_a_far_look_alike_does_not
     assert sorted(plain[2].gaussian_ids.tolist()) == list(range(90))
 
 
+def test_a_nearby_cluster_lying_on_another_instance_does_not_join():
+    # The strip and near group of the test above, plus a neighbour (a 5 x 5 sheet with its own
+    # feature and prior, 10 cm beside the strip) and a 3 x 3 group with the strip's feature lying
+    # 2 mm over the neighbour's sheet (a neighbour's Gaussians the field gave our feature): near
+    # enough to join by distance, but its median distance to the neighbour's kept Gaussians is
+    # under 0.02 x the strip's diagonal, so it stays out; the near group still joins. With the
+    # test off, both join.
+    strip = np.stack(np.meshgrid(np.arange(30) * 0.01, np.arange(3) * 0.01, [0.0]), axis=-1).reshape(-1, 3)
+    group = np.stack(np.meshgrid(np.arange(3) * 0.01, np.arange(3) * 0.01, [0.0]), axis=-1).reshape(-1, 3)
+    near = group + [0.39, 0.0, 0.0]
+    neighbour = np.stack(np.meshgrid(np.arange(5) * 0.01, np.arange(5) * 0.01, [0.0]), axis=-1).reshape(-1, 3)
+    neighbour += [0.09, 0.12, 0.0]
+    on_neighbour = group + [0.10, 0.13, 0.002]
+    positions = np.concatenate([strip, near, neighbour, on_neighbour])
+    features = np.concatenate([np.tile([0.0, 1.0], (99, 1)), np.tile([1.0, 0.0], (25, 1)),
+                               np.tile([0.0, 1.0], (9, 1))])
+    ids = np.arange(len(positions))
+    priors = {2: ids[:60], 5: ids[99:124]}
+    kept = extract_instances(features, ids, priors, positions, np.zeros((len(ids), 3)))
+    assert sorted(kept[2].gaussian_ids.tolist()) == list(range(99))
+    assert sorted(kept[5].gaussian_ids.tolist()) == list(range(99, 124))
+    assert not kept.labels[124:].any()
+    plain = extract_instances(features, ids, priors, positions, np.zeros((len(ids), 3)),
+                              InstanceConfig(dbscan_near_on_other=None))
+    assert sorted(plain[2].gaussian_ids.tolist()) == list(range(99)) + list(range(124, 133))
+
+
 def test_discarding_rows_takes_them_out_of_every_instance_and_drops_what_is_left_too_small():
     positions = np.concatenate([np.stack([np.arange(12) * 0.01, np.zeros(12), np.zeros(12)], axis=1),
                                 np.stack([np.arange(12) * 0.01, np.ones(12), np.zeros(12)], axis=1)])
