@@ -14,7 +14,7 @@ import pytest
 from conftest import kinds_tabletop, small_completion_config
 import trimesh
 
-from instascene_ros.core.complete import CompletionError, build_context, complete_object
+from instascene_ros.core.complete import CompletionConfig, CompletionError, build_context, complete_object
 from instascene_ros.core.complete.evaluate import evaluate_completion
 from instascene_ros.core.complete.frame import fit_support_plane, refine_plane_on_surface
 from instascene_ros.core.complete.raster import rasterise_mesh
@@ -278,12 +278,15 @@ def test_stray_groups_are_small_and_far_and_nothing_else():
     body[np.arange(2000), axis] = np.sign(body[np.arange(2000), axis]) * 0.05
     far_few = np.array([0.11, 0.0, 0.0]) + rng.normal(0, 0.002, (8, 3))  # 0.4%, 6 cm off
     far_many = np.array([0.0, 0.12, 0.0]) + rng.normal(0, 0.004, (180, 3))  # 8% (a duck's head), 7 cm off
+    near_few = np.array([0.0, -0.08, 0.0]) + rng.normal(0, 0.002, (5, 3))  # 0.2%, 3 cm off: a sparse side
     near_one = np.array([[0.0, 0.0, 0.058]])  # a lone point 8 mm above the box
-    points = np.concatenate([body, far_few, far_many, near_one])
-    stray = stray_groups(points, 0.06, 0.02, 0.12)
+    points = np.concatenate([body, far_few, far_many, near_few, near_one])
+    defaults = CompletionConfig()
+    settings = (defaults.stray_link, defaults.stray_max_share, defaults.stray_min_distance)
+    stray = stray_groups(points, *settings)
     assert stray[2000:2008].all()
     assert not stray[:2000].any() and not stray[2008:].any()
-    assert not stray_groups(points, 0.06, 0.0, 0.12).any()  # 0 = off
+    assert not stray_groups(points, settings[0], 0.0, settings[2]).any()  # 0 = off
     # A dense instance (linked through one point per cell): the same answer.
     dense = np.concatenate([np.repeat(body, 10, axis=0) + rng.normal(0, 1e-4, (20000, 3)), far_few])
-    assert np.flatnonzero(stray_groups(dense, 0.06, 0.02, 0.12)).tolist() == list(range(20000, 20008))
+    assert np.flatnonzero(stray_groups(dense, *settings)).tolist() == list(range(20000, 20008))
