@@ -78,9 +78,10 @@ class InstanceConfig:
     # part's diagonal of another instance's kept Gaussians: it is on that instance's surface
     # with a feature like ours (completion seed 32: 25 Gaussians of a cup touching an L-block,
     # cosine 0.965 to the block, median 1.8 mm from the cup's kept part, 8 mm from the block's;
-    # the block's completed mesh grew fins, 8.6% off its position, 4.4% without them). An object's
-    # own parts held apart lie farther from their neighbours (a duck's head 15-18 mm from the
-    # jenga block it rests on). None = no such test.
+    # the block's completed mesh grew fins, 8.6% off its position; 5.0% with the cluster turned
+    # away, as with oracle segmentation). An object's own parts held apart lie farther from
+    # their neighbours (a duck's head 15-18 mm from the jenga block it rests on). None = no such
+    # test.
     dbscan_near_on_other: Optional[float] = 0.02
     min_gaussians: int = 10  # smaller instances (after clean-up) and smaller priors are dropped
     # An instance holding more than this many times its prior's Gaussians (after growth) is
