@@ -318,6 +318,11 @@ def test_dbscan_drops_far_away_look_alikes():
     assert instances[7].n_gaussians == 60 and not np.isin([60, 61], instances[7].gaussian_ids).any()
 
 
+def _sheet(columns: int, rows: int) -> np.ndarray:
+    """(columns x rows, 3) points 1 cm apart on the plane z = 0, from the origin along +x, +y."""
+    return np.stack(np.meshgrid(np.arange(columns) * 0.01, np.arange(rows) * 0.01, [0.0]), axis=-1).reshape(-1, 3)
+
+
 def test_prior_gaussians_in_a_sparse_part_survive_the_clean_up_look_alikes_do_not():
     # A 6 x 6 sheet at 1 cm (adaptive eps 8 cm) and, 20 cm away on either side, two groups of
     # three Gaussians with the sheet's feature: too few for DBSCAN (noise), too far for growth.
@@ -326,8 +331,7 @@ def test_prior_gaussians_in_a_sparse_part_survive_the_clean_up_look_alikes_do_no
     # goes; with the option off both go. Beside the first group lies a strand of Gaussians that
     # growth would take (cosine 0.8) if it started there, as it would run into a neighbour with
     # no instance of its own: the sparse part joins after the growth and does not seed it.
-    grid = np.arange(6) * 0.01
-    sheet = np.stack(np.meshgrid(grid, grid, [0.0]), axis=-1).reshape(-1, 3)
+    sheet = _sheet(6, 6)
     sparse_prior = np.array([[0.25, 0.0, 0.0], [0.26, 0.0, 0.0], [0.25, 0.01, 0.0]])
     look_alike = np.array([[-0.2, 0.0, 0.0], [-0.21, 0.0, 0.0], [-0.2, 0.01, 0.0]])
     strand = np.array([[0.27 + 0.01 * i, 0.0, 0.0] for i in range(3)])
@@ -349,8 +353,7 @@ def test_a_part_the_map_holds_apart_joins_its_instance_a_far_look_alike_does_not
     # cluster, within 0.5 x the diagonal), one 40 cm past it. The near group joins, after the
     # growth: the strand beyond it (cosine 0.8, a growth candidate) stays out. With the option
     # off neither group joins.
-    strip = np.stack(np.meshgrid(np.arange(30) * 0.01, np.arange(3) * 0.01, [0.0]), axis=-1).reshape(-1, 3)
-    group = np.stack(np.meshgrid(np.arange(3) * 0.01, np.arange(3) * 0.01, [0.0]), axis=-1).reshape(-1, 3)
+    strip, group = _sheet(30, 3), _sheet(3, 3)
     near, far = group + [0.39, 0.0, 0.0], group + [0.69, 0.0, 0.0]
     strand = np.array([[0.42 + 0.01 * i, 0.0, 0.0] for i in range(3)])
     positions = np.concatenate([strip, near, far, strand])
@@ -372,11 +375,9 @@ def test_a_nearby_cluster_lying_on_another_instance_does_not_join():
     # enough to join by distance, but its median distance to the neighbour's kept Gaussians is
     # under 0.02 x the strip's diagonal, so it stays out; the near group still joins. With the
     # test off, both join.
-    strip = np.stack(np.meshgrid(np.arange(30) * 0.01, np.arange(3) * 0.01, [0.0]), axis=-1).reshape(-1, 3)
-    group = np.stack(np.meshgrid(np.arange(3) * 0.01, np.arange(3) * 0.01, [0.0]), axis=-1).reshape(-1, 3)
+    strip, group = _sheet(30, 3), _sheet(3, 3)
     near = group + [0.39, 0.0, 0.0]
-    neighbour = np.stack(np.meshgrid(np.arange(5) * 0.01, np.arange(5) * 0.01, [0.0]), axis=-1).reshape(-1, 3)
-    neighbour += [0.09, 0.12, 0.0]
+    neighbour = _sheet(5, 5) + [0.09, 0.12, 0.0]
     on_neighbour = group + [0.10, 0.13, 0.002]
     positions = np.concatenate([strip, near, neighbour, on_neighbour])
     features = np.concatenate([np.tile([0.0, 1.0], (99, 1)), np.tile([1.0, 0.0], (25, 1)),

@@ -177,9 +177,9 @@ def build_context(scene_gaussians: Gaussians, object_rows: np.ndarray, other_row
     """
     object_rows = np.asarray(object_rows, np.int64)
     stray = stray_groups(scene_gaussians.means.detach().cpu().numpy()[object_rows], config.stray_link,
-                         config.stray_max_share, config.stray_min_distance) if len(object_rows) else []
-    if np.any(stray):
-        log.info("completion of instance %d leaves out %d stray Gaussians", instance_id, int(np.sum(stray)))
+                         config.stray_max_share, config.stray_min_distance)
+    if stray.any():
+        log.info("completion of instance %d leaves out %d stray Gaussians", instance_id, int(stray.sum()))
         object_rows = object_rows[~stray]
     if len(object_rows) < MIN_GAUSSIANS:
         raise CompletionError(f"instance {instance_id} has only {len(object_rows)} Gaussians (need {MIN_GAUSSIANS}); "
