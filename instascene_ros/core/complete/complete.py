@@ -165,6 +165,29 @@ def observe_keyframes(object_gaussians: Gaussians, scene_gaussians: Gaussians, k
     return observations
 
 
+def hand_over_neighbour_pixels(observations: Sequence[ObservedView], object_points: np.ndarray,
+                               other_points: np.ndarray, ratio: float) -> int:
+    """Take out of each view's object mask the pixels whose measured surface point lies nearer,
+    by more than `ratio`, to another instance's Gaussian centres than to the object's own (own
+    distance x ratio > other distance); they become `occluded` (no evidence either way). In
+    place; returns how many pixels moved."""
+    if ratio <= 0.0 or len(other_points) == 0 or len(object_points) == 0:
+        return 0
+    own_tree, other_tree = cKDTree(object_points), cKDTree(other_points)
+    moved = 0
+    for view in observations:
+        mask = view.object_mask & (view.depth > 0) & np.isfinite(view.depth)
+        if not mask.any():
+            continue
+        rows, cols = np.nonzero(mask)
+        points = observed_points([view], lambda v: mask)
+        foreign = other_tree.query(points)[0] < ratio * own_tree.query(points)[0]
+        view.object_mask[rows[foreign], cols[foreign]] = False
+        view.occluded[rows[foreign], cols[foreign]] = True
+        moved += int(foreign.sum())
+    return moved
+
+
 def build_context(scene_gaussians: Gaussians, object_rows: np.ndarray, other_rows: np.ndarray, keyframes: Sequence,
                   config: CompletionConfig, instance_id: int, seed: int = 0, oracle=None,
                   max_keyframes: int = 16, keyframe_side: int = 160) -> CompletionContext:
@@ -195,6 +218,10 @@ def build_context(scene_gaussians: Gaussians, object_rows: np.ndarray, other_row
     object_size = float(np.linalg.norm(hi - lo))
     observations = observe_keyframes(object_gaussians, scene, keyframes, object_size, max_keyframes, keyframe_side,
                                      config.sensor_agreement)
+    moved = hand_over_neighbour_pixels(observations, object_points, means[np.asarray(other_rows, np.int64)],
+                                       config.neighbour_pixel_ratio)
+    if moved:
+        log.info("completion of instance %d: %d keyframe pixels show a neighbour's surface", instance_id, moved)
     means_normal, means_offset, plane_source = fit_support_plane(means[background], object_points, seed=seed)
     normal, offset = means_normal, means_offset
     if plane_source == "ransac":

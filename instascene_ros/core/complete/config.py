@@ -121,6 +121,7 @@ class CompletionConfig:
     # 5% because alpha-composited depth sits ~3% of the size in front of the surface, and the
     # two-sided 5% test dropped enough true pixels to move a duck 2.6% -> 6.0%.
     sensor_agreement: float = 0.1
+    neighbour_pixel_ratio: float = 0.0
     # Stray groups: the instance's Gaussian centres are linked into groups at `stray_link` x the
     # object's size (its 1-99% box diagonal); a group holding under `stray_max_share` of them
     # and farther than `stray_min_distance` x the size from all the rest is left out of the
