@@ -203,6 +203,17 @@ def test_bad_input_is_a_clear_error(tabletop):
         complete_object(context, config, "geometric", should_stop=lambda: True)
 
 
+def _object_ids_seen(tabletop, camera) -> np.ndarray:
+    """(H, W) id of the fixture object each pixel of `camera` sees first (0 = table or nothing)."""
+    meshes = list(tabletop.meshes.items())
+    vertices = np.concatenate([m.vertices for _, m in meshes])
+    offsets = np.cumsum([0] + [len(m.vertices) for _, m in meshes[:-1]])
+    faces = np.concatenate([m.faces + o for (_, m), o in zip(meshes, offsets)])
+    face_object = np.concatenate([np.full(len(m.faces), k) for k, m in meshes])
+    _, face_index, _ = rasterise_mesh(vertices, faces, camera)
+    return np.where(face_index >= 0, face_object[np.maximum(face_index, 0)], 0)
+
+
 def test_keyframe_pixels_where_the_sensor_sees_past_the_object_are_not_the_objects(tabletop):
     # A render of Gaussians is wider than the surface they sample: the cup's silhouette spills
     # past its outline onto the table and the L-block behind it, where the sensor's depth is
@@ -213,21 +224,12 @@ def test_keyframe_pixels_where_the_sensor_sees_past_the_object_are_not_the_objec
     # alpha-composited depth sits a few mm in front of the surface (median 3% of the size),
     # so the test also costs 12% of the true pixels (recall 0.87).
     from instascene_ros.core.complete.complete import observe_keyframes, subset
-    from instascene_ros.core.complete.raster import rasterise_mesh
 
     rows, _ = tabletop.rows(CUP)
     cup = subset(tabletop.gaussians, rows)
     points = cup.means.numpy()
     size = float(np.linalg.norm(np.percentile(points, 99, axis=0) - np.percentile(points, 1, axis=0)))
-    meshes = list(tabletop.meshes.items())
-    vertices = np.concatenate([m.vertices for _, m in meshes])
-    offsets = np.cumsum([0] + [len(m.vertices) for _, m in meshes[:-1]])
-    faces = np.concatenate([m.faces + o for (_, m), o in zip(meshes, offsets)])
-    face_object = np.concatenate([np.full(len(m.faces), k) for k, m in meshes])
-    truth = []
-    for keyframe in tabletop.keyframes:
-        _, face_index, _ = rasterise_mesh(vertices, faces, keyframe.camera)
-        truth.append(np.where(face_index >= 0, face_object[np.maximum(face_index, 0)], 0))
+    truth = [_object_ids_seen(tabletop, keyframe.camera) for keyframe in tabletop.keyframes]
     side = tabletop.keyframes[0].camera.width
     default = small_completion_config().sensor_agreement
     spill, recall = {}, {}
@@ -304,22 +306,13 @@ def test_keyframe_pixels_on_a_touching_neighbour_go_to_the_neighbour(torch_one_t
 
     import torch
 
-    from instascene_ros.core.complete.raster import rasterise_mesh
-
     box, block = 1, 2
     tabletop = kinds_tabletop({box: ("cube", (0.0, 0.0)), block: ("l_block", (0.057, 0.0))}, views=20, resolution=112)
     assert tabletop.meshes[block].bounds[0, 0] < tabletop.meshes[box].bounds[1, 0]  # they touch
     with torch.no_grad():
         tabletop.gaussians.log_scales += math.log(2.5)
-    meshes = list(tabletop.meshes.items())
-    vertices = np.concatenate([m.vertices for _, m in meshes])
-    offsets = np.cumsum([0] + [len(m.vertices) for _, m in meshes[:-1]])
-    faces = np.concatenate([m.faces + o for (_, m), o in zip(meshes, offsets)])
-    face_object = np.concatenate([np.full(len(m.faces), k) for k, m in meshes])
-    truth = {}
-    for keyframe in tabletop.keyframes:
-        _, face_index, _ = rasterise_mesh(vertices, faces, keyframe.camera)
-        truth[keyframe.camera.T_world_cam.tobytes()] = np.where(face_index >= 0, face_object[np.maximum(face_index, 0)], 0)
+    truth = {keyframe.camera.T_world_cam.tobytes(): _object_ids_seen(tabletop, keyframe.camera)
+             for keyframe in tabletop.keyframes}
     rows, others = tabletop.rows(block)
     assert CompletionConfig().neighbour_pixel_ratio > 0.0
     shown = {}

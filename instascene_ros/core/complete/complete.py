@@ -167,10 +167,9 @@ def observe_keyframes(object_gaussians: Gaussians, scene_gaussians: Gaussians, k
 
 def hand_over_neighbour_pixels(observations: Sequence[ObservedView], object_points: np.ndarray,
                                other_points: np.ndarray, ratio: float) -> int:
-    """Take out of each view's object mask the pixels whose measured surface point lies nearer,
-    by more than `ratio`, to another instance's Gaussian centres than to the object's own (own
-    distance x ratio > other distance); they become `occluded` (no evidence either way). In
-    place; returns how many pixels moved."""
+    """Take out of each view's object mask the pixels whose measured surface point lies nearer
+    to another instance's Gaussian centres than `ratio` x its distance to the object's own;
+    they become `occluded` (no evidence either way). In place; returns how many pixels moved."""
     if ratio <= 0.0 or len(other_points) == 0 or len(object_points) == 0:
         return 0
     own_tree, other_tree = cKDTree(object_points), cKDTree(other_points)
