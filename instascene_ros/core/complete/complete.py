@@ -197,7 +197,7 @@ def build_context(scene_gaussians: Gaussians, object_rows: np.ndarray, other_row
     is fitted). keyframes: objects with `.camera`, `.rgb` ((H, W, 3) uint8 or float) and
     optional `.depth` ((H, W) metres).
     """
-    object_rows = np.asarray(object_rows, np.int64)
+    object_rows, other_rows = np.asarray(object_rows, np.int64), np.asarray(other_rows, np.int64)
     stray = stray_groups(scene_gaussians.means.detach().cpu().numpy()[object_rows], config.stray_link,
                          config.stray_max_share, config.stray_min_distance)
     if stray.any():
@@ -211,13 +211,13 @@ def build_context(scene_gaussians: Gaussians, object_rows: np.ndarray, other_row
     means = scene.means.numpy().astype(float)
     background = np.ones(len(means), bool)
     background[object_rows] = False
-    background[np.asarray(other_rows, np.int64)] = False
+    background[other_rows] = False
     object_points = object_gaussians.means.numpy().astype(float)
     lo, hi = np.percentile(object_points, 1, axis=0), np.percentile(object_points, 99, axis=0)
     object_size = float(np.linalg.norm(hi - lo))
     observations = observe_keyframes(object_gaussians, scene, keyframes, object_size, max_keyframes, keyframe_side,
                                      config.sensor_agreement)
-    moved = hand_over_neighbour_pixels(observations, object_points, means[np.asarray(other_rows, np.int64)],
+    moved = hand_over_neighbour_pixels(observations, object_points, means[other_rows],
                                        config.neighbour_pixel_ratio)
     if moved:
         log.info("completion of instance %d: %d keyframe pixels show a neighbour's surface", instance_id, moved)
@@ -235,7 +235,7 @@ def build_context(scene_gaussians: Gaussians, object_rows: np.ndarray, other_row
     # volume away.
     near = np.linalg.norm(means - object_points.mean(axis=0), axis=1) < 1.5 * object_size
     not_object = background & (np.abs(means @ means_normal - means_offset) < TABLE_BAND_M)
-    not_object[np.asarray(other_rows, np.int64)] = True
+    not_object[other_rows] = True
     centre = frame.T_world_normalised[:3, 3]
     directions = np.array([o.camera.position - centre for o in observations if o.object_mask.any()]).reshape(-1, 3)
     directions /= np.maximum(np.linalg.norm(directions, axis=1, keepdims=True), 1e-12)
