@@ -187,6 +187,20 @@ def hand_over_neighbour_pixels(observations: Sequence[ObservedView], object_poin
     return moved
 
 
+def on_foreign_surface(means: np.ndarray, object_rows: np.ndarray, off_table: np.ndarray, neighbours: int,
+                       share: float) -> np.ndarray:
+    """(len(object_rows),) bool: the object's Gaussians whose `neighbours` nearest Gaussians off
+    the table are at least `share` not the object's (another instance's, or in none)."""
+    if share <= 0.0 or neighbours < 1 or len(object_rows) == 0:
+        return np.zeros(len(object_rows), bool)
+    candidates = np.flatnonzero(off_table)
+    candidates = np.union1d(candidates, object_rows)
+    k = min(int(neighbours) + 1, len(candidates))
+    _, nearest = cKDTree(means[candidates]).query(means[object_rows], k=k)
+    own = np.isin(candidates[nearest[:, 1:]], object_rows)  # the first is the Gaussian itself
+    return (1.0 - own.mean(axis=1)) >= share
+
+
 def build_context(scene_gaussians: Gaussians, object_rows: np.ndarray, other_rows: np.ndarray, keyframes: Sequence,
                   config: CompletionConfig, instance_id: int, seed: int = 0, oracle=None,
                   max_keyframes: int = 16, keyframe_side: int = 160) -> CompletionContext:
@@ -207,11 +221,20 @@ def build_context(scene_gaussians: Gaussians, object_rows: np.ndarray, other_row
         raise CompletionError(f"instance {instance_id} has only {len(object_rows)} Gaussians (need {MIN_GAUSSIANS}); "
                               f"map it from more views first")
     scene = _without_features(scene_gaussians)
-    object_gaussians = subset(scene, object_rows)
     means = scene.means.numpy().astype(float)
     background = np.ones(len(means), bool)
     background[object_rows] = False
     background[other_rows] = False
+    means_normal, means_offset, plane_source = fit_support_plane(means[background], means[object_rows], seed=seed)
+    off_table = np.abs(means @ means_normal - means_offset) >= TABLE_BAND_M
+    foreign = on_foreign_surface(means, object_rows, off_table, config.foreign_neighbours,
+                                 config.foreign_neighbour_share)
+    if foreign.any() and (~foreign).sum() >= MIN_GAUSSIANS:
+        log.info("completion of instance %d leaves out %d Gaussians on another surface", instance_id,
+                 int(foreign.sum()))
+        background[object_rows[foreign]] = True
+        object_rows = object_rows[~foreign]
+    object_gaussians = subset(scene, object_rows)
     object_points = object_gaussians.means.numpy().astype(float)
     lo, hi = np.percentile(object_points, 1, axis=0), np.percentile(object_points, 99, axis=0)
     object_size = float(np.linalg.norm(hi - lo))
@@ -221,7 +244,6 @@ def build_context(scene_gaussians: Gaussians, object_rows: np.ndarray, other_row
                                        config.neighbour_pixel_ratio)
     if moved:
         log.info("completion of instance %d: %d keyframe pixels show a neighbour's surface", instance_id, moved)
-    means_normal, means_offset, plane_source = fit_support_plane(means[background], object_points, seed=seed)
     normal, offset = means_normal, means_offset
     if plane_source == "ransac":
         # The table and the neighbours as the keyframes saw them: everywhere but on the object.

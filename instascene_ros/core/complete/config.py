@@ -133,6 +133,11 @@ class CompletionConfig:
     # L-blocks 5.0% -> 2.6% and 6.1% -> 5.1%; 2.0 took 2 and 2 over with oracle segmentation
     # but pushed three more end-to-end objects past 2% (their neighbours' instances miss parts).
     neighbour_pixel_ratio: float = 1.0
+    # Ours: an instance Gaussian whose `foreign_neighbours` nearest Gaussians off the table are
+    # at least this share not the instance's (another instance's, or in none) lies on something
+    # else's surface and is left out. 0 = off.
+    foreign_neighbour_share: float = 0.75
+    foreign_neighbours: int = 16
     # Stray groups: the instance's Gaussian centres are linked into groups at `stray_link` x the
     # object's size (its 1-99% box diagonal); a group holding under `stray_max_share` of them
     # and farther than `stray_min_distance` x the size from all the rest is left out of the
