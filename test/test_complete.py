@@ -336,7 +336,7 @@ def test_keyframe_pixels_on_a_touching_neighbour_go_to_the_neighbour(torch_one_t
 
 
 def test_gaussians_embedded_in_another_surface_are_left_out():
-    from instascene_ros.core.complete.complete import on_foreign_surface
+    from instascene_ros.core.instances import foreign_members
 
     # Two blocks side by side with their tops at one height (completion bench seed 33: an
     # L-block's instance held 7 Gaussians of its neighbour's top, 3-6 mm past its own edge, and
@@ -356,8 +356,11 @@ def test_gaussians_embedded_in_another_surface_are_left_out():
     off_table = np.arange(len(means)) < len(top)
     defaults = CompletionConfig()
     assert defaults.foreign_neighbour_share > 0.0
-    foreign = on_foreign_surface(means, object_rows, off_table, defaults.foreign_neighbours,
-                                 defaults.foreign_neighbour_share)
-    assert foreign[len(object_rows) - len(intruders):].all()  # every intruder
-    assert not foreign[:len(object_rows) - len(intruders)].any()  # no own Gaussian: not at the edge, the hole or the table
-    assert not on_foreign_surface(means, object_rows, off_table, defaults.foreign_neighbours, 0.0).any()  # 0 = off
+    labels = np.zeros(len(means), np.int64)
+    labels[object_rows] = 1
+    labels[np.setdiff1d(np.flatnonzero(top[:, 0] > 0.0), intruders)[::2]] = 2  # half of it another instance's
+    foreign = foreign_members(means, labels, off_table, defaults.foreign_neighbours, defaults.foreign_neighbour_share)
+    assert foreign[intruders].all()
+    # No own Gaussian goes: not at the edge, nor around the hole, nor at the table.
+    assert not foreign[np.setdiff1d(object_rows, intruders)].any()
+    assert not foreign_members(means, labels, off_table, defaults.foreign_neighbours, 0.0).any()  # 0 = off

@@ -204,6 +204,12 @@ class InstanceConfig:
     surface_render_size: int = 256
     surface_tolerance: float = 0.01
     surface_min_alpha: float = 0.95
+    # Ours: a member whose `foreign_neighbours` nearest Gaussians off the table are at least this
+    # share not its instance's (another instance's, or in none) lies among another surface's
+    # Gaussians and leaves the instance (`foreign_members`; completion applies the same test to
+    # the object it completes, `CompletionConfig.foreign_neighbour_share`). 0 = off.
+    foreign_neighbour_share: float = 0.0
+    foreign_neighbours: int = 16
     backend: str = "auto"
     raster: RasterConfig = field(default_factory=RasterConfig)
     primitive: str = "3dgs"  # the map's (PipelineConfig.set_primitive keeps them together)
@@ -453,6 +459,27 @@ def _on_other_instances(positions: np.ndarray, rows: np.ndarray, cluster: np.nda
         members = cluster == label
         on_other[members] = float(np.median(distance[members])) < limit
     return on_other
+
+
+def foreign_members(positions: np.ndarray, labels: np.ndarray, eligible: np.ndarray, neighbours: int,
+                    share: float) -> np.ndarray:
+    """(N,) bool: the labelled rows (label > 0) whose `neighbours` nearest rows, among the
+    `eligible` ones and the labelled, are at least `share` not of their label (another's, or
+    none): members lying among another surface's Gaussians. `share` <= 0 flags nothing."""
+    labels = np.asarray(labels)
+    flagged = np.zeros(labels.shape[0], dtype=bool)
+    members = np.flatnonzero(labels > 0)
+    if share <= 0.0 or neighbours < 1 or members.size == 0:
+        return flagged
+    candidates = np.flatnonzero(np.asarray(eligible, bool) | (labels > 0))
+    k = min(int(neighbours) + 1, candidates.size)
+    if k < 2:
+        return flagged
+    _, nearest = cKDTree(positions[candidates]).query(positions[members], k=k)
+    # The nearest is the member itself (a duplicate position would only make it stricter).
+    same = labels[candidates[nearest[:, 1:]]] == labels[members][:, None]
+    flagged[members] = (1.0 - same.mean(axis=1)) >= share
+    return flagged
 
 
 def _grow(rows: np.ndarray, candidates: np.ndarray, positions: np.ndarray, config: InstanceConfig,

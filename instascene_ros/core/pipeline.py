@@ -34,8 +34,8 @@ from instascene_ros.core.features import FeatureConfig, FeatureField, KeyframeLa
 from instascene_ros.core.features.field import render_features, scene_gaussians
 from instascene_ros.core.features.baseline import video_associate
 from instascene_ros.core.instances import (InstanceConfig, Instances, SurfaceView, extract_instances,
-                                           instances_from_labels, masks_from_feature_image, on_rendered_surface,
-                                           segment_at_pixel)
+                                           foreign_members, instances_from_labels, masks_from_feature_image,
+                                           on_rendered_surface, segment_at_pixel)
 from instascene_ros.core.keyframe_masks import KeyframeMasks
 from instascene_ros.core.mapping import PRESETS, Mapper, MapperConfig
 from instascene_ros.core.scene import sh_dc_to_rgb
@@ -399,6 +399,13 @@ class Pipeline:
             if table_plane is not None and band and self.config.table.clouds_off_table:
                 on_table = (extraction.labels != 0) & (table_plane.height(surface) < band)
                 extraction.discard(on_table, self.config.instances.min_gaussians)
+            if self.config.instances.foreign_neighbour_share > 0.0:
+                off_table = np.ones(len(positions), bool) if table_plane is None or not band else \
+                    table_plane.height(surface) >= band
+                foreign = foreign_members(positions, extraction.labels, off_table,
+                                          self.config.instances.foreign_neighbours,
+                                          self.config.instances.foreign_neighbour_share)
+                extraction.discard(foreign, self.config.instances.min_gaussians)
         lo, hi = np.asarray(self.config.workspace_min, float), np.asarray(self.config.workspace_max, float)
         summaries, points, point_colors, point_ids = [], [], [], []
         for instance in extraction:

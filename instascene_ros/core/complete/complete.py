@@ -26,6 +26,7 @@ from instascene_ros.core.complete.optimise import optimise_object
 from instascene_ros.core.complete.types import (CompletionContext, CompletionError, CompletionView, GeneratedViews,
                                                 Generator, ObservedView, observed_points)
 from instascene_ros.core.complete.views import alpha_normalised_depth, select_views
+from instascene_ros.core.instances import foreign_members
 from instascene_ros.core.splat.types import Gaussians
 
 log = logging.getLogger(__name__)
@@ -187,20 +188,6 @@ def hand_over_neighbour_pixels(observations: Sequence[ObservedView], object_poin
     return moved
 
 
-def on_foreign_surface(means: np.ndarray, object_rows: np.ndarray, off_table: np.ndarray, neighbours: int,
-                       share: float) -> np.ndarray:
-    """(len(object_rows),) bool: the object's Gaussians whose `neighbours` nearest Gaussians off
-    the table are at least `share` not the object's (another instance's, or in none)."""
-    if share <= 0.0 or neighbours < 1 or len(object_rows) == 0:
-        return np.zeros(len(object_rows), bool)
-    candidates = np.flatnonzero(off_table)
-    candidates = np.union1d(candidates, object_rows)
-    k = min(int(neighbours) + 1, len(candidates))
-    _, nearest = cKDTree(means[candidates]).query(means[object_rows], k=k)
-    own = np.isin(candidates[nearest[:, 1:]], object_rows)  # the first is the Gaussian itself
-    return (1.0 - own.mean(axis=1)) >= share
-
-
 def build_context(scene_gaussians: Gaussians, object_rows: np.ndarray, other_rows: np.ndarray, keyframes: Sequence,
                   config: CompletionConfig, instance_id: int, seed: int = 0, oracle=None,
                   max_keyframes: int = 16, keyframe_side: int = 160) -> CompletionContext:
@@ -227,8 +214,10 @@ def build_context(scene_gaussians: Gaussians, object_rows: np.ndarray, other_row
     background[other_rows] = False
     means_normal, means_offset, plane_source = fit_support_plane(means[background], means[object_rows], seed=seed)
     off_table = np.abs(means @ means_normal - means_offset) >= TABLE_BAND_M
-    foreign = on_foreign_surface(means, object_rows, off_table, config.foreign_neighbours,
-                                 config.foreign_neighbour_share)
+    labels = np.zeros(len(means), np.int64)
+    labels[object_rows] = 1
+    foreign = foreign_members(means, labels, off_table, config.foreign_neighbours,
+                              config.foreign_neighbour_share)[object_rows]
     if foreign.any() and (~foreign).sum() >= MIN_GAUSSIANS:
         log.info("completion of instance %d leaves out %d Gaussians on another surface", instance_id,
                  int(foreign.sum()))
