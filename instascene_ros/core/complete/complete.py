@@ -245,8 +245,16 @@ def build_context(scene_gaussians: Gaussians, object_rows: np.ndarray, other_row
     # part of the object (a side the masks missed) is background, and must not push the object's
     # volume away.
     near = np.linalg.norm(means - object_points.mean(axis=0), axis=1) < 1.5 * object_size
-    not_object = background & (np.abs(means @ means_normal - means_offset) < TABLE_BAND_M)
+    height = means @ means_normal - means_offset
+    not_object = background & (np.abs(height) < TABLE_BAND_M)
     not_object[other_rows] = True
+    if config.support_obstacle_distance > 0.0:
+        # Under the object, and well above the table (its own missed bottom edge lies lower).
+        under = np.flatnonzero(background & ~not_object & near & (height < np.percentile(height[object_rows], 1)) &
+                               (height > 0.15 * object_size))
+        if len(under):
+            gap = cKDTree(object_points).query(means[under])[0]
+            not_object[under[gap > config.support_obstacle_distance * object_size]] = True
     centre = frame.T_world_normalised[:3, 3]
     directions = np.array([o.camera.position - centre for o in observations if o.object_mask.any()]).reshape(-1, 3)
     directions /= np.maximum(np.linalg.norm(directions, axis=1, keepdims=True), 1e-12)

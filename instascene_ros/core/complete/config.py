@@ -144,6 +144,14 @@ class CompletionConfig:
     # cost an L-block 0.04 IoU, 32 neighbours lost the L-block's gain. 0 = off.
     foreign_neighbour_share: float = 0.75
     foreign_neighbours: int = 16
+    # Ours: background Gaussians (in no instance) under the object's lowest Gaussian, higher than
+    # 15% of its size above the table and farther than this many times its size from all of its
+    # Gaussians bound its unseen volume as another instance's do: what it rests on when the
+    # segmenter never separated that (completion bench seed 34: a ring on an L-block that has
+    # no instance grew down through the block to the table, 11.9% of its diagonal off; 1.1% with
+    # this). The floor keeps an object's own missed bottom edge out (without it two L-blocks on
+    # the table and a mug lost 0.02-0.04 F1). 0 = off.
+    support_obstacle_distance: float = 0.1
     # Stray groups: the instance's Gaussian centres are linked into groups at `stray_link` x the
     # object's size (its 1-99% box diagonal); a group holding under `stray_max_share` of them
     # and farther than `stray_min_distance` x the size from all the rest is left out of the
