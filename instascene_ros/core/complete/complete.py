@@ -30,6 +30,11 @@ from instascene_ros.core.instances import foreign_members
 from instascene_ros.core.splat.types import Gaussians
 
 log = logging.getLogger(__name__)
+
+# What bounds an object from below (`CompletionConfig.support_obstacle_distance`) lies higher
+# than this share of its size above the table: its own missed bottom edge lies lower.
+SUPPORT_FLOOR = 0.15
+
 MIN_GAUSSIANS = 10
 TABLE_BAND_M = 0.003  # background Gaussians this close to the support plane are the table
 
@@ -243,15 +248,15 @@ def build_context(scene_gaussians: Gaussians, object_rows: np.ndarray, other_row
     # Other instances near the object, and the table itself (background Gaussians lying on the
     # plane through their means). Not the rest of the background: with imperfect segmentation
     # part of the object (a side the masks missed) is background, and must not push the object's
-    # volume away.
+    # volume away; except, with `support_obstacle_distance`, what lies under the object, well
+    # above the table and away from its Gaussians: what it rests on, segmented or not.
     near = np.linalg.norm(means - object_points.mean(axis=0), axis=1) < 1.5 * object_size
     height = means @ means_normal - means_offset
     not_object = background & (np.abs(height) < TABLE_BAND_M)
     not_object[other_rows] = True
     if config.support_obstacle_distance > 0.0:
-        # Under the object, and well above the table (its own missed bottom edge lies lower).
         under = np.flatnonzero(background & ~not_object & near & (height < np.percentile(height[object_rows], 1)) &
-                               (height > 0.15 * object_size))
+                               (height > SUPPORT_FLOOR * object_size))
         if len(under):
             gap = cKDTree(object_points).query(means[under])[0]
             not_object[under[gap > config.support_obstacle_distance * object_size]] = True
