@@ -396,13 +396,12 @@ class Pipeline:
             table_plane = fit_table_plane(surface_points(views, self.config.instances.surface_min_alpha),
                                           self.config.table)
             band = self.config.table.mask_band
-            if table_plane is not None and band and self.config.table.clouds_off_table:
-                on_table = (extraction.labels != 0) & (table_plane.height(surface) < band)
-                extraction.discard(on_table, self.config.instances.min_gaussians)
+            on_table = np.zeros(len(positions), bool) if table_plane is None or not band else \
+                table_plane.height(surface) < band
+            if on_table.any() and self.config.table.clouds_off_table:
+                extraction.discard(on_table & (extraction.labels != 0), self.config.instances.min_gaussians)
             if self.config.instances.foreign_neighbour_share > 0.0:
-                off_table = np.ones(len(positions), bool) if table_plane is None or not band else \
-                    table_plane.height(surface) >= band
-                foreign = foreign_members(positions, extraction.labels, off_table,
+                foreign = foreign_members(positions, extraction.labels, ~on_table,
                                           self.config.instances.foreign_neighbours,
                                           self.config.instances.foreign_neighbour_share)
                 extraction.discard(foreign, self.config.instances.min_gaussians)

@@ -218,10 +218,11 @@ def build_context(scene_gaussians: Gaussians, object_rows: np.ndarray, other_row
     background[object_rows] = False
     background[other_rows] = False
     means_normal, means_offset, plane_source = fit_support_plane(means[background], means[object_rows], seed=seed)
-    off_table = np.abs(means @ means_normal - means_offset) >= TABLE_BAND_M
+    height = means @ means_normal - means_offset
+    on_table = np.abs(height) < TABLE_BAND_M
     labels = np.zeros(len(means), np.int64)
     labels[object_rows] = 1
-    foreign = foreign_members(means, labels, off_table, config.foreign_neighbours,
+    foreign = foreign_members(means, labels, ~on_table, config.foreign_neighbours,
                               config.foreign_neighbour_share)[object_rows]
     if foreign.any() and (~foreign).sum() >= MIN_GAUSSIANS:
         log.info("completion of instance %d leaves out %d Gaussians on another surface", instance_id,
@@ -251,8 +252,7 @@ def build_context(scene_gaussians: Gaussians, object_rows: np.ndarray, other_row
     # volume away; except, with `support_obstacle_distance`, what lies under the object, well
     # above the table and away from its Gaussians: what it rests on, segmented or not.
     near = np.linalg.norm(means - object_points.mean(axis=0), axis=1) < 1.5 * object_size
-    height = means @ means_normal - means_offset
-    not_object = background & (np.abs(height) < TABLE_BAND_M)
+    not_object = background & on_table
     not_object[other_rows] = True
     if config.support_obstacle_distance > 0.0:
         under = np.flatnonzero(background & ~not_object & near & (height < np.percentile(height[object_rows], 1)) &

@@ -135,10 +135,10 @@ class CompletionConfig:
     neighbour_pixel_ratio: float = 1.0
     # Ours: an instance Gaussian whose `foreign_neighbours` nearest Gaussians off the table are
     # at least this share not the instance's (another instance's, or in none) lies on something
-    # else's surface and is left out (`core.instances.foreign_members`; the instances apply the
-    # same test at 0.6, so this pass takes what remains). A few of a neighbour's Gaussians on its
-    # top, 3-6 mm past an L-block's edge, grew the block's mesh 14 mm onto it (completion bench
-    # seed 33: 6.6% of its diagonal; 1.9% without them). Session 38's fresh completion maps
+    # else's surface and is left out (`core.instances.foreign_members`; the instances' clouds
+    # can apply the same test, `InstanceConfig.foreign_neighbour_share`, off by default). A few
+    # of a neighbour's Gaussians on its top, 3-6 mm past an L-block's edge, grew the block's mesh
+    # 14 mm onto it (completion bench seed 33: 6.6% of its diagonal; 1.9% without them). Session 38's fresh completion maps
     # completed again without and with it at 0.75: end to end 11 -> 9 of 28 objects over 2%,
     # F1@1% 0.62 -> 0.67, median F1@2% 0.821 -> 0.825; 0.6 and 0.7 moved the same objects but
     # cost an L-block 0.04 IoU, 32 neighbours lost the L-block's gain. 0 = off.
