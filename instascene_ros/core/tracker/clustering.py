@@ -218,7 +218,15 @@ def cluster_priors(problem: Problem, valid: np.ndarray, cluster_of: np.ndarray, 
     dropped: list[int] = []
     order = np.argsort(cluster_of, kind="stable")
     for group in np.split(order, np.flatnonzero(np.diff(cluster_of[order])) + 1):
-        cluster = _cluster_prior(problem, valid[group], config, where, table_positions, dropped)
+        members, group_dropped = valid[group], []
+        cluster = _cluster_prior(problem, members, config, where, table_positions, group_dropped)
+        if cluster is None and config.member_filter_keeps_objects:
+            # The filter sharpens a prior; it must not erase an object all of whose masks agree
+            # on one (see TrackerConfig.member_filter_keeps_objects).
+            whole = _cluster_prior(problem, members, config, where, table_positions, [], member_overlap=0.0)
+            if whole is not None and whole.columns.size >= config.residual_min_gaussians:
+                cluster, group_dropped = whole, []
+        dropped.extend(group_dropped)
         if cluster is not None:
             clusters.extend(_split_off_orphans(problem, cluster, config, where, table_positions, dropped))
     return clusters, dropped
@@ -259,9 +267,10 @@ def _orphan_members(problem: Problem, cluster: Cluster, share: float) -> np.ndar
 
 
 def _cluster_prior(problem: Problem, members: np.ndarray, config: TrackerConfig, where: Optional[np.ndarray],
-                   table_positions: Optional[np.ndarray], dropped: list[int]) -> Optional[Cluster]:
+                   table_positions: Optional[np.ndarray], dropped: list[int],
+                   member_overlap: Optional[float] = None) -> Optional[Cluster]:
     """One cluster's member filtering, prior support and DBSCAN (None when nothing survives;
-    the masks dropped on the way are appended to `dropped`)."""
+    the masks dropped on the way are appended to `dropped`). member_overlap: None = the config's."""
     incidence = problem.incidence
     n_gaussians = incidence.shape[1]
     if members.size < config.min_cluster_masks:
@@ -270,7 +279,8 @@ def _cluster_prior(problem: Problem, members: np.ndarray, config: TrackerConfig,
     block = incidence[members]
     holders = np.bincount(block.indices, minlength=n_gaussians)
     shared = segment_sum(holders[block.indices] >= 2, block.indptr)
-    kept = shared >= config.member_overlap * np.diff(block.indptr)
+    overlap = config.member_overlap if member_overlap is None else member_overlap
+    kept = shared >= overlap * np.diff(block.indptr)
     dropped.extend(members[~kept].tolist())
     members = members[kept]
     if members.size < config.min_cluster_masks:
