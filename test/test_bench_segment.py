@@ -51,10 +51,11 @@ def test_each_variant_changes_only_its_own_settings():
                     "InstaScene as published": {"mask_border_px": 0.0, "mutual_containment_link": False,
                                                 "residual_passes": 0, "split_merge_consensus": None,
                                                 "orphan_share": 0.0, "undersegment_cover": 0.0,
-                                                "member_filter_keeps_objects": False},
+                                                "member_filter_keeps_objects": False, "disjoint_priors": False},
                     "full with under-segmentation filter at 15% of frames": {"undersegment_frame_ratio": 0.15},
                     "full without the second-mask cover rule": {"undersegment_cover": 0.0},
-                    "full without the member filter's object rule": {"member_filter_keeps_objects": False}}
+                    "full without the member filter's object rule": {"member_filter_keeps_objects": False},
+                    "full with overlapping priors": {"disjoint_priors": False}}
     for name, variant in variants.items():
         assert _changed(tracker, variant.tracker) == tracker_rows.get(name, {}), name
     # Only the input rows change the masks, each in its own way.
@@ -67,7 +68,7 @@ def test_each_variant_changes_only_its_own_settings():
     assert base.mask_border_px > 0 and base.background_cluster and base.background_by_margin
     assert tracker.mutual_containment_link and tracker.undersegment_cover > 0.0
     assert tracker.residual_passes >= 1 and tracker.split_merge_consensus is not None and tracker.orphan_share > 0
-    assert tracker.member_filter_keeps_objects
+    assert tracker.member_filter_keeps_objects and tracker.disjoint_priors
     assert all("," not in name for name in variants)  # --variants splits on commas
 
 

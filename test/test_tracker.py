@@ -16,7 +16,7 @@ from scipy.sparse.csgraph import connected_components
 from instascene_ros.core.camera import look_at, rigid_inverse
 from instascene_ros.core.tracker import (SpatialTracker, TrackerConfig, TrackerEvent,
                                          trackers_from_contributors)
-from instascene_ros.core.tracker.clustering import Cluster, cluster_priors, merge_split_objects
+from instascene_ros.core.tracker.clustering import Cluster, cluster_priors, disjoint_priors, merge_split_objects
 from instascene_ros.core.tracker.spatial import (CLAIMED_PART_OFFSET, RESIDUAL_PART_OFFSET, is_split_part,
                                                  own_mask_ids)
 from instascene_ros.core.tracker.statistics import FrameRecord, Problem, judge
@@ -685,6 +685,32 @@ def test_member_filter_does_not_erase_an_object_its_masks_agree_on():
     assert small == []
 
 
+def test_a_gaussian_in_two_priors_stays_in_the_one_whose_masks_hold_it_more_often():
+    # A cube C beside a jenga J: in frames 0-5 the segmenter fuses them in one mask, in 6-9 it
+    # keeps them apart. The jenga's cluster (mask 1 everywhere) holds C in 6 of the 10 frames
+    # that see it, more than half, so its prior holds C too; the cube's (mask 2 of 6-9) in 4 of 4.
+    J, C = ids(0, 200), ids(200, 240)
+    frames = {f: ({1: np.concatenate([J, C])} if f < 6 else {1: J, 2: C}) for f in range(10)}
+    records = {f: FrameRecord(mask_ids=np.array(sorted(m), np.int64), trackers=m, visible=np.concatenate([J, C]))
+               for f, m in frames.items()}
+    problem = Problem.build(records)
+    judge(problem, TrackerConfig())
+    valid = np.arange(problem.n_trackers)
+    cluster_of = (problem.tracker_mask == 2).astype(np.int64)  # 0: the jenga's masks, 1: the cube's
+    clusters, _ = cluster_priors(problem, valid, cluster_of, TrackerConfig(), None)
+    prior = lambda c: problem.gaussian_ids[c.columns].tolist()  # noqa: E731
+    assert [prior(c) for c in clusters] == [np.concatenate([J, C]).tolist(), C.tolist()]
+    resolved, moved = disjoint_priors(problem, clusters)
+    assert [prior(c) for c in resolved] == [J.tolist(), C.tolist()] and moved == 40
+    # The order of the clusters does not decide; ratios do (the jenga keeps J either way).
+    resolved, _ = disjoint_priors(problem, clusters[::-1])
+    assert [prior(c) for c in resolved] == [C.tolist(), J.tolist()]
+    # A cluster all of whose Gaussians another holds more often is dropped.
+    inside = Cluster(members=clusters[0].members, columns=clusters[1].columns, claimed=clusters[1].columns)
+    resolved, _ = disjoint_priors(problem, [inside, clusters[1]])
+    assert [prior(c) for c in resolved] == [C.tolist()]
+
+
 def _votes_problem(frames):
     """Problem, own mask ids and a cluster factory for hand-built frames {index: {mask: ids}}
     (every Gaussian a frame's masks hold is visible there)."""
@@ -786,8 +812,13 @@ def test_tracker_merges_an_object_whose_part_forms_a_cluster_of_its_own():
             tracker.add_frame(frame, None, masks, np.concatenate([a, b, w, table]))
         return tracker.solve()
 
-    plain = build(TrackerConfig(split_merge_consensus=None))
+    plain = build(TrackerConfig(split_merge_consensus=None, disjoint_priors=False))
     assert sorted(len(i.gaussian_ids) for i in plain.instances.values()) == [60, 100, 360]
+    # Without the merge, disjoint priors leave B (but one Gaussian) to the masks that hold it
+    # in every frame of theirs, and no Gaussian in two priors.
+    apart = build(TrackerConfig(split_merge_consensus=None))
+    assert sorted(len(i.gaussian_ids) for i in apart.instances.values()) == [59, 100, 301]
+    assert apart.stats["shared_gaussians_resolved"] == 60
     result = build(TrackerConfig())
     assert result.stats["split_objects_merged"] == 1
     assert sorted(np.concatenate(list(result.priors.values())).tolist()) == np.concatenate([A, B, W]).tolist()

@@ -289,21 +289,8 @@ def _cluster_prior(problem: Problem, members: np.ndarray, config: TrackerConfig,
     # Detection ratio of each Gaussian over the cluster's frames: frames where a member mask
     # holds it / frames that see it. A frame counts once even when two of its masks (an
     # over-segmented view) are members.
-    block = incidence[members]
-    member_frames = problem.tracker_frame[members]
-    frames = unique_sorted(member_frames)
-    candidates = np.flatnonzero(np.bincount(block.indices, minlength=n_gaussians))
-    frame_of_member = sparse.csr_matrix(
-        (np.ones(members.size, np.float32), (np.searchsorted(frames, member_frames), np.arange(members.size))),
-        shape=(frames.size, members.size))
-    detected = np.bincount((frame_of_member @ block).indices, minlength=n_gaussians)[candidates]
-    in_cluster_frame = np.zeros(problem.n_frames, dtype=bool)
-    in_cluster_frame[frames] = True
-    seen = np.zeros(candidates.size, np.int64)
-    for by_gaussian in (problem.labelled_by_gaussian, problem.unlabelled_by_gaussian):
-        columns_of = by_gaussian[:, candidates]
-        seen += segment_sum(in_cluster_frame[columns_of.indices], columns_of.indptr)
-    ratio = detected / np.maximum(seen, 1)
+    candidates = np.flatnonzero(np.bincount(incidence[members].indices, minlength=n_gaussians))
+    ratio = detection_ratio(problem, members, candidates)
     columns = candidates[ratio > config.prior_support]
     claimed = candidates[ratio >= config.residual_claim_support]
     if where is not None:
@@ -313,6 +300,62 @@ def _cluster_prior(problem: Problem, members: np.ndarray, config: TrackerConfig,
         dropped.extend(members.tolist())
         return None
     return Cluster(members=members, columns=columns, claimed=claimed)
+
+
+def detection_ratio(problem: Problem, members: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """(len(columns),) for each Gaussian column: the cluster's frames in which a member mask
+    holds it / the cluster's frames that see it (0 when none does). A frame counts once even
+    when two of its masks (an over-segmented view) are members."""
+    block = problem.incidence[members]
+    member_frames = problem.tracker_frame[members]
+    frames = unique_sorted(member_frames)
+    frame_of_member = sparse.csr_matrix(
+        (np.ones(members.size, np.float32), (np.searchsorted(frames, member_frames), np.arange(members.size))),
+        shape=(frames.size, members.size))
+    detected = np.bincount((frame_of_member @ block).indices, minlength=problem.incidence.shape[1])[columns]
+    in_cluster_frame = np.zeros(problem.n_frames, dtype=bool)
+    in_cluster_frame[frames] = True
+    seen = np.zeros(columns.size, np.int64)
+    for by_gaussian in (problem.labelled_by_gaussian, problem.unlabelled_by_gaussian):
+        columns_of = by_gaussian[:, columns]
+        seen += segment_sum(in_cluster_frame[columns_of.indices], columns_of.indptr)
+    return detected / np.maximum(seen, 1)
+
+
+def disjoint_priors(problem: Problem, clusters: list[Cluster]) -> tuple[list[Cluster], int]:
+    """Each Gaussian in one prior: one in several stays in the one whose masks hold it in the
+    largest share of the cluster's frames that see it (ties: the cluster listed first).
+
+    Each prior passes its own frame vote, so a small object that a neighbour's cluster holds in
+    the masks where the segmenter fused the two is in both priors (bench segment seed 13: 56 of
+    a cube's 95 prior Gaussians were also in its neighbour jenga's). The feature field's 3D loss
+    then pulls those Gaussians to two prototypes, and the cube went to the jenga's instance. Its
+    own masks hold it in nearly all of its frames, the fused masks in little more than half.
+    Clusters left without a Gaussian are dropped. Returns (clusters, Gaussians moved)."""
+    if len(clusters) < 2:
+        return clusters, 0
+    n_gaussians = problem.incidence.shape[1]
+    counts = np.zeros(n_gaussians, np.int64)
+    for cluster in clusters:
+        counts[cluster.columns] += 1
+    shared = np.flatnonzero(counts > 1)
+    if shared.size == 0:
+        return clusters, 0
+    best = np.full(shared.size, -1.0)
+    owner = np.full(shared.size, -1, np.int64)
+    for k, cluster in enumerate(clusters):
+        here = np.isin(shared, cluster.columns, assume_unique=True)
+        ratio = np.full(shared.size, -1.0)
+        ratio[here] = detection_ratio(problem, cluster.members, shared[here])
+        better = ratio > best
+        best[better], owner[better] = ratio[better], k
+    result = []
+    for k, cluster in enumerate(clusters):
+        lost = shared[owner != k]
+        columns = cluster.columns[~np.isin(cluster.columns, lost, assume_unique=True)]
+        if columns.size:
+            result.append(Cluster(members=cluster.members, columns=columns, claimed=cluster.claimed))
+    return result, int(counts[shared].sum() - shared.size)
 
 
 def merge_split_objects(problem: Problem, clusters: list[Cluster], own_mask: np.ndarray, config: TrackerConfig,

@@ -98,6 +98,12 @@ class TrackerConfig:
     split_merge_consensus: Optional[float] = 0.8
     split_merge_min_frames: int = 5
 
+    # Ours: a Gaussian in several priors stays only in the one whose masks hold it in the largest
+    # share of that cluster's frames seeing it (`clustering.disjoint_priors`; bench segment seed
+    # 13: a cube in its own prior and in a jenga's, whose cluster kept the masks fusing the two).
+    # False = MaskClustering / InstaScene (each prior from its own vote, overlaps kept).
+    disjoint_priors: bool = True
+
     # Clusters. MaskClustering's post-processing ignores clusters of fewer than 2 masks.
     min_cluster_masks: int = 2
     # InstaScene supp. sec. 2 keeps the masks that overlap the rest of their cluster well; no

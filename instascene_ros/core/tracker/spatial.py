@@ -9,7 +9,7 @@ from typing import Mapping, Optional, Union
 import numpy as np
 
 from ._arrays import unique_sorted
-from .clustering import cluster_masks, cluster_priors, merge_split_objects
+from .clustering import cluster_masks, cluster_priors, disjoint_priors, merge_split_objects
 from .config import TrackerConfig
 from .identity import InstanceIds, TrackerEvent
 from .statistics import FrameRecord, Problem, judge
@@ -344,6 +344,9 @@ class SpatialTracker:
             clusters, undersegmented, dropped = self._associate(problem, positions, stats)
         clusters, merges = merge_split_objects(problem, clusters, own_mask_ids(problem.tracker_mask), config, positions)
         stats["split_objects_merged"] = float(merges)
+        if config.disjoint_priors:
+            clusters, moved = disjoint_priors(problem, clusters)
+            stats["shared_gaussians_resolved"] = float(moved)
         priors = [problem.gaussian_ids[c.columns] for c in clusters]
         ids, events = self._ids.assign(priors, None if positions is None else positions[0])
 
