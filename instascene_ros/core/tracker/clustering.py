@@ -223,7 +223,8 @@ def cluster_priors(problem: Problem, valid: np.ndarray, cluster_of: np.ndarray, 
         if cluster is None and config.member_filter_keeps_objects:
             # The filter sharpens a prior; it must not erase an object all of whose masks agree
             # on one (see TrackerConfig.member_filter_keeps_objects).
-            whole = _cluster_prior(problem, members, config, where, table_positions, [], member_overlap=0.0)
+            whole = _cluster_prior(problem, members, config, where, table_positions, [], member_overlap=0.0,
+                                   min_frames_holding=config.min_cluster_masks)
             if whole is not None and whole.columns.size >= config.residual_min_gaussians:
                 cluster, group_dropped = whole, []
         dropped.extend(group_dropped)
@@ -268,9 +269,10 @@ def _orphan_members(problem: Problem, cluster: Cluster, share: float) -> np.ndar
 
 def _cluster_prior(problem: Problem, members: np.ndarray, config: TrackerConfig, where: Optional[np.ndarray],
                    table_positions: Optional[np.ndarray], dropped: list[int],
-                   member_overlap: Optional[float] = None) -> Optional[Cluster]:
+                   member_overlap: Optional[float] = None, min_frames_holding: int = 1) -> Optional[Cluster]:
     """One cluster's member filtering, prior support and DBSCAN (None when nothing survives;
-    the masks dropped on the way are appended to `dropped`). member_overlap: None = the config's."""
+    the masks dropped on the way are appended to `dropped`). member_overlap: None = the config's;
+    min_frames_holding: a prior Gaussian is held by member masks of at least this many frames."""
     incidence = problem.incidence
     n_gaussians = incidence.shape[1]
     if members.size < config.min_cluster_masks:
@@ -290,8 +292,9 @@ def _cluster_prior(problem: Problem, members: np.ndarray, config: TrackerConfig,
     # holds it / frames that see it. A frame counts once even when two of its masks (an
     # over-segmented view) are members.
     candidates = np.flatnonzero(np.bincount(incidence[members].indices, minlength=n_gaussians))
-    ratio = detection_ratio(problem, members, candidates)
-    columns = candidates[ratio > config.prior_support]
+    detected, seen = detections(problem, members, candidates)
+    ratio = detected / np.maximum(seen, 1)
+    columns = candidates[(ratio > config.prior_support) & (detected >= min_frames_holding)]
     claimed = candidates[ratio >= config.residual_claim_support]
     if where is not None:
         columns = columns[where[columns] >= 0]  # pruned from the map since
@@ -306,6 +309,13 @@ def detection_ratio(problem: Problem, members: np.ndarray, columns: np.ndarray) 
     """(len(columns),) for each Gaussian column: the cluster's frames in which a member mask
     holds it / the cluster's frames that see it (0 when none does). A frame counts once even
     when two of its masks (an over-segmented view) are members."""
+    detected, seen = detections(problem, members, columns)
+    return detected / np.maximum(seen, 1)
+
+
+def detections(problem: Problem, members: np.ndarray, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(frames of the cluster in which a member mask holds each column, frames of the cluster
+    that see it), each (len(columns),) int64."""
     block = problem.incidence[members]
     member_frames = problem.tracker_frame[members]
     frames = unique_sorted(member_frames)
@@ -319,7 +329,7 @@ def detection_ratio(problem: Problem, members: np.ndarray, columns: np.ndarray) 
     for by_gaussian in (problem.labelled_by_gaussian, problem.unlabelled_by_gaussian):
         columns_of = by_gaussian[:, columns]
         seen += segment_sum(in_cluster_frame[columns_of.indices], columns_of.indptr)
-    return detected / np.maximum(seen, 1)
+    return detected.astype(np.int64), seen
 
 
 def disjoint_priors(problem: Problem, clusters: list[Cluster]) -> tuple[list[Cluster], int]:

@@ -111,7 +111,9 @@ class TrackerConfig:
     member_overlap: float = 0.5
     # Ours: when the member filter leaves a cluster no prior (too few members, or none of the
     # Gaussians keeps the support of the members left) but all its members together make one of
-    # >= residual_min_gaussians, the cluster keeps all its members. A small object the segmenter
+    # >= residual_min_gaussians, each held in >= min_cluster_masks of its frames (two masks that
+    # barely overlap, each alone on the Gaussians it sees, make no such prior: report seed 14
+    # made a 240-Gaussian one of the table without that), the cluster keeps all its members. A small object the segmenter
     # fuses with a neighbour in most views is left a few clean masks, one of which bleeds onto the
     # table: bench segment seed 11's ring under a U-block had 3 (frames 8, 9, 10, holding 85, 2
     # and 35 Gaussians); the filter dropped the 85 (39% shared), the vote over the other two kept
