@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from instascene_ros.core.features.synthetic import make_blob_scene
-from instascene_ros.core.prior_labels import correct_labels, prior_weight_images, relabel_by_priors
+from instascene_ros.core import prior_labels
+from instascene_ros.core.prior_labels import corrected_labels, prior_weight_images, relabel_by_priors
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +24,9 @@ def test_a_fused_mask_gives_the_small_objects_pixels_back_to_its_prior(blobs):
     mask[cube] = fused_id
     consistent = np.where(mask == fused_id, 1, np.where(mask != 0, 3, 0)).astype(np.int32)
     consistent[(truth == 4) & (mask != 0)] = 4
-    fixed, masks, moved = correct_labels(blobs.scene, blobs.priors, [blobs.cameras[view]], [consistent], [mask], 0.5)
-    fixed, masks = fixed[0], masks[0]
+    lazy = corrected_labels(blobs.scene, blobs.priors, [blobs.cameras[view]], [consistent], [mask], 0.5)
+    fixed, masks = lazy[0].consistent, lazy[0].masks
+    moved = int(np.sum(fixed != consistent))
     # The cube's pixels are the cube's again, in a group of their own, exactly where its prior
     # carries half the blend (most of them: 20% of its Gaussians are in no prior); the sphere's stay.
     share = prior_weight_images(blobs.scene, blobs.priors, [blobs.cameras[view]])[0][..., 1]
@@ -80,3 +82,17 @@ def test_relabel_rule_on_a_hand_made_weight_image():
     for w, ids in ((weights, instance_ids), (np.zeros((1, 5, 0), np.float32), np.zeros(0, np.int64))):
         fixed, new_masks, moved = relabel_by_priors(consistent, masks, w, ids, 0.0 if w.size else 0.5)
         assert moved == 0 and fixed is consistent and new_masks is masks
+
+
+def test_labels_are_corrected_only_for_the_keyframes_the_field_reads(blobs, monkeypatch):
+    renders = []
+    real = prior_labels.prior_weight_images
+    monkeypatch.setattr(prior_labels, "prior_weight_images", lambda *a, **k: renders.append(1) or real(*a, **k))
+    n = len(blobs.cameras)
+    lazy = corrected_labels(blobs.scene, blobs.priors, blobs.cameras, [None] + blobs.masks[1:], blobs.masks, 0.5)
+    assert renders == [] and [item.has_consistent for item in lazy] == [False] + [True] * (n - 1)
+    assert lazy[0].consistent is None and lazy[0].masks is not None and len(renders) == 1
+    lazy[3].consistent, lazy[3].masks, lazy[3].consistent
+    assert len(renders) == 2  # once per keyframe read
+    with pytest.raises(ValueError, match="prior_label_weight"):
+        corrected_labels(blobs.scene, blobs.priors, blobs.cameras, blobs.masks, blobs.masks, 1.5)

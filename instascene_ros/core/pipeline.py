@@ -38,7 +38,7 @@ from instascene_ros.core.instances import (InstanceConfig, Instances, SurfaceVie
                                            on_rendered_surface, segment_at_pixel)
 from instascene_ros.core.keyframe_masks import KeyframeMasks
 from instascene_ros.core.mapping import PRESETS, Mapper, MapperConfig
-from instascene_ros.core.prior_labels import correct_labels
+from instascene_ros.core.prior_labels import corrected_labels
 from instascene_ros.core.scene import sh_dc_to_rgb
 from instascene_ros.core.splat.types import Gaussians
 from instascene_ros.core.support_plane import (TablePlane, TablePlaneConfig, fit_table_plane, rendered_on_table,
@@ -318,14 +318,14 @@ class Pipeline:
                     consistent = self._video_associated(masked)
                 else:
                     consistent = [result.label_image(kf.index, mask) for kf, mask in zip(masked, raw)]
-                    weight = self.field.config.prior_label_weight
-                    if weight > 0.0:
-                        f = self.field.config
-                        consistent, raw, moved = correct_labels(
-                            scene, self.priors, [kf.camera for kf in masked], consistent, raw, weight,
-                            raster=f.raster, backend=f.backend, primitive=f.primitive)
-                        timings["pixels_relabelled"] = float(moved)
-                labels = [KeyframeLabels(consistent=ids, masks=mask) for ids, mask in zip(consistent, raw)]
+                f = self.field.config
+                # Our field only: the codebook and the classifier train as their papers do.
+                if f.objective != "classifier" and not f.codebook.enabled and f.prior_label_weight > 0.0:
+                    labels = corrected_labels(scene, self.priors, [kf.camera for kf in masked], consistent, raw,
+                                              f.prior_label_weight, raster=f.raster, backend=f.backend,
+                                              primitive=f.primitive)
+                else:
+                    labels = [KeyframeLabels(consistent=ids, masks=mask) for ids, mask in zip(consistent, raw)]
                 self.identity_splits += self._train_field(masked, labels, feature_steps)
             timings["features"] = time.perf_counter() - tic
             tic = time.perf_counter()

@@ -24,16 +24,9 @@ import torch
 
 
 
-def prior_weight_images(scene, priors: Mapping[int, np.ndarray], cameras: Sequence,
-                        **render_options) -> list[np.ndarray]:
-    """Per camera an (H, W, K) float32 image: the share of the blend that prior k's Gaussians
-    carry at each pixel, K = len(priors) in their order. scene: a GaussianScene; priors: instance
-    id -> persistent Gaussian ids, disjoint (`TrackerConfig.disjoint_priors`: the one-hot rows
-    are rendered as unit features, so a Gaussian in two would count 1/sqrt(2) for each); ids no
-    longer in the scene are skipped. `render_options` go to
-    `render_features` (raster, backend, primitive)."""
-    from instascene_ros.core.features.field import render_features
-
+def prior_one_hot(scene, priors: Mapping[int, np.ndarray]) -> torch.Tensor:
+    """(N, max(K, 1)) float: row i is 1 in column k when the scene's Gaussian i is in prior k
+    (K = len(priors), in their order). Ids no longer in the scene are skipped."""
     ids = np.asarray(scene.ids.cpu().numpy(), np.int64)
     order = np.argsort(ids, kind="stable")
     one_hot = torch.zeros(ids.size, max(len(priors), 1), dtype=scene.means.dtype)
@@ -43,6 +36,20 @@ def prior_weight_images(scene, priors: Mapping[int, np.ndarray], cameras: Sequen
         found = at < ids.size
         found[found] &= ids[order[at[found]]] == members[found]
         one_hot[torch.from_numpy(order[at[found]]), column] = 1.0
+    return one_hot
+
+
+def prior_weight_images(scene, priors: Mapping[int, np.ndarray], cameras: Sequence, one_hot=None,
+                        **render_options) -> list[np.ndarray]:
+    """Per camera an (H, W, K) float32 image: the share of the blend that prior k's Gaussians
+    carry at each pixel, K = len(priors) in their order. scene: a GaussianScene; priors: instance
+    id -> persistent Gaussian ids, disjoint (`TrackerConfig.disjoint_priors`: the one-hot rows
+    are rendered as unit features, so a Gaussian in two would count 1/sqrt(2) for each).
+    one_hot: `prior_one_hot(scene, priors)` when the caller has it. `render_options` go to
+    `render_features` (raster, backend, primitive)."""
+    from instascene_ros.core.features.field import render_features
+
+    one_hot = prior_one_hot(scene, priors) if one_hot is None else one_hot
     return [render_features(scene, one_hot, camera, **render_options).features[0, ..., :len(priors)]
             .cpu().numpy().astype(np.float32) for camera in cameras]
 
@@ -76,17 +83,31 @@ def relabel_by_priors(consistent: np.ndarray, masks: np.ndarray, weights: np.nda
     return new_consistent, new_masks, int(move.sum())
 
 
-def correct_labels(scene, priors: Mapping[int, np.ndarray], cameras: Sequence, consistent: Sequence[np.ndarray],
-                   masks: Sequence[np.ndarray], min_weight: float,
-                   **render_options) -> tuple[list[np.ndarray], list[np.ndarray], int]:
-    """`relabel_by_priors` on every keyframe (cameras, consistent and masks aligned). Returns the
-    corrected (consistent, masks) lists and the pixels moved in all."""
+def corrected_labels(scene, priors: Mapping[int, np.ndarray], cameras: Sequence, consistent: Sequence[np.ndarray],
+                     masks: Sequence[np.ndarray], min_weight: float, **render_options) -> list:
+    """Per keyframe (cameras, consistent and masks aligned) a `LazyKeyframeLabels` holding
+    `relabel_by_priors` of its labels, rendered when the field first reads it: a solve's few
+    field steps read a few keyframes, and one render per keyframe read is what this costs
+    (~70 ms at 128 px on 2 cores). Priors and scene are read now (the one-hot table), the views
+    when used (the caller holds the map's lock while the field trains)."""
+    from instascene_ros.core.features.field import KeyframeLabels, LazyKeyframeLabels
+
+    if not 0.0 <= min_weight <= 1.0:
+        raise ValueError(f"prior_label_weight must be in [0, 1], got {min_weight}")
     instance_ids = np.array(list(priors), np.int64)
-    images = prior_weight_images(scene, priors, cameras, **render_options)
-    out_consistent, out_masks, moved = [], [], 0
-    for weights, labels, mask in zip(images, consistent, masks):
-        labels, mask, count = relabel_by_priors(labels, mask, weights, instance_ids, min_weight)
-        out_consistent.append(labels)
-        out_masks.append(mask)
-        moved += count
-    return out_consistent, out_masks, moved
+    table = {"one_hot": prior_one_hot(scene, priors)}
+
+    def maker(camera, labels, mask):
+        def make() -> KeyframeLabels:
+            if mask is None:  # nothing to split: the consistent labels stand
+                return KeyframeLabels(consistent=labels, masks=None)
+            if table["one_hot"].shape[0] != scene.n:  # GradiSeg's IGD split Gaussians meanwhile
+                table["one_hot"] = prior_one_hot(scene, priors)
+            weights = prior_weight_images(scene, priors, [camera], table["one_hot"], **render_options)[0]
+            base = np.zeros(np.shape(mask), np.int32) if labels is None else labels
+            fixed, split, _ = relabel_by_priors(base, mask, weights, instance_ids, min_weight)
+            return KeyframeLabels(consistent=None if labels is None else fixed, masks=split)
+        return make
+
+    return [LazyKeyframeLabels(maker(camera, labels, mask), labels is not None, mask is not None)
+            for camera, labels, mask in zip(cameras, consistent, masks)]

@@ -110,12 +110,42 @@ class KeyframeLabels:
     masks: Optional[np.ndarray] = None  # (H, W) int32 raw per-view masks; ids meaningful in this view only
 
 
+class LazyKeyframeLabels:
+    """A keyframe's labels made on first use by `make()` (-> KeyframeLabels). Which parts exist
+    is known up front (`has_consistent`, `has_masks`), so choosing a view does not make every
+    keyframe's labels: a few field steps touch a few keyframes (`prior_labels` renders one view
+    per keyframe it corrects)."""
+
+    def __init__(self, make, has_consistent: bool, has_masks: bool):
+        self._make, self._labels = make, None
+        self.has_consistent, self.has_masks = bool(has_consistent), bool(has_masks)
+
+    def _get(self) -> KeyframeLabels:
+        if self._labels is None:
+            self._labels = self._make()
+        return self._labels
+
+    @property
+    def consistent(self) -> Optional[np.ndarray]:
+        return self._get().consistent if self.has_consistent else None
+
+    @property
+    def masks(self) -> Optional[np.ndarray]:
+        return self._get().masks if self.has_masks else None
+
+
+def _has(item, part: str) -> bool:
+    """Whether the labels hold `part` ("consistent" or "masks"), without making lazy ones."""
+    known = getattr(item, "has_" + part, None)
+    return bool(known) if known is not None else getattr(item, part) is not None
+
+
 def _camera_of(keyframe) -> Camera:
     return keyframe if isinstance(keyframe, Camera) else keyframe.camera
 
 
-def _as_labels(item) -> KeyframeLabels:
-    if isinstance(item, KeyframeLabels):
+def _as_labels(item) -> Union[KeyframeLabels, LazyKeyframeLabels]:
+    if isinstance(item, (KeyframeLabels, LazyKeyframeLabels)):
         return item
     if isinstance(item, Mapping):
         return KeyframeLabels(consistent=item.get("consistent"), masks=item.get("masks"))
@@ -349,7 +379,7 @@ class FeatureField:
         labels = [_as_labels(item) for item in labels]
         if len(labels) != len(keyframes):
             raise ValueError(f"{len(keyframes)} keyframes but {len(labels)} label sets")
-        usable = [i for i, item in enumerate(labels) if item.consistent is not None or item.masks is not None]
+        usable = [i for i, item in enumerate(labels) if _has(item, "consistent") or _has(item, "masks")]
         result = {"view": -1, "intra": 0.0, "cross": 0.0, "prior3d": 0.0, "codebook": 0.0, "classifier": 0.0,
                   "laknn": 0.0, "total": 0.0, "masks_kept": 0, "masks_dropped": 0}
         if self.n == 0 or not usable:
@@ -447,7 +477,7 @@ class FeatureField:
         """InfoNCE over the tracker's consistent labels pooled over keyframes view-k..view+k."""
         c = self.config
         window = [j for j in range(view - c.cross_window, view + c.cross_window + 1)
-                  if 0 <= j < len(keyframes) and labels[j].consistent is not None]
+                  if 0 <= j < len(keyframes) and _has(labels[j], "consistent")]
         if not window:
             return None
         others = [j for j in window if j != view]
