@@ -23,9 +23,8 @@ def test_each_variant_changes_only_its_own_settings():
     assert _changed(base, features["full with every mask pixel sampled"]) == {"mask_border_px": 0.0}
     border_rule = features["full with background sampled by the border rule"]
     assert _changed(base, border_rule) == {"background_by_margin": False}
-    assert _changed(base, features["full with the masks' labels uncorrected by the priors"]) == {"prior_label_weight": 0.0}
-    assert _changed(base, features["InstaScene as published"]) == {"mask_border_px": 0.0, "background_cluster": False,
-                                                                  "prior_label_weight": 0.0}
+    assert _changed(base, features["full + labels corrected by the priors"]) == {"prior_label_weight": 0.5}
+    assert _changed(base, features["InstaScene as published"]) == {"mask_border_px": 0.0, "background_cluster": False}
     codebook = features["Unified-Lift object codebook (lr x10)"]
     assert codebook.codebook.enabled and codebook.codebook.feature_lr == 10 * base.codebook.feature_lr
     assert codebook.feature_lr == 2.5e-2  # the same feature rate as our field
@@ -68,7 +67,7 @@ def test_each_variant_changes_only_its_own_settings():
         assert _changed(base, variants[name].features) == {} and _changed(tracker, variants[name].tracker) == {}
     # the rows above switch real defaults off
     assert base.mask_border_px > 0 and base.background_cluster and base.background_by_margin
-    assert base.prior_label_weight > 0
+    assert base.prior_label_weight == 0.0  # an option, off
     assert tracker.mutual_containment_link and tracker.undersegment_cover > 0.0
     assert tracker.residual_passes >= 1 and tracker.split_merge_consensus is not None and tracker.orphan_share > 0
     assert tracker.member_filter_keeps_objects and tracker.disjoint_priors

@@ -60,9 +60,12 @@ def relabel_by_priors(consistent: np.ndarray, masks: np.ndarray, weights: np.nda
 
     consistent (H, W): instance ids (0 = none / dropped mask); masks (H, W): the raw per-view
     mask ids (0 = no mask); weights (H, W, K): `prior_weight_images`; instance_ids (K,): the
-    instance of each prior. A mask pixel where prior k carries >= min_weight of the blend and
-    whose consistent label is not instance_ids[k] moves to a new raw id (one per mask and prior)
-    labelled instance_ids[k]. Returns (consistent, masks, pixels moved); the inputs are unchanged.
+    instance of each prior. A mask pixel where prior k carries >= min_weight of the blend moves
+    to a new raw id (one per mask and prior) labelled instance_ids[k] unless k is the mask's own
+    object: its consistent label, or for a mask the tracker dropped (label 0) the prior that
+    dominates most of its pixels, whose pixels stay in the mask, unlabelled (splitting them off
+    would teach the intra-view loss that one object is two). Returns (consistent, masks, pixels
+    moved); the inputs are unchanged.
     """
     consistent = np.asarray(consistent)
     masks = np.asarray(masks)
@@ -71,7 +74,18 @@ def relabel_by_priors(consistent: np.ndarray, masks: np.ndarray, weights: np.nda
     top = weights.argmax(axis=-1)
     dominant = np.where(np.take_along_axis(weights, top[..., None], -1)[..., 0] >= min_weight,
                         np.asarray(instance_ids, np.int64)[top], 0)
-    move = (masks != 0) & (dominant != 0) & (dominant != consistent)
+    owner = consistent.astype(np.int64, copy=True)
+    dropped = (masks != 0) & (consistent == 0)
+    voted = dropped & (dominant != 0)
+    if voted.any():  # a dropped mask's own object: the prior dominating most of its pixels
+        pairs, counts = np.unique(np.stack([masks[voted].astype(np.int64), dominant[voted]]), axis=1,
+                                  return_counts=True)
+        order = np.lexsort((-counts, pairs[0]))  # by mask id, the most pixels first
+        first = order[np.r_[True, pairs[0][order][1:] != pairs[0][order][:-1]]]
+        own_prior = dict(zip(pairs[0][first].tolist(), pairs[1][first].tolist()))
+        ids, inverse = np.unique(masks[dropped].astype(np.int64), return_inverse=True)
+        owner[dropped] = np.array([own_prior.get(int(i), 0) for i in ids], np.int64)[inverse.reshape(-1)]
+    move = (masks != 0) & (dominant != 0) & (dominant != owner)
     if not move.any():
         return consistent, masks, 0
     new_consistent = consistent.astype(np.int64, copy=True)

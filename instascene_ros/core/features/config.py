@@ -182,13 +182,16 @@ class FeatureConfig:
     # border pixels of a noisy mask are often wrong, and at low resolution a rendered border
     # pixel blends two objects, so its feature belongs to neither.
     mask_border_px: float = 1.0
-    # Ours: where one 3D prior's Gaussians carry >= this share of a pixel's blend and the pixel's
-    # mask says another object (or the tracker dropped the mask), the pixel trains as that
-    # prior's object, in a group of its own (`prior_labels`; 0 = the masks as the tracker labels
-    # them, as the papers). A segmenter fusing a small object with its neighbour in most views
-    # otherwise teaches the field that they are one: seed 13's cube, with a prior of its own,
-    # rendered as the jenga's instance on 128 of its 195 pixels.
-    prior_label_weight: float = 0.5
+    # Ours, off by default (0): where one 3D prior's Gaussians carry >= this share of a pixel's
+    # blend and the pixel's mask says another object, the pixel trains as that prior's object,
+    # in a group of its own (`prior_labels`). A segmenter fusing a small object with its
+    # neighbour in most views otherwise teaches the field that they are one: seed 13's cube,
+    # with a prior of its own, rendered as the jenga's instance on 128 of its 195 pixels. Measured
+    # at 0.5 in session 39 and not kept: the product run on maps made anew scored 82.6 / 83.8 /
+    # 73.1 on seeds 11-13 against 81.1 / 86.6 / 77.9 without; refitted 300 steps on the same
+    # maps, seed 12 79.9 against 83.7 (that version also split a dropped mask's own object off
+    # it, which `relabel_by_priors` no longer does; not measured since).
+    prior_label_weight: float = 0.0
     min_mask_pixels: int = 16  # smaller masks are noise for a 1024-sample prototype
     min_pixel_alpha: float = 0.5  # only pixels the map actually covers are sampled
     # New Gaussians (inserted or split by the mapper) without a known parent start from the
