@@ -338,9 +338,10 @@ def disjoint_priors(problem: Problem, clusters: list[Cluster]) -> tuple[list[Clu
 
     Each prior passes its own frame vote, so a small object that a neighbour's cluster holds in
     the masks where the segmenter fused the two is in both priors (bench segment seed 13: 56 of
-    a cube's 95 prior Gaussians were also in its neighbour jenga's). The feature field's 3D loss
-    then pulls those Gaussians to two prototypes, and the cube went to the jenga's instance. Its
-    own masks hold it in nearly all of its frames, the fused masks in little more than half.
+    a cube's 95 prior Gaussians were also in its neighbour jenga's), and the feature field's 3D
+    loss pulls those Gaussians to two prototypes. Its own masks hold it in nearly all of its
+    frames, the fused masks in little more than half. (Alone this did not give the cube its
+    pixels back in session 39's run: the field still learns the fused masks' labels.)
     Clusters left without a Gaussian are dropped. Returns (clusters, Gaussians moved)."""
     if len(clusters) < 2:
         return clusters, 0

@@ -100,7 +100,8 @@ class TrackerConfig:
 
     # Ours: a Gaussian in several priors stays only in the one whose masks hold it in the largest
     # share of that cluster's frames seeing it (`clustering.disjoint_priors`; bench segment seed
-    # 13: a cube in its own prior and in a jenga's, whose cluster kept the masks fusing the two).
+    # 13: a cube in its own prior and in a jenga's, whose cluster kept the masks fusing the two;
+    # the field still drew the cube as the jenga, which this does not change).
     # False = MaskClustering / InstaScene (each prior from its own vote, overlaps kept).
     disjoint_priors: bool = True
 
