@@ -10,10 +10,14 @@ the jenga's too.
 
 The priors are cross-view consistent where one mask is not. Rendering each prior's Gaussians as
 a one-hot feature gives, per pixel, the share of the blend each prior carries; where one prior
-carries at least `min_weight` of it and a mask says another object (or an object the tracker
-dropped the mask of), the pixel moves to a group of its own labelled with that prior's instance:
-for the intra-view loss it is no longer part of the fused mask, for the cross-view loss it is the
-prior's object. Pixels no prior dominates keep their mask's label.
+carries at least `min_weight` of it and it is not the mask's own object (the mask's label, or
+for a mask the tracker dropped the prior dominating most of its pixels), the pixel moves to a
+group of its own labelled with that prior's instance: for the intra-view loss it is no longer
+part of the fused mask, for the cross-view loss it is the prior's object. Pixels no prior
+dominates keep their mask's label.
+
+An option, off by default (`FeatureConfig.prior_label_weight` 0): measured worse in session 39
+(docs/results.md), in a version that also split a dropped mask's own object off it.
 """
 from __future__ import annotations
 
@@ -21,7 +25,6 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-
 
 
 def prior_one_hot(scene, priors: Mapping[int, np.ndarray]) -> torch.Tensor:
