@@ -26,19 +26,20 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from instascene_ros.core.features.field import KeyframeLabels, LazyKeyframeLabels, _rows_of, render_features
+
 
 def prior_one_hot(scene, priors: Mapping[int, np.ndarray]) -> torch.Tensor:
     """(N, max(K, 1)) float: row i is 1 in column k when the scene's Gaussian i is in prior k
     (K = len(priors), in their order). Ids no longer in the scene are skipped."""
     ids = np.asarray(scene.ids.cpu().numpy(), np.int64)
-    order = np.argsort(ids, kind="stable")
     one_hot = torch.zeros(ids.size, max(len(priors), 1), dtype=scene.means.dtype)
-    for column, members in enumerate(priors.values()):
-        members = np.asarray(members, np.int64)
-        at = np.searchsorted(ids, members, sorter=order)
-        found = at < ids.size
-        found[found] &= ids[order[at[found]]] == members[found]
-        one_hot[torch.from_numpy(order[at[found]]), column] = 1.0
+    members = [np.asarray(m, np.int64).reshape(-1) for m in priors.values()]
+    if members:
+        rows = _rows_of(ids, np.concatenate(members))  # one sort for all priors
+        columns = np.repeat(np.arange(len(members)), [m.size for m in members])
+        found = rows >= 0
+        one_hot[torch.from_numpy(rows[found]), torch.from_numpy(columns[found])] = 1.0
     return one_hot
 
 
@@ -50,8 +51,6 @@ def prior_weight_images(scene, priors: Mapping[int, np.ndarray], cameras: Sequen
     are rendered as unit features, so a Gaussian in two would count 1/sqrt(2) for each).
     one_hot: `prior_one_hot(scene, priors)` when the caller has it. `render_options` go to
     `render_features` (raster, backend, primitive)."""
-    from instascene_ros.core.features.field import render_features
-
     one_hot = prior_one_hot(scene, priors) if one_hot is None else one_hot
     return [render_features(scene, one_hot, camera, **render_options).features[0, ..., :len(priors)]
             .cpu().numpy().astype(np.float32) for camera in cameras]
@@ -107,8 +106,6 @@ def corrected_labels(scene, priors: Mapping[int, np.ndarray], cameras: Sequence,
     field steps read a few keyframes, and one render per keyframe read is what this costs
     (~70 ms at 128 px on 2 cores). Priors and scene are read now (the one-hot table), the views
     when used (the caller holds the map's lock while the field trains)."""
-    from instascene_ros.core.features.field import KeyframeLabels, LazyKeyframeLabels
-
     if not 0.0 <= min_weight <= 1.0:
         raise ValueError(f"prior_label_weight must be in [0, 1], got {min_weight}")
     instance_ids = np.array(list(priors), np.int64)
