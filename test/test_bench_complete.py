@@ -82,10 +82,13 @@ def test_json_report_contract(block_record, tmp_path, monkeypatch):
 
     with pytest.raises(SystemExit, match="--recomplete"):  # --refit acts on saved maps only
         main(["bench", "complete", "--refit", "--seeds", "1", "--work", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--refit"):  # the plain tracker is a refit variant
+        main(["bench", "complete", "--recomplete", "--plain-tracker", "--seeds", "1", "--work", str(tmp_path)])
     out = tmp_path / "complete.json"
     argv = ["bench", "complete", "--seeds", "1", "--threads", "1", "--work", str(tmp_path), "--json", str(out)]
     assert main(argv) == 0
     report = json.loads(out.read_text())
+    assert report["settings"]["maps"] == "made by this run"  # a reader can tell fresh rows from re-solved ones
     for section in (report["summary"], report["oracle"], *report["baselines"].values()):
         assert {"f1_2pct", "vol_iou", "chamfer_rel", "s_per_object"} <= set(section)
     assert set(report["baselines"]) == {"hull", "tsdf_cap"}

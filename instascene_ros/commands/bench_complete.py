@@ -65,6 +65,9 @@ map, the tracker solved with the current code's TrackerConfig, and a fresh featu
 `--finish-feature-steps` steps on those priors (`evaluation.retrain_field`): decomposition
 changes measured on the same maps without mapping again. A fresh field is not the run's own
 field (trained online, then finished), so compare refit rows with refit rows.
+`--refit --plain-tracker`: the same, with the tracker's two object rules switched off
+(`member_filter_keeps_objects`, `disjoint_priors`): what those rules do to completion, measured
+on the same maps against a `--refit` row.
 """
 from __future__ import annotations
 
@@ -120,6 +123,9 @@ def add_parser(benches) -> None:
     sub.add_argument("--refit", action="store_true",
                      help="with --recomplete: re-solve the tracker and train a fresh feature field "
                           "(--finish-feature-steps steps) on each saved map before extracting")
+    sub.add_argument("--plain-tracker", action="store_true",
+                     help="with --refit: solve the tracker without its object rules (member_filter_keeps_objects "
+                          "and disjoint_priors off), to measure what they do to completion")
     sub.add_argument("--no-pictures", action="store_true", help="skip the per-object pictures")
     sub.add_argument("--quick", action="store_true", help="smoke test: first seed only, 4 objects, 96 px, 24 views")
     sub.set_defaults(run=run_complete)
@@ -409,11 +415,14 @@ def _e2e_instances(run: pathlib.Path, run_metrics: dict) -> dict:
     return instances
 
 
-def _recomplete(run_dir: pathlib.Path, refit_steps: Optional[int] = None) -> dict:
+def _recomplete(run_dir: pathlib.Path, refit_steps: Optional[int] = None, plain_tracker: bool = False) -> dict:
     """The run folder's saved map, its instances extracted again (current InstanceConfig) and
     completed again into instances/ and completed/ (replacing what the run wrote); returns the
     run's metrics with the new completion records. refit_steps: first re-solve the tracker
-    (current TrackerConfig, every keyframe re-traced) and train a fresh field that many steps."""
+    (current TrackerConfig, every keyframe re-traced) and train a fresh field that many steps;
+    plain_tracker: solve it with the two object rules off."""
+    import dataclasses
+
     from instascene_ros.commands.run import complete_instances
     from instascene_ros.core.evaluation import retrain_field, write_instance_clouds
     from instascene_ros.core.pipeline import Pipeline, PipelineConfig
@@ -423,7 +432,10 @@ def _recomplete(run_dir: pathlib.Path, refit_steps: Optional[int] = None) -> dic
     pipeline.load(str(run_dir / "map.instascene"))  # publishes a fresh extraction
     refit_s = None
     if refit_steps:
-        refit_s = retrain_field(pipeline, config.features, refit_steps, tracker=config.tracker)
+        tracker = config.tracker
+        if plain_tracker:
+            tracker = dataclasses.replace(tracker, member_filter_keeps_objects=False, disjoint_priors=False)
+        refit_s = retrain_field(pipeline, config.features, refit_steps, tracker=tracker)
     for folder in ("instances", "completed"):
         shutil.rmtree(run_dir / folder, ignore_errors=True)
     write_instance_clouds(pipeline, run_dir / "instances")
@@ -463,8 +475,9 @@ def bench_seed(args, seed: int, res: int, views: int, objects: int, log=print) -
 
     run_dir = args.work / f"complete-s{seed}-r{res}-v{views}-n{args.mask_noise}-o{objects}"
     if args.recomplete and (run_dir / "metrics.json").exists() and (run_dir / "map.instascene").exists():
-        run_metrics = _recomplete(run_dir, args.finish_feature_steps if args.refit else None)
-        log(f"seed {seed}: " + (f"tracker re-solved, field refitted in {run_metrics['refit_s']:.0f} s, "
+        run_metrics = _recomplete(run_dir, args.finish_feature_steps if args.refit else None, args.plain_tracker)
+        log(f"seed {seed}: " + (f"tracker re-solved{' without its object rules' if args.plain_tracker else ''}, "
+                                f"field refitted in {run_metrics['refit_s']:.0f} s, "
                                 if args.refit else "") +
             f"re-extracted and re-completed the instances of {run_dir / 'map.instascene'}")
     elif args.reuse and (run_dir / "metrics.json").exists() and (run_dir / "completed").is_dir():
@@ -667,6 +680,8 @@ def run_complete(args) -> int:
     if args.refit and not args.recomplete:
         raise SystemExit("--refit re-fits the decomposition of saved maps: "
                          "add --recomplete (and the --work that holds them)")
+    if args.plain_tracker and not args.refit:
+        raise SystemExit("--plain-tracker re-solves the tracker of saved maps: add --recomplete --refit")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     res, views, objects = args.res, args.views, args.objects
     if args.quick:
@@ -693,7 +708,11 @@ def run_complete(args) -> int:
                   "targets": TARGETS, "checks": checks, "skipped": skipped, "seeds": timings,
                   "settings": {"seeds": seeds, "res": res, "views": views, "objects": objects,
                                "mask_noise": args.mask_noise, "min_unobserved": args.min_unobserved,
-                               "preset": "cpu", "generator": "geometric", "quick": bool(args.quick)},
+                               "preset": "cpu", "generator": "geometric", "quick": bool(args.quick),
+                               "maps": ("saved, tracker re-solved without its object rules, field refitted"
+                                        if args.plain_tracker else "saved, tracker re-solved, field refitted"
+                                        if args.refit else "saved, re-extracted" if args.recomplete
+                                        else "saved" if args.reuse else "made by this run")},
                   "objects": records}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(_clean(result), indent=2))
