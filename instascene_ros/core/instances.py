@@ -33,6 +33,7 @@ from sklearn.cluster import DBSCAN
 
 from instascene_ros.core.camera import Camera
 from instascene_ros.core.features.field import render_features
+from instascene_ros.core.id_rows import present_rows_of
 from instascene_ros.core.splat.types import RasterConfig
 
 _GOLDEN_RATIO_CONJUGATE = 0.6180339887498949
@@ -304,7 +305,7 @@ class Instances:
         if positions.shape != (self.ids.shape[0], 3):
             raise ValueError(f"positions {positions.shape} do not match the {self.ids.shape[0]} extraction rows")
         for instance in self.items.values():
-            instance.points = positions[_rows_of(self.ids, instance.gaussian_ids)]
+            instance.points = positions[present_rows_of(self.ids, instance.gaussian_ids)]
 
     def discard(self, rows: np.ndarray, min_gaussians: int = 1) -> int:
         """Take the extraction rows where `rows` ((N,) bool) is set out of every instance (their
@@ -318,7 +319,7 @@ class Instances:
             return 0
         for instance_id in list(self.items):
             instance = self.items[instance_id]
-            keep = ~rows[_rows_of(self.ids, instance.gaussian_ids)]
+            keep = ~rows[present_rows_of(self.ids, instance.gaussian_ids)]
             if keep.all():
                 continue
             if keep.sum() < min_gaussians:
@@ -363,17 +364,6 @@ def _unit(features) -> np.ndarray:
 
 def _numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-
-def _rows_of(ids: np.ndarray, query: np.ndarray) -> np.ndarray:
-    order = np.argsort(ids, kind="stable")
-    sorted_ids = ids[order]
-    query = np.asarray(query, dtype=np.int64)
-    if sorted_ids.size == 0 or query.size == 0:
-        return np.zeros(0, np.int64)
-    pos = np.clip(np.searchsorted(sorted_ids, query), 0, sorted_ids.size - 1)
-    found = sorted_ids[pos] == query
-    return order[pos[found]]
 
 
 @dataclass(frozen=True)
@@ -598,7 +588,7 @@ def extract_instances(features, ids, priors: Mapping[int, np.ndarray], positions
     for prior_id, gaussian_ids in priors.items():
         if int(prior_id) in excluded:
             continue
-        rows = _rows_of(ids, gaussian_ids)
+        rows = present_rows_of(ids, gaussian_ids)
         # A prior of a few Gaussians names no feature of its own: the field leaves them near
         # the background's, and the 0.9 test then claims the table (report seed 11: a 4-Gaussian
         # prior of a tiny object became a 15k-Gaussian instance, 2/3 of every rendered view).
@@ -944,7 +934,7 @@ def export_instance_ply(scene, instance: Union[Instance, np.ndarray], path: Unio
     from instascene_ros.core.scene import GaussianScene  # the scene module pulls the optimiser stack
 
     gaussian_ids = instance.gaussian_ids if isinstance(instance, Instance) else np.asarray(instance, np.int64)
-    rows = torch.from_numpy(np.sort(_rows_of(scene.ids.detach().cpu().numpy(), gaussian_ids)))
+    rows = torch.from_numpy(np.sort(present_rows_of(scene.ids.detach().cpu().numpy(), gaussian_ids)))
     config = dataclasses.replace(scene.config, feature_dim=0, max_gaussians=max(int(rows.numel()), 1))
     subset = GaussianScene(config)
     with torch.no_grad():

@@ -26,7 +26,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from instascene_ros.core.features.field import KeyframeLabels, LazyKeyframeLabels, _rows_of, render_features
+from instascene_ros.core.features.field import KeyframeLabels, LazyKeyframeLabels, render_features
+from instascene_ros.core.id_rows import rows_of
 
 
 def prior_one_hot(scene, priors: Mapping[int, np.ndarray]) -> torch.Tensor:
@@ -36,7 +37,7 @@ def prior_one_hot(scene, priors: Mapping[int, np.ndarray]) -> torch.Tensor:
     one_hot = torch.zeros(ids.size, max(len(priors), 1), dtype=scene.means.dtype)
     members = [np.asarray(m, np.int64).reshape(-1) for m in priors.values()]
     if members:
-        rows = _rows_of(ids, np.concatenate(members))  # one sort for all priors
+        rows = rows_of(ids, np.concatenate(members))  # one sort for all priors
         columns = np.repeat(np.arange(len(members)), [m.size for m in members])
         found = rows >= 0
         one_hot[torch.from_numpy(rows[found]), torch.from_numpy(columns[found])] = 1.0

@@ -31,6 +31,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from instascene_ros.core.camera import Camera
+from instascene_ros.core import id_rows
 from instascene_ros.core.splat import Gaussians, RenderOutput, render
 from instascene_ros.core.splat.numba_projection import reaching
 from instascene_ros.core.splat.types import RasterConfig
@@ -236,7 +237,7 @@ class FeatureField:
 
     def rows_of(self, ids: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
         """Row of each persistent id in the feature table (-1 when absent)."""
-        return _rows_of(self.ids.numpy(), np.asarray(ids, dtype=np.int64))
+        return id_rows.rows_of(self.ids.numpy(), np.asarray(ids, dtype=np.int64))
 
     def sync(self, scene) -> bool:
         """Re-align the feature table with `scene.ids`; returns True when anything changed."""
@@ -247,11 +248,11 @@ class FeatureField:
         if device != self.device:
             self.move_to(device)
         old_ids = self.ids.numpy()
-        src = _rows_of(old_ids, new_ids.numpy())
+        src = id_rows.rows_of(old_ids, new_ids.numpy())
         parents = getattr(scene, "parent_ids", None)
         missing = src < 0
         if parents is not None and missing.any():
-            src[missing] = _rows_of(old_ids, parents.detach().cpu().numpy()[missing])
+            src[missing] = id_rows.rows_of(old_ids, parents.detach().cpu().numpy()[missing])
         has = src >= 0
         n_new, dim = int(new_ids.shape[0]), self.config.dim
         old = self.features.detach()
@@ -666,17 +667,3 @@ class FeatureField:
         if self.classifier is not None and "classifier" in state:
             self.classifier.load_state_dict(state["classifier"])
             self.classifier_optimizer.load_state_dict(state["classifier_optimizer"])
-
-
-def _rows_of(table_ids: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """Row of each query id in `table_ids` (-1 when absent)."""
-    query = np.asarray(query, dtype=np.int64)
-    rows = np.full(query.shape, -1, dtype=np.int64)
-    if table_ids.size == 0 or query.size == 0:
-        return rows
-    order = np.argsort(table_ids, kind="stable")
-    sorted_ids = table_ids[order]
-    pos = np.clip(np.searchsorted(sorted_ids, query), 0, sorted_ids.size - 1)
-    found = sorted_ids[pos] == query
-    rows[found] = order[pos[found]]
-    return rows
