@@ -103,3 +103,18 @@ def test_json_report_contract(block_record, tmp_path, monkeypatch):
     assert report["oracle"]["n_failed"] == 1 and report["oracle"]["n_missed"] == 0
     assert report["oracle"]["watertight_share"] == pytest.approx(0.5)
     assert report["oracle"]["f1_2pct"] == pytest.approx(record["oracle"]["f1_2pct"] / 2)
+
+
+def test_completion_options_are_parsed_as_their_fields_and_typos_stop_the_bench(tmp_path):
+    from instascene_ros.cli import main
+    from instascene_ros.commands.bench_complete import completion_overrides
+
+    assert completion_overrides(["unsegmented_obstacle_distance=0.3", "generator=oracle"]) == {
+        "unsegmented_obstacle_distance": 0.3, "generator": "oracle"}
+    for wrong in ("unsegmented_obstacle=0.3", "unsegmented_obstacle_distance", "unsegmented_obstacle_distance=far",
+                  "mesh=1"):  # unknown, no value, not a number, a nested config
+        with pytest.raises(SystemExit, match="--completion-option"):
+            completion_overrides([wrong])
+    with pytest.raises(SystemExit, match="--recomplete"):  # options apply to maps completed again here
+        main(["bench", "complete", "--completion-option", "unsegmented_obstacle_distance=0.3", "--seeds", "1",
+              "--work", str(tmp_path)])

@@ -72,6 +72,7 @@ on the same maps against a `--refit` row.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import pathlib
@@ -126,6 +127,9 @@ def add_parser(benches) -> None:
     sub.add_argument("--plain-tracker", action="store_true",
                      help="with --refit: solve the tracker without its object rules (member_filter_keeps_objects "
                           "and disjoint_priors off), to measure what they do to completion")
+    sub.add_argument("--completion-option", action="append", default=[], metavar="NAME=VALUE",
+                     help="with --recomplete: set a CompletionConfig field for every row this run completes "
+                          "(repeatable), e.g. unsegmented_obstacle_distance=0.3")
     sub.add_argument("--no-pictures", action="store_true", help="skip the per-object pictures")
     sub.add_argument("--quick", action="store_true", help="smoke test: first seed only, 4 objects, 96 px, 24 views")
     sub.set_defaults(run=run_complete)
@@ -415,19 +419,52 @@ def _e2e_instances(run: pathlib.Path, run_metrics: dict) -> dict:
     return instances
 
 
-def _recomplete(run_dir: pathlib.Path, refit_steps: Optional[int] = None, plain_tracker: bool = False) -> dict:
+def completion_overrides(assignments: list[str]) -> dict:
+    """{field: value} from NAME=VALUE strings, each value parsed as the CompletionConfig
+    field's own type; an unknown or nested field, or a value of the wrong type, is an error."""
+    from instascene_ros.core.complete.config import CompletionConfig
+
+    defaults = CompletionConfig()
+    overrides = {}
+    for assignment in assignments:
+        name, equals, text = assignment.partition("=")
+        name = name.strip()
+        if not equals or not hasattr(defaults, name) or dataclasses.is_dataclass(getattr(defaults, name)):
+            fields = sorted(f.name for f in dataclasses.fields(defaults) if not dataclasses.is_dataclass(
+                getattr(defaults, f.name)))
+            raise SystemExit(f"--completion-option {assignment!r}: expected NAME=VALUE with NAME one of "
+                             f"{', '.join(fields)}")
+        default = getattr(defaults, name)
+        try:
+            if isinstance(default, bool):
+                if text.strip().lower() not in ("true", "false"):
+                    raise ValueError("expected true or false")
+                value = text.strip().lower() == "true"
+            elif default is None:
+                value = None if text.strip().lower() == "none" else float(text)
+            else:
+                value = type(default)(text)
+        except ValueError as error:
+            raise SystemExit(f"--completion-option {assignment!r}: {error}") from None
+        overrides[name] = value
+    return overrides
+
+
+def _recomplete(run_dir: pathlib.Path, refit_steps: Optional[int] = None, plain_tracker: bool = False,
+                completion: Optional[dict] = None) -> dict:
     """The run folder's saved map, its instances extracted again (current InstanceConfig) and
     completed again into instances/ and completed/ (replacing what the run wrote); returns the
     run's metrics with the new completion records. refit_steps: first re-solve the tracker
     (current TrackerConfig, every keyframe re-traced) and train a fresh field that many steps;
-    plain_tracker: solve it with the two object rules off."""
-    import dataclasses
+    plain_tracker: solve it with the two object rules off. completion: CompletionConfig fields
+    to set (`completion_overrides`)."""
 
     from instascene_ros.commands.run import complete_instances
     from instascene_ros.core.evaluation import retrain_field, write_instance_clouds
     from instascene_ros.core.pipeline import Pipeline, PipelineConfig
 
     config = PipelineConfig.from_preset("cpu")
+    config.completion = dataclasses.replace(config.completion, **(completion or {}))
     pipeline = Pipeline(config)
     pipeline.load(str(run_dir / "map.instascene"))  # publishes a fresh extraction
     refit_s = None
@@ -475,7 +512,8 @@ def bench_seed(args, seed: int, res: int, views: int, objects: int, log=print) -
 
     run_dir = args.work / f"complete-s{seed}-r{res}-v{views}-n{args.mask_noise}-o{objects}"
     if args.recomplete and (run_dir / "metrics.json").exists() and (run_dir / "map.instascene").exists():
-        run_metrics = _recomplete(run_dir, args.finish_feature_steps if args.refit else None, args.plain_tracker)
+        run_metrics = _recomplete(run_dir, args.finish_feature_steps if args.refit else None, args.plain_tracker,
+                                  completion_overrides(args.completion_option))
         log(f"seed {seed}: " + (f"tracker re-solved{' without its object rules' if args.plain_tracker else ''}, "
                                 f"field refitted in {run_metrics['refit_s']:.0f} s, "
                                 if args.refit else "") +
@@ -498,7 +536,7 @@ def bench_seed(args, seed: int, res: int, views: int, objects: int, log=print) -
     torch.set_num_threads(max(1, args.threads))
     pipeline = Pipeline(PipelineConfig.from_preset("cpu"))
     pipeline.load(str(run_dir / "map.instascene"))
-    config = pipeline.config.completion
+    config = dataclasses.replace(pipeline.config.completion, **completion_overrides(args.completion_option))
     scene_map = pipeline.mapper.scene
     gaussians = Gaussians(*(t.detach().clone() for t in (scene_map.means, scene_map.quats, scene_map.log_scales,
                                                          scene_map.opacity_logits, scene_map.sh)))
@@ -682,6 +720,9 @@ def run_complete(args) -> int:
                          "add --recomplete (and the --work that holds them)")
     if args.plain_tracker and not args.refit:
         raise SystemExit("--plain-tracker re-solves the tracker of saved maps: add --recomplete --refit")
+    if args.completion_option and not args.recomplete:
+        raise SystemExit("--completion-option completes saved maps again in this process: add --recomplete")
+    completion_overrides(args.completion_option)  # a typo stops the bench before any work
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     res, views, objects = args.res, args.views, args.objects
     if args.quick:
@@ -712,7 +753,8 @@ def run_complete(args) -> int:
                                "maps": ("saved, tracker re-solved without its object rules, field refitted"
                                         if args.plain_tracker else "saved, tracker re-solved, field refitted"
                                         if args.refit else "saved, re-extracted" if args.recomplete
-                                        else "saved" if args.reuse else "made by this run")},
+                                        else "saved" if args.reuse else "made by this run"),
+                               "completion_options": completion_overrides(args.completion_option)},
                   "objects": records}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(_clean(result), indent=2))

@@ -260,6 +260,11 @@ def build_context(scene_gaussians: Gaussians, object_rows: np.ndarray, other_row
         if len(under):
             gap = cKDTree(object_points).query(means[under])[0]
             not_object[under[gap > config.support_obstacle_distance * object_size]] = True
+    if config.unsegmented_obstacle_distance > 0.0:
+        beside = np.flatnonzero(background & ~not_object & near & (height > SUPPORT_FLOOR * object_size))
+        if len(beside):
+            gap = cKDTree(object_points).query(means[beside])[0]
+            not_object[beside[gap > config.unsegmented_obstacle_distance * object_size]] = True
     centre = frame.T_world_normalised[:3, 3]
     directions = np.array([o.camera.position - centre for o in observations if o.object_mask.any()]).reshape(-1, 3)
     directions /= np.maximum(np.linalg.norm(directions, axis=1, keepdims=True), 1e-12)

@@ -156,6 +156,14 @@ class CompletionConfig:
     # no instance, more than 10% of its size from it, now bound it) and a cup on an L-block 0.69
     # -> 0.68 (0.6% -> 1.2%). 0 = off.
     support_obstacle_distance: float = 0.1
+    # Ours, measured as an option: background Gaussians beside the object (not only under it),
+    # above the support floor and farther than this share of the object's size from its
+    # Gaussians, bound its unseen volume too: an object the segmenter never separated stands
+    # there (completion bench seed 34: an L-block without an instance, touching another whose
+    # completed mesh grew 19 mm into it, 8.4% of its diagonal off; 0.8% with oracle
+    # segmentation). The risk is the object's own missed parts, which lie as far (a duck's head
+    # 37-45 mm from its body). 0 = off.
+    unsegmented_obstacle_distance: float = 0.0
     # Stray groups: the instance's Gaussian centres are linked into groups at `stray_link` x the
     # object's size (its 1-99% box diagonal); a group holding under `stray_max_share` of them
     # and farther than `stray_min_distance` x the size from all the rest is left out of the
