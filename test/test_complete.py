@@ -398,3 +398,29 @@ def test_what_an_object_rests_on_bounds_it_even_without_an_instance():
     # own missed bottom); none of the cup's.
     assert bounded[CompletionConfig().support_obstacle_distance] >= 0.25 * len(top), (bounded, len(top))
     assert not any(own.values()), own
+
+
+def test_an_unsegmented_neighbour_beside_the_object_bounds_it_when_asked():
+    # Two boxes side by side; the segmenter separated only one (the other's Gaussians are
+    # background). Completion bench seed 34: an L-block grew 19 mm into its instance-less
+    # neighbour. With `unsegmented_obstacle_distance` the neighbour's Gaussians farther than
+    # that share of the object's size from it bound the object; the object's own never do, and
+    # the table stays the table (it bounds the object by its plane already).
+    box, neighbour = 1, 2
+    tabletop = kinds_tabletop({box: ("cube", (0.0, 0.0)), neighbour: ("cube", (0.07, 0.0))}, views=12, resolution=64)
+    box_rows, _ = tabletop.rows(box)
+    neighbour_rows, _ = tabletop.rows(neighbour)
+    means = tabletop.gaussians.means.detach().numpy().astype(float)
+    found = {}
+    for distance in (0.0, 0.3):
+        config = dataclasses.replace(small_completion_config(), unsegmented_obstacle_distance=distance)
+        context = build_context(tabletop.gaussians, box_rows, np.zeros(0, np.int64), tabletop.keyframes, config, box)
+        bounds = {tuple(np.round(p, 6)) for p in context.other_points}
+        found[distance] = {name: sum(tuple(np.round(p, 6)) in bounds for p in means[rows])
+                           for name, rows in (("neighbour", neighbour_rows), ("own", box_rows))}
+    assert CompletionConfig().unsegmented_obstacle_distance == 0.0  # an option, measured
+    # Without it only the neighbour's bottom edge in the table band bounds the box.
+    assert found[0.0]["neighbour"] < 0.1 * len(neighbour_rows), (found, len(neighbour_rows))
+    # With it most of the neighbour (above the support floor, past the margin), none of the box.
+    assert found[0.3]["neighbour"] - found[0.0]["neighbour"] >= 0.5 * len(neighbour_rows), (found, len(neighbour_rows))
+    assert found[0.3]["own"] == 0 and found[0.0]["own"] == 0, found
