@@ -1,7 +1,6 @@
 """Message <-> numpy conversions on real ROS message types (no DDS needed)."""
 import numpy as np
 import pytest
-from sensor_msgs.msg import Image
 
 from instascene_ros.ros.conversions import (MessageError, depth_from_image, mask_from_image, matrix_from_pose,
                                             mesh_from_msg, mesh_to_msg, numpy_to_image, pose_from_matrix,

@@ -353,7 +353,6 @@ def play(bag_path, rate: float = 1.0, loop: bool = False, publish_clock: bool = 
 
     Returns {"published", "skipped", "skipped_topics": {topic: count}, "loops", "topics": {topic: count}}.
     """
-    import rclpy
     from rclpy.duration import Duration
     from rclpy.node import Node
     from rclpy.qos import QoSProfile, ReliabilityPolicy

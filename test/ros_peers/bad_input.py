@@ -2,11 +2,9 @@
 import sys
 import time
 
-import numpy as np
 import rclpy
 
 from instascene_ros.core.io import load_dataset
-from instascene_ros.ros.conversions import numpy_to_image
 from instascene_ros.ros.dataset_publisher import DatasetPublisher
 
 
