@@ -162,7 +162,11 @@ class CompletionConfig:
     # there (completion bench seed 34: an L-block without an instance, touching another whose
     # completed mesh grew 19 mm into it, 8.4% of its diagonal off; 0.8% with oracle
     # segmentation). The risk is the object's own missed parts, which lie as far (a duck's head
-    # 37-45 mm from its body). 0 = off.
+    # 37-45 mm from its body). Measured on session 40's fresh completion maps (`bench complete
+    # --recomplete --completion-option unsegmented_obstacle_distance=...`): that L-block 8.4% ->
+    # 5.2% (0.1) / 5.7% (0.2), but objects over 2% 8 -> 10 / 9 of 28 (a mug 0.9% -> 3.8%, an
+    # L-block 1.6% -> 3.5% at 0.1) and median F1@2% 0.806 -> 0.802 / 0.806, IoU 0.744 -> 0.741:
+    # not kept. 0 = off.
     unsegmented_obstacle_distance: float = 0.0
     # Stray groups: the instance's Gaussian centres are linked into groups at `stray_link` x the
     # object's size (its 1-99% box diagonal); a group holding under `stray_max_share` of them
