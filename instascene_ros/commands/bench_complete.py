@@ -458,7 +458,6 @@ def _recomplete(run_dir: pathlib.Path, refit_steps: Optional[int] = None, plain_
     (current TrackerConfig, every keyframe re-traced) and train a fresh field that many steps;
     plain_tracker: solve it with the two object rules off. completion: CompletionConfig fields
     to set (`completion_overrides`)."""
-
     from instascene_ros.commands.run import complete_instances
     from instascene_ros.core.evaluation import retrain_field, write_instance_clouds
     from instascene_ros.core.pipeline import Pipeline, PipelineConfig

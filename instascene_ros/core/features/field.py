@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from instascene_ros.core.camera import Camera
 from instascene_ros.core import id_rows
+from instascene_ros.core.camera import Camera
 from instascene_ros.core.splat import Gaussians, RenderOutput, render
 from instascene_ros.core.splat.numba_projection import reaching
 from instascene_ros.core.splat.types import RasterConfig
