@@ -512,7 +512,7 @@ def bench_seed(args, seed: int, res: int, views: int, objects: int, log=print) -
     run_dir = args.work / f"complete-s{seed}-r{res}-v{views}-n{args.mask_noise}-o{objects}"
     if args.recomplete and (run_dir / "metrics.json").exists() and (run_dir / "map.instascene").exists():
         run_metrics = _recomplete(run_dir, args.finish_feature_steps if args.refit else None, args.plain_tracker,
-                                  completion_overrides(args.completion_option))
+                                  args.completion)
         log(f"seed {seed}: " + (f"tracker re-solved{' without its object rules' if args.plain_tracker else ''}, "
                                 f"field refitted in {run_metrics['refit_s']:.0f} s, "
                                 if args.refit else "") +
@@ -535,7 +535,7 @@ def bench_seed(args, seed: int, res: int, views: int, objects: int, log=print) -
     torch.set_num_threads(max(1, args.threads))
     pipeline = Pipeline(PipelineConfig.from_preset("cpu"))
     pipeline.load(str(run_dir / "map.instascene"))
-    config = dataclasses.replace(pipeline.config.completion, **completion_overrides(args.completion_option))
+    config = dataclasses.replace(pipeline.config.completion, **args.completion)
     scene_map = pipeline.mapper.scene
     gaussians = Gaussians(*(t.detach().clone() for t in (scene_map.means, scene_map.quats, scene_map.log_scales,
                                                          scene_map.opacity_logits, scene_map.sh)))
@@ -721,7 +721,7 @@ def run_complete(args) -> int:
         raise SystemExit("--plain-tracker re-solves the tracker of saved maps: add --recomplete --refit")
     if args.completion_option and not args.recomplete:
         raise SystemExit("--completion-option completes saved maps again in this process: add --recomplete")
-    completion_overrides(args.completion_option)  # a typo stops the bench before any work
+    args.completion = completion_overrides(args.completion_option)  # parsed once: a typo stops the bench here
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     res, views, objects = args.res, args.views, args.objects
     if args.quick:
@@ -753,7 +753,7 @@ def run_complete(args) -> int:
                                         if args.plain_tracker else "saved, tracker re-solved, field refitted"
                                         if args.refit else "saved, re-extracted" if args.recomplete
                                         else "saved" if args.reuse else "made by this run"),
-                               "completion_options": completion_overrides(args.completion_option)},
+                               "completion_options": args.completion},
                   "objects": records}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(_clean(result), indent=2))
