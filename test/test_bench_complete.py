@@ -117,3 +117,18 @@ def test_completion_options_are_parsed_as_their_fields_and_typos_stop_the_bench(
     with pytest.raises(SystemExit, match="--recomplete"):  # options apply to maps completed again here
         main(["bench", "complete", "--completion-option", "unsegmented_obstacle_distance=0.3", "--seeds", "1",
               "--work", str(tmp_path)])
+
+
+def test_instance_options_take_none_for_optional_fields_and_typos_stop_the_bench(tmp_path):
+    from instascene_ros.cli import main
+    from instascene_ros.commands.bench_complete import instance_overrides
+
+    assert instance_overrides(["island_gap=none", "island_min_similarity=0.6", "min_gaussians=12",
+                               "dbscan_keep_prior_noise=false"]) == {
+        "island_gap": None, "island_min_similarity": 0.6, "min_gaussians": 12, "dbscan_keep_prior_noise": False}
+    for wrong in ("island=0.1", "min_gaussians=none", "min_gaussians=1.5", "raster=1", "dbscan_keep_prior_noise=1"):
+        # unknown, none for a field that is not optional, not an int, a nested config, not a bool
+        with pytest.raises(SystemExit, match="--instance-option"):
+            instance_overrides([wrong])
+    with pytest.raises(SystemExit, match="--recomplete"):
+        main(["bench", "complete", "--instance-option", "island_gap=none", "--seeds", "1", "--work", str(tmp_path)])

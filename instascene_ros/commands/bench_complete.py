@@ -68,6 +68,10 @@ field (trained online, then finished), so compare refit rows with refit rows.
 `--refit --plain-tracker`: the same, with the tracker's two object rules switched off
 (`member_filter_keeps_objects`, `disjoint_priors`): what those rules do to completion, measured
 on the same maps against a `--refit` row.
+`--completion-option NAME=VALUE` / `--instance-option NAME=VALUE` (with `--recomplete`): set a
+CompletionConfig / InstanceConfig field for this process's extraction and completion (typed as
+the field; `none` for an optional one), e.g. `--instance-option island_gap=none` to measure the
+saved maps without a rule; the JSON's settings record them.
 """
 from __future__ import annotations
 
@@ -81,6 +85,7 @@ import statistics
 import subprocess
 import sys
 import time
+import typing
 from typing import Optional
 
 ROWS = (("ours_e2e", "ours end-to-end"), ("ours_oracle_seg", "ours oracle-seg"), ("oracle", "oracle generator"),
@@ -130,6 +135,9 @@ def add_parser(benches) -> None:
     sub.add_argument("--completion-option", action="append", default=[], metavar="NAME=VALUE",
                      help="with --recomplete: set a CompletionConfig field for every row this run completes "
                           "(repeatable), e.g. unsegmented_obstacle_distance=0.3")
+    sub.add_argument("--instance-option", action="append", default=[], metavar="NAME=VALUE",
+                     help="with --recomplete: set an InstanceConfig field for the extraction of every saved map "
+                          "(repeatable; none for an optional one), e.g. island_gap=none")
     sub.add_argument("--no-pictures", action="store_true", help="skip the per-object pictures")
     sub.add_argument("--quick", action="store_true", help="smoke test: first seed only, 4 objects, 96 px, 24 views")
     sub.set_defaults(run=run_complete)
@@ -419,51 +427,65 @@ def _e2e_instances(run: pathlib.Path, run_metrics: dict) -> dict:
     return instances
 
 
-def completion_overrides(assignments: list[str]) -> dict:
-    """{field: value} from NAME=VALUE strings, each value parsed as the CompletionConfig
-    field's own type; an unknown or nested field, or a value of the wrong type, is an error."""
-    from instascene_ros.core.complete.config import CompletionConfig
-
-    defaults = CompletionConfig()
+def config_overrides(config_class, flag: str, assignments: list[str]) -> dict:
+    """{field: value} from NAME=VALUE strings for the dataclass `config_class`, each value parsed
+    as the field's own type (`none` for an Optional field); an unknown or nested field, or a
+    value of the wrong type, is an error that names `flag`."""
+    hints = typing.get_type_hints(config_class)
+    defaults = config_class()
+    plain = sorted(f.name for f in dataclasses.fields(defaults) if not dataclasses.is_dataclass(getattr(defaults, f.name)))
     overrides = {}
     for assignment in assignments:
         name, equals, text = assignment.partition("=")
-        name = name.strip()
-        if not equals or not hasattr(defaults, name) or dataclasses.is_dataclass(getattr(defaults, name)):
-            fields = sorted(f.name for f in dataclasses.fields(defaults) if not dataclasses.is_dataclass(
-                getattr(defaults, f.name)))
-            raise SystemExit(f"--completion-option {assignment!r}: expected NAME=VALUE with NAME one of "
-                             f"{', '.join(fields)}")
-        default = getattr(defaults, name)
+        name, text = name.strip(), text.strip()
+        if not equals or name not in plain:
+            raise SystemExit(f"{flag} {assignment!r}: expected NAME=VALUE with NAME one of {', '.join(plain)}")
+        kinds = [kind for kind in typing.get_args(hints[name]) if kind is not type(None)] or [hints[name]]
+        optional = type(None) in typing.get_args(hints[name])
         try:
-            if isinstance(default, bool):
-                if text.strip().lower() not in ("true", "false"):
+            if optional and text.lower() == "none":
+                value = None
+            elif kinds[0] is bool:
+                if text.lower() not in ("true", "false"):
                     raise ValueError("expected true or false")
-                value = text.strip().lower() == "true"
-            elif default is None:
-                value = None if text.strip().lower() == "none" else float(text)
+                value = text.lower() == "true"
             else:
-                value = type(default)(text)
-        except ValueError as error:
-            raise SystemExit(f"--completion-option {assignment!r}: {error}") from None
+                value = kinds[0](text)
+        except (TypeError, ValueError) as error:
+            raise SystemExit(f"{flag} {assignment!r}: {error}") from None
         overrides[name] = value
     return overrides
 
 
+def completion_overrides(assignments: list[str]) -> dict:
+    """`config_overrides` for CompletionConfig (`--completion-option`)."""
+    from instascene_ros.core.complete.config import CompletionConfig
+
+    return config_overrides(CompletionConfig, "--completion-option", assignments)
+
+
+def instance_overrides(assignments: list[str]) -> dict:
+    """`config_overrides` for InstanceConfig, the extraction's (`--instance-option`)."""
+    from instascene_ros.core.instances import InstanceConfig
+
+    return config_overrides(InstanceConfig, "--instance-option", assignments)
+
+
 def _recomplete(run_dir: pathlib.Path, refit_steps: Optional[int] = None, plain_tracker: bool = False,
-                completion: Optional[dict] = None) -> dict:
+                completion: Optional[dict] = None, instances: Optional[dict] = None) -> dict:
     """The run folder's saved map, its instances extracted again (current InstanceConfig) and
     completed again into instances/ and completed/ (replacing what the run wrote); returns the
     run's metrics with the new completion records. refit_steps: first re-solve the tracker
     (current TrackerConfig, every keyframe re-traced) and train a fresh field that many steps;
-    plain_tracker: solve it with the two object rules off. completion: CompletionConfig fields
-    to set (`completion_overrides`)."""
+    plain_tracker: solve it with the two object rules off. completion / instances:
+    CompletionConfig / InstanceConfig fields to set (`completion_overrides`, `instance_overrides`)."""
     from instascene_ros.commands.run import complete_instances
     from instascene_ros.core.evaluation import retrain_field, write_instance_clouds
     from instascene_ros.core.pipeline import Pipeline, PipelineConfig
 
     config = PipelineConfig.from_preset("cpu")
     config.completion = dataclasses.replace(config.completion, **(completion or {}))
+    config.instances = dataclasses.replace(config.instances, **(instances or {}))
     pipeline = Pipeline(config)
     pipeline.load(str(run_dir / "map.instascene"))  # publishes a fresh extraction
     refit_s = None
@@ -512,7 +534,7 @@ def bench_seed(args, seed: int, res: int, views: int, objects: int, log=print) -
     run_dir = args.work / f"complete-s{seed}-r{res}-v{views}-n{args.mask_noise}-o{objects}"
     if args.recomplete and (run_dir / "metrics.json").exists() and (run_dir / "map.instascene").exists():
         run_metrics = _recomplete(run_dir, args.finish_feature_steps if args.refit else None, args.plain_tracker,
-                                  args.completion)
+                                  args.completion, args.instances)
         log(f"seed {seed}: " + (f"tracker re-solved{' without its object rules' if args.plain_tracker else ''}, "
                                 f"field refitted in {run_metrics['refit_s']:.0f} s, "
                                 if args.refit else "") +
@@ -719,9 +741,13 @@ def run_complete(args) -> int:
                          "add --recomplete (and the --work that holds them)")
     if args.plain_tracker and not args.refit:
         raise SystemExit("--plain-tracker re-solves the tracker of saved maps: add --recomplete --refit")
-    if args.completion_option and not args.recomplete:
-        raise SystemExit("--completion-option completes saved maps again in this process: add --recomplete")
-    args.completion = completion_overrides(args.completion_option)  # parsed once: a typo stops the bench here
+    for flag, given in (("--completion-option", args.completion_option), ("--instance-option", args.instance_option)):
+        if given and not args.recomplete:
+            raise SystemExit(f"{flag} applies to saved maps extracted and completed again in this process: "
+                             f"add --recomplete")
+    # parsed once: a typo stops the bench here
+    args.completion = completion_overrides(args.completion_option)
+    args.instances = instance_overrides(args.instance_option)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     res, views, objects = args.res, args.views, args.objects
     if args.quick:
@@ -753,7 +779,7 @@ def run_complete(args) -> int:
                                         if args.plain_tracker else "saved, tracker re-solved, field refitted"
                                         if args.refit else "saved, re-extracted" if args.recomplete
                                         else "saved" if args.reuse else "made by this run"),
-                               "completion_options": args.completion},
+                               "completion_options": args.completion, "instance_options": args.instances},
                   "objects": records}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(_clean(result), indent=2))
