@@ -512,6 +512,35 @@ def test_growth_reaches_sparse_parts_by_their_own_spacing_only():
     assert sorted(dense_only[3].gaussian_ids.tolist()) == list(range(36))
 
 
+def test_an_island_just_beyond_the_growth_joins_one_far_or_nearer_another_instance_does_not():
+    # Two 100 x 5 mm strips at 1 mm spacing, object A (feature e_x) and, 7 mm beside it, object B
+    # (e_y). Three 3 x 3 islands of A's look (cosine 0.8 to A, 0.6 to B), none reachable by the
+    # growth's 3 mm hops: past A's end 3.5-5.5 mm away (median 4.5 mm, within 0.05 x A's 99 mm
+    # diagonal: joins A); 13-15 mm before A's start (too far); between the strips, 3.5-5.5 mm from
+    # A but 1.5-3.5 mm from B (nearer another instance: joins neither).
+    mm = 0.001
+    def patch(x0, y0, nx, ny):
+        x, y = np.meshgrid(x0 + np.arange(nx), y0 + np.arange(ny))
+        return np.stack([x.ravel(), y.ravel(), np.zeros(x.size)], axis=1) * mm
+    strip_a, strip_b = patch(0, 0, 100, 5), patch(0, 11, 100, 5)
+    beyond, far, between = patch(102.5, 0, 3, 3), patch(-15, 0, 3, 3), patch(50, 7.5, 3, 3)
+    positions = np.concatenate([strip_a, strip_b, beyond, far, between])
+    look = np.array([0.8, 0.6])
+    features = np.concatenate([np.tile([1.0, 0.0], (500, 1)), np.tile([0.0, 1.0], (500, 1)), np.tile(look, (27, 1))])
+    ids = np.arange(len(positions))
+    priors = {1: ids[:500], 2: ids[500:1000]}
+    islands = extract_instances(features, ids, priors, positions, np.zeros((len(ids), 3)))
+    assert sorted(islands[1].gaussian_ids.tolist()) == list(range(500)) + list(range(1000, 1009))
+    assert sorted(islands[2].gaussian_ids.tolist()) == list(range(500, 1000))
+    assert not islands.labels[1009:].any()
+    plain = extract_instances(features, ids, priors, positions, np.zeros((len(ids), 3)), InstanceConfig(island_gap=None))
+    assert sorted(plain[1].gaussian_ids.tolist()) == list(range(500))
+    # An island must resemble the instance, not merely be more like it than like anything else.
+    unlike = InstanceConfig(island_min_similarity=0.85)
+    assert sorted(extract_instances(features, ids, priors, positions, np.zeros((len(ids), 3)),
+                                    unlike)[1].gaussian_ids.tolist()) == list(range(500))
+
+
 def test_row_masks_forget_and_exclude(world):
     blobs, field, instances = world
     ids = blobs.scene.ids.numpy()
