@@ -191,7 +191,7 @@ def test_keyframe_budget_parameter_reaches_the_mapper_and_rejects_budgets_that_c
 
     from instascene_ros.core.pipeline import PipelineConfig
 
-    assert PipelineConfig.from_node_parameters(NodeParameters()).mapper.keyframes.max_keyframes == 200
+    assert PipelineConfig.from_node_parameters(NodeParameters()).mapper.keyframes.max_keyframes == 80
     assert PipelineConfig.from_node_parameters(NodeParameters(max_keyframes=0)).mapper.keyframes.max_keyframes == 0
     for bad in (-1, 1, 2):
         with pytest.raises(ValueError, match="max_keyframes must be 0 .unbounded. or >= 3"):

@@ -18,7 +18,12 @@ class NodeParameters:
     use_masks: bool = True
     refine_poses: bool = True  # correct keyframe poses against the map by depth ICP (core/pose_refinement.py)
     photometric_poses: bool = True  # with refine_poses: photometric refinement of keyframe poses while mapping
-    max_keyframes: int = 200  # keyframe memory budget (core/mapping.KeyframeConfig); 0 = unbounded
+    # keyframe memory budget (core/mapping.KeyframeConfig); 0 = unbounded. 80, not 200: at 200 the
+    # store (~0.47 MB a 256 px RGB-D keyframe) was still filling after the live bench's 10-minute
+    # stream, held memory over the 5 MB/min "flat" line in five of session 34's six streams; at 80
+    # the budget fills before half time and the two live runs at 80 (sessions 37, 40) held
+    # -1.72 / -0.72 and 3.71 / 0.15 MB/min, PSNR 0.34 dB under offline in both, mIoU -3.6 / +0.9.
+    max_keyframes: int = 80
     preset: str = "cpu"  # mapper preset: "cpu" (2 cores) or "paper" (GPU, published schedule)
     device: str = "cpu"  # "cpu" (numba kernels) or "cuda" (gsplat)
     primitive: str = "3dgs"  # "3dgs" (3D Gaussians) or "2dgs" (2D surfels)
