@@ -121,7 +121,7 @@ def test_completion_options_are_parsed_as_their_fields_and_typos_stop_the_bench(
 
 def test_instance_options_take_none_for_optional_fields_and_typos_stop_the_bench(tmp_path):
     from instascene_ros.cli import main
-    from instascene_ros.commands.bench_complete import instance_overrides
+    from instascene_ros.commands.bench import instance_overrides
 
     assert instance_overrides(["island_gap=none", "island_min_similarity=0.6", "min_gaussians=12",
                                "dbscan_keep_prior_noise=false"]) == {

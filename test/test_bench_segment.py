@@ -82,3 +82,16 @@ def test_rescore_without_saved_maps_is_refused_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match="--reuse"):
         main(["bench", "segment", "--rescore", "--seeds", "1", "--work", str(tmp_path)])
     assert not any(tmp_path.iterdir())  # no scene was generated
+
+
+def test_instance_options_need_a_rescore_and_a_typo_stops_the_bench_before_any_work(tmp_path):
+    import pytest
+
+    from instascene_ros.cli import main
+
+    with pytest.raises(SystemExit, match="--reuse --rescore"):
+        main(["bench", "segment", "--instance-option", "island_gap=none", "--seeds", "1", "--work", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--instance-option 'island=none'"):
+        main(["bench", "segment", "--reuse", "--rescore", "--instance-option", "island=none", "--seeds", "1",
+              "--work", str(tmp_path)])
+    assert not any(tmp_path.iterdir())

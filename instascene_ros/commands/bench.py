@@ -18,11 +18,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import subprocess
 import sys
 import time
+import typing
 
 SPLAT_CASES = [(5_000, 128, 128), (20_000, 256, 256), (100_000, 320, 240)]
 FEATURE_CHANNELS = 16
@@ -139,6 +141,44 @@ def _run(scene: pathlib.Path, out: pathlib.Path, extra: list[str], finish_second
     metrics = json.loads((out / "metrics.json").read_text())
     metrics["bench_wall_s"] = time.time() - start
     return metrics
+
+
+def config_overrides(config_class, flag: str, assignments: list[str]) -> dict:
+    """{field: value} from NAME=VALUE strings for the dataclass `config_class`, each value parsed
+    as the field's own type (`none` for an Optional field); an unknown or nested field, or a
+    value of the wrong type, is an error that names `flag`."""
+    hints = typing.get_type_hints(config_class)
+    defaults = config_class()
+    plain = sorted(f.name for f in dataclasses.fields(defaults) if not dataclasses.is_dataclass(getattr(defaults, f.name)))
+    overrides = {}
+    for assignment in assignments:
+        name, equals, text = assignment.partition("=")
+        name, text = name.strip(), text.strip()
+        if not equals or name not in plain:
+            raise SystemExit(f"{flag} {assignment!r}: expected NAME=VALUE with NAME one of {', '.join(plain)}")
+        kinds = [kind for kind in typing.get_args(hints[name]) if kind is not type(None)] or [hints[name]]
+        optional = type(None) in typing.get_args(hints[name])
+        try:
+            if optional and text.lower() == "none":
+                value = None
+            elif kinds[0] is bool:
+                if text.lower() not in ("true", "false"):
+                    raise ValueError("expected true or false")
+                value = text.lower() == "true"
+            else:
+                value = kinds[0](text)
+        except (TypeError, ValueError) as error:
+            raise SystemExit(f"{flag} {assignment!r}: {error}") from None
+        overrides[name] = value
+    return overrides
+
+
+def instance_overrides(assignments: list[str]) -> dict:
+    """`config_overrides` for InstanceConfig, the extraction's (`--instance-option` of the
+    complete and segment benches)."""
+    from instascene_ros.core.instances import InstanceConfig
+
+    return config_overrides(InstanceConfig, "--instance-option", assignments)
 
 
 def _fmt(value, digits=2) -> str:

@@ -85,7 +85,6 @@ import statistics
 import subprocess
 import sys
 import time
-import typing
 from typing import Optional
 
 ROWS = (("ours_e2e", "ours end-to-end"), ("ours_oracle_seg", "ours oracle-seg"), ("oracle", "oracle generator"),
@@ -427,48 +426,12 @@ def _e2e_instances(run: pathlib.Path, run_metrics: dict) -> dict:
     return instances
 
 
-def config_overrides(config_class, flag: str, assignments: list[str]) -> dict:
-    """{field: value} from NAME=VALUE strings for the dataclass `config_class`, each value parsed
-    as the field's own type (`none` for an Optional field); an unknown or nested field, or a
-    value of the wrong type, is an error that names `flag`."""
-    hints = typing.get_type_hints(config_class)
-    defaults = config_class()
-    plain = sorted(f.name for f in dataclasses.fields(defaults) if not dataclasses.is_dataclass(getattr(defaults, f.name)))
-    overrides = {}
-    for assignment in assignments:
-        name, equals, text = assignment.partition("=")
-        name, text = name.strip(), text.strip()
-        if not equals or name not in plain:
-            raise SystemExit(f"{flag} {assignment!r}: expected NAME=VALUE with NAME one of {', '.join(plain)}")
-        kinds = [kind for kind in typing.get_args(hints[name]) if kind is not type(None)] or [hints[name]]
-        optional = type(None) in typing.get_args(hints[name])
-        try:
-            if optional and text.lower() == "none":
-                value = None
-            elif kinds[0] is bool:
-                if text.lower() not in ("true", "false"):
-                    raise ValueError("expected true or false")
-                value = text.lower() == "true"
-            else:
-                value = kinds[0](text)
-        except (TypeError, ValueError) as error:
-            raise SystemExit(f"{flag} {assignment!r}: {error}") from None
-        overrides[name] = value
-    return overrides
-
-
 def completion_overrides(assignments: list[str]) -> dict:
     """`config_overrides` for CompletionConfig (`--completion-option`)."""
+    from instascene_ros.commands.bench import config_overrides
     from instascene_ros.core.complete.config import CompletionConfig
 
     return config_overrides(CompletionConfig, "--completion-option", assignments)
-
-
-def instance_overrides(assignments: list[str]) -> dict:
-    """`config_overrides` for InstanceConfig, the extraction's (`--instance-option`)."""
-    from instascene_ros.core.instances import InstanceConfig
-
-    return config_overrides(InstanceConfig, "--instance-option", assignments)
 
 
 def _recomplete(run_dir: pathlib.Path, refit_steps: Optional[int] = None, plain_tracker: bool = False,
@@ -735,6 +698,8 @@ def print_table(summaries: dict, checks: dict) -> None:
 
 def run_complete(args) -> int:
     import numba
+
+    from instascene_ros.commands.bench import instance_overrides
 
     if args.refit and not args.recomplete:
         raise SystemExit("--refit re-fits the decomposition of saved maps: "

@@ -45,6 +45,10 @@ Protocol (per seed; report seeds 11-15 are disjoint from the development seed 0)
    geometry (its gradient stops at the rendered features; test_features checks it), except in
    the IGD rows, which split Gaussians.
 
+`--reuse --rescore --instance-option NAME=VALUE`: the saved maps' instances extracted with that
+InstanceConfig field set (typed as the field, `none` for an optional one; the JSON's "command"
+records it), e.g. `island_gap=none` to score the maps without a rule.
+
 Means and sample standard deviations over seeds. JSON: {"summary": {miou, biou, pq_scene,
 cloud_precision, decomposition_s, wall_s (+ _std), identical_separated}, "scenes": [...], "ablation": {variant: {mean,
 std and per-seed values}}, "ablation_steps": N}.
@@ -57,6 +61,7 @@ import pathlib
 import statistics
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -85,6 +90,9 @@ def add_parser(benches) -> None:
                      help="with --reuse: score the saved product maps again with this code (map, tracker and field "
                           "as saved; instances, masks, the id choice and the clouds recomputed) instead of reading "
                           "the runs' metrics.json: for changes to how a finished map is read")
+    sub.add_argument("--instance-option", action="append", default=[], metavar="NAME=VALUE",
+                     help="with --reuse --rescore: set an InstanceConfig field for the extraction of every saved "
+                          "map (repeatable; none for an optional one), e.g. island_gap=none")
     sub.add_argument("--threads", type=int, default=2, help="torch threads of the ablation")
     sub.set_defaults(run=run_segment)
 
@@ -210,11 +218,14 @@ def _variant_masks(variant: Variant, pipeline, args, seed: int):
     return None
 
 
-def _load_map(run_dir: pathlib.Path):
-    """The run's saved map in a `cpu`-preset Pipeline."""
+def _load_map(run_dir: pathlib.Path, instances: Optional[dict] = None):
+    """The run's saved map in a `cpu`-preset Pipeline, its instances extracted with the
+    InstanceConfig fields `instances` set (`instance_overrides`)."""
     from instascene_ros.core.pipeline import Pipeline, PipelineConfig
 
-    pipeline = Pipeline(PipelineConfig.from_preset("cpu"))
+    config = PipelineConfig.from_preset("cpu")
+    config.instances = dataclasses.replace(config.instances, **(instances or {}))
+    pipeline = Pipeline(config)
     pipeline.load(str(run_dir / "map.instascene"))
     return pipeline
 
@@ -289,7 +300,7 @@ def _write(args, scenes: list, ablation: dict) -> tuple[dict, object]:
 def run_segment(args) -> int:
     import torch
 
-    from instascene_ros.commands.bench import _run, _scene
+    from instascene_ros.commands.bench import _run, _scene, instance_overrides
     from instascene_ros.core.evaluation import geometry_bound, retrain_field_and_score, score_decomposition
     from instascene_ros.core.io.dataset import load_dataset
     from instascene_ros.core.pipeline import PipelineConfig
@@ -304,6 +315,9 @@ def run_segment(args) -> int:
         raise SystemExit(f"unknown variant(s) {unknown}; choose among: {'; '.join(variants)}")
     if args.rescore and not args.reuse:
         raise SystemExit("--rescore scores saved product maps again: add --reuse (and the --work that holds them)")
+    if args.instance_option and not args.rescore:
+        raise SystemExit("--instance-option extracts the saved maps' instances again: add --reuse --rescore")
+    instances = instance_overrides(args.instance_option)  # a typo stops the bench before any work
     scenes, ablation, skip_ablation = [], {}, args.ablation_steps <= 0
     if args.reuse and args.json and args.json.exists():
         # Keep the rows of an earlier run of the same maps that this run does not recompute.
@@ -320,7 +334,7 @@ def run_segment(args) -> int:
         metrics = json.loads((run_dir / "metrics.json").read_text()) if reused else _run(
             scene, run_dir, [], args.finish_seconds)
         # One load of the saved map for all; the query is timed first, on the untouched map.
-        saved, dataset = _load_map(run_dir), load_dataset(scene)
+        saved, dataset = _load_map(run_dir, instances if reused else None), load_dataset(scene)
         query_ms, query_mask_ms = _pixel_query_ms(saved, dataset, QUERY_SIZE)
         if reused and args.rescore:
             metrics = {**metrics, **score_decomposition(saved, dataset)}
