@@ -533,7 +533,8 @@ def test_an_island_just_beyond_the_growth_joins_one_far_or_nearer_another_instan
     assert sorted(islands[1].gaussian_ids.tolist()) == list(range(500)) + list(range(1000, 1009))
     assert sorted(islands[2].gaussian_ids.tolist()) == list(range(500, 1000))
     assert not islands.labels[1009:].any()
-    plain = extract_instances(features, ids, priors, positions, np.zeros((len(ids), 3)), InstanceConfig(island_gap=None))
+    plain = extract_instances(features, ids, priors, positions, np.zeros((len(ids), 3)),
+                              InstanceConfig(island_gap=None))
     assert sorted(plain[1].gaussian_ids.tolist()) == list(range(500))
     # An island must resemble the instance, not merely be more like it than like anything else.
     unlike = InstanceConfig(island_min_similarity=0.85)

@@ -149,7 +149,8 @@ def config_overrides(config_class, flag: str, assignments: list[str]) -> dict:
     value of the wrong type, is an error that names `flag`."""
     hints = typing.get_type_hints(config_class)
     defaults = config_class()
-    plain = sorted(f.name for f in dataclasses.fields(defaults) if not dataclasses.is_dataclass(getattr(defaults, f.name)))
+    plain = sorted(f.name for f in dataclasses.fields(defaults)
+                   if not dataclasses.is_dataclass(getattr(defaults, f.name)))  # nested configs are not set here
     overrides = {}
     for assignment in assignments:
         name, equals, text = assignment.partition("=")

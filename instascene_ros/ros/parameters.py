@@ -21,8 +21,9 @@ class NodeParameters:
     # keyframe memory budget (core/mapping.KeyframeConfig); 0 = unbounded. 80, not 200: at 200 the
     # store (~0.47 MB a 256 px RGB-D keyframe) was still filling after the live bench's 10-minute
     # stream, held memory over the 5 MB/min "flat" line in five of session 34's six streams; at 80
-    # the budget fills before half time and the two live runs at 80 (sessions 37, 40) held
-    # -1.72 / -0.72 and 3.71 / 0.15 MB/min, PSNR 0.34 dB under offline in both, mIoU -3.6 / +0.9.
+    # the budget fills before half time; the three live runs at 80 (sessions 37, 40 and 41, the
+    # last at these defaults) held -1.72 / 3.71 / 0.06 MB/min (noisy streams -0.72 / 0.15 / -0.08),
+    # PSNR -0.34 / -0.34 / +0.17 dB and mIoU -3.6 / +0.9 / +1.2 against offline.
     max_keyframes: int = 80
     preset: str = "cpu"  # mapper preset: "cpu" (2 cores) or "paper" (GPU, published schedule)
     device: str = "cpu"  # "cpu" (numba kernels) or "cuda" (gsplat)
