@@ -598,9 +598,8 @@ def _join_islands(items: dict, labels: np.ndarray, unit: np.ndarray, ids: np.nda
             nearer_us = median_gap <= float(np.median(to_other[island]))
             alike = float(np.median(similarity[candidates[island], k])) >= config.island_min_similarity
             joining |= island & (near and nearer_us and alike)
-        if joining.any():
+        if joining.any():  # each Gaussian is a candidate of one instance only (its best), so none is taken twice
             _join(items, labels, instance_id, candidates[joining], unit, ids, positions, colors)
-            free[candidates[joining]] = False
 
 
 def _join(items: dict, labels: np.ndarray, instance_id: int, added: np.ndarray, unit: np.ndarray, ids: np.ndarray,
