@@ -374,7 +374,8 @@ def test_a_nearby_cluster_lying_on_another_instance_does_not_join():
     # 2 mm over the neighbour's sheet (a neighbour's Gaussians the field gave our feature): near
     # enough to join by distance, but its median distance to the neighbour's kept Gaussians is
     # under 0.02 x the strip's diagonal, so it stays out; the near group still joins. With the
-    # test off, both join.
+    # test off (and the later shedding of parts nearer another instance, which would also take
+    # the group out again), both join.
     strip, group = _sheet(30, 3), _sheet(3, 3)
     near = group + [0.39, 0.0, 0.0]
     neighbour = _sheet(5, 5) + [0.09, 0.12, 0.0]
@@ -389,7 +390,7 @@ def test_a_nearby_cluster_lying_on_another_instance_does_not_join():
     assert sorted(kept[5].gaussian_ids.tolist()) == list(range(99, 124))
     assert not kept.labels[124:].any()
     plain = extract_instances(features, ids, priors, positions, np.zeros((len(ids), 3)),
-                              InstanceConfig(dbscan_near_on_other=None))
+                              InstanceConfig(dbscan_near_on_other=None, shed_nearer_other=None))
     assert sorted(plain[2].gaussian_ids.tolist()) == list(range(99)) + list(range(124, 133))
 
 
@@ -540,6 +541,34 @@ def test_an_island_just_beyond_the_growth_joins_one_far_or_nearer_another_instan
     unlike = InstanceConfig(island_min_similarity=0.85)
     assert sorted(extract_instances(features, ids, priors, positions, np.zeros((len(ids), 3)),
                                     unlike)[1].gaussian_ids.tolist()) == list(range(500))
+
+
+def test_a_part_lying_nearer_another_instance_than_its_own_leaves_an_own_part_held_apart_stays():
+    # Two 100 x 5 mm strips at 1 mm spacing, object A (feature e_x) and, 16 mm beside it, object
+    # B (e_y). A's prior also holds (as a tracker's prior fused over a contact does) a 4 x 4
+    # patch and a lone Gaussian with A's feature lying 0.5 mm over B's strip, 17 mm from A: the
+    # patch is an anchored DBSCAN cluster of its own, the lone one prior noise, so the clean-up
+    # keeps both. Both leave A (to no instance); A's own 4 x 4 part 10 mm past its end (anchored,
+    # 20 mm from B) stays. With the option off all three stay in A.
+    mm = 0.001
+    def patch(x0, y0, nx, ny, z=0.0):
+        x, y = np.meshgrid(x0 + np.arange(nx), y0 + np.arange(ny))
+        return np.stack([x.ravel(), y.ravel(), np.full(x.size, z)], axis=1) * mm
+    strip_a, strip_b = patch(0, 0, 100, 5), patch(0, 21, 100, 5)
+    on_b, lone_on_b, own_part = patch(30, 22, 4, 4, 0.5), patch(70, 23, 1, 1, 0.5), patch(110, 0, 4, 4)
+    positions = np.concatenate([strip_a, strip_b, on_b, lone_on_b, own_part])
+    features = np.concatenate([np.tile([1.0, 0.0], (500, 1)), np.tile([0.0, 1.0], (500, 1)),
+                               np.tile([1.0, 0.0], (33, 1))])
+    ids = np.arange(len(positions))
+    priors = {1: np.concatenate([ids[:500], ids[1000:]]), 2: ids[500:1000]}
+    shed = extract_instances(features, ids, priors, positions, np.zeros((len(ids), 3)))
+    assert sorted(shed[1].gaussian_ids.tolist()) == list(range(500)) + list(range(1017, 1033))
+    assert sorted(shed[2].gaussian_ids.tolist()) == list(range(500, 1000))
+    assert not shed.labels[1000:1017].any()
+    assert len(shed[1].points) == 516
+    kept = extract_instances(features, ids, priors, positions, np.zeros((len(ids), 3)),
+                             InstanceConfig(shed_nearer_other=None))
+    assert sorted(kept[1].gaussian_ids.tolist()) == list(range(500)) + list(range(1000, 1033))
 
 
 def test_row_masks_forget_and_exclude(world):
