@@ -336,7 +336,7 @@ def test_keyframe_pixels_on_a_touching_neighbour_go_to_the_neighbour(torch_one_t
 
 
 def test_gaussians_embedded_in_another_surface_are_left_out():
-    from instascene_ros.core.instances import foreign_members
+    from instascene_ros.core.extraction import foreign_members
 
     # Two blocks side by side with their tops at one height (completion bench seed 33: an
     # L-block's instance held 7 Gaussians of its neighbour's top, 3-6 mm past its own edge, and

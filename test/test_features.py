@@ -11,7 +11,7 @@ from instascene_ros.core.features import (AssociatorConfig, ClassifierConfig, Co
                                           concentration_temperature, igd_select, la_knn_neighbours,
                                           neighbour_kl_loss, proto_nce_loss, sample_clusters, video_associate)
 from instascene_ros.core.features.synthetic import make_blob_scene
-from instascene_ros.core.instances import instances_from_labels
+from instascene_ros.core.extraction import instances_from_labels
 
 TRAIN_STEPS = 150
 

@@ -13,8 +13,9 @@ from instascene_ros.core.features.field import render_features
 from instascene_ros.core.features.synthetic import make_blob_scene
 from instascene_ros.core.camera import Camera, intrinsics_from_fov, look_at
 from instascene_ros.core.features.synthetic import fibonacci_sphere
+from instascene_ros.core.extraction import extract_instances
 from instascene_ros.core.instances import (InstanceConfig, Instances, SurfaceView, export_instance_ply,
-                                           extract_instances, instance_by_members, instance_color,
+                                           instance_by_members, instance_color,
                                            nearest_majority_pixel,
                                            on_rendered_surface,
                                            render_instance_masks, render_label_masks, segment_at_pixel,

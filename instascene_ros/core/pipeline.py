@@ -33,8 +33,8 @@ from instascene_ros.core.complete.generators.geometric import evenly
 from instascene_ros.core.features import FeatureConfig, FeatureField, KeyframeLabels, instance_field_config
 from instascene_ros.core.features.field import render_features, scene_gaussians
 from instascene_ros.core.features.baseline import video_associate
-from instascene_ros.core.instances import (InstanceConfig, Instances, SurfaceView, extract_instances,
-                                           foreign_members, instances_from_labels, masks_from_feature_image,
+from instascene_ros.core.extraction import extract_instances, foreign_members, instances_from_labels
+from instascene_ros.core.instances import (InstanceConfig, Instances, SurfaceView, masks_from_feature_image,
                                            on_rendered_surface, segment_at_pixel)
 from instascene_ros.core.keyframe_masks import KeyframeMasks
 from instascene_ros.core.mapping import PRESETS, Mapper, MapperConfig

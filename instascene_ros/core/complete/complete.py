@@ -26,7 +26,7 @@ from instascene_ros.core.complete.optimise import optimise_object
 from instascene_ros.core.complete.types import (CompletionContext, CompletionError, CompletionView, GeneratedViews,
                                                 Generator, ObservedView, observed_points)
 from instascene_ros.core.complete.views import alpha_normalised_depth, select_views
-from instascene_ros.core.instances import foreign_members
+from instascene_ros.core.extraction import foreign_members
 from instascene_ros.core.splat.types import Gaussians
 
 log = logging.getLogger(__name__)

@@ -617,7 +617,7 @@ class FeatureField:
     def gaussian_labels(self) -> tuple[np.ndarray, np.ndarray]:
         """Instance label per Gaussian read from the codebook slots or the classifier (no
         clustering): (N,) int64 (0 = none) and (N,) probability. The contrastive field without
-        codebook has no labels of its own: use instances.extract_instances with the priors."""
+        codebook has no labels of its own: use extraction.extract_instances with the priors."""
         return self.read_labels(self.unit_features())
 
     @torch.no_grad()
