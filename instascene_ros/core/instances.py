@@ -384,6 +384,7 @@ class Instances:
 
 # ---------------------------------------------------------------------------------------- helpers
 def unit_features(features) -> np.ndarray:
+    """float32 numpy rows of `features` (tensor or array) scaled to unit length (zero rows stay 0)."""
     features = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
     features = features.astype(np.float32, copy=False)
     norm = np.linalg.norm(features, axis=-1, keepdims=True)
@@ -391,6 +392,7 @@ def unit_features(features) -> np.ndarray:
 
 
 def as_numpy(x) -> np.ndarray:
+    """`x` as a numpy array (a tensor is detached and moved to the CPU)."""
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
