@@ -545,12 +545,12 @@ def test_an_island_just_beyond_the_growth_joins_one_far_or_nearer_another_instan
 
 
 def test_a_part_lying_nearer_another_instance_than_its_own_leaves_an_own_part_held_apart_stays():
-    # Two 100 x 5 mm strips at 1 mm spacing, object A (feature e_x) and, 16 mm beside it, object
+    # Two 100 x 5 mm strips at 1 mm spacing, object A (feature e_x) and, 17 mm beside it, object
     # B (e_y). A's prior also holds (as a tracker's prior fused over a contact does) a 4 x 4
-    # patch and a lone Gaussian with A's feature lying 0.5 mm over B's strip, 17 mm from A: the
-    # patch is an anchored DBSCAN cluster of its own, the lone one prior noise, so the clean-up
-    # keeps both. Both leave A (to no instance); A's own 4 x 4 part 10 mm past its end (anchored,
-    # 20 mm from B) stays. With the option off all three stay in A.
+    # patch and a lone Gaussian with A's feature lying 0.5 mm over B's strip, 18-19 mm from A:
+    # the patch is an anchored DBSCAN cluster of its own (eps 8 mm), the lone one prior noise, so
+    # the clean-up keeps both. Both leave A (to no instance); A's own 4 x 4 part 11 mm past its
+    # end (anchored, 18 mm from B) stays. With the option off all three stay in A.
     mm = 0.001
     def patch(x0, y0, nx, ny, z=0.0):
         x, y = np.meshgrid(x0 + np.arange(nx), y0 + np.arange(ny))
