@@ -28,10 +28,10 @@ TRAY_FLOOR_HEIGHT = 0.005
 _TRAY_COLLISION_DROP = 0.01
 # pybullet keeps a GEOM_MESH body's surface its collision margin (getDynamicsInfo: 0.001) away
 # from what it rests on: of the 27 objects standing on the floor in session 41's completion
-# scenes, 22 stood 0.94-0.99 mm above the drawn floor (five between -0.55 and +0.78), and completion,
-# which closes objects on the floor it sees, was scored 1 mm too low at their bottoms. The floor's collision
-# box goes down by that margin too; objects resting on each other keep theirs (their contacts
-# are drawn as touching within it).
+# scenes, 22 stood 0.94-0.99 mm above the drawn floor (five between -0.55 and +0.78 mm), and
+# completion, which closes objects on the floor it sees, was scored 1 mm too low at their
+# bottoms. The floor's collision box goes down by that margin too; objects resting on each
+# other keep theirs (their contacts are drawn as touching within it).
 _MESH_COLLISION_MARGIN = 0.001
 _TRAY_URDF = """<robot name="tray">
   <link name="base_link">
