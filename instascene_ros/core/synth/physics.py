@@ -31,7 +31,7 @@ _TRAY_COLLISION_DROP = 0.01
 # scenes, 22 stood 0.94-0.99 mm above the drawn floor (five between -0.55 and +0.78 mm), and
 # completion, which closes objects on the floor it sees, was scored 1 mm too low at their
 # bottoms. The floor's collision box goes down by that margin too; objects resting on each
-# other keep theirs (their contacts are drawn as touching within it).
+# other keep theirs (their drawn surfaces stay up to about 2 mm apart where they touch).
 _MESH_COLLISION_MARGIN = 0.001
 _TRAY_URDF = """<robot name="tray">
   <link name="base_link">
