@@ -178,6 +178,17 @@ def test_manifest_has_identical_touching_pair_and_non_convex_watertight_objects(
     assert len(manifest["objects"]) == 6
 
 
+def test_objects_standing_on_the_tray_touch_the_floor_that_is_drawn(scene):
+    # pybullet rests a mesh its collision margin (1 mm) above what it stands on; the settled scene
+    # is lowered by it, so the floor objects stand on is the one rendered (completion closes
+    # objects on that floor and is scored against these meshes).
+    root, manifest = scene
+    floor = manifest["support_plane_z"]
+    gaps = [mesh.bounds[0][2] - floor for mesh in _load_meshes(root, manifest).values()]
+    standing = [gap for gap in gaps if gap < 0.005]  # the others rest on a neighbour
+    assert standing and max(abs(gap) for gap in standing) < 3e-4, gaps
+
+
 def test_test_cameras_are_off_the_training_trajectory(scene):
     root, manifest = scene
     train = load_dataset(root, split="train")

@@ -232,6 +232,7 @@ def settle_scene(objects: list[SceneObject], pair_ids: tuple[int, int], config: 
             report["nudged"] = True
             fallen = [obj.gt_id for obj in objects if world.fell_off(obj.body_id)]
         if touching and not fallen:
+            world.lower_by_collision_margin()  # after the contact checks, which see the margin
             for obj in objects:
                 obj.link_pose = world.link_pose(obj.body_id)
             return world, report
