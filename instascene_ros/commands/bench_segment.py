@@ -367,7 +367,8 @@ def run_segment(args) -> int:
             scores = retrain_field_and_score(pipeline, load_dataset(scene), variant.features, args.ablation_steps,
                                              tracker=variant.tracker, masks=masks)
             separated, pairs = identical_pairs_separated(scene, scores)
-            row = {"seed": seed, **{k: scores.get(k) for k in (*METRICS, "n_instances", "train_s")},
+            row = {"seed": seed, **{k: scores.get(k) for k in (*METRICS, "cloud_contamination", "n_instances",
+                                                                "train_s", "per_object_iou")},
                    "identical_separated": separated, "identical_pairs": pairs}
             rows[:] = [r for r in rows if r["seed"] != seed] + [row]
             print(f"[bench segment] seed {seed}: {name:<34} mIoU {_fmt(row['miou'], 1):>5}  BIoU "
