@@ -11,6 +11,8 @@ import importlib
 import logging
 import sys
 
+from instascene_ros.stack_dump import dump_stacks_on_sigusr1
+
 # (command, module) in the order `--help` lists them.
 SUBCOMMANDS = [
     ("make-scene", "instascene_ros.commands.make_scene"),
@@ -46,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None:  # a process of its own (not a caller's in-process use): see stack_dump
+        dump_stacks_on_sigusr1()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not getattr(args, "run", None):

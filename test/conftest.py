@@ -1,6 +1,7 @@
 """Shared fixtures. ROS tests start real processes that talk over real DDS on localhost."""
 import itertools
 import os
+import signal
 import subprocess
 import sys
 
@@ -51,6 +52,21 @@ def wait_for_output(process, text: str, timeout: float, stream: str = "stderr") 
         elif process.poll() is not None:
             break
     raise AssertionError(f"no '{text}' within {timeout} s (exit code {process.poll()}):\n" + "".join(seen)[-3000:])
+
+
+def communicate_or_dump(process, timeout: float) -> tuple[str, str]:
+    """`process.communicate(timeout)`; on a timeout, the child (an `instascene` command) is asked
+    for every thread's stack (SIGUSR1, see cli.main), killed, and the test fails with its stderr."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)
+        try:
+            process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{' '.join(process.args[-6:])} still running after {timeout} s; its stacks:\n{stderr[-6000:]}")
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import wait_for_output
+from conftest import communicate_or_dump, wait_for_output
 
 PEERS = pathlib.Path(__file__).parent / "ros_peers"
 sys.path.insert(0, str(PEERS))
@@ -71,10 +71,10 @@ def test_record_writes_exact_bytes_and_survives_sigint(tmp_path, ros_env, ros_pr
     assert report["acked"] and report["matched"]["tf"] == 2, report
 
     recorder.send_signal(signal.SIGINT)
-    stdout, stderr = recorder.communicate(timeout=20)
+    stdout, stderr = communicate_or_dump(recorder, 20)
     assert recorder.returncode == 0, stderr
     assert "wrote 9 messages" in stdout, stdout + stderr
-    stdout2, stderr2 = counted.communicate(timeout=20)  # stops by itself after 4 messages
+    stdout2, stderr2 = communicate_or_dump(counted, 20)  # stops by itself after 4 messages
     assert counted.returncode == 0, stderr2
 
     assert (bag / "metadata.yaml").exists() and (bag / "rec.mcap").exists()
@@ -158,7 +158,7 @@ def test_play_publishes_in_order_with_timing_and_clock(tmp_path, ros_env, ros_pr
     listener = ros_processes([str(PEERS / "bag_peer.py"), "listen", "3", str(last_ns)], ros_env)
     wait_for_output(listener, "ready", 30)
     player = ros_processes([*CLI, "play", str(bag), "--rate", "2", "--wait-for-subscribers", "20"], ros_env)
-    stdout, stderr = player.communicate(timeout=40)
+    stdout, stderr = communicate_or_dump(player, 40)
     assert player.returncode == 0, stderr
     assert "published 10 messages, skipped 3 (/unknown)" in stdout, stdout + stderr
     assert stderr.count("skipping /unknown") == 1
@@ -199,8 +199,22 @@ def test_play_loop_stops_on_sigint(tmp_path, ros_env, ros_processes):
     wait_for_output(player, "playing", 30)
     time.sleep(1.5)  # a pass is 0.25 s at --rate 4
     player.send_signal(signal.SIGINT)
-    stdout, stderr = player.communicate(timeout=20)
+    stdout, stderr = communicate_or_dump(player, 20)
     assert player.returncode == 0, stderr
     published = int(stdout.split("published ")[1].split()[0])
     assert published >= 3 * 6, stdout  # several passes of 3 /tf + 3 camera_info
     assert "skipping" not in stderr  # /unknown was not asked for
+
+
+def test_sigusr1_prints_where_a_running_command_waits_and_it_goes_on(tmp_path, ros_env, ros_processes):
+    # A command that seems stuck tells where it waits (every thread's stack on stderr) and is not
+    # stopped by asking: the recorder still records and stops cleanly on SIGINT afterwards.
+    recorder = ros_processes([*CLI, "record", str(tmp_path / "usr1"), "--topics", "/tf"], ros_env)
+    wait_for_output(recorder, "recording to", 30)
+    recorder.send_signal(signal.SIGUSR1)
+    time.sleep(1.0)
+    assert recorder.poll() is None, "SIGUSR1 stopped the command"
+    recorder.send_signal(signal.SIGINT)
+    stdout, stderr = communicate_or_dump(recorder, 20)
+    assert recorder.returncode == 0, stderr
+    assert "most recent call first" in stderr and "instascene_ros/ros/bag.py" in stderr, stderr

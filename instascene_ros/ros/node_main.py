@@ -13,6 +13,8 @@ import rclpy
 from rclpy.executors import Executor, ExternalShutdownException, MultiThreadedExecutor
 from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 
+from instascene_ros.stack_dump import dump_stacks_on_sigusr1
+
 
 def spin_until_shutdown(executor: Executor) -> None:
     """`executor.spin()` that ends normally on Ctrl-C or an external shutdown.
@@ -32,6 +34,7 @@ def spin_until_shutdown(executor: Executor) -> None:
 
 
 def run_node(factory: Callable[[], object], name: str, startup_errors: tuple, num_threads: int, args=None) -> int:
+    dump_stacks_on_sigusr1()  # `kill -USR1 <pid>`: every thread's stack, the node goes on
     rclpy.init(args=args)
     try:
         node = factory()
