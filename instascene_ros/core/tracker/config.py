@@ -97,6 +97,11 @@ class TrackerConfig:
     # InstaScene (no such merge).
     split_merge_consensus: Optional[float] = 0.8
     split_merge_min_frames: int = 5
+    # Ours: the same vote splits a cluster that holds two own masks of one frame whose parts of
+    # its prior the frames judging both place in one mask in < split_merge_consensus of them
+    # (`clustering.separate_objects_seen_apart`; decomposition seed 13: a domino fused with a cup
+    # in 16 of 26 frames had no prior of its own). Off with split_merge_consensus = None too.
+    separate_seen_apart: bool = True
 
     # Ours: a Gaussian in several priors stays only in the one whose masks hold it in the largest
     # share of that cluster's frames seeing it (`clustering.disjoint_priors`; bench segment seed

@@ -9,7 +9,8 @@ from typing import Mapping, Optional, Union
 import numpy as np
 
 from ._arrays import unique_sorted
-from .clustering import cluster_masks, cluster_priors, disjoint_priors, merge_split_objects
+from .clustering import (cluster_masks, cluster_priors, disjoint_priors, merge_split_objects,
+                         separate_objects_seen_apart)
 from .config import TrackerConfig
 from .identity import InstanceIds, TrackerEvent
 from .statistics import FrameRecord, Problem, judge
@@ -342,7 +343,14 @@ class SpatialTracker:
             split_masks |= keys
             problem = Problem.build(frames)
             clusters, undersegmented, dropped = self._associate(problem, positions, stats)
-        clusters, merges = merge_split_objects(problem, clusters, own_mask_ids(problem.tracker_mask), config, positions)
+        own_mask = own_mask_ids(problem.tracker_mask)
+        # Split before merging: the merge's vote then leaves the two objects apart.
+        clusters, fused, split_dropped, separated = separate_objects_seen_apart(problem, clusters, own_mask, config,
+                                                                                positions)
+        stats["objects_separated"] = float(separated)
+        undersegmented = np.union1d(undersegmented, np.asarray(fused, np.int64))
+        dropped = list(dropped) + split_dropped
+        clusters, merges = merge_split_objects(problem, clusters, own_mask, config, positions)
         stats["split_objects_merged"] = float(merges)
         if config.disjoint_priors:
             clusters, moved = disjoint_priors(problem, clusters)
