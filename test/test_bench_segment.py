@@ -48,9 +48,11 @@ def test_each_variant_changes_only_its_own_settings():
                     "full without mutual-containment links": {"mutual_containment_link": False},
                     "full without residual masks": {"residual_passes": 0},
                     "full without split-object merge": {"split_merge_consensus": None},
+                    "full without separating objects seen apart": {"separate_seen_apart": False},
                     "full without orphan split": {"orphan_share": 0.0},
                     "InstaScene as published": {"mask_border_px": 0.0, "mutual_containment_link": False,
                                                 "residual_passes": 0, "split_merge_consensus": None,
+                                                "separate_seen_apart": False,
                                                 "orphan_share": 0.0, "undersegment_cover": 0.0,
                                                 "member_filter_keeps_objects": False, "disjoint_priors": False},
                     "full with under-segmentation filter at 15% of frames": {"undersegment_frame_ratio": 0.15},
@@ -70,7 +72,7 @@ def test_each_variant_changes_only_its_own_settings():
     assert base.prior_label_weight == 0.0  # an option, off
     assert tracker.mutual_containment_link and tracker.undersegment_cover > 0.0
     assert tracker.residual_passes >= 1 and tracker.split_merge_consensus is not None and tracker.orphan_share > 0
-    assert tracker.member_filter_keeps_objects and tracker.disjoint_priors
+    assert tracker.member_filter_keeps_objects and tracker.disjoint_priors and tracker.separate_seen_apart
     assert all("," not in name for name in variants)  # --variants splits on commas
 
 

@@ -561,20 +561,22 @@ def _part_seen_apart(problem: Problem, cluster: Cluster, own_mask: np.ndarray, v
     Candidates: in each frame where two own masks hold members, each mask's share of the prior
     (the smaller side only). A candidate is seen apart when the >= `split_merge_min_frames` frames
     judging it and the rest of the prior place both in one mask in < `split_merge_consensus` of
-    them, and >= `min_cluster_masks` other frames place each cleanly in a mask of its own (holding
-    >= `undersegment_share` of it). The second vote is what tells an object from a cut: another
-    object is seen whole and alone from a range of views, a cut is one frame's random line that
-    no other frame repeats (completion seed 32: a soccerball the segmenter cut in 6 of 26 frames
-    scored 0.78 on the first vote and 0-1 clean frames on the second; the domino of
-    decomposition seed 13 0.58-0.73 and 3-7). The part is the union of the candidates seen
-    apart: each frame's mask holds the Gaussians of the object that frame sees, never all of
-    them (the domino's masks held 25-141 of its 148 prior Gaussians); the union must be seen
-    apart from the rest by the first vote too."""
+    them, and >= `separate_min_run` consecutive frames among those (keyframes come in trajectory
+    order: neighbours are nearby viewpoints) place each cleanly in a mask of its own, holding
+    >= `undersegment_share` of it. The run is what tells an object from a cut: a segmenter keeps
+    two objects apart, or fuses them, over a range of viewpoints, while a cut is one view's
+    line (decomposition seed 11: a jenga cut in 9 of 40 views scored 0.72-0.78 on the first
+    vote, up to 5 clean frames but runs of <= 2; the domino of seed 13 0.58-0.73 and runs of
+    3-8). The part grows from the candidate with the longest run through the candidates that
+    overlap it: each frame's mask holds the Gaussians of the object that frame sees, never all
+    of them (the domino's masks held 25-141 of its 148 prior Gaussians); it must be seen apart
+    from the rest by the first vote too.
+    """
     frame = problem.tracker_frame[cluster.members]
     own = own_mask[cluster.members]
     in_prior = np.zeros(problem.incidence.shape[1], dtype=bool)
     in_prior[cluster.columns] = True
-    apart = np.zeros_like(in_prior)
+    candidates: list[tuple[int, float, np.ndarray]] = []  # (run, share, part)
     seen = set()
     for f in np.unique(frame).tolist():
         here = frame == f
@@ -592,14 +594,35 @@ def _part_seen_apart(problem: Problem, cluster: Cluster, own_mask: np.ndarray, v
             share, n_vis = votes.together(on_part, on_rest)
             if n_vis < config.split_merge_min_frames or share >= config.split_merge_consensus:
                 continue
-            clean = votes.cleanly_apart(on_part, on_rest, config.undersegment_share)
-            clean[f] = False  # its own frame shows it apart by construction
-            if clean.sum() >= config.min_cluster_masks:
-                apart[part] = True
+            both = on_part.judged & on_rest.judged
+            run = _longest_run(votes.cleanly_apart(on_part, on_rest, config.undersegment_share)[both])
+            if run >= config.separate_min_run:
+                candidates.append((run, share, part))
+    if not candidates:
+        return None
+    # Grown from the candidate with the longest run, through candidates that overlap it: the
+    # other side of the split is a candidate too when the two are alike, and must not join.
+    candidates.sort(key=lambda c: (-c[0], c[1]))
+    apart = np.zeros_like(in_prior)
+    apart[candidates[0][2]] = True
+    grown = True
+    while grown:
+        grown = False
+        for _, _, part in candidates:
+            overlap = int(apart[part].sum())
+            if overlap < part.size and overlap >= config.residual_min_share * part.size:
+                apart[part], grown = True, True
     part = np.flatnonzero(apart)
-    if part.size == 0 or cluster.columns.size - part.size < config.residual_min_gaussians:
+    if cluster.columns.size - part.size < config.residual_min_gaussians:
         return None
     rest = cluster.columns[~apart[cluster.columns]]
     share, n_vis = votes.together(votes.placement(part), votes.placement(rest))
     return part if n_vis >= config.split_merge_min_frames and share < config.split_merge_consensus else None
 
+
+def _longest_run(flags: np.ndarray) -> int:
+    """The length of the longest run of consecutive True values."""
+    if not flags.any():
+        return 0
+    edges = np.diff(np.concatenate([[0], flags.astype(np.int8), [0]]))
+    return int((np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)).max())

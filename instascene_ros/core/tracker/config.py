@@ -98,10 +98,14 @@ class TrackerConfig:
     split_merge_consensus: Optional[float] = 0.8
     split_merge_min_frames: int = 5
     # Ours: the same vote splits a cluster that holds two own masks of one frame whose parts of
-    # its prior the frames judging both place in one mask in < split_merge_consensus of them
-    # (`clustering.separate_objects_seen_apart`; decomposition seed 13: a domino fused with a cup
-    # in 16 of 26 frames had no prior of its own). Off with split_merge_consensus = None too.
+    # its prior the frames judging both place in one mask in < split_merge_consensus of them and
+    # >= separate_min_run consecutive frames hold cleanly apart, each >= undersegment_share in a
+    # mask of its own (`clustering.separate_objects_seen_apart`; decomposition seed 13: a domino
+    # fused with a cup in 16 of 26 frames had no prior of its own; its candidates scored 0.58-0.73
+    # and runs of 3-8, a jenga the segmenter cut in 9 of 40 frames (seed 11) 0.72-0.78 and <= 2).
+    # Off with split_merge_consensus = None too.
     separate_seen_apart: bool = True
+    separate_min_run: int = 3
 
     # Ours: a Gaussian in several priors stays only in the one whose masks hold it in the largest
     # share of that cluster's frames seeing it (`clustering.disjoint_priors`; bench segment seed
@@ -170,7 +174,8 @@ class TrackerConfig:
         if int(self.residual_passes) < 0:
             raise ValueError(f"TrackerConfig.residual_passes must be >= 0, got {self.residual_passes}")
         for name in ("min_observers", "min_cluster_masks", "dbscan_min_samples", "statistics_chunk_cells",
-                     "residual_min_gaussians", "split_merge_min_frames", "undersegment_cover_min_gaussians"):
+                     "residual_min_gaussians", "split_merge_min_frames", "undersegment_cover_min_gaussians",
+                     "separate_min_run"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TrackerConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.mask_border_px < 0.0:
