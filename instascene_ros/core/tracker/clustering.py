@@ -383,27 +383,33 @@ class PlacementVotes:
     enough of it visible, mostly inside masks), the own mask holding most of it."""
 
     def __init__(self, problem: Problem, own_mask: np.ndarray, config: TrackerConfig):
-        self.problem, self.own_mask, self.config = problem, own_mask, config
+        self.problem, self.config = problem, config
         self.n_gaussians = problem.incidence.shape[1]
         self.visibility_t = problem.visibility.T.astype(np.float32).tocsr()
         self.incidence_t = problem.incidence.T.astype(np.float32).tocsr()
         self.frame_bounds = np.searchsorted(problem.tracker_frame, np.arange(problem.n_frames + 1))
+        # The (frame, own mask) groups, by frame then mask id: a split mask's parts are one mask.
+        groups, self.group_of_tracker = np.unique(np.stack([problem.tracker_frame, np.asarray(own_mask, np.int64)]),
+                                                  axis=1, return_inverse=True)
+        self.group_of_tracker = self.group_of_tracker.reshape(-1)
+        self.group_frame, self.group_mask = groups[0], groups[1]
 
     def placement(self, columns: np.ndarray) -> Placement:
         prior = sparse.csr_matrix((np.ones(columns.size, np.float32), (np.zeros(columns.size, np.int64), columns)),
                                   shape=(1, self.n_gaussians))
         visible = (prior @ self.visibility_t).toarray()[0]
         held = (prior @ self.incidence_t).toarray()[0]
-        bounds = self.frame_bounds
-        labelled = segment_sum(held, bounds)
+        labelled = segment_sum(held, self.frame_bounds)
+        by_group = np.bincount(self.group_of_tracker, weights=held, minlength=self.group_frame.size)
+        # each frame's group holding the most (ties: the lowest mask id, the sort being stable)
+        order = np.lexsort((-by_group, self.group_frame))
+        first = order[np.r_[True, self.group_frame[order][1:] != self.group_frame[order][:-1]]]
         placed = np.zeros(self.problem.n_frames, np.int64)
-        purity = np.zeros(self.problem.n_frames)
-        for k in np.flatnonzero(labelled > 0):
-            lo, hi = bounds[k], bounds[k + 1]
-            masks, per_mask = np.unique(self.own_mask[lo:hi], return_inverse=True)
-            by_mask = np.bincount(per_mask, weights=held[lo:hi])  # a split mask's parts are one mask
-            placed[k] = masks[int(by_mask.argmax())]
-            purity[k] = by_mask.max() / labelled[k]
+        most = np.zeros(self.problem.n_frames)
+        placed[self.group_frame[first]] = self.group_mask[first]
+        most[self.group_frame[first]] = by_group[first]
+        placed[labelled <= 0] = 0
+        purity = np.divide(most, labelled, out=np.zeros_like(most), where=labelled > 0)
         judged = ((visible > 0) & (visible >= self.config.visible_fraction * columns.size)
                   & (labelled > 0) & (labelled >= self.config.min_labelled_share * visible))
         return Placement(judged, placed, purity)
