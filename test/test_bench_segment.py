@@ -24,6 +24,8 @@ def test_each_variant_changes_only_its_own_settings():
     border_rule = features["full with background sampled by the border rule"]
     assert _changed(base, border_rule) == {"background_by_margin": False}
     assert _changed(base, features["full + labels corrected by the priors"]) == {"prior_label_weight": 0.5}
+    intra = features["full + intra-view without under-segmented masks"]
+    assert _changed(base, intra) == {"intra_skips_undersegmented": True}
     assert _changed(base, features["InstaScene as published"]) == {"mask_border_px": 0.0, "background_cluster": False}
     codebook = features["Unified-Lift object codebook (lr x10)"]
     assert codebook.codebook.enabled and codebook.codebook.feature_lr == 10 * base.codebook.feature_lr

@@ -145,6 +145,7 @@ def ablation_variants(features, tracker, steps: int = 300) -> dict:
         "full without background cluster": field(background_cluster=False),
         "full with background sampled by the border rule": field(background_by_margin=False),
         "full + labels corrected by the priors": field(prior_label_weight=0.5),
+        "full + intra-view without under-segmented masks": field(intra_skips_undersegmented=True),
         "full with tracker tracing every mask pixel": Variant(features, dataclasses.replace(tracker, mask_border_px=0.0)),
         "full without mutual-containment links": Variant(
             features, dataclasses.replace(tracker, mutual_containment_link=False)),

@@ -31,7 +31,7 @@ from instascene_ros.core.camera import Camera, Frame
 from instascene_ros.core.complete.config import COMPLETION_PRESETS, CompletionConfig
 from instascene_ros.core.complete.generators.geometric import evenly
 from instascene_ros.core.features import FeatureConfig, FeatureField, KeyframeLabels, instance_field_config
-from instascene_ros.core.features.field import render_features, scene_gaussians
+from instascene_ros.core.features.field import render_features, scene_gaussians, without_masks
 from instascene_ros.core.features.baseline import video_associate
 from instascene_ros.core.extraction import extract_instances, foreign_members, instances_from_labels
 from instascene_ros.core.instances import (InstanceConfig, Instances, SurfaceView, masks_from_feature_image,
@@ -319,6 +319,8 @@ class Pipeline:
                 else:
                     consistent = [result.label_image(kf.index, mask) for kf, mask in zip(masked, raw)]
                 f = self.field.config
+                if f.intra_skips_undersegmented and f.objective != "classifier":
+                    raw = [without_masks(mask, result.undersegmented, kf.index) for kf, mask in zip(masked, raw)]
                 # Our field only: the codebook and the classifier train as their papers do.
                 if f.objective != "classifier" and not f.codebook.enabled and f.prior_label_weight > 0.0:
                     labels = corrected_labels(scene, self.priors, [kf.camera for kf in masked], consistent, raw,

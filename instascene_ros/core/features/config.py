@@ -192,6 +192,11 @@ class FeatureConfig:
     # maps, seed 12 79.9 against 83.7 (that version also split a dropped mask's own object off
     # it, which `relabel_by_priors` no longer does; not measured since).
     prior_label_weight: float = 0.0
+    # Ours: the intra-view level leaves out the masks the tracker found under-segmented (their
+    # pixels sample nothing; they are not background either). InstaScene contrasts every raw
+    # mask: a mask fusing two objects then teaches the field that they are one in each view it
+    # fuses them, which the cross-view and 3D levels must undo (seed 13's domino and cup).
+    intra_skips_undersegmented: bool = False
     min_mask_pixels: int = 16  # smaller masks are noise for a 1024-sample prototype
     min_pixel_alpha: float = 0.5  # only pixels the map actually covers are sampled
     # New Gaussians (inserted or split by the mapper) without a known parent start from the

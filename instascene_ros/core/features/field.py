@@ -78,6 +78,20 @@ def with_background(labels: np.ndarray, masks: Optional[np.ndarray], margin_px: 
     return out
 
 
+IGNORED_MASK = -1  # a raw-mask id: pixels of a mask that train nothing, and are not background
+
+
+def without_masks(mask: np.ndarray, undersegmented, frame_index: int) -> np.ndarray:
+    """A keyframe's raw mask (int64 copy) with the pixels of its masks in `undersegmented`
+    ((frame index, mask id) pairs, the tracker's) set to IGNORED_MASK: groups are ids > 0, so
+    they sample nothing, and background is id 0 only, so they are not background."""
+    out = np.asarray(mask).astype(np.int64, copy=True)
+    ids = [mask_id for frame, mask_id in undersegmented if frame == frame_index]
+    if ids:
+        out[np.isin(out, ids)] = IGNORED_MASK
+    return out
+
+
 def away_from_borders(masks: Optional[np.ndarray], distance_px: float) -> Optional[np.ndarray]:
     """(H, W) bool: pixels farther than `distance_px` from any change of mask id (None: all)."""
     if masks is None or distance_px <= 0:
