@@ -152,6 +152,26 @@ def test_background_pixels_are_sampled_from_the_margin_on():
             == away_from_borders(masks, 1.0)).all()
 
 
+def test_masks_the_tracker_found_under_segmented_sample_nothing_and_are_not_background():
+    """intra_skips_undersegmented: a fused mask's pixels leave the intra-view groups without
+    joining the background group; the frame's other masks and its background are as before."""
+    from instascene_ros.core.features.field import (BACKGROUND_LABEL, IGNORED_MASK, with_background,
+                                                    without_masks)
+
+    masks = np.zeros((16, 16), np.uint16)
+    masks[2:8, 2:14] = 7  # fused: two objects in one mask
+    masks[10:14, 2:8] = 3
+    out = without_masks(masks, {(4, 7), (5, 3)}, frame_index=4)  # (5, 3) is another frame's mask
+    assert (out[masks == 7] == IGNORED_MASK).all() and (out[masks == 3] == 3).all() and (out[masks == 0] == 0).all()
+    assert masks.max() == 7  # the input is not changed
+    groups = with_background(out, out, 1.0)
+    assert not (groups[masks == 7] == BACKGROUND_LABEL).any()  # the fused pixels are no background
+    sample = sample_clusters(groups, None, 8, 64, 1, np.random.default_rng(0), keep=BACKGROUND_LABEL)
+    drawn = set(groups.ravel()[sample.indices.ravel()].tolist())
+    assert drawn == {3, BACKGROUND_LABEL}
+    assert (without_masks(masks, set(), 4) == masks).all()
+
+
 def test_background_cluster_keeps_the_table_away_from_the_objects():
     """Masks label objects only. Without the background cluster the table's Gaussians are never
     constrained and drift towards the objects they border in the renders; with it, the id-0
