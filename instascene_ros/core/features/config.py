@@ -192,10 +192,13 @@ class FeatureConfig:
     # maps, seed 12 79.9 against 83.7 (that version also split a dropped mask's own object off
     # it, which `relabel_by_priors` no longer does; not measured since).
     prior_label_weight: float = 0.0
-    # Ours: the intra-view level leaves out the masks the tracker found under-segmented (their
-    # pixels sample nothing; they are not background either). InstaScene contrasts every raw
-    # mask: a mask fusing two objects then teaches the field that they are one in each view it
-    # fuses them, which the cross-view and 3D levels must undo (seed 13's domino and cup).
+    # Ours, off by default: the intra-view level leaves out the masks the tracker found
+    # under-segmented (their pixels sample nothing; they are not background either). InstaScene
+    # contrasts every raw mask: a mask fusing two objects teaches the field that they are one in
+    # each view it fuses them, which the cross-view and 3D levels must undo. Measured in session
+    # 44 on session 43's run-1 maps refitted 300 steps: seed 13's domino 0.57 -> 0.69 IoU, but
+    # 77.5 mIoU against 80.9 (seed 15 68.0 against 82.1: a duck and a ring lost, 0.87 -> 0.00
+    # and 0.71 -> 0.36), so the fused masks' own-object pixels teach more than they mislead.
     intra_skips_undersegmented: bool = False
     min_mask_pixels: int = 16  # smaller masks are noise for a 1024-sample prototype
     min_pixel_alpha: float = 0.5  # only pixels the map actually covers are sampled
