@@ -197,8 +197,8 @@ class FeatureConfig:
     # contrasts every raw mask: a mask fusing two objects teaches the field that they are one in
     # each view it fuses them, which the cross-view and 3D levels must undo. Measured in session
     # 44 on session 43's run-1 maps refitted 300 steps: seed 13's domino 0.57 -> 0.69 IoU, but
-    # 77.5 mIoU against 80.9 (seed 15 68.0 against 82.1: a duck and a ring lost, 0.87 -> 0.00
-    # and 0.71 -> 0.36), so the fused masks' own-object pixels teach more than they mislead.
+    # 77.5 mIoU against 80.9 (seed 15 68.0 against 82.1: its duck lost, 0.87 -> 0.00, an
+    # L-block 0.71 -> 0.36): the fused masks' pixels teach more than they mislead.
     intra_skips_undersegmented: bool = False
     min_mask_pixels: int = 16  # smaller masks are noise for a 1024-sample prototype
     min_pixel_alpha: float = 0.5  # only pixels the map actually covers are sampled
