@@ -395,6 +395,7 @@ class PlacementVotes:
         self.group_frame, self.group_mask = groups[0], groups[1]
 
     def placement(self, columns: np.ndarray) -> Placement:
+        """Where each frame puts the prior made of these Gaussian columns."""
         prior = sparse.csr_matrix((np.ones(columns.size, np.float32), (np.zeros(columns.size, np.int64), columns)),
                                   shape=(1, self.n_gaussians))
         visible = (prior @ self.visibility_t).toarray()[0]
@@ -511,15 +512,11 @@ def separate_objects_seen_apart(problem: Problem, clusters: list[Cluster], own_m
     makes the fused masks contain each object's masks, the under-segmentation filter finds them
     split in fewer than 30% of their frames, and the clustering joins both objects' masks in one
     cluster: the domino has no prior and the cup's carries it. The cluster still tells: in the
-    frames that see the two apart it holds two own masks of one frame. Each such mask's share of
-    the prior is a candidate part; the frames that judge the part and the rest place them in one
-    mask in a share below `split_merge_consensus` when they are two objects (the domino and the
-    cup: 0.61-0.69) and above it when the segmenter cut one object in a few frames (0.85-1.00 on
-    the same map). The candidates seen apart (`_part_seen_apart`) split the cluster: members
-    holding both (>= `residual_min_share` of their prior
-    Gaussians on each side) are fused masks, dropped; the others go to the side holding most of
-    them, each side is made a cluster again, and each is tried again. Nothing splits when a side
-    would not make a cluster.
+    frames that see the two apart it holds two own masks of one frame, and the frames see the
+    domino's part of the prior apart from the rest over a run of views (`_part_seen_apart`).
+    Members holding both parts (>= `residual_min_share` of their prior Gaussians on each side)
+    are fused masks, dropped; the others go to the side holding most of them, each side is made
+    a cluster again, and each is tried again. Nothing splits when a side would not make a cluster.
 
     Returns (clusters, tracker indices of the fused masks, of the masks the new clusters' member
     filter dropped, number of splits).
