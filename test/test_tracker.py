@@ -837,7 +837,7 @@ def _fused_then_apart(config, n_fused=19, n_apart=7):
 
 
 def test_a_small_object_fused_with_its_neighbour_in_most_views_gets_its_own_instance():
-    # The fused masks are split in 7 of 26 frames (< 30%: kept), and where A and D are apart
+    # Each fused mask is split by 7 of the 25 other frames (< 30%: kept), and where A and D are apart
     # A's mask holds 2/3 of a fused tracker: no mask contains it there, so those frames do not
     # vote, and the fused masks link D's masks to A's. One instance holds both.
     plain = _fused_then_apart(TrackerConfig(separate_seen_apart=False))
