@@ -544,6 +544,42 @@ def test_an_island_just_beyond_the_growth_joins_one_far_or_nearer_another_instan
                                     unlike)[1].gaussian_ids.tolist()) == list(range(500))
 
 
+def test_the_fringe_names_an_instances_far_unclaimed_part_and_not_what_lies_among_others():
+    # Object A (feature e_x): a 100 x 5 mm strip at 1 mm spacing; object B (e_y) 11 mm beside
+    # it. A handle of A's look (cosine 0.8 to A, 0.6 to B) 12 mm past A's end: 4 Gaussians, too
+    # few for an island and past the growth's hops, so in no instance. A patch the field gives
+    # the background's feature (e_z, in no prior) 6-10 mm past A's start, with one Gaussian of
+    # exactly A's feature in its middle, 9 mm from A. The fringe (for completion) holds the
+    # handle and not the Gaussian among the patch; the cloud holds neither.
+    mm = 0.001
+    def patch(x0, y0, nx, ny, z=0.0):
+        x, y = np.meshgrid(x0 + np.arange(nx), y0 + np.arange(ny))
+        return np.stack([x.ravel(), y.ravel(), np.full(x.size, z)], axis=1) * mm
+    strip_a, strip_b, handle = patch(0, 0, 100, 5), patch(0, 11, 100, 5), patch(111, 1, 2, 2)
+    table, among = patch(-10, 0, 5, 5), patch(-8, 2, 1, 1, 0.5)
+    positions = np.concatenate([strip_a, strip_b, handle, table, among])
+    features = np.concatenate([np.tile([1.0, 0.0, 0.0], (500, 1)), np.tile([0.0, 1.0, 0.0], (500, 1)),
+                               np.tile([0.8, 0.6, 0.0], (4, 1)), np.tile([0.0, 0.0, 1.0], (25, 1)),
+                               [[1.0, 0.0, 0.0]]])
+    ids = np.arange(len(positions)) + 7000
+    priors = {1: ids[:500], 2: ids[500:1000]}
+    def extract(**options):
+        return extract_instances(features, ids, priors, positions, np.zeros((len(ids), 3)),
+                                 InstanceConfig(**options))
+    on = extract(fringe_reach=0.15, fringe_min_similarity=0.7)
+    assert sorted(on[1].fringe_ids.tolist()) == ids[1000:1004].tolist()
+    assert sorted(on[1].gaussian_ids.tolist()) == ids[:500].tolist()  # the cloud is unchanged
+    assert on[2].fringe_ids.size == 0
+    assert not on.labels[1000:].any()
+    # Without the neighbourhood test the Gaussian among the patch is fringe too.
+    assert sorted(extract(fringe_reach=0.15, fringe_min_similarity=0.7, fringe_own_share=0.0)[1]
+                  .fringe_ids.tolist()) == ids[1000:1004].tolist() + [ids[-1]]
+    # Out of reach (0.1 x A's 99 mm diagonal < 12 mm), below the similarity, or off: no fringe.
+    assert extract(fringe_reach=0.1, fringe_min_similarity=0.7)[1].fringe_ids.size == 0
+    assert extract(fringe_reach=0.15, fringe_min_similarity=0.85)[1].fringe_ids.size == 0
+    assert extract(fringe_reach=None)[1].fringe_ids.size == 0
+
+
 def test_a_part_lying_nearer_another_instance_than_its_own_leaves_an_own_part_held_apart_stays():
     # Two 100 x 5 mm strips at 1 mm spacing, object A (feature e_x) and, 17 mm beside it, object
     # B (e_y). A's prior also holds (as a tracker's prior fused over a contact does) a 4 x 4

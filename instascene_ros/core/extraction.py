@@ -5,7 +5,9 @@
   by DBSCAN on the Gaussian centres, then grown by hysteresis into the unclaimed Gaussians
   connected to it (cosine > 0.7); the prior's sparse parts, parts the map holds apart and
   unclaimed islands a few mm from the instance that resemble it join after that, and last the
-  parts lying nearer another instance than the rest of their own leave it.
+  parts lying nearer another instance than the rest of their own leave it; with
+  `fringe_reach` set each instance also names its fringe, unclaimed Gaussians near it that
+  resemble it, for completion to mesh with it.
 - `instances_from_labels` does the same from per-Gaussian labels read straight from the
   codebook or the classifier (no priors, no clustering of features).
 - `foreign_members`: members lying among another surface's Gaussians (completion's test too).
@@ -16,6 +18,7 @@ pixel queries, export).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable, Mapping, Optional
 
 import numpy as np
@@ -202,6 +205,34 @@ def _join_islands(items: dict, labels: np.ndarray, unit: np.ndarray, ids: np.nda
             _join(items, labels, instance_id, candidates[joining], unit, ids, positions, colors)
 
 
+def _attach_fringes(items: dict, labels: np.ndarray, unit: np.ndarray, ids: np.ndarray, positions: np.ndarray,
+                    config: InstanceConfig, background: Optional[np.ndarray] = None) -> None:
+    """Each instance's fringe (see `InstanceConfig.fringe_reach`), set on `items` in place; the
+    labels and the members stay as they are."""
+    if config.fringe_reach is None or config.grow_similarity is None or not items:
+        return  # the fringe is chosen by the growth's competition, off with it
+    keys, best, _, similarity = _free_choices(items, labels, unit, config, background)
+    unclaimed = labels == 0
+    tree = cKDTree(positions)
+    for k, instance_id in enumerate(keys):
+        candidates = np.flatnonzero(unclaimed & (best == k) & (similarity[:, k] >= config.fringe_min_similarity))
+        members = np.flatnonzero(labels == instance_id)
+        if candidates.size == 0 or members.size < 2:
+            continue
+        extent = positions[members].max(axis=0) - positions[members].min(axis=0)
+        gap = cKDTree(positions[members]).query(positions[candidates], k=1)[0]
+        others = np.flatnonzero((labels != 0) & (labels != instance_id))
+        to_other = (cKDTree(positions[others]).query(positions[candidates], k=1)[0] if others.size
+                    else np.full(candidates.size, np.inf))
+        fringe = candidates[(gap <= config.fringe_reach * float(np.linalg.norm(extent))) & (gap < to_other)]
+        if fringe.size and config.fringe_own_share > 0.0:
+            ours = labels == instance_id
+            ours[fringe] = True
+            neighbours = tree.query(positions[fringe], k=min(config.foreign_neighbours + 1, len(positions)))[1][:, 1:]
+            fringe = fringe[ours[neighbours].mean(axis=1) >= config.fringe_own_share]
+        items[instance_id] = dataclasses.replace(items[instance_id], fringe_ids=ids[fringe].astype(np.int64))
+
+
 def _shed_parts_nearer_others(items: dict, labels: np.ndarray, unit: np.ndarray, ids: np.ndarray,
                               positions: np.ndarray, colors: np.ndarray, config: InstanceConfig) -> None:
     """Every instance's parts that lie nearer another instance than the rest of itself leave it
@@ -358,6 +389,7 @@ def extract_instances(features, ids, priors: Mapping[int, np.ndarray], positions
     for instance_id in [k for k, item in items.items() if item.n_gaussians > config.max_instance_to_prior * prior_size[k]]:
         labels[labels == instance_id] = 0
         del items[instance_id]
+    _attach_fringes(items, labels, unit, ids, positions, config, background=in_no_prior)
     return Instances(items=items, ids=ids, labels=labels, forgotten=excluded)
 
 

@@ -149,6 +149,30 @@ class InstanceConfig:
     # F1@2% / volumetric IoU 0.796 / 0.759 -> 0.802 / 0.769, objects over 2% of their position
     # 9 -> 8 of 28. 1.0 took 605 own Gaussians for 174 of others, contamination 0.69%. None = off.
     shed_nearer_other: Optional[float] = 0.5
+    # Ours, for completion only: an instance's fringe is the Gaussians in no instance within
+    # `fringe_reach` x its bounding-box diagonal of its members, nearer to it than to any other
+    # instance, whose best competitor (the background included, as in the growth) is its
+    # prototype at cosine >= `fringe_min_similarity`. The clouds and masks leave them out (a
+    # few are the table's or a neighbour's); completion meshes the instance with them, after
+    # its own table-band, stray and foreign-surface tests. The extremities the extraction misses
+    # are few Gaussians far apart (a cup's handle: 4 Gaussians of 6-9 mm scale, 14-17 mm from
+    # the body, cosine 0.88 to the cup), and the mesh's box, which places the object, ends
+    # where they end: completion seed 35's cup and duck were 2.1% and 2.2% of their diagonal
+    # off, 0.7% and 0.2% with every own Gaussian in no instance added. On session 43's five
+    # completion maps the unclaimed Gaussians off the table within 0.1 x the diagonal whose best
+    # competitor is the instance at cosine >= 0.5 were 406 of the objects' own, 19 of another
+    # and 108 of none; 0.7 keeps fewer of the last two (a cup's Gaussians on the L-block under
+    # it, cosine 0.5-0.7 to the block, grew the block's mesh 13 mm). Completed again with the
+    # fringe at 0.15 / 0.7 (and `CompletionConfig.fringe_max_scale_percentile`): objects over
+    # 2% of their position 10 -> 7 of 28, median F1@2% 0.807 -> 0.815; on session 42's maps 7
+    # -> 7 of 28, median position error 1.03% -> 0.81%. None = no fringe.
+    fringe_reach: Optional[float] = 0.15
+    fringe_min_similarity: float = 0.7
+    # ... and whose `foreign_neighbours` nearest Gaussians are at least this share the
+    # instance's or its fringe's: one lying among a neighbour's Gaussians is the neighbour's
+    # even where the feature field gave it ours (completion seed 31: one Gaussian of an L-block,
+    # 11 of its 16 neighbours the other block's, grew the first block's mesh 8 mm). 0 = no test.
+    fringe_own_share: float = 0.5
     # Rendered masks: a pixel is drawn by the map when alpha > this, and joins the most similar
     # prototype when the cosine of its (blended) feature exceeds `mask_similarity_threshold`.
     # Blends at object borders mix two features, so this is looser than the per-Gaussian 0.9.
@@ -274,6 +298,9 @@ class Instance:
     colors: np.ndarray  # (M, 3) the Gaussians' colours, as given to the extractor
     confidence: float  # in [0, 1]; see the extractor that made it
     color: tuple[int, int, int] = (0, 0, 0)  # display colour (palette by id)
+    # Gaussians in no instance that are probably this object's (InstanceConfig.fringe_reach):
+    # completion meshes them with the instance; the cloud and the masks do not hold them.
+    fringe_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def n_gaussians(self) -> int:

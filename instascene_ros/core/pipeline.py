@@ -776,16 +776,18 @@ class Pipeline:
             gaussians = Gaussians(*(t.detach().clone() for t in (scene.means, scene.quats, scene.log_scales,
                                                                  scene.opacity_logits, scene.sh)))
             rows = scene.index_of(torch.as_tensor(extraction[instance_id].gaussian_ids)).cpu().numpy()
+            fringe = scene.index_of(torch.as_tensor(extraction[instance_id].fringe_ids)).cpu().numpy()
             others = [extraction[i].gaussian_ids for i in extraction.instance_ids if i != instance_id]
             other_rows = scene.index_of(torch.as_tensor(np.concatenate(others) if others else
                                                         np.zeros(0, np.int64))).cpu().numpy()
             keyframes = list(self.mapper.keyframes)
-        rows, other_rows = rows[rows >= 0], other_rows[other_rows >= 0]
+        rows, other_rows, fringe = rows[rows >= 0], other_rows[other_rows >= 0], fringe[fringe >= 0]
         if len(rows) < MIN_POINTS_TO_MESH:
             return CompletionOutcome(False, f"instance {instance_id} has only {len(rows)} Gaussians "
                                             f"(need {MIN_POINTS_TO_MESH}); map it from more views first")
         try:
-            context = build_context(gaussians, rows, other_rows, keyframes, completion, instance_id)
+            context = build_context(gaussians, rows, other_rows, keyframes, completion, instance_id,
+                                    fringe_rows=fringe)
             if should_stop():
                 raise CompletionError("cancelled or timed out while selecting views; the map and the cache are unchanged")
             completed = complete_object(context, completion, generator, max_faces, on_progress, should_stop)
