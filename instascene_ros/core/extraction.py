@@ -213,7 +213,7 @@ def _attach_fringes(items: dict, labels: np.ndarray, unit: np.ndarray, ids: np.n
         return  # the fringe is chosen by the growth's competition, off with it
     keys, best, _, similarity = _free_choices(items, labels, unit, config, background)
     unclaimed = labels == 0
-    tree = cKDTree(positions)
+    tree = None  # of every Gaussian, for the neighbourhood test; built when a fringe needs it
     for k, instance_id in enumerate(keys):
         candidates = np.flatnonzero(unclaimed & (best == k) & (similarity[:, k] >= config.fringe_min_similarity))
         members = np.flatnonzero(labels == instance_id)
@@ -228,6 +228,7 @@ def _attach_fringes(items: dict, labels: np.ndarray, unit: np.ndarray, ids: np.n
         if fringe.size and config.fringe_own_share > 0.0:
             ours = labels == instance_id
             ours[fringe] = True
+            tree = cKDTree(positions) if tree is None else tree
             neighbours = tree.query(positions[fringe], k=min(config.foreign_neighbours + 1, len(positions)))[1][:, 1:]
             fringe = fringe[ours[neighbours].mean(axis=1) >= config.fringe_own_share]
         items[instance_id] = dataclasses.replace(items[instance_id], fringe_ids=ids[fringe].astype(np.int64))
