@@ -9,7 +9,8 @@ Protocol (per report seed; defaults: seeds 31-35, 6 objects, 128 px, 40 views):
 2. `ours_e2e` (the headline): `instascene run SCENE --out RUN --complete` from the noisy masks,
    as a robot would run it. Each ground-truth object is matched to the instance whose cloud
    (RUN/instances/<id>.ply) has the most points within 5 mm of, or inside, its mesh (at least
-   10 points); that instance's RUN/completed/<id>.ply is scored. A ground-truth object with no
+   10 points); that instance's RUN/completed/<id>.ply (meshed from its Gaussians and its
+   fringe, `InstanceConfig.fringe_reach`) is scored. A ground-truth object with no
    match, or whose match failed to complete, is a *miss*: F1 0, IoU 0, Chamfer inf. Summaries
    are given with misses (`summary`) and without (`summary_matched`). Seconds per object are
    `timings_s.total_s` of RUN/completed/<id>.json (complete_object; the ~1-3 s of copying the
@@ -18,8 +19,8 @@ Protocol (per report seed; defaults: seeds 31-35, 6 objects, 128 px, 40 views):
    assigned to ground-truth objects by geometry (centre within 3 mm of the GT surface, or
    inside it; never a centre outside the mesh and below its lowest point + 1 mm: that is what
    the object rests on), then `build_context` + `complete_object(..., "geometric")`; other
-   rows = the Gaussians of every other ground-truth object. Separates completion from
-   segmentation; its seconds include `build_context`.
+   rows = the Gaussians of every other ground-truth object (no fringe). Separates completion
+   from segmentation; its seconds include `build_context`.
 4. `oracle`: the same context with `OracleTruth(gt_mesh, rgba)` and the `oracle` generator
    (renders of the ground-truth mesh in the unseen views): what completion reaches with a
    perfect generator.
