@@ -778,6 +778,8 @@ class Pipeline:
             rows = scene.index_of(torch.as_tensor(extraction[instance_id].gaussian_ids)).cpu().numpy()
             fringe = scene.index_of(torch.as_tensor(extraction[instance_id].fringe_ids)).cpu().numpy()
             others = [extraction[i].gaussian_ids for i in extraction.instance_ids if i != instance_id]
+            if completion.neighbour_fringes_bound:
+                others += [extraction[i].fringe_ids for i in extraction.instance_ids if i != instance_id]
             other_rows = scene.index_of(torch.as_tensor(np.concatenate(others) if others else
                                                         np.zeros(0, np.int64))).cpu().numpy()
             keyframes = list(self.mapper.keyframes)

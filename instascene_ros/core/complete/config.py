@@ -179,6 +179,13 @@ class CompletionConfig:
     # at 75: median position error 1.03% -> 0.81%, objects over 2% 7 -> 7 of 28, median F1@2%
     # 0.816 -> 0.818 (0.803 with every fringe Gaussian). None = every one above the table joins.
     fringe_max_scale_percentile: Optional[float] = 75.0
+    # Ours: the other instances' fringes bound the object's unseen volume as their members do
+    # (`Pipeline.complete` counts them among the other instances' Gaussians). A fringe Gaussian
+    # is nearer its instance than any other and like it, so it is that neighbour's surface; left
+    # as background it let the object's volume grow into the neighbour's missed side (session
+    # 46, fresh completion maps: an L-block 6 mm too long toward a neighbour whose side lay in
+    # no instance, 3.0% of its diagonal off, 0.8% with this).
+    neighbour_fringes_bound: bool = True
     # Stray groups: the instance's Gaussian centres are linked into groups at `stray_link` x the
     # object's size (its 1-99% box diagonal); a group holding under `stray_max_share` of them
     # and farther than `stray_min_distance` x the size from all the rest is left out of the
