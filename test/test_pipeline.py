@@ -243,6 +243,35 @@ def test_completion_is_cached_per_map_version_and_a_cached_answer_reports_done()
     assert fresh.success and not fresh.message.endswith("(cached)") and len(progress) > 2
 
 
+def test_completion_counts_the_other_instances_fringes_as_theirs():
+    """A neighbour's fringe (Gaussians in no instance, nearer it than any other and like it) is
+    its surface: completing one instance, it bounds the object as the neighbour's members do,
+    and the object's own fringe never does (`CompletionConfig.neighbour_fringes_bound`)."""
+    import dataclasses
+
+    pipeline = _decomposed_blob_pipeline()
+    extraction = pipeline.snapshot.extraction
+    assert len(extraction) >= 2
+    first, second = extraction.instance_ids[:2]
+    unclaimed = extraction.ids[extraction.labels == 0]
+    assert len(unclaimed) >= 6
+    own_fringe, their_fringe = unclaimed[:3], unclaimed[3:6]
+    extraction.items[first] = dataclasses.replace(extraction[first], fringe_ids=own_fringe)
+    extraction.items[second] = dataclasses.replace(extraction[second], fringe_ids=their_fringe)
+    scene = pipeline.mapper.scene
+    row = lambda ids: set(scene.index_of(torch.as_tensor(ids)).numpy().tolist())
+    members_of_others = set().union(*(row(extraction[i].gaussian_ids) for i in extraction.instance_ids if i != first))
+    assert pipeline.config.completion.neighbour_fringes_bound
+    rows, fringe, other_rows = pipeline._completion_rows(extraction, first)
+    assert set(rows.tolist()) == row(extraction[first].gaussian_ids) and set(fringe.tolist()) == row(own_fringe)
+    assert set(other_rows.tolist()) == members_of_others | row(their_fringe)
+    pipeline.config.completion.neighbour_fringes_bound = False
+    assert set(pipeline._completion_rows(extraction, first)[2].tolist()) == members_of_others
+    # From the neighbour's side: the first instance's fringe is the first's.
+    pipeline.config.completion.neighbour_fringes_bound = True
+    assert row(own_fringe) <= set(pipeline._completion_rows(extraction, second)[2].tolist())
+
+
 def test_id_only_pixel_query_renders_a_window_and_agrees_with_the_full_view(monkeypatch):
     from instascene_ros.core.pipeline import QUERY_WINDOW_PX
 

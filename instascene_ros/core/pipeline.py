@@ -739,6 +739,24 @@ class Pipeline:
         return points.astype(np.float32), colors
 
     # ------------------------------------------------------------------ completion
+    def _completion_rows(self, extraction, instance_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows of the current scene (call under the lock): the instance's Gaussians, its fringe,
+        and every other instance's Gaussians, with their fringes when
+        `CompletionConfig.neighbour_fringes_bound`. Gaussians pruned since the extraction drop out."""
+        scene = self.mapper.scene
+
+        def rows_of(id_arrays: list) -> np.ndarray:
+            ids = np.concatenate(id_arrays) if id_arrays else np.zeros(0, np.int64)
+            rows = scene.index_of(torch.as_tensor(ids)).cpu().numpy()
+            return rows[rows >= 0]
+
+        others = [i for i in extraction.instance_ids if i != instance_id]
+        other_ids = [extraction[i].gaussian_ids for i in others]
+        if self.config.completion.neighbour_fringes_bound:
+            other_ids += [extraction[i].fringe_ids for i in others]
+        return (rows_of([extraction[instance_id].gaussian_ids]), rows_of([extraction[instance_id].fringe_ids]),
+                rows_of(other_ids))
+
     def complete(self, instance_id: int, max_faces: int = 0, generator: str = "",
                  on_progress: Optional[Callable[[str, float], None]] = None,
                  should_stop: Callable[[], bool] = lambda: False) -> "CompletionOutcome":
@@ -775,15 +793,8 @@ class Pipeline:
             scene = self.mapper.scene
             gaussians = Gaussians(*(t.detach().clone() for t in (scene.means, scene.quats, scene.log_scales,
                                                                  scene.opacity_logits, scene.sh)))
-            rows = scene.index_of(torch.as_tensor(extraction[instance_id].gaussian_ids)).cpu().numpy()
-            fringe = scene.index_of(torch.as_tensor(extraction[instance_id].fringe_ids)).cpu().numpy()
-            others = [extraction[i].gaussian_ids for i in extraction.instance_ids if i != instance_id]
-            if completion.neighbour_fringes_bound:
-                others += [extraction[i].fringe_ids for i in extraction.instance_ids if i != instance_id]
-            other_rows = scene.index_of(torch.as_tensor(np.concatenate(others) if others else
-                                                        np.zeros(0, np.int64))).cpu().numpy()
+            rows, fringe, other_rows = self._completion_rows(extraction, instance_id)
             keyframes = list(self.mapper.keyframes)
-        rows, other_rows, fringe = rows[rows >= 0], other_rows[other_rows >= 0], fringe[fringe >= 0]
         if len(rows) < MIN_POINTS_TO_MESH:
             return CompletionOutcome(False, f"instance {instance_id} has only {len(rows)} Gaussians "
                                             f"(need {MIN_POINTS_TO_MESH}); map it from more views first")
