@@ -132,3 +132,21 @@ def test_instance_options_take_none_for_optional_fields_and_typos_stop_the_bench
             instance_overrides([wrong])
     with pytest.raises(SystemExit, match="--recomplete"):
         main(["bench", "complete", "--instance-option", "island_gap=none", "--seeds", "1", "--work", str(tmp_path)])
+
+
+def test_the_summary_counts_the_meshes_placed_outside_the_position_target():
+    # The target is on every returned mesh: the summary says how many miss it, not only the
+    # worst; a missed object (no mesh) and a failed completion are not placed at all.
+    def entry(position_error, watertight=True):
+        return {"f1_2pct": 0.9, "volumetric_iou": 0.8, "position_error": position_error,
+                "pred_watertight": watertight, "seconds": 1.0}
+
+    limit = bench_complete.TARGETS["position_error_max"]
+    rows = [entry(0.5 * limit), entry(limit), entry(3.0 * limit), entry(0.9 * limit, watertight=False),
+            bench_complete._miss("no instance on the object"),
+            bench_complete._miss("completion failed: no closed surface") | {"matched": True}]
+    records = [{"convex": True, "ours_e2e": row} for row in rows]
+    summary = bench_complete.summarise(records, "ours_e2e")
+    assert summary["n_position_over"] == 2
+    assert summary["position_error_max"] == pytest.approx(3.0 * limit)
+    assert summary["n_missed"] == 1 and summary["n_failed"] == 1
