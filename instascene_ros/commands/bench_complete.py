@@ -669,8 +669,8 @@ def check_targets(summaries: dict) -> dict:
 
 def print_table(summaries: dict, checks: dict) -> None:
     header = (f"{'':<18} {'n':>3} {'miss':>4} {'fail':>4} {'F1@1%':>6} {'F1@2%':>6} {'CD/diag':>8} {'IoU':>5} "
-              f"{'IoU cvx':>7} {'IoU ncvx':>8} {'PSNR kn':>7} {'PSNR un':>7} {'wtight':>6} {'pos max':>7} {'pos>2%':>6} "
-              f"{'s/obj':>6}")
+              f"{'IoU cvx':>7} {'IoU ncvx':>8} {'PSNR kn':>7} {'PSNR un':>7} {'wtight':>6} {'pos max':>7} "
+              f"{'pos>2%':>6} {'s/obj':>6}")
     print(header)
     print("-" * len(header))
     for row, label in ROWS:
